@@ -1,0 +1,131 @@
+//! Dirty-page tracking behind one small trait.
+//!
+//! A tracker reports which pages were written since the previous harvest. Contract:
+//! after [`DirtyTracker::start`] returns, every write that completes later is reported
+//! by some later [`DirtyTracker::harvest`] (a write may be reported more than once,
+//! never zero times). `harvest` ORs pages into the caller's set and re-arms tracking
+//! for those pages *before* returning, so that the caller's copy (made after harvest)
+//! either sees a concurrent write or the write is reported again next time.
+//!
+//! Backends:
+//! - [`ExplicitTracker`]: an atomic bitmap the hypervisor (or the workload simulator)
+//!   marks after each write;
+//! - [`HashScanTracker`]: re-hashes every page (xxh3) and reports changed ones; works
+//!   on any memory and is the test oracle;
+//! - `UffdTracker` (feature `uffd`): userfaultfd write-protect, asynchronous
+//!   (`UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`) when the kernel has it, else
+//!   synchronous with a fault-handler thread;
+//! - `KvmDirtyLog` (feature `kvm`): KVM's per-slot dirty log;
+//! - [`UnionTracker`]: OR of several (e.g. KVM guest writes ∪ VMM writes).
+
+mod explicit;
+mod hash_scan;
+#[cfg(feature = "uffd")]
+pub mod uffd;
+
+pub use explicit::ExplicitTracker;
+pub use hash_scan::HashScanTracker;
+
+use crate::memory::{GuestMemory, MemoryError, PageSet};
+
+/// Errors from a tracker backend.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// The backend is not available on this kernel/host (the string says why).
+    #[error("dirty tracker {tracker} is unavailable: {reason}")]
+    Unavailable {
+        /// Backend name.
+        tracker: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A system call failed.
+    #[error("dirty tracker {tracker}: {op} failed: {source}")]
+    Os {
+        /// Backend name.
+        tracker: &'static str,
+        /// Which operation.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// harvest/stop before start, or start twice.
+    #[error("dirty tracker {0} used out of order (start → harvest* → stop)")]
+    Order(&'static str),
+    /// Memory access failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// What a backend can see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerCaps {
+    /// Sees writes made by the guest's CPUs.
+    pub sees_guest_writes: bool,
+    /// Sees writes made by the VMM/host process through the mapping.
+    pub sees_vmm_writes: bool,
+    /// Reports exactly the written pages (no false positives beyond re-marks).
+    pub exact: bool,
+}
+
+/// A dirty-page tracker. See the module docs for the contract.
+pub trait DirtyTracker: Send {
+    /// Short backend name ("explicit", "hash", "uffd-async", "uffd-sync", "kvm").
+    fn name(&self) -> &'static str;
+    /// What the backend can see.
+    fn caps(&self) -> TrackerCaps;
+    /// Arm tracking over all of `mem`. Round 0 sends every page, so nothing written
+    /// before `start` needs reporting.
+    fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError>;
+    /// OR the pages written since the last harvest (or start) into `into`, re-arming them.
+    fn harvest(&mut self, mem: &GuestMemory, into: &mut PageSet) -> Result<(), TrackError>;
+    /// Disarm tracking and release kernel resources.
+    fn stop(&mut self, mem: &GuestMemory) -> Result<(), TrackError>;
+}
+
+/// OR-combines several trackers (e.g. KVM's log of guest writes with an explicit
+/// bitmap of the VMM's own writes, which KVM cannot see).
+pub struct UnionTracker {
+    parts: Vec<Box<dyn DirtyTracker>>,
+}
+
+impl std::fmt::Debug for UnionTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.parts.iter().map(|p| p.name())).finish()
+    }
+}
+
+impl UnionTracker {
+    /// Combine `parts` (at least one).
+    pub fn new(parts: Vec<Box<dyn DirtyTracker>>) -> Self {
+        Self { parts }
+    }
+}
+
+impl DirtyTracker for UnionTracker {
+    fn name(&self) -> &'static str {
+        "union"
+    }
+    fn caps(&self) -> TrackerCaps {
+        self.parts.iter().fold(
+            TrackerCaps { sees_guest_writes: false, sees_vmm_writes: false, exact: true },
+            |a, p| {
+                let c = p.caps();
+                TrackerCaps {
+                    sees_guest_writes: a.sees_guest_writes || c.sees_guest_writes,
+                    sees_vmm_writes: a.sees_vmm_writes || c.sees_vmm_writes,
+                    exact: a.exact && c.exact,
+                }
+            },
+        )
+    }
+    fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
+        self.parts.iter_mut().try_for_each(|p| p.start(mem))
+    }
+    fn harvest(&mut self, mem: &GuestMemory, into: &mut PageSet) -> Result<(), TrackError> {
+        self.parts.iter_mut().try_for_each(|p| p.harvest(mem, into))
+    }
+    fn stop(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
+        self.parts.iter_mut().try_for_each(|p| p.stop(mem))
+    }
+}

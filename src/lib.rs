@@ -1,0 +1,32 @@
+//! # livemig — pre-copy live migration of virtual-machine memory
+//!
+//! The path of one page, module by module:
+//! 1. [`dirty`] — a tracker reports the page as written (or round 0 takes every page);
+//! 2. [`engine`] — the pre-copy round loop batches dirty pages; [`engine::policy`]
+//!    decides when to stop and brown out;
+//! 3. [`codec`] — a worker copies the batch out of [`memory`], elides zero pages,
+//!    hashes each page and compresses (or delta-encodes) the rest;
+//! 4. [`wire`] — the batch becomes a checksummed, length-bounded frame;
+//! 5. [`transport`] — the frame goes out on one of N streams (TCP, Unix, in-memory);
+//! 6. [`receiver`] — the destination decodes the frame, applies the pages into its
+//!    pre-allocated guest memory and records each page's hash;
+//! 7. at brownout both sides compare one digest of all page hashes: the destination's
+//!    memory is proven equal to the source's, or the migration fails and the source
+//!    VM resumes.
+//!
+//! [`device`] carries device and vCPU state at brownout (save → validate → restore),
+//! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
+//! `livemig bench` and the tests.
+
+pub mod codec;
+pub mod device;
+pub mod dirty;
+pub mod engine;
+pub mod memory;
+pub mod receiver;
+pub mod stats;
+pub mod transport;
+pub mod wire;
+pub mod workload;
+
+pub use memory::{GuestMemory, GuestRegion, PAGE_SIZE};

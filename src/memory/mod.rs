@@ -1,0 +1,283 @@
+//! Guest memory: an ordered, non-overlapping set of regions at guest-physical
+//! addresses, with 4 KiB pages.
+//!
+//! The engine consumes guest memory; it never provides it to a guest. Pages are
+//! addressed two ways:
+//! - by **gfn** (guest frame number, `gpa >> 12`) on the wire, and
+//! - by **page index** (`0..total_pages`, regions concatenated in gpa order) inside the
+//!   engine, so that one dirty bitmap and one hash table cover all of memory.
+
+mod bitmap;
+mod region;
+
+pub use bitmap::{DirtyBitmap, PageSet, SetBits};
+pub use region::GuestRegion;
+
+use serde::{Deserialize, Serialize};
+
+/// Page size used throughout (bytes).
+pub const PAGE_SIZE: usize = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;
+
+/// Errors from building or accessing guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A region's address or length is not page aligned (or is empty).
+    #[error("region at gpa {gpa:#x} with length {len} is not page aligned or is empty")]
+    Unaligned {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Two regions overlap.
+    #[error("regions overlap at gpa {0:#x}")]
+    Overlap(u64),
+    /// No regions at all.
+    #[error("guest memory needs at least one region")]
+    Empty,
+    /// A page access outside a region.
+    #[error("page {page} is outside a region of {pages} pages")]
+    OutOfRange {
+        /// The page asked for.
+        page: u64,
+        /// The region's page count.
+        pages: u64,
+    },
+    /// A gfn that no region covers.
+    #[error("guest frame {0:#x} is not backed by any region")]
+    NoRegion(u64),
+    /// Writing into a read-only image.
+    #[error("region is read-only")]
+    ReadOnly,
+    /// mmap / memfd failure.
+    #[error("mapping guest memory failed: {0}")]
+    Map(std::io::Error),
+    /// Image file could not be opened.
+    #[error("cannot open memory image {0}: {1}")]
+    Image(String, std::io::Error),
+    /// memfd name contains NUL.
+    #[error("memfd name contains a NUL byte")]
+    BadName,
+}
+
+/// The memory layout: what both sides must agree on before any page moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLayout {
+    /// `(gpa, length in bytes)` of each region, sorted by gpa.
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl MemoryLayout {
+    /// Total bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+    /// Total pages.
+    pub fn total_pages(&self) -> u64 {
+        self.total_bytes() / PAGE_SIZE as u64
+    }
+}
+
+/// Guest memory: regions sorted by gpa.
+#[derive(Debug)]
+pub struct GuestMemory {
+    regions: Vec<GuestRegion>,
+    /// First page index of each region (prefix sums), plus the total at the end.
+    first_page: Vec<u64>,
+}
+
+impl GuestMemory {
+    /// Build from regions (any order); fails if they overlap.
+    pub fn new(mut regions: Vec<GuestRegion>) -> Result<Self, MemoryError> {
+        if regions.is_empty() {
+            return Err(MemoryError::Empty);
+        }
+        regions.sort_by_key(|r| r.gpa());
+        for w in regions.windows(2) {
+            if w[0].gpa() + w[0].len() as u64 > w[1].gpa() {
+                return Err(MemoryError::Overlap(w[1].gpa()));
+            }
+        }
+        let mut first_page = Vec::with_capacity(regions.len() + 1);
+        let mut acc = 0;
+        for r in &regions {
+            first_page.push(acc);
+            acc += r.pages();
+        }
+        first_page.push(acc);
+        Ok(Self { regions, first_page })
+    }
+
+    /// One anonymous region at gpa 0 (`huge_pages`: ask for THP).
+    pub fn anonymous(len: usize, huge_pages: bool) -> Result<Self, MemoryError> {
+        Self::new(vec![GuestRegion::anonymous(0, len, huge_pages)?])
+    }
+
+    /// Anonymous regions matching a layout (the destination's skeleton VM).
+    pub fn from_layout(layout: &MemoryLayout, huge_pages: bool) -> Result<Self, MemoryError> {
+        let regions = layout
+            .regions
+            .iter()
+            .map(|&(gpa, len)| GuestRegion::anonymous(gpa, len as usize, huge_pages))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(regions)
+    }
+
+    /// The regions, sorted by gpa.
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    /// This memory's layout.
+    pub fn layout(&self) -> MemoryLayout {
+        MemoryLayout { regions: self.regions.iter().map(|r| (r.gpa(), r.len() as u64)).collect() }
+    }
+
+    /// Total number of pages over all regions.
+    pub fn total_pages(&self) -> u64 {
+        *self.first_page.last().expect("non-empty")
+    }
+
+    /// Total bytes over all regions.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_pages() * PAGE_SIZE as u64
+    }
+
+    /// First page index of region `i`.
+    pub fn region_first_page(&self, i: usize) -> u64 {
+        self.first_page[i]
+    }
+
+    /// Map a page index to (region number, page within region).
+    #[inline]
+    pub fn locate(&self, index: u64) -> Result<(usize, u64), MemoryError> {
+        if index >= self.total_pages() {
+            return Err(MemoryError::OutOfRange { page: index, pages: self.total_pages() });
+        }
+        let i = match self.first_page.binary_search(&index) {
+            Ok(i) => i,
+            Err(i) => i - 1,
+        };
+        // `Ok(i)` with i == regions.len() is impossible since index < total.
+        Ok((i, index - self.first_page[i]))
+    }
+
+    /// Guest frame number of a page index.
+    #[inline]
+    pub fn gfn_of(&self, index: u64) -> Result<u64, MemoryError> {
+        let (r, p) = self.locate(index)?;
+        Ok((self.regions[r].gpa() >> PAGE_SHIFT) + p)
+    }
+
+    /// Page index of a guest frame number.
+    #[inline]
+    pub fn index_of_gfn(&self, gfn: u64) -> Result<u64, MemoryError> {
+        let gpa = gfn.checked_mul(PAGE_SIZE as u64).ok_or(MemoryError::NoRegion(gfn))?;
+        let pos = self.regions.partition_point(|r| r.gpa() <= gpa);
+        if pos == 0 {
+            return Err(MemoryError::NoRegion(gfn));
+        }
+        let r = &self.regions[pos - 1];
+        let off = gpa - r.gpa();
+        if off >= r.len() as u64 {
+            return Err(MemoryError::NoRegion(gfn));
+        }
+        Ok(self.first_page[pos - 1] + off / PAGE_SIZE as u64)
+    }
+
+    /// Number of pages from `index` to the end of its region (runs never cross regions).
+    pub fn pages_left_in_region(&self, index: u64) -> Result<u64, MemoryError> {
+        let (r, p) = self.locate(index)?;
+        Ok(self.regions[r].pages() - p)
+    }
+
+    /// Copy pages `[index, index + dst.len()/PAGE_SIZE)` into `dst` (within one region).
+    #[inline]
+    pub fn read_pages(&self, index: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let (r, p) = self.locate(index)?;
+        self.regions[r].read_pages(p, dst)
+    }
+
+    /// Copy `src` into pages starting at `index` (within one region).
+    #[inline]
+    pub fn write_pages(&self, index: u64, src: &[u8]) -> Result<(), MemoryError> {
+        let (r, p) = self.locate(index)?;
+        self.regions[r].write_pages(p, src)
+    }
+
+    /// Zero `count` pages starting at `index` (within one region).
+    pub fn zero_pages(&self, index: u64, count: u64) -> Result<(), MemoryError> {
+        let (r, p) = self.locate(index)?;
+        self.regions[r].zero_pages(p, count)
+    }
+
+    /// xxh3-64 of one page's current contents (a copy is hashed, never a live slice).
+    pub fn page_hash(&self, index: u64, scratch: &mut [u8; PAGE_SIZE]) -> Result<u64, MemoryError> {
+        self.read_pages(index, scratch)?;
+        Ok(page_hash(scratch))
+    }
+
+    /// Hash every page (xxh3 per page, then xxh3 of the table) using `threads` threads.
+    /// Used by tests and `bench` for the full-memory comparison, and by the `full`
+    /// verification mode at brownout.
+    pub fn full_digest(&self, threads: usize) -> Result<u64, MemoryError> {
+        let table = self.page_hash_table(threads)?;
+        Ok(digest_of_table(&table))
+    }
+
+    /// Per-page xxh3-64 of all pages, computed by `threads` threads.
+    pub fn page_hash_table(&self, threads: usize) -> Result<Vec<u64>, MemoryError> {
+        let n = self.total_pages();
+        let mut table = vec![0u64; n as usize];
+        let threads = threads.max(1);
+        let chunk = n.div_ceil(threads as u64).max(1) as usize;
+        let results: Vec<Result<(), MemoryError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = table
+                .chunks_mut(chunk)
+                .enumerate()
+                .map(|(t, part)| {
+                    s.spawn(move || {
+                        let mut buf = Box::new([0u8; PAGE_SIZE]);
+                        let base = (t * chunk) as u64;
+                        for (i, slot) in part.iter_mut().enumerate() {
+                            *slot = self.page_hash(base + i as u64, &mut buf)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("hash thread panicked")).collect()
+        });
+        for r in results {
+            r?;
+        }
+        Ok(table)
+    }
+}
+
+/// The per-page hash used for integrity checks and digests (xxh3-64).
+#[inline]
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// The hash of an all-zero page (computed once).
+pub fn zero_page_hash() -> u64 {
+    static H: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *H.get_or_init(|| page_hash(&[0u8; PAGE_SIZE]))
+}
+
+/// The memory digest: xxh3-64 over the little-endian per-page hash table, in page order.
+pub fn digest_of_table(table: &[u64]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for chunk in table.chunks(4096) {
+        let mut bytes = Vec::with_capacity(chunk.len() * 8);
+        for v in chunk {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        h.update(&bytes);
+    }
+    h.digest()
+}

@@ -1,0 +1,260 @@
+//! One contiguous guest-physical region backed by a host mapping.
+//!
+//! This file holds the only raw-pointer accessors to guest RAM in the crate. Memory
+//! the guest may be writing is never handed out as `&[u8]`: every read is a copy into
+//! a caller buffer ([`GuestRegion::read_pages`]), every write a copy out of one
+//! ([`GuestRegion::write_pages`]). The receiver, which owns a destination mapping that
+//! no guest runs on yet, may additionally get [`IoSliceMut`]s into it to `readv`
+//! straight from a socket ([`GuestRegion::io_slice_mut`], `unsafe`).
+
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use super::{MemoryError, PAGE_SIZE};
+
+/// How the region's host memory was obtained.
+#[derive(Debug)]
+enum Backing {
+    /// A mapping this region owns (anonymous, memfd or file).
+    Owned(MmapRaw),
+    /// Memory owned by someone else (a VMM), valid for the region's lifetime.
+    Borrowed,
+}
+
+/// A guest-physical region: `len` bytes at guest-physical address `gpa`.
+#[derive(Debug)]
+pub struct GuestRegion {
+    gpa: u64,
+    len: usize,
+    host: NonNull<u8>,
+    read_only: bool,
+    _backing: Backing,
+}
+
+// SAFETY: the region only hands out copies of guest memory (or raw slices through an
+// `unsafe fn` whose contract rules out aliasing); the pointer stays valid for the
+// region's lifetime because the mapping is owned (or, for `from_raw`, guaranteed by
+// the caller). Concurrent reads and writes race only on plain bytes, which is the
+// documented, tolerated guest-memory race (a racing page is always re-sent because
+// the tracker marks it dirty).
+unsafe impl Send for GuestRegion {}
+// SAFETY: see `Send` above; all shared-reference methods are copies through raw pointers.
+unsafe impl Sync for GuestRegion {}
+
+fn check_len(gpa: u64, len: usize) -> Result<(), MemoryError> {
+    if len == 0 || len % PAGE_SIZE != 0 || gpa % PAGE_SIZE as u64 != 0 {
+        return Err(MemoryError::Unaligned { gpa, len });
+    }
+    Ok(())
+}
+
+impl GuestRegion {
+    /// Private anonymous memory (zero-filled). `huge_pages` asks the kernel for
+    /// transparent huge pages (`MADV_HUGEPAGE`), which cuts first-touch faults by 512×.
+    pub fn anonymous(gpa: u64, len: usize, huge_pages: bool) -> Result<Self, MemoryError> {
+        check_len(gpa, len)?;
+        let map = MmapOptions::new()
+            .len(len)
+            .map_anon()
+            .map_err(MemoryError::Map)?;
+        let map = MmapRaw::from(map);
+        if huge_pages {
+            // Advisory only: failing to get THP is not an error.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        Ok(Self::owned(gpa, len, map, false))
+    }
+
+    /// Shared memory from a new memfd (what a VMM would pass to another process).
+    pub fn memfd(gpa: u64, len: usize, name: &str) -> Result<Self, MemoryError> {
+        check_len(gpa, len)?;
+        let cname = std::ffi::CString::new(name).map_err(|_| MemoryError::BadName)?;
+        // SAFETY: memfd_create takes a valid NUL-terminated string; we check the result.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Map(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).map_err(MemoryError::Map)?;
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&file)
+            .map_err(MemoryError::Map)?;
+        Ok(Self::owned(gpa, len, map, false))
+    }
+
+    /// An image file mapped read-only (the memory of a stopped guest, for sending).
+    pub fn image_file(gpa: u64, path: &Path) -> Result<Self, MemoryError> {
+        let file = File::open(path).map_err(|e| MemoryError::Image(path.display().to_string(), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| MemoryError::Image(path.display().to_string(), e))?
+            .len() as usize;
+        check_len(gpa, len)?;
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw_read_only(&file)
+            .map_err(MemoryError::Map)?;
+        let _ = file.as_raw_fd();
+        Ok(Self::owned(gpa, len, map, true))
+    }
+
+    /// A region over memory owned elsewhere (e.g. a VMM's guest RAM).
+    ///
+    /// # Safety
+    /// `host` must point to `len` bytes that stay mapped, readable and writable for
+    /// the whole lifetime of the returned region, and must not be unmapped or remapped
+    /// while it exists.
+    pub unsafe fn from_raw(gpa: u64, host: NonNull<u8>, len: usize) -> Result<Self, MemoryError> {
+        check_len(gpa, len)?;
+        Ok(Self { gpa, len, host, read_only: false, _backing: Backing::Borrowed })
+    }
+
+    fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool) -> Self {
+        let host = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
+        Self { gpa, len, host, read_only, _backing: Backing::Owned(map) }
+    }
+
+    /// Guest-physical address of the first byte.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: regions have at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    /// True for image files mapped read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Host address of the region's first byte (for VMMs registering KVM slots and
+    /// for trackers that operate on address ranges, such as userfaultfd).
+    pub fn host_addr(&self) -> *mut u8 {
+        self.host.as_ptr()
+    }
+
+    fn check_range(&self, page: u64, bytes: usize) -> Result<usize, MemoryError> {
+        let off = (page as usize)
+            .checked_mul(PAGE_SIZE)
+            .ok_or(MemoryError::OutOfRange { page, pages: self.pages() })?;
+        if off.checked_add(bytes).is_none_or(|end| end > self.len) {
+            return Err(MemoryError::OutOfRange { page, pages: self.pages() });
+        }
+        Ok(off)
+    }
+
+    /// Copy whole pages starting at region-relative `page` into `dst`
+    /// (`dst.len()` must be a multiple of the page size).
+    ///
+    /// This is the one audited read of guest memory. The guest may be writing the
+    /// same pages concurrently; the copy then sees a mix of old and new bytes, which
+    /// is harmless because the tracker reports the page dirty again and it is re-sent.
+    pub fn read_pages(&self, page: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let off = self.check_range(page, dst.len())?;
+        // SAFETY: `off + dst.len() <= self.len` was checked above, the mapping is valid
+        // for the region's lifetime, and `dst` is a distinct Rust buffer so the two
+        // ranges cannot overlap. Concurrent guest writes are the tolerated race
+        // described in the doc comment (the bytes are plain data with no invariants).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.host.as_ptr().add(off), dst.as_mut_ptr(), dst.len());
+        }
+        Ok(())
+    }
+
+    /// Copy `src` (whole pages) into the region at region-relative `page`.
+    pub fn write_pages(&self, page: u64, src: &[u8]) -> Result<(), MemoryError> {
+        if self.read_only {
+            return Err(MemoryError::ReadOnly);
+        }
+        let off = self.check_range(page, src.len())?;
+        // SAFETY: bounds checked above; the mapping is writable (not read_only) and
+        // valid for the region's lifetime; `src` is a distinct Rust buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.host.as_ptr().add(off), src.len());
+        }
+        Ok(())
+    }
+
+    /// Fill `count` pages at region-relative `page` with zeros.
+    pub fn zero_pages(&self, page: u64, count: u64) -> Result<(), MemoryError> {
+        if self.read_only {
+            return Err(MemoryError::ReadOnly);
+        }
+        let bytes = (count as usize) * PAGE_SIZE;
+        let off = self.check_range(page, bytes)?;
+        // SAFETY: bounds checked above; the mapping is writable and valid.
+        unsafe { std::ptr::write_bytes(self.host.as_ptr().add(off), 0, bytes) };
+        Ok(())
+    }
+
+    /// Store one little-endian `u64` at a byte offset (the workload simulator's
+    /// "guest write"). The store is volatile so that it is never elided or merged.
+    pub fn write_u64(&self, offset: usize, value: u64) -> Result<(), MemoryError> {
+        if self.read_only {
+            return Err(MemoryError::ReadOnly);
+        }
+        if offset % 8 != 0 || offset + 8 > self.len {
+            return Err(MemoryError::OutOfRange { page: (offset / PAGE_SIZE) as u64, pages: self.pages() });
+        }
+        // SAFETY: offset is 8-aligned (the mapping is page-aligned) and in bounds.
+        unsafe { std::ptr::write_volatile(self.host.as_ptr().add(offset) as *mut u64, value.to_le()) };
+        Ok(())
+    }
+
+    /// A mutable I/O slice over `count` pages at region-relative `page`, for reading
+    /// a socket straight into destination memory.
+    ///
+    /// # Safety
+    /// The caller must guarantee that nothing else reads or writes these pages while
+    /// the slice is alive: no guest runs on the memory, and no other thread touches the
+    /// same pages (the receiver's round gate and per-round page uniqueness ensure this).
+    pub unsafe fn io_slice_mut(&self, page: u64, count: u64) -> Result<IoSliceMut<'_>, MemoryError> {
+        if self.read_only {
+            return Err(MemoryError::ReadOnly);
+        }
+        let bytes = (count as usize) * PAGE_SIZE;
+        let off = self.check_range(page, bytes)?;
+        // SAFETY: bounds checked; exclusivity is the caller's contract above.
+        let slice = unsafe { std::slice::from_raw_parts_mut(self.host.as_ptr().add(off), bytes) };
+        Ok(IoSliceMut::new(slice))
+    }
+
+    /// Populate the pages of `[page, page+count)` (only for memory no guest runs on:
+    /// the destination's skeleton VM before round 0), so that applying a page later
+    /// does not pay the first-touch fault. Uses `MADV_POPULATE_WRITE` (Linux 5.14+).
+    pub fn prefault(&self, page: u64, count: u64) -> Result<(), MemoryError> {
+        if self.read_only {
+            return Err(MemoryError::ReadOnly);
+        }
+        let bytes = (count as usize) * PAGE_SIZE;
+        let off = self.check_range(page, bytes)?;
+        // SAFETY: the range is in bounds of our mapping and page aligned; the advice
+        // only populates page tables, it does not change contents.
+        let rc = unsafe {
+            libc::madvise(self.host.as_ptr().add(off) as *mut libc::c_void, bytes, libc::MADV_POPULATE_WRITE)
+        };
+        if rc != 0 {
+            return Err(MemoryError::Map(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
