@@ -1,0 +1,1 @@
+//! Versioned envelope for device state (filled in below).
