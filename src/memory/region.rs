@@ -20,8 +20,8 @@ use super::{MemoryError, PAGE_SIZE};
 /// How the region's host memory was obtained.
 #[derive(Debug)]
 enum Backing {
-    /// A mapping this region owns (anonymous, memfd or file).
-    Owned(MmapRaw),
+    /// A mapping this region owns (anonymous, memfd or file); held to keep it mapped.
+    Owned(#[allow(dead_code)] MmapRaw),
     /// Memory owned by someone else (a VMM), valid for the region's lifetime.
     Borrowed,
 }
@@ -91,7 +91,8 @@ impl GuestRegion {
 
     /// An image file mapped read-only (the memory of a stopped guest, for sending).
     pub fn image_file(gpa: u64, path: &Path) -> Result<Self, MemoryError> {
-        let file = File::open(path).map_err(|e| MemoryError::Image(path.display().to_string(), e))?;
+        let file =
+            File::open(path).map_err(|e| MemoryError::Image(path.display().to_string(), e))?;
         let len = file
             .metadata()
             .map_err(|e| MemoryError::Image(path.display().to_string(), e))?
@@ -113,12 +114,24 @@ impl GuestRegion {
     /// while it exists.
     pub unsafe fn from_raw(gpa: u64, host: NonNull<u8>, len: usize) -> Result<Self, MemoryError> {
         check_len(gpa, len)?;
-        Ok(Self { gpa, len, host, read_only: false, _backing: Backing::Borrowed })
+        Ok(Self {
+            gpa,
+            len,
+            host,
+            read_only: false,
+            _backing: Backing::Borrowed,
+        })
     }
 
     fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool) -> Self {
         let host = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
-        Self { gpa, len, host, read_only, _backing: Backing::Owned(map) }
+        Self {
+            gpa,
+            len,
+            host,
+            read_only,
+            _backing: Backing::Owned(map),
+        }
     }
 
     /// Guest-physical address of the first byte.
@@ -155,9 +168,15 @@ impl GuestRegion {
     fn check_range(&self, page: u64, bytes: usize) -> Result<usize, MemoryError> {
         let off = (page as usize)
             .checked_mul(PAGE_SIZE)
-            .ok_or(MemoryError::OutOfRange { page, pages: self.pages() })?;
+            .ok_or(MemoryError::OutOfRange {
+                page,
+                pages: self.pages(),
+            })?;
         if off.checked_add(bytes).is_none_or(|end| end > self.len) {
-            return Err(MemoryError::OutOfRange { page, pages: self.pages() });
+            return Err(MemoryError::OutOfRange {
+                page,
+                pages: self.pages(),
+            });
         }
         Ok(off)
     }
@@ -213,10 +232,15 @@ impl GuestRegion {
             return Err(MemoryError::ReadOnly);
         }
         if offset % 8 != 0 || offset + 8 > self.len {
-            return Err(MemoryError::OutOfRange { page: (offset / PAGE_SIZE) as u64, pages: self.pages() });
+            return Err(MemoryError::OutOfRange {
+                page: (offset / PAGE_SIZE) as u64,
+                pages: self.pages(),
+            });
         }
         // SAFETY: offset is 8-aligned (the mapping is page-aligned) and in bounds.
-        unsafe { std::ptr::write_volatile(self.host.as_ptr().add(offset) as *mut u64, value.to_le()) };
+        unsafe {
+            std::ptr::write_volatile(self.host.as_ptr().add(offset) as *mut u64, value.to_le())
+        };
         Ok(())
     }
 
@@ -227,7 +251,11 @@ impl GuestRegion {
     /// The caller must guarantee that nothing else reads or writes these pages while
     /// the slice is alive: no guest runs on the memory, and no other thread touches the
     /// same pages (the receiver's round gate and per-round page uniqueness ensure this).
-    pub unsafe fn io_slice_mut(&self, page: u64, count: u64) -> Result<IoSliceMut<'_>, MemoryError> {
+    pub unsafe fn io_slice_mut(
+        &self,
+        page: u64,
+        count: u64,
+    ) -> Result<IoSliceMut<'_>, MemoryError> {
         if self.read_only {
             return Err(MemoryError::ReadOnly);
         }
@@ -250,11 +278,28 @@ impl GuestRegion {
         // SAFETY: the range is in bounds of our mapping and page aligned; the advice
         // only populates page tables, it does not change contents.
         let rc = unsafe {
-            libc::madvise(self.host.as_ptr().add(off) as *mut libc::c_void, bytes, libc::MADV_POPULATE_WRITE)
+            libc::madvise(
+                self.host.as_ptr().add(off) as *mut libc::c_void,
+                bytes,
+                libc::MADV_POPULATE_WRITE,
+            )
         };
         if rc != 0 {
             return Err(MemoryError::Map(std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// A shared slice over `count` pages at region-relative `page` (for hashing pages
+    /// the receiver just wrote).
+    ///
+    /// # Safety
+    /// Nothing may write these pages while the slice is alive (no running guest, no
+    /// other thread applying the same pages).
+    pub unsafe fn slice(&self, page: u64, count: u64) -> Result<&[u8], MemoryError> {
+        let bytes = (count as usize) * PAGE_SIZE;
+        let off = self.check_range(page, bytes)?;
+        // SAFETY: bounds checked; absence of writers is the caller's contract.
+        Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
     }
 }
