@@ -22,6 +22,7 @@ pub mod codec;
 pub mod device;
 pub mod dirty;
 pub mod engine;
+pub mod limits;
 pub mod memory;
 pub mod receiver;
 pub mod stats;

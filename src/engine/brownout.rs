@@ -108,7 +108,7 @@ fn paused(
             .pages
             .load(std::sync::atomic::Ordering::Relaxed),
     );
-    run.send_round(set, final_round)?;
+    run.send_round(set, final_round, true)?;
     {
         let tx = run.tx.as_ref().expect("workers running");
         for _ in 0..run.handles.len() {

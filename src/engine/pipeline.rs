@@ -34,6 +34,9 @@ pub const QUEUE_DEPTH_PER_WORKER: usize = 2;
 pub struct Batch {
     /// Round (generation).
     pub round: u32,
+    /// The memory cannot change while this batch is sent (VM paused or stopped):
+    /// page hashes are exact. Otherwise zero-copy batches are marked racy.
+    pub quiescent: bool,
     /// (first page index, count).
     pub extents: Vec<(u64, u32)>,
 }
@@ -128,6 +131,7 @@ struct Scratch {
     meta: BatchMeta,
     meta_bytes: Vec<u8>,
     codecs: CodecSet,
+    present: Vec<bool>,
 }
 
 /// Run one worker until `Finish` (or until the queue closes).
@@ -138,6 +142,7 @@ pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
         meta: BatchMeta::default(),
         meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
         codecs: CodecSet::new(shared.zstd_level),
+        present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
     };
     let mut round_batches = 0u32;
     let mut round_pages = 0u64;
@@ -149,7 +154,12 @@ pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
                     continue; // drain, keep reaching barriers
                 }
                 let before = out.bytes();
-                match send_batch(shared, &b, &mut s, &mut out) {
+                let sent = if shared.codec == CodecId::Raw {
+                    send_batch_zero_copy(shared, &b, &mut s, &mut out)
+                } else {
+                    send_batch(shared, &b, &mut s, &mut out)
+                };
+                match sent {
                     Ok(()) => {
                         round_batches += 1;
                         round_pages += b.pages();
@@ -284,16 +294,98 @@ fn send_batch(
     Ok(())
 }
 
+/// Raw batches without a user-space copy: zero detection and hashing read guest
+/// memory in place and the frame is written with `writev` straight from it.
+/// Unpopulated anonymous pages are sent as zero pages without being touched.
+///
+/// While the VM runs, a page may change between hashing and the kernel's copy, so
+/// such batches carry `FLAG_RACY`: the receiver stores the hash of what arrived and
+/// the page, being dirty, is sent again. Quiescent batches (final round, stopped VM)
+/// carry exact hashes.
+fn send_batch_zero_copy(
+    shared: &Shared,
+    b: &Batch,
+    s: &mut Scratch,
+    out: &mut FrameWriter,
+) -> Result<(), String> {
+    let mem = &*shared.memory;
+    s.meta.clear();
+    s.meta.round = b.round;
+    s.meta.codec = Some(CodecId::Raw);
+    s.meta.flags = if b.quiescent {
+        0
+    } else {
+        crate::wire::batch::FLAG_RACY
+    };
+    let npages = b.pages() as usize;
+    s.meta.zero_map.resize(npages.div_ceil(8), 0);
+    s.meta.zero_map.iter_mut().for_each(|z| *z = 0);
+    let zero_hash = zero_page_hash();
+    let mut data: Vec<&[u8]> = Vec::with_capacity(b.extents.len() + 4);
+    let mut i = 0usize;
+    let mut zeros = 0u64;
+    let mut nonzero = 0usize;
+    for &(start, count) in &b.extents {
+        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        s.meta.extents.push(Extent { gfn, count });
+        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        let region = &mem.regions()[r];
+        region
+            .populated(rp, count as u64, &mut s.present)
+            .map_err(|e| e.to_string())?;
+        // SAFETY: a racy view of guest memory; everything derived from it is marked
+        // racy unless the batch is quiescent (VM paused/stopped), see above.
+        let view = unsafe { region.racy_slice(rp, count as u64) }.map_err(|e| e.to_string())?;
+        let mut run: Option<usize> = None;
+        for p in 0..count as usize {
+            let page = &view[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+            let hash = if !s.present[p] || is_zero_page(page) {
+                if let Some(st) = run.take() {
+                    data.push(&view[st..p * PAGE_SIZE]);
+                }
+                s.meta.zero_map[i / 8] |= 1 << (i % 8);
+                zeros += 1;
+                zero_hash
+            } else {
+                run.get_or_insert(p * PAGE_SIZE);
+                nonzero += 1;
+                page_hash(page)
+            };
+            s.meta.hashes.push(hash);
+            shared.sent_hashes[(start + p as u64) as usize].store(hash, Ordering::Release);
+            i += 1;
+        }
+        if let Some(st) = run.take() {
+            data.push(&view[st..]);
+        }
+    }
+    s.meta.payload_len = (nonzero * PAGE_SIZE) as u32;
+    s.meta.encode_into(&mut s.meta_bytes);
+    out.send(FrameKind::Batch, 0, &s.meta_bytes, &data)
+        .map_err(|e| e.to_string())?;
+    shared
+        .counters
+        .pages
+        .fetch_add(npages as u64, Ordering::Relaxed);
+    shared
+        .counters
+        .zero_pages
+        .fetch_add(zeros, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Split a dirty set into batches (extents never cross a region boundary).
 pub fn batches_of(
     mem: &GuestMemory,
     pages: impl Iterator<Item = u64>,
     round: u32,
+    quiescent: bool,
     max_pages: usize,
     mut emit: impl FnMut(Batch) -> bool,
 ) -> bool {
     let mut cur = Batch {
         round,
+        quiescent,
         extents: Vec::new(),
     };
     let mut in_batch = 0usize;
@@ -316,6 +408,7 @@ pub fn batches_of(
                 &mut cur,
                 Batch {
                     round,
+                    quiescent,
                     extents: Vec::new(),
                 },
             );

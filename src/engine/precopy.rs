@@ -39,7 +39,12 @@ impl Run<'_> {
     }
 
     /// Queue every page of `set` for round `round`, then gate the round.
-    pub(crate) fn send_round(&mut self, set: &PageSet, round: u32) -> Result<(), MigrationError> {
+    pub(crate) fn send_round(
+        &mut self,
+        set: &PageSet,
+        round: u32,
+        quiescent: bool,
+    ) -> Result<(), MigrationError> {
         let total = set.count();
         let tx = self.tx.as_ref().expect("workers running");
         let mut sent = 0u64;
@@ -48,28 +53,35 @@ impl Run<'_> {
         let cancel = &self.m.cancel;
         let progress = &self.m.progress;
         let mut stop = None;
-        batches_of(&shared.memory, set.iter(), round, MAX_BATCH_PAGES, |b| {
-            if cancel.is_cancelled() {
-                stop = Some(MigrationError::Cancelled);
-                return false;
-            }
-            if shared.failed.load(Ordering::Relaxed) {
-                return false;
-            }
-            let n = b.pages();
-            if tx.send(Work::Batch(b)).is_err() {
-                return false;
-            }
-            sent += n;
-            since_event += n;
-            if since_event >= 16384 {
-                since_event = 0;
-                if let Some(p) = progress {
-                    p.on_event(&Event::Progress { round, sent, total });
+        batches_of(
+            &shared.memory,
+            set.iter(),
+            round,
+            quiescent,
+            MAX_BATCH_PAGES,
+            |b| {
+                if cancel.is_cancelled() {
+                    stop = Some(MigrationError::Cancelled);
+                    return false;
                 }
-            }
-            true
-        });
+                if shared.failed.load(Ordering::Relaxed) {
+                    return false;
+                }
+                let n = b.pages();
+                if tx.send(Work::Batch(b)).is_err() {
+                    return false;
+                }
+                sent += n;
+                since_event += n;
+                if since_event >= 16384 {
+                    since_event = 0;
+                    if let Some(p) = progress {
+                        p.on_event(&Event::Progress { round, sent, total });
+                    }
+                }
+                true
+            },
+        );
         for _ in 0..self.handles.len() {
             let _ = tx.send(Work::RoundEnd(round));
         }
@@ -215,7 +227,9 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             c.wire_bytes.load(Ordering::Relaxed),
         );
         let t0 = Instant::now();
-        run.send_round(&set, round)?;
+        // Without a tracker the VM is stopped: its memory cannot change.
+        let quiescent = run.m.tracker.is_none();
+        run.send_round(&set, round, quiescent)?;
         let dur = t0.elapsed().max(Duration::from_micros(1));
         let c = &run.shared.counters;
         let (p1, z1, b1) = (

@@ -11,7 +11,7 @@ mod bitmap;
 mod region;
 
 pub use bitmap::{DirtyBitmap, PageSet, SetBits};
-pub use region::GuestRegion;
+pub use region::{GuestRegion, RegionKind};
 
 use serde::{Deserialize, Serialize};
 

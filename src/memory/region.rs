@@ -26,6 +26,19 @@ enum Backing {
     Borrowed,
 }
 
+/// What kind of memory backs a region (decides whether "not populated" means zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Private anonymous memory: a page never populated (and not swapped) reads as zero.
+    Anonymous,
+    /// Shared memory (memfd): residency says nothing about contents.
+    Shared,
+    /// A file mapping (image): residency says nothing about contents.
+    File,
+    /// Memory owned by someone else: unknown.
+    External,
+}
+
 /// A guest-physical region: `len` bytes at guest-physical address `gpa`.
 #[derive(Debug)]
 pub struct GuestRegion {
@@ -33,6 +46,8 @@ pub struct GuestRegion {
     len: usize,
     host: NonNull<u8>,
     read_only: bool,
+    kind: RegionKind,
+    pagemap: std::sync::OnceLock<Option<File>>,
     _backing: Backing,
 }
 
@@ -67,7 +82,7 @@ impl GuestRegion {
             // Advisory only: failing to get THP is not an error.
             let _ = map.advise(memmap2::Advice::HugePage);
         }
-        Ok(Self::owned(gpa, len, map, false))
+        Ok(Self::owned(gpa, len, map, false, RegionKind::Anonymous))
     }
 
     /// Shared memory from a new memfd (what a VMM would pass to another process).
@@ -86,7 +101,7 @@ impl GuestRegion {
             .len(len)
             .map_raw(&file)
             .map_err(MemoryError::Map)?;
-        Ok(Self::owned(gpa, len, map, false))
+        Ok(Self::owned(gpa, len, map, false, RegionKind::Shared))
     }
 
     /// An image file mapped read-only (the memory of a stopped guest, for sending).
@@ -103,7 +118,7 @@ impl GuestRegion {
             .map_raw_read_only(&file)
             .map_err(MemoryError::Map)?;
         let _ = file.as_raw_fd();
-        Ok(Self::owned(gpa, len, map, true))
+        Ok(Self::owned(gpa, len, map, true, RegionKind::File))
     }
 
     /// A region over memory owned elsewhere (e.g. a VMM's guest RAM).
@@ -119,19 +134,85 @@ impl GuestRegion {
             len,
             host,
             read_only: false,
+            kind: RegionKind::External,
+            pagemap: std::sync::OnceLock::new(),
             _backing: Backing::Borrowed,
         })
     }
 
-    fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool) -> Self {
+    fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool, kind: RegionKind) -> Self {
         let host = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
         Self {
             gpa,
             len,
             host,
             read_only,
+            kind,
+            pagemap: std::sync::OnceLock::new(),
             _backing: Backing::Owned(map),
         }
+    }
+
+    /// What backs the region.
+    pub fn kind(&self) -> RegionKind {
+        self.kind
+    }
+
+    /// For `count` pages at region-relative `page`, set `out[i]` to false when the
+    /// page is known to read as zero without touching it (private anonymous memory
+    /// that was never populated and is not swapped), true otherwise. Reading such a
+    /// page would fault in the shared zero page (about 1-2 us each here), so the sender
+    /// skips it. Racing writes are harmless: a page written after this check is
+    /// reported dirty by the tracker and sent again.
+    pub fn populated(&self, page: u64, count: u64, out: &mut Vec<bool>) -> Result<(), MemoryError> {
+        out.clear();
+        out.resize(count as usize, true);
+        if self.kind != RegionKind::Anonymous {
+            return Ok(());
+        }
+        let off = self.check_range(page, count as usize * PAGE_SIZE)?;
+        let Some(f) = self
+            .pagemap
+            .get_or_init(|| File::open("/proc/self/pagemap").ok())
+        else {
+            return Ok(());
+        };
+        let vaddr = self.host.as_ptr() as u64 + off as u64;
+        let mut buf = [0u8; 8 * 512];
+        use std::os::unix::fs::FileExt;
+        let mut done = 0usize;
+        while done < count as usize {
+            let n = (count as usize - done).min(512);
+            let at = (vaddr / PAGE_SIZE as u64 + done as u64) * 8;
+            if f.read_exact_at(&mut buf[..n * 8], at).is_err() {
+                out.iter_mut().for_each(|p| *p = true); // unknown: read every page
+                return Ok(());
+            }
+            for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                // bit 63: present, bit 62: swapped.
+                out[done + i] = v & (3 << 62) != 0;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// A shared view of `count` pages at region-relative `page` of memory the guest
+    /// may be writing, for zero-copy sends (hash, zero check, `writev` from guest
+    /// memory).
+    ///
+    /// # Safety
+    /// The bytes may change while the slice is alive (a running guest). The caller
+    /// must treat its contents as a racy snapshot: never rely on two reads agreeing,
+    /// and mark anything derived from it as racy unless the VM is paused. The region
+    /// must outlive the slice (it does: the slice borrows `self`).
+    pub unsafe fn racy_slice(&self, page: u64, count: u64) -> Result<&[u8], MemoryError> {
+        let bytes = count as usize * PAGE_SIZE;
+        let off = self.check_range(page, bytes)?;
+        // SAFETY: bounds checked; the mapping lives as long as `self`; concurrent
+        // writes are the caller's documented, tolerated race (plain bytes).
+        Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
     }
 
     /// Guest-physical address of the first byte.

@@ -37,6 +37,12 @@ enum Cmd {
     Send(SendArgs),
     /// Receive one migration and optionally write the memory to a file.
     Recv(RecvArgs),
+    /// Measure this machine's limits: memcpy and raw loopback TCP.
+    Limits {
+        /// TCP streams.
+        #[arg(long, default_value_t = 2)]
+        streams: u16,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -130,6 +136,10 @@ struct BenchArgs {
     /// Content seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Measure memcpy and raw loopback TCP (same stream count) right before the
+    /// migration and report the ratio `wire_vs_limit`.
+    #[arg(long)]
+    baseline: bool,
     #[command(flatten)]
     opts: MigrateOpts,
 }
@@ -165,6 +175,12 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
+        Cmd::Limits { streams } => livemig::limits::measure(streams)
+            .map_err(|e| e.to_string())
+            .and_then(|l| {
+                println!("{}", serde_json::to_string(&l).map_err(|e| e.to_string())?);
+                Ok(())
+            }),
     };
     if let Err(e) = r {
         eprintln!("livemig: error: {e}");
