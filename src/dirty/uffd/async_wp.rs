@@ -12,17 +12,25 @@ const SCAN_VEC: usize = 4096;
 
 pub(super) fn no_async_reason(features: u64) -> TrackError {
     let reason = if features & sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
-        "kernel userfaultfd lacks write-protect support (UFFD_FEATURE_PAGEFAULT_FLAG_WP)".to_string()
+        "kernel userfaultfd lacks write-protect support (UFFD_FEATURE_PAGEFAULT_FLAG_WP)"
+            .to_string()
     } else {
         format!(
             "kernel userfaultfd lacks UFFD_FEATURE_WP_ASYNC (needs Linux >= 6.7); supported features {features:#x}"
         )
     };
-    TrackError::Unavailable { tracker: NAME_ASYNC, reason }
+    TrackError::Unavailable {
+        tracker: NAME_ASYNC,
+        reason,
+    }
 }
 
 fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> TrackError {
-    move |source| TrackError::Os { tracker: NAME_ASYNC, op, source }
+    move |source| TrackError::Os {
+        tracker: NAME_ASYNC,
+        op,
+        source,
+    }
 }
 
 /// An armed async-WP tracker.
@@ -39,12 +47,15 @@ pub(super) struct AsyncWp {
 impl AsyncWp {
     pub(super) fn start(spans: Vec<Span>) -> Result<Self, TrackError> {
         let supported = super::probe_features(NAME_ASYNC)?;
-        if supported & sys::UFFD_FEATURE_WP_ASYNC == 0 || supported & sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
+        if supported & sys::UFFD_FEATURE_WP_ASYNC == 0
+            || supported & sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0
+        {
             return Err(no_async_reason(supported));
         }
         let features = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP
             | sys::UFFD_FEATURE_WP_ASYNC
-            | (supported & (sys::UFFD_FEATURE_WP_UNPOPULATED | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
+            | (supported
+                & (sys::UFFD_FEATURE_WP_UNPOPULATED | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
         let uffd = Uffd::open().map_err(os("userfaultfd"))?;
         uffd.api(features).map_err(os("UFFDIO_API"))?;
         let pagemap = Pagemap::open().map_err(|e| TrackError::Unavailable {
@@ -54,29 +65,48 @@ impl AsyncWp {
         let mut vec = vec![PageRegion::default(); SCAN_VEC];
         // Probe PAGEMAP_SCAN (read-only: no re-protect, no registration needed).
         if let Some(s) = spans.first() {
-            if let Err(e) = pagemap.scan_written(s.start, s.start + PAGE_SIZE as u64, &mut vec[..1], false) {
+            if let Err(e) =
+                pagemap.scan_written(s.start, s.start + PAGE_SIZE as u64, &mut vec[..1], false)
+            {
                 let reason = match e.raw_os_error() {
                     Some(libc::ENOTTY) | Some(libc::EINVAL) => {
                         format!("kernel lacks the PAGEMAP_SCAN ioctl (needs Linux >= 6.7): {e}")
                     }
                     _ => format!("PAGEMAP_SCAN probe failed: {e}"),
                 };
-                return Err(TrackError::Unavailable { tracker: NAME_ASYNC, reason });
+                return Err(TrackError::Unavailable {
+                    tracker: NAME_ASYNC,
+                    reason,
+                });
             }
         }
-        let mut me = Self { uffd, pagemap, spans, registered: 0, vec };
+        let mut me = Self {
+            uffd,
+            pagemap,
+            spans,
+            registered: 0,
+            vec,
+        };
         // On error, dropping `me` unregisters what was registered.
         for i in 0..me.spans.len() {
             let s = me.spans[i];
-            let ioctls = me.uffd.register_wp(s.start, s.len).map_err(os("UFFDIO_REGISTER"))?;
+            let ioctls = me
+                .uffd
+                .register_wp(s.start, s.len)
+                .map_err(os("UFFDIO_REGISTER"))?;
             me.registered = i + 1;
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {
                     tracker: NAME_ASYNC,
-                    reason: format!("UFFDIO_WRITEPROTECT not offered for the region at host {:#x}", s.start),
+                    reason: format!(
+                        "UFFDIO_WRITEPROTECT not offered for the region at host {:#x}",
+                        s.start
+                    ),
                 });
             }
-            me.uffd.writeprotect(s.start, s.len, true).map_err(os("UFFDIO_WRITEPROTECT"))?;
+            me.uffd
+                .writeprotect(s.start, s.len, true)
+                .map_err(os("UFFDIO_WRITEPROTECT"))?;
         }
         Ok(me)
     }
@@ -88,11 +118,18 @@ impl AsyncWp {
             let end = s.end();
             let mut cur = s.start;
             while cur < end {
-                let out = self.pagemap.scan_written(cur, end, &mut self.vec, true).map_err(os("PAGEMAP_SCAN"))?;
+                let out = self
+                    .pagemap
+                    .scan_written(cur, end, &mut self.vec, true)
+                    .map_err(os("PAGEMAP_SCAN"))?;
                 for r in &self.vec[..out.regions] {
                     let (a, b) = (r.start.max(s.start), r.end.min(end));
                     if a < b {
-                        set_range(words, s.first_page + (a - s.start) / page, (b - a).div_ceil(page));
+                        set_range(
+                            words,
+                            s.first_page + (a - s.start) / page,
+                            (b - a).div_ceil(page),
+                        );
                     }
                 }
                 if out.walk_end <= cur {
@@ -119,7 +156,11 @@ impl AsyncWp {
         }
         self.registered = 0;
         match first {
-            Some(source) => Err(TrackError::Os { tracker: NAME_ASYNC, op: "UFFDIO_UNREGISTER", source }),
+            Some(source) => Err(TrackError::Os {
+                tracker: NAME_ASYNC,
+                op: "UFFDIO_UNREGISTER",
+                source,
+            }),
             None => Ok(()),
         }
     }

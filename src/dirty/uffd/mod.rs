@@ -72,7 +72,11 @@ fn spans_of(mem: &GuestMemory) -> Vec<Span> {
     mem.regions()
         .iter()
         .enumerate()
-        .map(|(i, r)| Span { start: r.host_addr() as u64, len: r.len() as u64, first_page: mem.region_first_page(i) })
+        .map(|(i, r)| Span {
+            start: r.host_addr() as u64,
+            len: r.len() as u64,
+            first_page: mem.region_first_page(i),
+        })
         .collect()
 }
 
@@ -129,7 +133,11 @@ fn set_range(words: &mut [u64], start: u64, count: u64) {
     while i < end {
         let bit = i % 64;
         let n = (64 - bit).min(end - i);
-        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
         words[(i / 64) as usize] |= mask;
         i += n;
     }
@@ -141,7 +149,11 @@ fn probe_features(tracker: &'static str) -> Result<u64, TrackError> {
         tracker,
         reason: format!("cannot open a userfaultfd (syscall and /dev/userfaultfd): {e}"),
     })?;
-    uffd.api(0).map_err(|source| TrackError::Os { tracker, op: "UFFDIO_API", source })
+    uffd.api(0).map_err(|source| TrackError::Os {
+        tracker,
+        op: "UFFDIO_API",
+        source,
+    })
 }
 
 enum Active {
@@ -175,7 +187,11 @@ impl UffdTracker {
             UffdMode::Async => NAME_ASYNC,
             UffdMode::Sync => NAME_SYNC,
         };
-        Self { mode, active: None, in_use }
+        Self {
+            mode,
+            active: None,
+            in_use,
+        }
     }
 
     /// The mode asked for.
@@ -208,7 +224,11 @@ impl DirtyTracker for UffdTracker {
     fn caps(&self) -> TrackerCaps {
         // Write protection is on the host page tables, so it sees writes from any
         // thread of this process and (through GUP/EPT faults) a KVM guest's writes.
-        TrackerCaps { sees_guest_writes: true, sees_vmm_writes: true, exact: true }
+        TrackerCaps {
+            sees_guest_writes: true,
+            sees_vmm_writes: true,
+            exact: true,
+        }
     }
 
     fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
@@ -257,8 +277,16 @@ mod tests {
     #[test]
     fn runs_split_at_spans() {
         let spans = [
-            Span { start: 0x10000, len: 4 * 4096, first_page: 0 },
-            Span { start: 0x80000, len: 4 * 4096, first_page: 4 },
+            Span {
+                start: 0x10000,
+                len: 4 * 4096,
+                first_page: 0,
+            },
+            Span {
+                start: 0x80000,
+                len: 4 * 4096,
+                first_page: 4,
+            },
         ];
         let mut set = PageSet::new(8);
         for i in [1, 2, 3, 4, 5, 7] {
@@ -270,7 +298,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(runs, vec![(0x11000, 3 * 4096), (0x80000, 2 * 4096), (0x83000, 4096)]);
+        assert_eq!(
+            runs,
+            vec![(0x11000, 3 * 4096), (0x80000, 2 * 4096), (0x83000, 4096)]
+        );
         assert_eq!(index_of_addr(&spans, 0x83fff), Some(7));
         assert_eq!(index_of_addr(&spans, 0x84000), None);
     }

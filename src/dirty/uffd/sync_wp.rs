@@ -29,7 +29,11 @@ pub(super) fn no_wp_reason(tracker: &'static str) -> TrackError {
 }
 
 fn os(op: &'static str) -> impl FnOnce(io::Error) -> TrackError {
-    move |source| TrackError::Os { tracker: NAME_SYNC, op, source }
+    move |source| TrackError::Os {
+        tracker: NAME_SYNC,
+        op,
+        source,
+    }
 }
 
 /// State shared with the handler thread.
@@ -73,11 +77,16 @@ impl SyncWp {
         }
         let unpopulated = supported & sys::UFFD_FEATURE_WP_UNPOPULATED != 0;
         let features = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP
-            | (supported & (sys::UFFD_FEATURE_WP_UNPOPULATED | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
+            | (supported
+                & (sys::UFFD_FEATURE_WP_UNPOPULATED | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
         let uffd = Uffd::open().map_err(os("userfaultfd"))?;
         uffd.api(features).map_err(os("UFFDIO_API"))?;
         let stop = EventFd::new().map_err(os("eventfd"))?;
-        let pages = spans.iter().map(|s| s.first_page + s.pages()).max().unwrap_or(0);
+        let pages = spans
+            .iter()
+            .map(|s| s.first_page + s.pages())
+            .max()
+            .unwrap_or(0);
         let shared = Arc::new(Shared {
             uffd,
             stop,
@@ -92,15 +101,27 @@ impl SyncWp {
             .spawn(move || handler(&sh))
             .map_err(os("spawn handler thread"))?;
         // From here on, dropping `me` unregisters and joins the thread.
-        let mut me = Self { shared, thread: Some(thread), registered: 0, scratch: PageSet::new(pages) };
+        let mut me = Self {
+            shared,
+            thread: Some(thread),
+            registered: 0,
+            scratch: PageSet::new(pages),
+        };
         for i in 0..me.shared.spans.len() {
             let s = me.shared.spans[i];
-            let ioctls = me.shared.uffd.register_wp(s.start, s.len).map_err(os("UFFDIO_REGISTER"))?;
+            let ioctls = me
+                .shared
+                .uffd
+                .register_wp(s.start, s.len)
+                .map_err(os("UFFDIO_REGISTER"))?;
             me.registered = i + 1;
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {
                     tracker: NAME_SYNC,
-                    reason: format!("UFFDIO_WRITEPROTECT not offered for the region at host {:#x}", s.start),
+                    reason: format!(
+                        "UFFDIO_WRITEPROTECT not offered for the region at host {:#x}",
+                        s.start
+                    ),
                 });
             }
             if !unpopulated {
@@ -108,27 +129,46 @@ impl SyncWp {
                 // would not fault: populate everything so all of it can be protected.
                 sys::populate_write(s.start, s.len).map_err(os("madvise(MADV_POPULATE_WRITE)"))?;
             }
-            me.shared.uffd.writeprotect(s.start, s.len, true).map_err(os("UFFDIO_WRITEPROTECT"))?;
+            me.shared
+                .uffd
+                .writeprotect(s.start, s.len, true)
+                .map_err(os("UFFDIO_WRITEPROTECT"))?;
         }
         Ok(me)
     }
 
     pub(super) fn harvest(&mut self, into: &mut PageSet) -> Result<(), TrackError> {
-        if let Some(source) = self.shared.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(TrackError::Os { tracker: NAME_SYNC, op: "fault handler", source });
+        if let Some(source) = self
+            .shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(TrackError::Os {
+                tracker: NAME_SYNC,
+                op: "fault handler",
+                source,
+            });
         }
         self.scratch.clear();
         {
             let _gate = self.shared.gate();
             self.shared.bitmap.harvest_into(&mut self.scratch);
             let uffd = &self.shared.uffd;
-            let r = for_each_run(&self.scratch, &self.shared.spans, |addr, len| uffd.writeprotect(addr, len, true));
+            let r = for_each_run(&self.scratch, &self.shared.spans, |addr, len| {
+                uffd.writeprotect(addr, len, true)
+            });
             if let Err(source) = r {
                 // Put the marks back so nothing is lost if the caller retries.
                 for i in self.scratch.iter() {
                     self.shared.bitmap.mark(i);
                 }
-                return Err(TrackError::Os { tracker: NAME_SYNC, op: "UFFDIO_WRITEPROTECT", source });
+                return Err(TrackError::Os {
+                    tracker: NAME_SYNC,
+                    op: "UFFDIO_WRITEPROTECT",
+                    source,
+                });
             }
         }
         into.union_with(&self.scratch);
@@ -151,11 +191,18 @@ impl SyncWp {
                 // signal the join below could hang, so leave the thread detached.
                 first.get_or_insert(("eventfd write", e));
             } else if t.join().is_err() {
-                first.get_or_insert(("join handler thread", io::Error::other("handler thread panicked")));
+                first.get_or_insert((
+                    "join handler thread",
+                    io::Error::other("handler thread panicked"),
+                ));
             }
         }
         match first {
-            Some((op, source)) => Err(TrackError::Os { tracker: NAME_SYNC, op, source }),
+            Some((op, source)) => Err(TrackError::Os {
+                tracker: NAME_SYNC,
+                op,
+                source,
+            }),
             None => Ok(()),
         }
     }
@@ -197,7 +244,10 @@ fn handler(sh: &Shared) {
         pages.extend(
             msgs[..n]
                 .iter()
-                .filter(|m| m.event == sys::UFFD_EVENT_PAGEFAULT && m.flags & sys::UFFD_PAGEFAULT_FLAG_WP != 0)
+                .filter(|m| {
+                    m.event == sys::UFFD_EVENT_PAGEFAULT
+                        && m.flags & sys::UFFD_PAGEFAULT_FLAG_WP != 0
+                })
                 .map(|m| m.address & page_mask),
         );
         if pages.is_empty() {

@@ -127,14 +127,33 @@ const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
 }
 
 const UFFDIO: u64 = 0xAA;
-const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, std::mem::size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x00, std::mem::size_of::<UffdioRegister>());
+const UFFDIO_API: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x3F,
+    std::mem::size_of::<UffdioApi>(),
+);
+const UFFDIO_REGISTER: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x00,
+    std::mem::size_of::<UffdioRegister>(),
+);
 const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, std::mem::size_of::<UffdioRange>());
-const UFFDIO_WRITEPROTECT: u64 =
-    ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x06, std::mem::size_of::<UffdioWriteprotect>());
+const UFFDIO_WRITEPROTECT: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x06,
+    std::mem::size_of::<UffdioWriteprotect>(),
+);
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
-const PAGEMAP_SCAN: u64 = ioc(IOC_READ | IOC_WRITE, b'f' as u64, 16, std::mem::size_of::<PmScanArg>());
+const PAGEMAP_SCAN: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    b'f' as u64,
+    16,
+    std::mem::size_of::<PmScanArg>(),
+);
 
 const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
 const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
@@ -178,18 +197,26 @@ impl Uffd {
             let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | extra) };
             if fd >= 0 {
                 // SAFETY: the syscall just returned this fd; nothing else owns it.
-                return Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) } });
+                return Ok(Self {
+                    fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+                });
             }
             first_err.get_or_insert_with(io::Error::last_os_error);
         }
-        if let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        if let Ok(dev) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+        {
             loop {
                 // SAFETY: USERFAULTFD_IOC_NEW takes the open flags as a plain integer
                 // argument (no pointer) and returns a new userfaultfd or -1.
                 let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
                 if fd >= 0 {
                     // SAFETY: the ioctl just returned this fd; nothing else owns it.
-                    return Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } });
+                    return Ok(Self {
+                        fd: unsafe { OwnedFd::from_raw_fd(fd) },
+                    });
                 }
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -209,14 +236,22 @@ impl Uffd {
     /// reports (with `features == 0`: everything it supports). Can be done only once
     /// per descriptor.
     pub fn api(&self, features: u64) -> io::Result<u64> {
-        let mut a = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+        let mut a = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
         ioctl_ptr(self.raw(), UFFDIO_API, &mut a)?;
         Ok(a.features)
     }
 
     /// Register `[start, start+len)` in write-protect mode; returns the ioctl mask.
     pub fn register_wp(&self, start: u64, len: u64) -> io::Result<u64> {
-        let mut r = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        let mut r = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
         ioctl_ptr(self.raw(), UFFDIO_REGISTER, &mut r)?;
         Ok(r.ioctls)
     }
@@ -236,9 +271,16 @@ impl Uffd {
     /// Write-protect (`protect`) or un-protect-and-wake a range. Retries `EAGAIN`
     /// (the address space was changing, e.g. during fork).
     pub fn writeprotect(&self, start: u64, len: u64, protect: bool) -> io::Result<()> {
-        let mode = if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+        let mode = if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
         loop {
-            let mut w = UffdioWriteprotect { range: UffdioRange { start, len }, mode };
+            let mut w = UffdioWriteprotect {
+                range: UffdioRange { start, len },
+                mode,
+            };
             match ioctl_ptr(self.raw(), UFFDIO_WRITEPROTECT, &mut w) {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
                 r => return r.map(drop),
@@ -253,7 +295,11 @@ impl Uffd {
             // SAFETY: `buf` is a valid writable buffer of `size_of_val(buf)` bytes and
             // `UffdMsg` is plain old data for which any byte pattern is valid.
             let n = unsafe {
-                libc::read(self.raw(), buf.as_mut_ptr() as *mut libc::c_void, std::mem::size_of_val(buf))
+                libc::read(
+                    self.raw(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    std::mem::size_of_val(buf),
+                )
             };
             if n >= 0 {
                 return Ok(n as usize / std::mem::size_of::<UffdMsg>());
@@ -286,17 +332,29 @@ pub struct ScanOut {
 impl Pagemap {
     /// Open `/proc/self/pagemap`.
     pub fn open() -> io::Result<Self> {
-        Ok(Self { file: File::open("/proc/self/pagemap")? })
+        Ok(Self {
+            file: File::open("/proc/self/pagemap")?,
+        })
     }
 
     /// One `PAGEMAP_SCAN` over `[start, end)` reporting `PAGE_IS_WRITTEN` ranges into
     /// `vec`; with `rearm` it also write-protects them again (`PM_SCAN_WP_MATCHING`,
     /// atomically with the report) and insists the range is async-WP registered
     /// (`PM_SCAN_CHECK_WPASYNC`).
-    pub fn scan_written(&self, start: u64, end: u64, vec: &mut [PageRegion], rearm: bool) -> io::Result<ScanOut> {
+    pub fn scan_written(
+        &self,
+        start: u64,
+        end: u64,
+        vec: &mut [PageRegion],
+        rearm: bool,
+    ) -> io::Result<ScanOut> {
         let mut a = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: if rearm { PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC } else { 0 },
+            flags: if rearm {
+                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+            } else {
+                0
+            },
             start,
             end,
             walk_end: 0,
@@ -311,14 +369,23 @@ impl Pagemap {
         // SAFETY: `a` is a correctly sized `pm_scan_arg`; `a.vec` points to
         // `vec.len()` writable `page_region` entries (exclusively borrowed for the
         // call), which is all the kernel writes besides `a` itself.
-        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), PAGEMAP_SCAN as _, &mut a as *mut PmScanArg) };
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                PAGEMAP_SCAN as _,
+                &mut a as *mut PmScanArg,
+            )
+        };
         // No EINTR retry: the kernel only aborts the walk for fatal signals, and a
         // retry could lose ranges it already re-protected.
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
         let n = rc as usize;
-        Ok(ScanOut { regions: n.min(vec.len()), walk_end: a.walk_end })
+        Ok(ScanOut {
+            regions: n.min(vec.len()),
+            walk_end: a.walk_end,
+        })
     }
 }
 
@@ -337,7 +404,9 @@ impl EventFd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd was just returned by eventfd; nothing else owns it.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// The raw descriptor (for poll).
@@ -361,8 +430,16 @@ impl EventFd {
 /// Block until `a` or `b` is readable (or errors/hangs up). Returns (a ready, b ready).
 pub fn poll2(a: RawFd, b: RawFd) -> io::Result<(bool, bool)> {
     let mut fds = [
-        libc::pollfd { fd: a, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
         // SAFETY: `fds` is a valid array of two pollfd structs for the call's duration.
@@ -383,7 +460,13 @@ pub fn poll2(a: RawFd, b: RawFd) -> io::Result<(bool, bool)> {
 pub fn populate_write(start: u64, len: u64) -> io::Result<()> {
     // SAFETY: the advice only populates page tables of an existing mapping; it does
     // not change the contents or the layout of the address space.
-    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len as usize, libc::MADV_POPULATE_WRITE) };
+    let rc = unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            len as usize,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
