@@ -197,9 +197,8 @@ impl Uffd {
             let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | extra) };
             if fd >= 0 {
                 // SAFETY: the syscall just returned this fd; nothing else owns it.
-                return Ok(Self {
-                    fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
-                });
+                let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+                return Ok(Self { fd });
             }
             first_err.get_or_insert_with(io::Error::last_os_error);
         }
@@ -214,9 +213,8 @@ impl Uffd {
                 let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
                 if fd >= 0 {
                     // SAFETY: the ioctl just returned this fd; nothing else owns it.
-                    return Ok(Self {
-                        fd: unsafe { OwnedFd::from_raw_fd(fd) },
-                    });
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    return Ok(Self { fd });
                 }
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -404,9 +402,8 @@ impl EventFd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd was just returned by eventfd; nothing else owns it.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
     }
 
     /// The raw descriptor (for poll).
