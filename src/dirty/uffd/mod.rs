@@ -89,11 +89,12 @@ fn index_of_addr(spans: &[Span], addr: u64) -> Option<u64> {
         .map(|s| s.first_page + (addr - s.start) / PAGE_SIZE as u64)
 }
 
-/// Call `f(addr, len)` for each maximal run of pages of `set` (runs never cross
-/// spans).
+/// Call `f(addr, len)` for each maximal run of pages of `set`, bridging gaps of up to
+/// `max_gap` pages that are not in the set (runs never cross spans).
 fn for_each_run(
     set: &PageSet,
     spans: &[Span],
+    max_gap: u64,
     mut f: impl FnMut(u64, u64) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let page = PAGE_SIZE as u64;
@@ -111,7 +112,7 @@ fn for_each_run(
             break;
         }
         run = match run {
-            Some((s, n)) if s + n == idx => Some((s, n + 1)),
+            Some((s, n)) if idx - (s + n) <= max_gap => Some((s, idx - s + 1)),
             Some((s, n)) => {
                 let sp = &spans[si];
                 f(sp.start + (s - sp.first_page) * page, n * page)?;
@@ -293,7 +294,7 @@ mod tests {
             set.insert(i);
         }
         let mut runs = Vec::new();
-        for_each_run(&set, &spans, |a, l| {
+        for_each_run(&set, &spans, 0, |a, l| {
             runs.push((a, l));
             Ok(())
         })
@@ -302,6 +303,13 @@ mod tests {
             runs,
             vec![(0x11000, 3 * 4096), (0x80000, 2 * 4096), (0x83000, 4096)]
         );
+        runs.clear();
+        for_each_run(&set, &spans, 1, |a, l| {
+            runs.push((a, l));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, vec![(0x11000, 3 * 4096), (0x80000, 4 * 4096)]);
         assert_eq!(index_of_addr(&spans, 0x83fff), Some(7));
         assert_eq!(index_of_addr(&spans, 0x84000), None);
     }

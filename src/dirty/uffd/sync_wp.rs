@@ -17,6 +17,13 @@ use super::{for_each_run, index_of_addr, Span, NAME_SYNC};
 use crate::dirty::TrackError;
 use crate::memory::{DirtyBitmap, PageSet, PAGE_SIZE};
 
+/// Harvest re-protects runs of harvested pages, bridging gaps of up to this many
+/// clean pages: an ioctl costs ~3 µs here, re-protecting a page ~0.2-0.3 µs. Bridging
+/// is harmless because a page outside the harvested set is already protected: only
+/// the handler un-protects, and it marks the page first under the same gate that the
+/// harvest holds.
+const REPROTECT_MERGE_GAP: u64 = 8;
+
 /// Messages read per `read(2)` on the userfaultfd.
 const MSG_BATCH: usize = 64;
 
@@ -156,9 +163,12 @@ impl SyncWp {
             let _gate = self.shared.gate();
             self.shared.bitmap.harvest_into(&mut self.scratch);
             let uffd = &self.shared.uffd;
-            let r = for_each_run(&self.scratch, &self.shared.spans, |addr, len| {
-                uffd.writeprotect(addr, len, true)
-            });
+            let r = for_each_run(
+                &self.scratch,
+                &self.shared.spans,
+                REPROTECT_MERGE_GAP,
+                |addr, len| uffd.writeprotect(addr, len, true),
+            );
             if let Err(source) = r {
                 // Put the marks back so nothing is lost if the caller retries.
                 for i in self.scratch.iter() {
