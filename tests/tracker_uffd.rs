@@ -149,7 +149,11 @@ fn two_regions(mode: UffdMode) {
     t.stop(&mem).unwrap();
 }
 
-fn concurrent_writer(mode: UffdMode) {
+/// Writers dirty random pages while the main thread runs pre-copy rounds: harvest,
+/// then copy the harvested pages into a shadow. After the writers stop and a final
+/// round, (1) every written page was reported, (2) nothing unwritten was (exact), and
+/// (3) the shadow equals memory — the migration-correctness form of the contract.
+fn concurrent_writers(mode: UffdMode, writers: u64) {
     let mem = Arc::new(
         GuestMemory::new(vec![
             GuestRegion::anonymous(0, 32 << 20, false).unwrap(),
@@ -161,57 +165,87 @@ fn concurrent_writer(mode: UffdMode) {
         return;
     };
     let n = mem.total_pages();
+    // Round 0: copy everything.
+    let mut shadow = vec![0u8; n as usize * PAGE_SIZE];
+    for (i, r) in mem.regions().iter().enumerate() {
+        let off = mem.region_first_page(i) as usize * PAGE_SIZE;
+        r.read_pages(0, &mut shadow[off..off + r.len()]).unwrap();
+    }
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (mem, stop) = (Arc::clone(&mem), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut wrote = BTreeSet::new();
-            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-            let mut count = 0u64;
-            while !stop.load(Ordering::Relaxed) || count < 20_000 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                // Skewed: half the writes hit a hot 1/64 of memory.
-                let i = if x & 1 == 0 {
-                    (x >> 8) % (n / 64)
-                } else {
-                    (x >> 8) % n
-                };
-                write_page(&mem, i, x);
-                wrote.insert(i);
-                count += 1;
-                if count >= 200_000 {
-                    break;
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let (mem, stop) = (Arc::clone(&mem), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut wrote = BTreeSet::new();
+                let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (w << 32);
+                let mut count = 0u64;
+                while (!stop.load(Ordering::Relaxed) || count < 20_000) && count < 200_000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Skewed: half the writes hit a hot 1/64 of memory (shared by
+                    // all writers, so faults on the same page collide).
+                    let i = if x & 1 == 0 {
+                        (x >> 8) % (n / 64)
+                    } else {
+                        (x >> 8) % n
+                    };
+                    write_page(&mem, i, x);
+                    wrote.insert(i);
+                    count += 1;
                 }
-            }
-            wrote
+                wrote
+            })
         })
-    };
+        .collect();
     let mut union = PageSet::new(n);
+    let mut round = PageSet::new(n);
+    let mut copy_round = |t: &mut UffdTracker, union: &mut PageSet, shadow: &mut [u8]| {
+        round.clear();
+        t.harvest(&mem, &mut round).unwrap();
+        for i in round.iter() {
+            let off = i as usize * PAGE_SIZE;
+            mem.read_pages(i, &mut shadow[off..off + PAGE_SIZE])
+                .unwrap();
+        }
+        union.union_with(&round);
+    };
     let mut harvests = 0;
     let t0 = std::time::Instant::now();
     while t0.elapsed() < std::time::Duration::from_millis(300) {
-        t.harvest(&mem, &mut union).unwrap();
+        copy_round(&mut t, &mut union, &mut shadow);
         harvests += 1;
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
     stop.store(true, Ordering::Relaxed);
-    let wrote = writer.join().unwrap();
-    t.harvest(&mem, &mut union).unwrap();
+    let mut wrote = BTreeSet::new();
+    for h in handles {
+        wrote.extend(h.join().unwrap());
+    }
+    copy_round(&mut t, &mut union, &mut shadow);
     let got: BTreeSet<u64> = union.iter().collect();
     let missing: Vec<u64> = wrote.difference(&got).copied().take(10).collect();
     assert!(
         missing.is_empty(),
         "{} of {} written pages never reported, e.g. {missing:?}",
-        wrote.len() - got.len().min(wrote.len()),
+        wrote.difference(&got).count(),
         wrote.len()
     );
     // Exact tracker: nothing reported that was not written.
     let extra: Vec<u64> = got.difference(&wrote).copied().take(10).collect();
     assert!(extra.is_empty(), "reported but never written: {extra:?}");
+    // The shadow (what a destination would hold) equals memory.
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let stale: Vec<u64> = (0..n)
+        .filter(|&i| {
+            mem.read_pages(i, &mut buf).unwrap();
+            buf[..] != shadow[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]
+        })
+        .take(10)
+        .collect();
+    assert!(stale.is_empty(), "shadow copy stale for pages {stale:?}");
     eprintln!(
-        "{mode:?}: {} pages written, {harvests} harvests",
+        "{mode:?} x{writers}: {} pages written, {harvests} harvests",
         wrote.len()
     );
     t.stop(&mem).unwrap();
@@ -267,7 +301,8 @@ macro_rules! per_mode {
             use super::*;
             #[test] fn exact_single_region() { super::exact_single_region($mode) }
             #[test] fn two_regions() { super::two_regions($mode) }
-            #[test] fn concurrent_writer() { super::concurrent_writer($mode) }
+            #[test] fn concurrent_writer() { super::concurrent_writers($mode, 1) }
+            #[test] fn concurrent_writers_2() { super::concurrent_writers($mode, 2) }
             #[test] fn drop_without_stop() { super::drop_without_stop($mode) }
             #[test] fn order_errors() { super::order_errors($mode) }
         }
