@@ -341,6 +341,39 @@ fn memory_dropped_first(mode: UffdMode) {
     drop(t);
 }
 
+/// More written ranges than one PAGEMAP_SCAN output vector holds (every other page),
+/// so the async harvest must continue from `walk_end`.
+fn many_ranges(mode: UffdMode) {
+    let mem = GuestMemory::anonymous(64 << 20, false).unwrap();
+    let Some(mut t) = start(mode, &mem) else {
+        return;
+    };
+    let written: BTreeSet<u64> = (0..mem.total_pages()).step_by(2).collect();
+    for &i in &written {
+        write_page(&mem, i, i);
+    }
+    assert_eq!(harvest(&mut t, &mem), written);
+    assert!(harvest(&mut t, &mem).is_empty());
+    t.stop(&mem).unwrap();
+}
+
+/// A private file mapping cannot be write-protect tracked: a clear `Unavailable`.
+fn file_mapping_unavailable(mode: UffdMode) {
+    let path =
+        std::env::temp_dir().join(format!("livemig-uffd-{}-{mode:?}.img", std::process::id()));
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let mem = GuestMemory::new(vec![GuestRegion::image_file(0, &path).unwrap()]).unwrap();
+    let mut t = UffdTracker::new(mode);
+    let r = t.start(&mem);
+    let _ = std::fs::remove_file(&path);
+    match r {
+        Err(TrackError::Unavailable { reason, .. }) => {
+            eprintln!("{mode:?} on image file: {reason}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
 macro_rules! per_mode {
     ($($modname:ident => $mode:expr),*) => {$(
         mod $modname {
@@ -351,6 +384,8 @@ macro_rules! per_mode {
             #[test] fn concurrent_writers_2() { super::concurrent_writers($mode, 2) }
             #[test] fn drop_without_stop() { super::drop_without_stop($mode) }
             #[test] fn order_errors() { super::order_errors($mode) }
+            #[test] fn many_ranges() { super::many_ranges($mode) }
+            #[test] fn file_mapping_unavailable() { super::file_mapping_unavailable($mode) }
             #[test] fn huge_pages_superset() { super::huge_pages_superset($mode) }
             #[test] fn memory_dropped_first() { super::memory_dropped_first($mode) }
         }

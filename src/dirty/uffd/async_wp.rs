@@ -93,7 +93,7 @@ impl AsyncWp {
             let ioctls = me
                 .uffd
                 .register_wp(s.start, s.len)
-                .map_err(os("UFFDIO_REGISTER"))?;
+                .map_err(super::register_err(NAME_ASYNC, &s))?;
             me.registered = i + 1;
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {

@@ -144,6 +144,32 @@ fn set_range(words: &mut [u64], start: u64, count: u64) {
     }
 }
 
+/// Map a `UFFDIO_REGISTER` failure: `EINVAL`/`EPERM` mean the mapping cannot be
+/// write-protect tracked (e.g. a private or read-only file mapping such as an image).
+fn register_err(tracker: &'static str, s: &Span) -> impl FnOnce(std::io::Error) -> TrackError {
+    let start = s.start;
+    move |source| {
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::EINVAL) | Some(libc::EPERM)
+        ) {
+            TrackError::Unavailable {
+                tracker,
+                reason: format!(
+                    "cannot write-protect-register the region at host {start:#x} \
+                     (needs writable anonymous, shmem or hugetlbfs memory): {source}"
+                ),
+            }
+        } else {
+            TrackError::Os {
+                tracker,
+                op: "UFFDIO_REGISTER",
+                source,
+            }
+        }
+    }
+}
+
 /// The features the kernel's userfaultfd supports (`UFFDIO_API` with no request).
 fn probe_features(tracker: &'static str) -> Result<u64, TrackError> {
     let uffd = sys::Uffd::open().map_err(|e| TrackError::Unavailable {

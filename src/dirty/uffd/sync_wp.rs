@@ -120,7 +120,7 @@ impl SyncWp {
                 .shared
                 .uffd
                 .register_wp(s.start, s.len)
-                .map_err(os("UFFDIO_REGISTER"))?;
+                .map_err(super::register_err(NAME_SYNC, &s))?;
             me.registered = i + 1;
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {
