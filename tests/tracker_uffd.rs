@@ -374,6 +374,27 @@ fn file_mapping_unavailable(mode: UffdMode) {
     }
 }
 
+/// Shared memory (memfd, what a VMM hands to another process) mixed with anonymous.
+fn memfd_region(mode: UffdMode) {
+    let mem = GuestMemory::new(vec![
+        GuestRegion::memfd(0, 8 << 20, "livemig-uffd-test").unwrap(),
+        GuestRegion::anonymous(1 << 30, 8 << 20, false).unwrap(),
+    ])
+    .unwrap();
+    let Some(mut t) = start(mode, &mem) else {
+        return;
+    };
+    let written: BTreeSet<u64> = [0, 1, 77, 2047, 2048, 3000].into();
+    for &i in &written {
+        write_page(&mem, i, i + 5);
+    }
+    assert_eq!(harvest(&mut t, &mem), written);
+    assert!(harvest(&mut t, &mem).is_empty());
+    write_page(&mem, 77, 1);
+    assert_eq!(harvest(&mut t, &mem), [77].into());
+    t.stop(&mem).unwrap();
+}
+
 macro_rules! per_mode {
     ($($modname:ident => $mode:expr),*) => {$(
         mod $modname {
@@ -384,6 +405,7 @@ macro_rules! per_mode {
             #[test] fn concurrent_writers_2() { super::concurrent_writers($mode, 2) }
             #[test] fn drop_without_stop() { super::drop_without_stop($mode) }
             #[test] fn order_errors() { super::order_errors($mode) }
+            #[test] fn memfd_region() { super::memfd_region($mode) }
             #[test] fn many_ranges() { super::many_ranges($mode) }
             #[test] fn file_mapping_unavailable() { super::file_mapping_unavailable($mode) }
             #[test] fn huge_pages_superset() { super::huge_pages_superset($mode) }
