@@ -104,5 +104,38 @@ mod imp {
                 stats(h_full)
             );
         }
+
+        // First write to never-touched memory: untracked vs. under each tracker
+        // (the WP_UNPOPULATED marker path), 256 MiB fresh mapping per rep.
+        let fresh = 256usize << 20;
+        let fresh_pages = (fresh / PAGE_SIZE) as f64;
+        let first_touch = |mode: Option<UffdMode>| -> Option<String> {
+            let mut v = vec![];
+            for rep in 0..reps {
+                let m = GuestMemory::anonymous(fresh, false).unwrap();
+                let mut t = mode.map(UffdTracker::new);
+                if let Some(t) = t.as_mut() {
+                    if let Err(e) = t.start(&m) {
+                        return Some(format!("unavailable: {e}"));
+                    }
+                }
+                v.push(touch(&m, 1, rep as u64 + 1) * 1e6 / fresh_pages);
+                if let Some(t) = t.as_mut() {
+                    let mut set = PageSet::new(m.total_pages());
+                    t.harvest(&m, &mut set).unwrap();
+                    assert_eq!(set.count(), m.total_pages());
+                    t.stop(&m).unwrap();
+                }
+            }
+            Some(stats(v))
+        };
+        println!("first write to never-touched 4 KiB pages (256 MiB), us/page:");
+        for (label, mode) in [
+            ("untracked", None),
+            ("uffd-async", Some(UffdMode::Async)),
+            ("uffd-sync", Some(UffdMode::Sync)),
+        ] {
+            println!("  {label}: {}", first_touch(mode).unwrap_or_default());
+        }
     }
 }
