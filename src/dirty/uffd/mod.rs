@@ -20,6 +20,11 @@
 //! "written"), while the sync mode pre-populates the memory (`MADV_POPULATE_WRITE`)
 //! since it would otherwise miss them.
 //!
+//! Measured here with `cargo run --release --example uffd_cost` (1 GiB, populated
+//! 4 KiB pages, host loaded by parallel builds): async fault ≈ 2.1 µs, harvest ≈ 0.6 ms
+//! clean / 0.9 ms at 1 % / 10 ms at 100 % dirty; sync fault ≈ 15 µs, harvest ≈ 7 ms
+//! at 1 % (one re-protect ioctl per run) / 74 ms at 100 %. Prefer async.
+//!
 //! The granularity is the mapping's page size: with transparent huge pages a write
 //! reports the whole 2 MiB page until the kernel splits it.
 
