@@ -25,6 +25,8 @@ pub mod uffd;
 
 pub use explicit::ExplicitTracker;
 pub use hash_scan::HashScanTracker;
+#[cfg(feature = "uffd")]
+pub use uffd::{UffdMode, UffdTracker};
 
 use crate::memory::{GuestMemory, MemoryError, PageSet};
 
