@@ -50,6 +50,7 @@ enum ModeArg {
     Standard,
     Compress,
     Multichannel,
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -105,6 +106,9 @@ struct MigrateOpts {
     /// At a round/time limit: force brownout or cancel.
     #[arg(long, value_enum, default_value = "force")]
     on_limit: OnLimitArg,
+    /// Cap the page streams' total send rate (e.g. 1G, 10gbit, 500M; bits/s).
+    #[arg(long, value_parser = args::parse_bitrate)]
+    bandwidth: Option<u64>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -192,6 +196,7 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
     let (mode, streams, codec, level) = match o.mode {
         ModeArg::Standard => (Mode::Standard, 1, CodecId::Raw, 1),
         ModeArg::Multichannel => (Mode::Multichannel, o.streams.max(1), CodecId::Raw, 1),
+        ModeArg::Auto => (Mode::Auto, o.streams.max(1), CodecId::Raw, 1),
         ModeArg::Compress => {
             let (name, level) = match o.codec.split_once(':') {
                 Some((n, l)) => (
@@ -222,6 +227,9 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
             VerifyArg::Digest => Verify::Digest,
             VerifyArg::Full => Verify::Full,
         },
+        bandwidth: o
+            .bandwidth
+            .map(livemig::transport::shaped::TokenBucket::new),
         ..Default::default()
     })
 }
@@ -268,6 +276,9 @@ fn summary(r: &MigrationReport) {
         b.dest_restore_ms
     );
     println!("brownout: {}", r.brownout_reason);
+    for d in &r.auto_decisions {
+        println!("auto: {d}");
+    }
     for rs in &r.round_table {
         println!(
             "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}, predicted downtime {:.2} ms",
@@ -384,7 +395,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
 
 #[cfg(feature = "uffd")]
 fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
-    Ok(Box::new(livemig::dirty::uffd::UffdTracker::new(livemig::dirty::uffd::UffdMode::Auto)))
+    Ok(Box::new(livemig::dirty::uffd::UffdTracker::new(
+        livemig::dirty::uffd::UffdMode::Auto,
+    )))
 }
 
 #[cfg(not(feature = "uffd"))]
