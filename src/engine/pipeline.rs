@@ -313,23 +313,25 @@ fn send_batch(
     for &(start, count) in &b.extents {
         let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
         s.meta.extents.push(Extent { gfn, count });
-        // One copy per extent, then compact zero pages out in place.
-        let len = count as usize * PAGE_SIZE;
-        mem.read_pages(start, &mut s.pages[pos..pos + len])
+        // Copy each populated page to the next payload slot; a zero page's slot is
+        // reused by the next page. Unpopulated pages are zero without being read.
+        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        mem.regions()[r]
+            .populated(rp, count as u64, &mut s.present)
             .map_err(|e| e.to_string())?;
         let mut wr = pos;
         for p in 0..count as usize {
-            let src = pos + p * PAGE_SIZE;
-            let page = &s.pages[src..src + PAGE_SIZE];
-            let hash = if is_zero_page(page) {
+            let is_zero = !s.present[p] || {
+                mem.read_pages(start + p as u64, &mut s.pages[wr..wr + PAGE_SIZE])
+                    .map_err(|e| e.to_string())?;
+                is_zero_page(&s.pages[wr..wr + PAGE_SIZE])
+            };
+            let hash = if is_zero {
                 s.meta.zero_map[i / 8] |= 1 << (i % 8);
                 zeros += 1;
                 zero_hash
             } else {
-                let h = page_hash(page);
-                if wr != src {
-                    s.pages.copy_within(src..src + PAGE_SIZE, wr);
-                }
+                let h = page_hash(&s.pages[wr..wr + PAGE_SIZE]);
                 wr += PAGE_SIZE;
                 h
             };

@@ -1,6 +1,7 @@
 //! `livemig`: migrate, receive and benchmark VM memory.
 
 mod args;
+mod sweep;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ enum Cmd {
     Send(SendArgs),
     /// Receive one migration and optionally write the memory to a file.
     Recv(RecvArgs),
+    /// Run a matrix of benches and write CSV, JSON and an SVG plot.
+    Sweep(sweep::SweepArgs),
     /// Measure this machine's limits: memcpy and raw loopback TCP.
     Limits {
         /// TCP streams.
@@ -179,6 +182,7 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
+        Cmd::Sweep(a) => sweep::run(a),
         Cmd::Limits { streams } => livemig::limits::measure(streams)
             .map_err(|e| e.to_string())
             .and_then(|l| {
@@ -329,6 +333,14 @@ fn bench(a: BenchArgs) -> Result<(), String> {
             ..Default::default()
         },
     );
+    let limits = if a.baseline {
+        Some(
+            livemig::limits::measure(config.streams)
+                .map_err(|e| format!("measuring limits: {e}"))?,
+        )
+    } else {
+        None
+    };
     let acceptor = TcpAcceptor::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = acceptor
         .local_addr()
@@ -384,6 +396,21 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         "receiver".into(),
         serde_json::to_value(&received.report).map_err(|e| e.to_string())?,
     );
+    if let Some(l) = &limits {
+        let ratio = report.wire_gbit_per_s / l.tcp_gbit_per_s;
+        obj.insert("limit_wire_gbit_per_s".into(), json!(l.tcp_gbit_per_s));
+        obj.insert("limit_memcpy_gb_per_s".into(), json!(l.memcpy_gb_per_s));
+        obj.insert("wire_vs_limit".into(), json!(ratio));
+        if !o.json {
+            println!(
+                "limits (same run): memcpy {:.1} GB/s, loopback TCP {:.1} Gbit/s with {} stream(s); this migration's wire rate is {:.0} % of it",
+                l.memcpy_gb_per_s,
+                l.tcp_gbit_per_s,
+                l.streams,
+                ratio * 100.0
+            );
+        }
+    }
     if o.json {
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     }
