@@ -19,6 +19,7 @@
 //! `livemig bench` and the tests.
 
 pub mod codec;
+pub mod compat;
 pub mod device;
 pub mod dirty;
 pub mod engine;

@@ -104,6 +104,11 @@ pub struct MigrationConfig {
     pub vm_config: Vec<u8>,
     /// Compatibility vector checked by the destination at setup.
     pub compat: CompatVector,
+    /// Processor compatibility mode: the CPU features common to every host the VM
+    /// may move to (see [`crate::compat::common_cpu_features`]). When set, the VM
+    /// only requires its features within this set. `None`: the VM requires all of
+    /// `compat.cpu_features`.
+    pub processor_compat: Option<Vec<String>>,
 }
 
 impl Default for MigrationConfig {
@@ -117,6 +122,7 @@ impl Default for MigrationConfig {
             reply_timeout: Duration::from_secs(60),
             vm_config: Vec::new(),
             compat: CompatVector::default(),
+            processor_compat: None,
         }
     }
 }
