@@ -226,3 +226,33 @@ fn slow_participants_show_in_the_downtime_breakdown() {
     let bd0 = res.expect("migration").downtime_breakdown;
     assert!(bd0.device_state_ms < bd.device_state_ms);
 }
+
+#[test]
+fn validation_port_create_failure_is_a_veto_at_setup() {
+    let log = StepLog::new();
+    let sp = SourcePort::new("port:eth0", params(), runtime(), log.clone());
+    let s = sp.handle();
+    // This host's port participant has no switch named like the source's.
+    let dp = DestPort::new("port:eth0", vec!["internal".into()], log.clone());
+    let (m, vm, counter) = source(guest(4));
+    let (res, recv) = migrate(
+        m.participant(Box::new(sp)),
+        Receiver::new().participant(Box::new(dp)),
+    );
+    match res {
+        Err(MigrationError::Vetoed(v)) => {
+            assert!(
+                v.reason
+                    .contains("PORT_CREATE of the validation port failed"),
+                "{}",
+                v.reason
+            )
+        }
+        other => panic!("expected a veto, got {other:?}"),
+    }
+    assert!(recv.is_err());
+    assert!(counter.nothing_sent() && vm.never_paused());
+    let s = s.get();
+    assert!(s.port_operational && s.nic_connected);
+    assert!(log.steps().is_empty(), "no port was created on either side");
+}
