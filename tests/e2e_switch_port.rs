@@ -256,3 +256,20 @@ fn validation_port_create_failure_is_a_veto_at_setup() {
     assert!(s.port_operational && s.nic_connected);
     assert!(log.steps().is_empty(), "no port was created on either side");
 }
+
+#[test]
+fn spec_order_holds_over_loopback_tcp() {
+    use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
+    let log = StepLog::new();
+    let (sp, dp) = ports(&log);
+    let acceptor = TcpAcceptor::bind("127.0.0.1:0").unwrap();
+    let addr = acceptor.local_addr().unwrap().to_string();
+    let r = Receiver::new().participant(Box::new(dp));
+    let dest = std::thread::spawn(move || r.run(&acceptor));
+    let (m, _, _) = source(guest(4));
+    m.participant(Box::new(sp))
+        .run(&TcpConnector::new(addr))
+        .expect("migration");
+    dest.join().unwrap().expect("receive");
+    assert_eq!(log.steps(), SPEC_ORDER.to_vec());
+}
