@@ -34,6 +34,7 @@
 //! the [`participant::VcpuRestorer`]s on the destination, and the
 //! [`participant::VcpuSaver`]s before the [`participant::VmSaver`] on the source.
 
+pub mod guest;
 pub mod participant;
 pub mod state;
 
