@@ -534,6 +534,8 @@ struct SourceOutcome {
     pause_mono_ns: u64,
     precopy: Duration,
     transport: &'static str,
+    /// The last guest pass seen before the pause.
+    last_pass: u32,
 }
 
 fn source(addr: &str, opts: &Opts) -> Res<Value> {
@@ -553,16 +555,7 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
         Box::new(VmSaver::new(m.vm.clone(), vm_t.clone())),
     ];
     let outcome = migrate_source(&m, &runner, participants, addr, opts)?;
-    let mut last_pass = 0;
-    let mut stale = 0;
-    for e in runner.events.try_iter() {
-        match e {
-            GuestEvent::Pass { n, .. } => last_pass = n,
-            GuestEvent::Stale { .. } => stale += 1,
-            GuestEvent::Failed(f) => return Err(format!("source guest failed: {f}")),
-        }
-    }
-    let _ = stale;
+    let last_pass = outcome.last_pass;
     Ok(json!({
         "role": "src",
         "transport": outcome.transport,
@@ -754,12 +747,7 @@ fn migrate_source(
     }
     let final_round = t.elapsed();
     tracker.stop(mem).map_err(err("tracker stop"))?;
-    let mut last_pass = 0;
-    for e in runner.events.try_iter() {
-        if let GuestEvent::Pass { n, .. } = e {
-            last_pass = n;
-        }
-    }
+    let last_pass = last_guest_pass(runner)?;
     let mut msg = vec![TAG_STATE];
     msg.extend_from_slice(&pause_mono_ns.to_le_bytes());
     msg.extend_from_slice(&last_pass.to_le_bytes());
@@ -796,7 +784,22 @@ fn migrate_source(
         pause_mono_ns,
         precopy,
         transport: "example-tcp",
+        last_pass,
     })
+}
+
+/// Drain the source guest's events: the last pass it reported (fails on a guest error).
+fn last_guest_pass(runner: &Runner) -> Res<u32> {
+    let mut last = 0;
+    for e in runner.events.try_iter() {
+        match e {
+            GuestEvent::Pass { n, counter_ok: true } => last = n,
+            GuestEvent::Pass { n, counter_ok: false } => return Err(format!("source guest counter wrong at pass {n}")),
+            GuestEvent::Stale { addr } => return Err(format!("source guest found a stale page at {addr:#x}")),
+            GuestEvent::Failed(f) => return Err(format!("source guest failed: {f}")),
+        }
+    }
+    Ok(last)
 }
 
 fn read_u32(r: &mut impl Read) -> Res<u32> {
