@@ -24,6 +24,7 @@ pub mod dirty;
 pub mod engine;
 #[cfg(feature = "kvm")]
 pub mod kvm;
+pub mod limits;
 pub mod memory;
 pub mod receiver;
 pub mod stats;

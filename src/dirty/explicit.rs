@@ -16,7 +16,10 @@ pub struct ExplicitTracker {
 impl ExplicitTracker {
     /// A tracker over `bitmap` (one bit per page index of the guest memory).
     pub fn new(bitmap: Arc<DirtyBitmap>) -> Self {
-        Self { bitmap, started: false }
+        Self {
+            bitmap,
+            started: false,
+        }
     }
 
     /// The bitmap writers mark.
@@ -30,13 +33,21 @@ impl DirtyTracker for ExplicitTracker {
         "explicit"
     }
     fn caps(&self) -> TrackerCaps {
-        TrackerCaps { sees_guest_writes: false, sees_vmm_writes: true, exact: true }
+        TrackerCaps {
+            sees_guest_writes: false,
+            sees_vmm_writes: true,
+            exact: true,
+        }
     }
     fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
         if self.bitmap.len() != mem.total_pages() {
             return Err(TrackError::Unavailable {
                 tracker: "explicit",
-                reason: format!("bitmap has {} bits but memory has {} pages", self.bitmap.len(), mem.total_pages()),
+                reason: format!(
+                    "bitmap has {} bits but memory has {} pages",
+                    self.bitmap.len(),
+                    mem.total_pages()
+                ),
             });
         }
         // Discard marks made before start: round 0 sends everything anyway.

@@ -18,7 +18,11 @@ pub struct HashScanTracker {
 impl HashScanTracker {
     /// A tracker hashing with `threads` threads.
     pub fn new(threads: usize) -> Self {
-        Self { hashes: Vec::new(), threads: threads.max(1), started: false }
+        Self {
+            hashes: Vec::new(),
+            threads: threads.max(1),
+            started: false,
+        }
     }
 }
 
@@ -29,7 +33,11 @@ impl DirtyTracker for HashScanTracker {
     fn caps(&self) -> TrackerCaps {
         // Sees any write through any mapping, but a write that restores the old
         // bytes is invisible (which is harmless: the content is what was sent).
-        TrackerCaps { sees_guest_writes: true, sees_vmm_writes: true, exact: false }
+        TrackerCaps {
+            sees_guest_writes: true,
+            sees_vmm_writes: true,
+            exact: false,
+        }
     }
     fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
         if self.started {

@@ -98,7 +98,9 @@ pub struct UnionTracker {
 
 impl std::fmt::Debug for UnionTracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.parts.iter().map(|p| p.name())).finish()
+        f.debug_list()
+            .entries(self.parts.iter().map(|p| p.name()))
+            .finish()
     }
 }
 
@@ -115,7 +117,11 @@ impl DirtyTracker for UnionTracker {
     }
     fn caps(&self) -> TrackerCaps {
         self.parts.iter().fold(
-            TrackerCaps { sees_guest_writes: false, sees_vmm_writes: false, exact: true },
+            TrackerCaps {
+                sees_guest_writes: false,
+                sees_vmm_writes: false,
+                exact: true,
+            },
             |a, p| {
                 let c = p.caps();
                 TrackerCaps {

@@ -19,7 +19,10 @@ impl DirtyBitmap {
     /// A clear bitmap of `bits` bits.
     pub fn new(bits: u64) -> Self {
         let n = bits.div_ceil(64) as usize;
-        Self { words: (0..n).map(|_| AtomicU64::new(0)).collect(), bits }
+        Self {
+            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            bits,
+        }
     }
 
     /// Number of bits.
@@ -50,7 +53,11 @@ impl DirtyBitmap {
             let w = i / 64;
             let bit = i % 64;
             let n = (64 - bit).min(end - i);
-            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
             self.words[w as usize].fetch_or(mask, Ordering::Release);
             i += n;
         }
@@ -58,7 +65,8 @@ impl DirtyBitmap {
 
     /// Is the page marked?
     pub fn is_marked(&self, index: u64) -> bool {
-        index < self.bits && self.words[(index / 64) as usize].load(Ordering::Acquire) & (1 << (index % 64)) != 0
+        index < self.bits
+            && self.words[(index / 64) as usize].load(Ordering::Acquire) & (1 << (index % 64)) != 0
     }
 
     /// Move every set bit into `into` (OR) and clear it here.
@@ -75,7 +83,10 @@ impl DirtyBitmap {
 
     /// Number of set bits (racy snapshot).
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
     }
 }
 
@@ -89,7 +100,10 @@ pub struct PageSet {
 impl PageSet {
     /// An empty set over `bits` pages.
     pub fn new(bits: u64) -> Self {
-        Self { words: vec![0; bits.div_ceil(64) as usize], bits }
+        Self {
+            words: vec![0; bits.div_ceil(64) as usize],
+            bits,
+        }
     }
 
     /// A set with every page in it.
@@ -182,7 +196,11 @@ impl PageSet {
 
     /// Iterate set bits in increasing order.
     pub fn iter(&self) -> SetBits<'_> {
-        SetBits { words: &self.words, word: 0, cur: self.words.first().copied().unwrap_or(0) }
+        SetBits {
+            words: &self.words,
+            word: 0,
+            cur: self.words.first().copied().unwrap_or(0),
+        }
     }
 }
 

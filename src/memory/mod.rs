@@ -11,7 +11,7 @@ mod bitmap;
 mod region;
 
 pub use bitmap::{DirtyBitmap, PageSet, SetBits};
-pub use region::GuestRegion;
+pub use region::{GuestRegion, RegionKind};
 
 use serde::{Deserialize, Serialize};
 
@@ -107,7 +107,10 @@ impl GuestMemory {
             acc += r.pages();
         }
         first_page.push(acc);
-        Ok(Self { regions, first_page })
+        Ok(Self {
+            regions,
+            first_page,
+        })
     }
 
     /// One anonymous region at gpa 0 (`huge_pages`: ask for THP).
@@ -132,7 +135,13 @@ impl GuestMemory {
 
     /// This memory's layout.
     pub fn layout(&self) -> MemoryLayout {
-        MemoryLayout { regions: self.regions.iter().map(|r| (r.gpa(), r.len() as u64)).collect() }
+        MemoryLayout {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| (r.gpa(), r.len() as u64))
+                .collect(),
+        }
     }
 
     /// Total number of pages over all regions.
@@ -154,7 +163,10 @@ impl GuestMemory {
     #[inline]
     pub fn locate(&self, index: u64) -> Result<(usize, u64), MemoryError> {
         if index >= self.total_pages() {
-            return Err(MemoryError::OutOfRange { page: index, pages: self.total_pages() });
+            return Err(MemoryError::OutOfRange {
+                page: index,
+                pages: self.total_pages(),
+            });
         }
         let i = match self.first_page.binary_search(&index) {
             Ok(i) => i,
@@ -174,7 +186,9 @@ impl GuestMemory {
     /// Page index of a guest frame number.
     #[inline]
     pub fn index_of_gfn(&self, gfn: u64) -> Result<u64, MemoryError> {
-        let gpa = gfn.checked_mul(PAGE_SIZE as u64).ok_or(MemoryError::NoRegion(gfn))?;
+        let gpa = gfn
+            .checked_mul(PAGE_SIZE as u64)
+            .ok_or(MemoryError::NoRegion(gfn))?;
         let pos = self.regions.partition_point(|r| r.gpa() <= gpa);
         if pos == 0 {
             return Err(MemoryError::NoRegion(gfn));
@@ -213,6 +227,57 @@ impl GuestMemory {
         self.regions[r].zero_pages(p, count)
     }
 
+    /// A mutable I/O slice over `count` pages at `index` (within one region).
+    ///
+    /// # Safety
+    /// See [`GuestRegion::io_slice_mut`]: no guest runs on this memory and no other
+    /// thread reads or writes these pages while the slice lives.
+    pub unsafe fn io_slice_mut(
+        &self,
+        index: u64,
+        count: u64,
+    ) -> Result<std::io::IoSliceMut<'_>, MemoryError> {
+        let (r, p) = self.locate(index)?;
+        // SAFETY: forwarded contract.
+        unsafe { self.regions[r].io_slice_mut(p, count) }
+    }
+
+    /// xxh3-64 of a page that no one else writes (the receiver's own memory).
+    ///
+    /// # Safety
+    /// No thread or guest may write the page during the call.
+    pub unsafe fn hash_page_exclusive(&self, index: u64) -> Result<u64, MemoryError> {
+        let (r, p) = self.locate(index)?;
+        // SAFETY: forwarded contract.
+        Ok(page_hash(unsafe { self.regions[r].slice(p, 1)? }))
+    }
+
+    /// Populate (pre-fault) all pages with `threads` threads (destination only).
+    pub fn prefault(&self, threads: usize) -> Result<(), MemoryError> {
+        const CHUNK: u64 = 512; // 2 MiB: one huge page per call when THP is on
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let total = self.total_pages();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    s.spawn(|| -> Result<(), MemoryError> {
+                        loop {
+                            let i = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
+                            if i >= total {
+                                return Ok(());
+                            }
+                            let (r, p) = self.locate(i)?;
+                            let n = CHUNK.min(self.regions[r].pages() - p);
+                            self.regions[r].prefault(p, n)?;
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .try_for_each(|h| h.join().expect("prefault thread panicked"))
+        })
+    }
+
     /// xxh3-64 of one page's current contents (a copy is hashed, never a live slice).
     pub fn page_hash(&self, index: u64, scratch: &mut [u8; PAGE_SIZE]) -> Result<u64, MemoryError> {
         self.read_pages(index, scratch)?;
@@ -248,7 +313,10 @@ impl GuestMemory {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("hash thread panicked")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("hash thread panicked"))
+                .collect()
         });
         for r in results {
             r?;

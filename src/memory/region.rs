@@ -20,10 +20,23 @@ use super::{MemoryError, PAGE_SIZE};
 /// How the region's host memory was obtained.
 #[derive(Debug)]
 enum Backing {
-    /// A mapping this region owns (anonymous, memfd or file).
-    Owned(MmapRaw),
+    /// A mapping this region owns (anonymous, memfd or file); held to keep it mapped.
+    Owned(#[allow(dead_code)] MmapRaw),
     /// Memory owned by someone else (a VMM), valid for the region's lifetime.
     Borrowed,
+}
+
+/// What kind of memory backs a region (decides whether "not populated" means zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Private anonymous memory: a page never populated (and not swapped) reads as zero.
+    Anonymous,
+    /// Shared memory (memfd): residency says nothing about contents.
+    Shared,
+    /// A file mapping (image): residency says nothing about contents.
+    File,
+    /// Memory owned by someone else: unknown.
+    External,
 }
 
 /// A guest-physical region: `len` bytes at guest-physical address `gpa`.
@@ -33,6 +46,8 @@ pub struct GuestRegion {
     len: usize,
     host: NonNull<u8>,
     read_only: bool,
+    kind: RegionKind,
+    pagemap: std::sync::OnceLock<Option<File>>,
     _backing: Backing,
 }
 
@@ -67,7 +82,7 @@ impl GuestRegion {
             // Advisory only: failing to get THP is not an error.
             let _ = map.advise(memmap2::Advice::HugePage);
         }
-        Ok(Self::owned(gpa, len, map, false))
+        Ok(Self::owned(gpa, len, map, false, RegionKind::Anonymous))
     }
 
     /// Shared memory from a new memfd (what a VMM would pass to another process).
@@ -86,12 +101,13 @@ impl GuestRegion {
             .len(len)
             .map_raw(&file)
             .map_err(MemoryError::Map)?;
-        Ok(Self::owned(gpa, len, map, false))
+        Ok(Self::owned(gpa, len, map, false, RegionKind::Shared))
     }
 
     /// An image file mapped read-only (the memory of a stopped guest, for sending).
     pub fn image_file(gpa: u64, path: &Path) -> Result<Self, MemoryError> {
-        let file = File::open(path).map_err(|e| MemoryError::Image(path.display().to_string(), e))?;
+        let file =
+            File::open(path).map_err(|e| MemoryError::Image(path.display().to_string(), e))?;
         let len = file
             .metadata()
             .map_err(|e| MemoryError::Image(path.display().to_string(), e))?
@@ -102,7 +118,7 @@ impl GuestRegion {
             .map_raw_read_only(&file)
             .map_err(MemoryError::Map)?;
         let _ = file.as_raw_fd();
-        Ok(Self::owned(gpa, len, map, true))
+        Ok(Self::owned(gpa, len, map, true, RegionKind::File))
     }
 
     /// A region over memory owned elsewhere (e.g. a VMM's guest RAM).
@@ -113,12 +129,90 @@ impl GuestRegion {
     /// while it exists.
     pub unsafe fn from_raw(gpa: u64, host: NonNull<u8>, len: usize) -> Result<Self, MemoryError> {
         check_len(gpa, len)?;
-        Ok(Self { gpa, len, host, read_only: false, _backing: Backing::Borrowed })
+        Ok(Self {
+            gpa,
+            len,
+            host,
+            read_only: false,
+            kind: RegionKind::External,
+            pagemap: std::sync::OnceLock::new(),
+            _backing: Backing::Borrowed,
+        })
     }
 
-    fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool) -> Self {
+    fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool, kind: RegionKind) -> Self {
         let host = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
-        Self { gpa, len, host, read_only, _backing: Backing::Owned(map) }
+        Self {
+            gpa,
+            len,
+            host,
+            read_only,
+            kind,
+            pagemap: std::sync::OnceLock::new(),
+            _backing: Backing::Owned(map),
+        }
+    }
+
+    /// What backs the region.
+    pub fn kind(&self) -> RegionKind {
+        self.kind
+    }
+
+    /// For `count` pages at region-relative `page`, set `out[i]` to false when the
+    /// page is known to read as zero without touching it (private anonymous memory
+    /// that was never populated and is not swapped), true otherwise. Reading such a
+    /// page would fault in the shared zero page (about 1-2 us each here), so the sender
+    /// skips it. Racing writes are harmless: a page written after this check is
+    /// reported dirty by the tracker and sent again.
+    pub fn populated(&self, page: u64, count: u64, out: &mut Vec<bool>) -> Result<(), MemoryError> {
+        out.clear();
+        out.resize(count as usize, true);
+        if self.kind != RegionKind::Anonymous {
+            return Ok(());
+        }
+        let off = self.check_range(page, count as usize * PAGE_SIZE)?;
+        let Some(f) = self
+            .pagemap
+            .get_or_init(|| File::open("/proc/self/pagemap").ok())
+        else {
+            return Ok(());
+        };
+        let vaddr = self.host.as_ptr() as u64 + off as u64;
+        let mut buf = [0u8; 8 * 512];
+        use std::os::unix::fs::FileExt;
+        let mut done = 0usize;
+        while done < count as usize {
+            let n = (count as usize - done).min(512);
+            let at = (vaddr / PAGE_SIZE as u64 + done as u64) * 8;
+            if f.read_exact_at(&mut buf[..n * 8], at).is_err() {
+                out.iter_mut().for_each(|p| *p = true); // unknown: read every page
+                return Ok(());
+            }
+            for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                // bit 63: present, bit 62: swapped.
+                out[done + i] = v & (3 << 62) != 0;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// A shared view of `count` pages at region-relative `page` of memory the guest
+    /// may be writing, for zero-copy sends (hash, zero check, `writev` from guest
+    /// memory).
+    ///
+    /// # Safety
+    /// The bytes may change while the slice is alive (a running guest). The caller
+    /// must treat its contents as a racy snapshot: never rely on two reads agreeing,
+    /// and mark anything derived from it as racy unless the VM is paused. The region
+    /// must outlive the slice (it does: the slice borrows `self`).
+    pub unsafe fn racy_slice(&self, page: u64, count: u64) -> Result<&[u8], MemoryError> {
+        let bytes = count as usize * PAGE_SIZE;
+        let off = self.check_range(page, bytes)?;
+        // SAFETY: bounds checked; the mapping lives as long as `self`; concurrent
+        // writes are the caller's documented, tolerated race (plain bytes).
+        Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
     }
 
     /// Guest-physical address of the first byte.
@@ -155,9 +249,15 @@ impl GuestRegion {
     fn check_range(&self, page: u64, bytes: usize) -> Result<usize, MemoryError> {
         let off = (page as usize)
             .checked_mul(PAGE_SIZE)
-            .ok_or(MemoryError::OutOfRange { page, pages: self.pages() })?;
+            .ok_or(MemoryError::OutOfRange {
+                page,
+                pages: self.pages(),
+            })?;
         if off.checked_add(bytes).is_none_or(|end| end > self.len) {
-            return Err(MemoryError::OutOfRange { page, pages: self.pages() });
+            return Err(MemoryError::OutOfRange {
+                page,
+                pages: self.pages(),
+            });
         }
         Ok(off)
     }
@@ -213,10 +313,15 @@ impl GuestRegion {
             return Err(MemoryError::ReadOnly);
         }
         if offset % 8 != 0 || offset + 8 > self.len {
-            return Err(MemoryError::OutOfRange { page: (offset / PAGE_SIZE) as u64, pages: self.pages() });
+            return Err(MemoryError::OutOfRange {
+                page: (offset / PAGE_SIZE) as u64,
+                pages: self.pages(),
+            });
         }
         // SAFETY: offset is 8-aligned (the mapping is page-aligned) and in bounds.
-        unsafe { std::ptr::write_volatile(self.host.as_ptr().add(offset) as *mut u64, value.to_le()) };
+        unsafe {
+            std::ptr::write_volatile(self.host.as_ptr().add(offset) as *mut u64, value.to_le())
+        };
         Ok(())
     }
 
@@ -227,7 +332,11 @@ impl GuestRegion {
     /// The caller must guarantee that nothing else reads or writes these pages while
     /// the slice is alive: no guest runs on the memory, and no other thread touches the
     /// same pages (the receiver's round gate and per-round page uniqueness ensure this).
-    pub unsafe fn io_slice_mut(&self, page: u64, count: u64) -> Result<IoSliceMut<'_>, MemoryError> {
+    pub unsafe fn io_slice_mut(
+        &self,
+        page: u64,
+        count: u64,
+    ) -> Result<IoSliceMut<'_>, MemoryError> {
         if self.read_only {
             return Err(MemoryError::ReadOnly);
         }
@@ -250,11 +359,28 @@ impl GuestRegion {
         // SAFETY: the range is in bounds of our mapping and page aligned; the advice
         // only populates page tables, it does not change contents.
         let rc = unsafe {
-            libc::madvise(self.host.as_ptr().add(off) as *mut libc::c_void, bytes, libc::MADV_POPULATE_WRITE)
+            libc::madvise(
+                self.host.as_ptr().add(off) as *mut libc::c_void,
+                bytes,
+                libc::MADV_POPULATE_WRITE,
+            )
         };
         if rc != 0 {
             return Err(MemoryError::Map(std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// A shared slice over `count` pages at region-relative `page` (for hashing pages
+    /// the receiver just wrote).
+    ///
+    /// # Safety
+    /// Nothing may write these pages while the slice is alive (no running guest, no
+    /// other thread applying the same pages).
+    pub unsafe fn slice(&self, page: u64, count: u64) -> Result<&[u8], MemoryError> {
+        let bytes = (count as usize) * PAGE_SIZE;
+        let off = self.check_range(page, bytes)?;
+        // SAFETY: bounds checked; absence of writers is the caller's contract.
+        Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
     }
 }

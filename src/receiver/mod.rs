@@ -1,1 +1,763 @@
-//! receiver
+//! The destination side: skeleton VM, page application, verification, commit.
+//!
+//! State machine (enforced here; see docs/PROTOCOL.md):
+//! `AwaitHello → AwaitSetup → AcceptStreams → Rounds (pages on N streams, gated)
+//!  → [Brownout] → DeviceState → Commit → Committed | Veto`, with `Abort` or any
+//! error leading to `Discarded` from every state.
+
+pub mod apply;
+pub mod gate;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::device::{envelope, ParticipantError, RestoreState, Veto};
+use crate::memory::{digest_of_table, GuestMemory, MemoryError, MemoryLayout, PAGE_SIZE};
+use crate::transport::framed::FrameReader;
+use crate::transport::{Acceptor, TransportError};
+use crate::wire::control::{CompatVector, RefuseCode};
+use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use apply::{apply_stream, ApplyShared};
+
+/// What the destination host offers, checked against the source's setup.
+#[derive(Debug, Clone, Default)]
+pub struct HostCaps {
+    /// CPU features this host has (None: don't check).
+    pub cpu_features: Option<Vec<String>>,
+    /// Virtual switches that exist here (None: don't check).
+    pub switches: Option<Vec<String>>,
+    /// Largest guest memory this host accepts (bytes; None: no limit).
+    pub max_memory: Option<u64>,
+}
+
+/// Destination settings.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Ask for transparent huge pages when allocating the skeleton VM's memory.
+    pub huge_pages: bool,
+    /// Pre-fault destination memory in the background during round 0.
+    pub prefault: bool,
+    /// How long to wait for each connection.
+    pub accept_timeout: Duration,
+    /// Longest silence on the control stream before giving up (source vanished).
+    pub idle_timeout: Duration,
+    /// Most page streams accepted.
+    pub max_streams: u16,
+    /// Host capabilities.
+    pub host: HostCaps,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            huge_pages: true,
+            prefault: true,
+            accept_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            max_streams: 64,
+            host: HostCaps::default(),
+        }
+    }
+}
+
+/// Why receiving failed. The destination discards everything it received.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// We refused the source (the reason was sent to it).
+    #[error("refused the incoming migration ({code:?}): {message}")]
+    Refused {
+        /// Code.
+        code: RefuseCode,
+        /// Message.
+        message: String,
+    },
+    /// A participant vetoed (sent to the source).
+    #[error("vetoed: {0}")]
+    Vetoed(Veto),
+    /// The memory digest did not match.
+    #[error("memory verification failed: {0}")]
+    VerifyFailed(String),
+    /// The source cancelled.
+    #[error("the source aborted the migration: {0}")]
+    Aborted(String),
+    /// Page application failed (corrupt, truncated or out-of-order stream).
+    #[error("receiving pages failed: {0}")]
+    Pages(String),
+    /// Transport failure.
+    #[error("transport failed during {phase}: {source}")]
+    Transport {
+        /// Phase.
+        phase: &'static str,
+        /// Error.
+        source: TransportError,
+    },
+    /// The source broke the protocol.
+    #[error("protocol error during {phase}: {message}")]
+    Protocol {
+        /// Phase.
+        phase: &'static str,
+        /// What.
+        message: String,
+    },
+    /// Allocating the skeleton VM failed.
+    #[error("allocating destination memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// A participant failed to restore.
+    #[error("restoring device state: {0}")]
+    Participant(#[from] ParticipantError),
+}
+
+/// What the destination reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReceiveReport {
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Page streams.
+    pub streams: u16,
+    /// Rounds received (final included).
+    pub rounds: u32,
+    /// Pages applied.
+    pub pages_applied: u64,
+    /// Zero pages.
+    pub zero_pages: u64,
+    /// Torn pages (racy zero-copy sends; re-sent by design).
+    pub torn_pages: u64,
+    /// Bytes received on all streams.
+    pub bytes_received: u64,
+    /// From first connection to commit (ms).
+    pub total_ms: f64,
+    /// Allocating the skeleton VM's memory (ms).
+    pub setup_ms: f64,
+    /// Digest verification at commit (ms).
+    pub verify_ms: f64,
+    /// Device validation + restore (ms).
+    pub restore_ms: f64,
+    /// Verified digest.
+    pub digest: String,
+    /// True when the digest matched.
+    pub verified: bool,
+    /// Participants restored.
+    pub participants: Vec<String>,
+}
+
+/// A successful receive: the report and the destination memory (now the VM's).
+#[derive(Debug)]
+pub struct Received {
+    /// Report.
+    pub report: ReceiveReport,
+    /// Memory holding the migrated guest.
+    pub memory: Arc<GuestMemory>,
+}
+
+/// Checks a setup request beyond layout and caps (a hypervisor's own policy).
+pub type SetupCheck =
+    Box<dyn FnMut(&MemoryLayout, &CompatVector, &[u8]) -> Result<(), (RefuseCode, String)> + Send>;
+
+/// The destination of one migration.
+pub struct Receiver {
+    memory: Option<Arc<GuestMemory>>,
+    participants: Vec<Box<dyn RestoreState>>,
+    config: ReceiverConfig,
+    setup_check: Option<SetupCheck>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("memory", &self.memory.as_ref().map(|m| m.total_bytes()))
+            .field(
+                "participants",
+                &self
+                    .participants
+                    .iter()
+                    .map(|p| p.id().to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn t(phase: &'static str) -> impl Fn(TransportError) -> ReceiveError {
+    move |source| ReceiveError::Transport { phase, source }
+}
+
+impl Receiver {
+    /// A receiver that allocates the skeleton VM's memory from the source's layout.
+    pub fn new() -> Self {
+        Self {
+            memory: None,
+            participants: Vec::new(),
+            config: ReceiverConfig::default(),
+            setup_check: None,
+        }
+    }
+    /// Use caller-provided destination memory (e.g. a VMM's, registered with KVM);
+    /// the source's layout must match it exactly.
+    pub fn memory(mut self, m: Arc<GuestMemory>) -> Self {
+        self.memory = Some(m);
+        self
+    }
+    /// Add a device-state participant.
+    pub fn participant(mut self, p: Box<dyn RestoreState>) -> Self {
+        self.participants.push(p);
+        self
+    }
+    /// Settings.
+    pub fn config(mut self, c: ReceiverConfig) -> Self {
+        self.config = c;
+        self
+    }
+    /// Extra setup check (the hypervisor's own policy).
+    pub fn setup_check(mut self, c: SetupCheck) -> Self {
+        self.setup_check = Some(c);
+        self
+    }
+
+    /// Receive one migration from `acceptor`.
+    pub fn run(mut self, acceptor: &dyn Acceptor) -> Result<Received, ReceiveError> {
+        let r = self.run_inner(acceptor);
+        if r.is_err() {
+            for p in self.participants.iter_mut() {
+                p.discard();
+            }
+        }
+        r
+    }
+
+    fn refuse(control: &mut FrameReader, code: RefuseCode, message: String) -> ReceiveError {
+        let _ = control.send_control(
+            &ControlMsg::Refuse {
+                code,
+                message: message.clone(),
+            },
+            &[],
+        );
+        ReceiveError::Refused { code, message }
+    }
+
+    fn run_inner(&mut self, acceptor: &dyn Acceptor) -> Result<Received, ReceiveError> {
+        let stream = acceptor
+            .accept(self.config.accept_timeout)
+            .map_err(t("accept"))?;
+        let started = Instant::now();
+        let _ = stream.set_read_timeout(Some(self.config.accept_timeout));
+        let mut control = FrameReader::new(stream, "control");
+
+        // Handshake.
+        let (session, streams) = match control.control().map_err(t("handshake"))?.0 {
+            ControlMsg::Hello {
+                magic,
+                major,
+                minor,
+                session,
+                streams,
+                ..
+            } => {
+                if magic != "livemig" {
+                    return Err(Self::refuse(
+                        &mut control,
+                        RefuseCode::Version,
+                        format!("bad handshake magic {magic:?}"),
+                    ));
+                }
+                if major != PROTOCOL_MAJOR || minor.abs_diff(PROTOCOL_MINOR) > 1 {
+                    return Err(Self::refuse(
+                        &mut control,
+                        RefuseCode::Version,
+                        format!(
+                            "protocol version {major}.{minor} is not supported (destination speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR} and accepts the previous minor)"
+                        ),
+                    ));
+                }
+                if streams == 0 || streams > self.config.max_streams {
+                    return Err(Self::refuse(
+                        &mut control,
+                        RefuseCode::Other,
+                        format!(
+                            "{streams} page streams requested; this destination accepts 1 to {}",
+                            self.config.max_streams
+                        ),
+                    ));
+                }
+                (session, streams)
+            }
+            other => {
+                return Err(ReceiveError::Protocol {
+                    phase: "handshake",
+                    message: format!("expected hello, got {}", other.name()),
+                })
+            }
+        };
+        let welcome = ControlMsg::Welcome {
+            major: PROTOCOL_MAJOR,
+            minor: PROTOCOL_MINOR,
+            capabilities: crate::engine::setup::CAPABILITIES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        control
+            .send_control(&welcome, &[])
+            .map_err(t("handshake"))?;
+
+        // Setup: check, then build the skeleton VM (memory) before any page arrives.
+        let (msg, attachment) = control.control().map_err(t("setup"))?;
+        let ControlMsg::Setup {
+            layout,
+            compat,
+            config_len,
+            participants,
+        } = msg
+        else {
+            return Err(ReceiveError::Protocol {
+                phase: "setup",
+                message: format!("expected setup, got {}", msg.name()),
+            });
+        };
+        let t_setup = Instant::now();
+        let memory =
+            match self.check_setup(&layout, &compat, config_len, &participants, &attachment) {
+                Ok(()) => match self.memory.clone() {
+                    Some(m) => m,
+                    None => Arc::new(
+                        GuestMemory::from_layout(&layout, self.config.huge_pages).map_err(|e| {
+                            let _ = control.send_control(
+                                &ControlMsg::Refuse {
+                                    code: RefuseCode::MemoryLayout,
+                                    message: format!("cannot allocate: {e}"),
+                                },
+                                &[],
+                            );
+                            e
+                        })?,
+                    ),
+                },
+                Err(Refusal::Refuse(code, message)) => {
+                    return Err(Self::refuse(&mut control, code, message))
+                }
+                Err(Refusal::Veto(v)) => {
+                    let _ = control.send_control(
+                        &ControlMsg::Veto {
+                            participant: v.participant.clone(),
+                            reason: v.reason.clone(),
+                        },
+                        &[],
+                    );
+                    return Err(ReceiveError::Vetoed(v));
+                }
+            };
+        let setup_ms = t_setup.elapsed().as_secs_f64() * 1e3;
+        control
+            .send_control(&ControlMsg::SetupOk, &[])
+            .map_err(t("setup"))?;
+
+        // Page streams.
+        let mut readers = Vec::with_capacity(streams as usize);
+        let mut seen = vec![false; streams as usize];
+        for _ in 0..streams {
+            let s = acceptor
+                .accept(self.config.accept_timeout)
+                .map_err(t("accepting page streams"))?;
+            let mut r = FrameReader::new(s, "page");
+            match r.control().map_err(t("accepting page streams"))?.0 {
+                ControlMsg::StreamHello { session: s2, index }
+                    if s2 == session && (index as usize) < seen.len() && !seen[index as usize] =>
+                {
+                    seen[index as usize] = true;
+                    let _ = r.stream().set_read_timeout(Some(self.config.idle_timeout));
+                    readers.push((index, r));
+                }
+                other => {
+                    return Err(ReceiveError::Protocol {
+                        phase: "accepting page streams",
+                        message: format!("bad stream hello ({other:?})"),
+                    })
+                }
+            }
+        }
+        let _ = control
+            .stream()
+            .set_read_timeout(Some(self.config.idle_timeout));
+        let shared = Arc::new(ApplyShared::new(memory.clone(), streams as usize));
+        let shutdowns: Vec<_> = readers
+            .iter()
+            .map(|(_, r)| r.stream().shutdown_handle())
+            .collect();
+        let cut_all = |sh: &[Box<dyn Fn() + Send + Sync>]| sh.iter().for_each(|s| s());
+        let prefault = if self.config.prefault && self.memory.is_none() {
+            let m = memory.clone();
+            Some(std::thread::spawn(move || m.prefault(1)))
+        } else {
+            None
+        };
+        let handles: Vec<_> = readers
+            .into_iter()
+            .map(|(i, r)| {
+                let sh = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("livemig-recv{i}"))
+                    .spawn(move || {
+                        let res = apply_stream(&sh, r, i);
+                        if res.is_err() {
+                            sh.gate.abort();
+                        }
+                        res
+                    })
+                    .expect("spawn receiver thread")
+            })
+            .collect();
+        // A failing page stream cuts every page stream so the source's writers fail
+        // fast instead of blocking; a watcher does that as soon as the flag is set.
+        let watcher = {
+            let sh = shared.clone();
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let d2 = done.clone();
+            let h = std::thread::spawn(move || {
+                while !d2.load(Ordering::Acquire) {
+                    if sh.failed.load(Ordering::Acquire) {
+                        cut_all(&shutdowns);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            (done, h)
+        };
+        let join_all =
+            |handles: Vec<std::thread::JoinHandle<Result<(), String>>>| -> Result<(), String> {
+                let mut first = Ok(());
+                for h in handles {
+                    let r = h
+                        .join()
+                        .unwrap_or_else(|_| Err("receiver thread panicked".into()));
+                    if first.is_ok() {
+                        first = r;
+                    }
+                }
+                first
+            };
+        let stop_watcher = |w: (
+            Arc<std::sync::atomic::AtomicBool>,
+            std::thread::JoinHandle<()>,
+        )| {
+            w.0.store(true, Ordering::Release);
+            let _ = w.1.join();
+        };
+
+        // Control stream: wait for brownout, device state and commit.
+        let mut device_state: Option<Vec<u8>> = None;
+        let commit = loop {
+            let msg = control.control();
+            let page_error = || shared.error.lock().expect("error lock").clone();
+            match msg {
+                Ok((ControlMsg::Brownout { .. }, _)) => {}
+                Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
+                Ok((
+                    ControlMsg::Commit {
+                        digest,
+                        pages,
+                        rounds,
+                    },
+                    _,
+                )) => break (digest, pages, rounds),
+                Ok((ControlMsg::Abort { reason }, _)) => {
+                    shared.fail(format!("aborted: {reason}"));
+                    let _ = join_all(handles);
+                    stop_watcher(watcher);
+                    // A page error is the root cause when there is one.
+                    return Err(match page_error() {
+                        Some(e) if !e.starts_with("aborted") => ReceiveError::Pages(e),
+                        _ => ReceiveError::Aborted(reason),
+                    });
+                }
+                Ok((other, _)) => {
+                    shared.fail(format!("unexpected {}", other.name()));
+                    let _ = join_all(handles);
+                    stop_watcher(watcher);
+                    return Err(ReceiveError::Protocol {
+                        phase: "rounds",
+                        message: format!("unexpected {}", other.name()),
+                    });
+                }
+                Err(e) => {
+                    shared.fail(e.to_string());
+                    let _ = join_all(handles);
+                    stop_watcher(watcher);
+                    return Err(match page_error() {
+                        Some(pe) if pe != e.to_string() => ReceiveError::Pages(pe),
+                        _ => ReceiveError::Transport {
+                            phase: "rounds",
+                            source: e,
+                        },
+                    });
+                }
+            }
+        };
+        let pages_result = join_all(handles);
+        stop_watcher(watcher);
+        if let Some(p) = prefault {
+            let _ = p.join();
+        }
+        if let Err(e) = pages_result {
+            let _ = control.send_control(&ControlMsg::Error { message: e.clone() }, &[]);
+            return Err(ReceiveError::Pages(e));
+        }
+
+        // Verify: one digest over the per-page hashes of everything applied.
+        let (digest, pages, rounds) = commit;
+        let t_verify = Instant::now();
+        let ours = digest_of_table(&shared.hash_table());
+        let verify_us = t_verify.elapsed().as_micros() as u64;
+        if pages != memory.total_pages() || ours != digest {
+            let reason = format!(
+                "memory digest mismatch: source {digest:016x} over {pages} pages, destination {ours:016x} over {} pages",
+                memory.total_pages()
+            );
+            let _ = control.send_control(
+                &ControlMsg::Veto {
+                    participant: "memory".into(),
+                    reason: reason.clone(),
+                },
+                &[],
+            );
+            return Err(ReceiveError::VerifyFailed(reason));
+        }
+
+        // Device state: validate every participant before restoring any.
+        let t_restore = Instant::now();
+        let entries = match envelope::decode(device_state.as_deref().unwrap_or(&[])) {
+            Ok(e) => e,
+            Err(e) => {
+                let reason = format!("device-state envelope rejected: {e}");
+                let _ = control.send_control(
+                    &ControlMsg::Veto {
+                        participant: "envelope".into(),
+                        reason: reason.clone(),
+                    },
+                    &[],
+                );
+                return Err(ReceiveError::Vetoed(Veto {
+                    participant: "envelope".into(),
+                    reason,
+                }));
+            }
+        };
+        if let Err(v) = self.validate_all(&entries) {
+            let _ = control.send_control(
+                &ControlMsg::Veto {
+                    participant: v.participant.clone(),
+                    reason: v.reason.clone(),
+                },
+                &[],
+            );
+            return Err(ReceiveError::Vetoed(v));
+        }
+        for e in &entries {
+            let p = self
+                .participants
+                .iter_mut()
+                .find(|p| p.id() == e.id)
+                .expect("validated above");
+            if let Err(err) = p.restore(e.version, &e.blob) {
+                let _ = control.send_control(
+                    &ControlMsg::Error {
+                        message: err.to_string(),
+                    },
+                    &[],
+                );
+                return Err(err.into());
+            }
+        }
+        let restore_us = t_restore.elapsed().as_micros() as u64;
+        control
+            .send_control(
+                &ControlMsg::Committed {
+                    verify_us,
+                    restore_us,
+                },
+                &[],
+            )
+            .map_err(t("commit"))?;
+
+        let report = ReceiveReport {
+            memory_bytes: memory.total_bytes(),
+            streams,
+            rounds,
+            pages_applied: shared.pages.load(Ordering::Relaxed),
+            zero_pages: shared.zero_pages.load(Ordering::Relaxed),
+            torn_pages: shared.torn_pages.load(Ordering::Relaxed),
+            bytes_received: shared.bytes.load(Ordering::Relaxed) + control.bytes(),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            setup_ms,
+            verify_ms: verify_us as f64 / 1e3,
+            restore_ms: restore_us as f64 / 1e3,
+            digest: format!("{ours:016x}"),
+            verified: true,
+            participants: entries.iter().map(|e| e.id.clone()).collect(),
+        };
+        Ok(Received { report, memory })
+    }
+
+    fn check_setup(
+        &mut self,
+        layout: &MemoryLayout,
+        compat: &CompatVector,
+        config_len: u64,
+        participants: &[(String, u64)],
+        attachment: &[u8],
+    ) -> Result<(), Refusal> {
+        // Memory layout.
+        if layout.regions.is_empty()
+            || layout
+                .regions
+                .iter()
+                .any(|&(g, l)| l == 0 || g % PAGE_SIZE as u64 != 0 || l % PAGE_SIZE as u64 != 0)
+        {
+            return Err(Refusal::Refuse(
+                RefuseCode::MemoryLayout,
+                "the source's memory layout is empty or not page aligned".into(),
+            ));
+        }
+        if let Some(m) = &self.memory {
+            if m.layout() != *layout {
+                return Err(Refusal::Refuse(
+                    RefuseCode::MemoryLayout,
+                    format!(
+                        "memory size mismatch: source has {} bytes in {} region(s), destination provides {} bytes in {} region(s)",
+                        layout.total_bytes(),
+                        layout.regions.len(),
+                        m.total_bytes(),
+                        m.regions().len()
+                    ),
+                ));
+            }
+        }
+        if let Some(max) = self.config.host.max_memory {
+            if layout.total_bytes() > max {
+                return Err(Refusal::Refuse(
+                    RefuseCode::MemoryLayout,
+                    format!(
+                        "guest memory of {} bytes exceeds this host's limit of {max} bytes",
+                        layout.total_bytes()
+                    ),
+                ));
+            }
+        }
+        // CPU features: required ⊆ available.
+        if let Some(have) = &self.config.host.cpu_features {
+            let missing: Vec<_> = compat
+                .cpu_features
+                .iter()
+                .filter(|f| !have.contains(f))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Err(Refusal::Refuse(
+                    RefuseCode::CpuFeatures,
+                    format!(
+                        "the VM requires CPU features this host lacks: {} (enable processor compatibility mode on the source)",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+        // Virtual switches.
+        if let Some(have) = &self.config.host.switches {
+            let missing: Vec<_> = compat
+                .switches
+                .iter()
+                .filter(|s| !have.contains(s))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Err(Refusal::Refuse(
+                    RefuseCode::SwitchName,
+                    format!(
+                        "virtual switch(es) not found on this host: {}",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+        // Attachment layout: config blob then each participant's setup info.
+        let total: u64 = config_len.saturating_add(
+            participants
+                .iter()
+                .map(|p| p.1)
+                .fold(0u64, |a, b| a.saturating_add(b)),
+        );
+        if total != attachment.len() as u64 {
+            return Err(Refusal::Refuse(
+                RefuseCode::Other,
+                "setup attachment length does not match its index".into(),
+            ));
+        }
+        let config = &attachment[..config_len as usize];
+        if let Some(check) = self.setup_check.as_mut() {
+            check(layout, compat, config).map_err(|(c, m)| Refusal::Refuse(c, m))?;
+        }
+        // Participants: both sides must have the same set; each validates its setup info.
+        let mut off = config_len as usize;
+        for (id, len) in participants {
+            let info = &attachment[off..off + *len as usize];
+            off += *len as usize;
+            let Some(p) = self.participants.iter_mut().find(|p| p.id() == id) else {
+                return Err(Refusal::Refuse(
+                    RefuseCode::Other,
+                    format!("device {id:?} has no participant on this host"),
+                ));
+            };
+            p.validate_setup(info).map_err(Refusal::Veto)?;
+        }
+        if let Some(p) = self
+            .participants
+            .iter()
+            .find(|p| !participants.iter().any(|(id, _)| id == p.id()))
+        {
+            return Err(Refusal::Refuse(
+                RefuseCode::Other,
+                format!(
+                    "this host expects device {:?}, which the source does not send",
+                    p.id()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_all(&mut self, entries: &[envelope::Entry]) -> Result<(), Veto> {
+        for p in self.participants.iter() {
+            if !entries.iter().any(|e| e.id == p.id()) {
+                return Err(Veto {
+                    participant: p.id().into(),
+                    reason: "no state arrived for this device".into(),
+                });
+            }
+        }
+        for e in entries {
+            let Some(p) = self.participants.iter_mut().find(|p| p.id() == e.id) else {
+                return Err(Veto {
+                    participant: e.id.clone(),
+                    reason: "state for a device this host does not have".into(),
+                });
+            };
+            p.validate_state(e.version, &e.blob)?;
+        }
+        Ok(())
+    }
+}
+
+enum Refusal {
+    Refuse(RefuseCode, String),
+    Veto(Veto),
+}

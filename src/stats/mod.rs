@@ -1,1 +1,178 @@
-//! stats
+//! Progress events, per-round statistics and the final report.
+
+pub mod estimator;
+
+use serde::Serialize;
+
+/// Statistics of one finished round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundStats {
+    /// Round number (0 = full copy).
+    pub round: u32,
+    /// Pages sent this round (zero pages included).
+    pub pages: u64,
+    /// Zero pages (sent as header bits only).
+    pub zero_pages: u64,
+    /// Bytes put on the wire this round (frames, headers included).
+    pub wire_bytes: u64,
+    /// Round duration in milliseconds.
+    pub duration_ms: f64,
+    /// Wire bandwidth this round (bytes/s).
+    pub bandwidth_bps: f64,
+    /// Pages found dirty at the end of the round (to send next).
+    pub dirty_after: u64,
+    /// Dirty rate measured over the round (pages/s).
+    pub dirty_rate_pps: f64,
+    /// Predicted downtime if we browned out now (ms).
+    pub predicted_downtime_ms: f64,
+    /// Throttle in force during the round (percent of guest CPU taken away).
+    pub throttle_percent: u8,
+}
+
+/// Where the downtime went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Pausing the VM (the `VmControl::pause` call).
+    pub pause_ms: f64,
+    /// Final harvest, and with `verify=full` the rescan of memory.
+    pub final_harvest_ms: f64,
+    /// Sending the final dirty pages.
+    pub final_pages_ms: f64,
+    /// Saving and sending device state.
+    pub device_state_ms: f64,
+    /// Computing the source digest.
+    pub digest_ms: f64,
+    /// Commit round trip: destination verify + restore + reply.
+    pub commit_ms: f64,
+    /// Of `commit_ms`, the destination's digest verification.
+    pub dest_verify_ms: f64,
+    /// Of `commit_ms`, the destination's device validation + restore.
+    pub dest_restore_ms: f64,
+    /// Device-state bytes.
+    pub device_state_bytes: u64,
+    /// Per participant: (id, save ms, bytes).
+    pub participants: Vec<(String, f64, u64)>,
+}
+
+/// The result of a successful migration (source side).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationReport {
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Transport mode name.
+    pub mode: String,
+    /// Page streams.
+    pub streams: u16,
+    /// Tracker backend.
+    pub tracker: String,
+    /// Codec.
+    pub codec: String,
+    /// Rounds including the final one.
+    pub rounds: u32,
+    /// From start to commit (ms).
+    pub total_ms: f64,
+    /// From pause to commit acknowledged (ms).
+    pub downtime_ms: f64,
+    /// Predicted downtime at the moment of brownout (ms).
+    pub predicted_downtime_ms: f64,
+    /// Breakdown of the downtime.
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// Bytes on the wire, all streams, headers included.
+    pub bytes_on_wire: u64,
+    /// Pages sent (all rounds, zero pages included).
+    pub pages_sent: u64,
+    /// Zero pages elided.
+    pub zero_pages: u64,
+    /// Pages in the final (brownout) round.
+    pub final_pages: u64,
+    /// Guest bytes ÷ total time, GiB/s.
+    pub guest_gib_per_s: f64,
+    /// Wire bytes ÷ total time, Gbit/s.
+    pub wire_gbit_per_s: f64,
+    /// True when the policy chose brownout because the target was met.
+    pub converged: bool,
+    /// True when the destination's digest matched.
+    pub verified: bool,
+    /// Verification mode.
+    pub verify: String,
+    /// Pages that the full verification found changed but not reported by the tracker.
+    pub tracker_misses: u64,
+    /// Highest throttle applied (percent).
+    pub throttle_max_percent: u8,
+    /// Why brownout began.
+    pub brownout_reason: String,
+    /// The memory digest both sides agreed on.
+    pub digest: String,
+    /// Per-round table.
+    pub round_table: Vec<RoundStats>,
+}
+
+/// A progress event.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Setup accepted, round 0 begins.
+    Started {
+        /// Pages in guest memory.
+        pages: u64,
+        /// Page streams.
+        streams: u16,
+    },
+    /// Some batches of a round were sent (for progress bars).
+    Progress {
+        /// Round.
+        round: u32,
+        /// Pages sent so far in the round.
+        sent: u64,
+        /// Pages the round will send.
+        total: u64,
+    },
+    /// A round finished.
+    RoundFinished(RoundStats),
+    /// Throttle changed.
+    Throttled {
+        /// New percent.
+        percent: u8,
+    },
+    /// Brownout began (VM paused).
+    Brownout {
+        /// Final round number.
+        round: u32,
+        /// Pages left to send.
+        pages: u64,
+        /// Predicted downtime (ms).
+        predicted_downtime_ms: f64,
+        /// Why.
+        reason: String,
+    },
+    /// Device state sent.
+    DeviceState {
+        /// Participants.
+        participants: usize,
+        /// Bytes.
+        bytes: u64,
+    },
+    /// Success.
+    Completed(Box<MigrationReport>),
+    /// Failure; the source VM keeps running.
+    Failed {
+        /// Phase.
+        phase: String,
+        /// Error.
+        error: String,
+        /// Whether the source VM was resumed / is running.
+        source_running: bool,
+    },
+}
+
+/// Receives events (called from the migration thread; keep it fast).
+pub trait ProgressSink: Send + Sync {
+    /// One event.
+    fn on_event(&self, event: &Event);
+}
+
+impl<F: Fn(&Event) + Send + Sync> ProgressSink for F {
+    fn on_event(&self, event: &Event) {
+        self(event)
+    }
+}

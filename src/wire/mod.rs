@@ -1,1 +1,86 @@
-//! wire
+//! Wire protocol v1: framed, checksummed, every length bounded.
+//!
+//! See `docs/PROTOCOL.md` for the sequence diagram and the receiver's state machine.
+//! In short:
+//!
+//! ```text
+//! frame  = FrameHeader(16 bytes) meta[meta_len] data[data_len]
+//! header = magic u16 "LM" | kind u8 | flags u8 | meta_len u32 | data_len u32 | crc32c u32
+//! ```
+//! - `crc32c` covers the first 12 header bytes and `meta`; for control frames it also
+//!   covers `data`. Batch data (page payload) is verified end to end instead: `meta`
+//!   carries the xxh3-64 of every page, checked after decoding, and those hashes
+//!   feed the brownout digest.
+//! - Every enum on the wire starts at 1; 0 is invalid, so zeroed memory never parses.
+//! - Lengths are checked against per-kind bounds *before* any allocation.
+//!
+//! Versioning: `PROTOCOL_MAJOR` must match; a peer accepts the current and the previous
+//! minor version. New optional features are negotiated as capability strings in the
+//! handshake, so stream failover, resumption (batches carry the round as a per-page
+//! generation) and TLS can be added without a new major version.
+
+pub mod batch;
+pub mod control;
+pub mod frame;
+
+pub use batch::{BatchMeta, Extent};
+pub use control::ControlMsg;
+pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN};
+
+/// Protocol major version: peers must agree.
+pub const PROTOCOL_MAJOR: u16 = 1;
+/// Protocol minor version: a receiver accepts `MINOR` and `MINOR - 1`.
+pub const PROTOCOL_MINOR: u16 = 0;
+
+/// Largest number of pages in one batch frame.
+pub const MAX_BATCH_PAGES: usize = 256;
+/// Largest batch meta section: fixed part + extents + zero bitmap + hashes.
+pub const MAX_BATCH_META: usize =
+    16 + MAX_BATCH_PAGES * 12 + MAX_BATCH_PAGES / 8 + MAX_BATCH_PAGES * 8;
+/// Largest control meta (a JSON control message).
+pub const MAX_CONTROL_META: usize = 64 * 1024;
+/// Largest batch data: every page raw, plus per-page delta record overhead.
+pub const MAX_BATCH_DATA: usize = MAX_BATCH_PAGES * (crate::memory::PAGE_SIZE + 8) + 64;
+/// Largest control attachment (VM config, device-state envelope).
+pub const MAX_CONTROL_DATA: usize = 64 * 1024 * 1024;
+
+/// Decoding errors. Every malformed input maps to one of these; decoding never panics.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// Not a livemig frame.
+    #[error("bad frame magic {0:#06x} (not a livemig stream?)")]
+    BadMagic(u16),
+    /// Unknown or zero frame kind.
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+    /// A length exceeds its bound.
+    #[error("{what} length {len} exceeds the bound {max}")]
+    TooLong {
+        /// Which field.
+        what: &'static str,
+        /// Declared length.
+        len: usize,
+        /// Bound.
+        max: usize,
+    },
+    /// Checksum mismatch.
+    #[error("frame checksum mismatch (expected {expected:#010x}, got {actual:#010x})")]
+    Checksum {
+        /// In the header.
+        expected: u32,
+        /// Computed.
+        actual: u32,
+    },
+    /// A field that must be non-zero / in range is not.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+    /// Input ended early.
+    #[error("{0} is truncated")]
+    Truncated(&'static str),
+    /// A control message could not be parsed.
+    #[error("malformed control message: {0}")]
+    Control(String),
+    /// Unknown codec id.
+    #[error("unknown codec id {0}")]
+    BadCodec(u8),
+}

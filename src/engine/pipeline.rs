@@ -1,0 +1,425 @@
+//! The send pipeline: one worker thread per page stream.
+//!
+//! The round loop pushes [`Work`] into one bounded queue shared by all workers
+//! (back-pressure: the loop never runs more than `QUEUE_DEPTH` batches ahead). A
+//! worker copies the batch's pages out of guest memory, elides zero pages, hashes
+//! every page (xxh3-64; the hash is both the end-to-end check the receiver verifies
+//! and the entry of the brownout digest), encodes the non-zero pages with the
+//! chosen codec and writes one frame.
+//!
+//! Rounds are gated: at the end of a round the loop sends one `RoundEnd` per worker
+//! and waits on a barrier that every worker reaches after writing its RoundEnd frame.
+//! A worker blocks at the barrier, so no worker can take two markers, and no page of
+//! round r+1 is sent before every stream finished round r. The receiver mirrors the
+//! gate, so a later copy of a page can never be overwritten by an earlier one.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+
+use crossbeam_channel::Receiver;
+
+use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
+use crate::memory::{page_hash, zero_page_hash, GuestMemory, PAGE_SIZE};
+use crate::transport::framed::FrameWriter;
+use crate::wire::batch::BatchMeta;
+use crate::wire::frame::RoundEnd;
+use crate::wire::{Extent, FrameKind};
+
+/// Queue depth between the round loop and the workers, in batches. Two per worker
+/// keeps every worker busy while bounding memory to a few MiB.
+pub const QUEUE_DEPTH_PER_WORKER: usize = 2;
+
+/// A batch: extents in page-index space (never crossing a region), ≤ MAX_BATCH_PAGES.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Round (generation).
+    pub round: u32,
+    /// The memory cannot change while this batch is sent (VM paused or stopped):
+    /// page hashes are exact. Otherwise zero-copy batches are marked racy.
+    pub quiescent: bool,
+    /// (first page index, count).
+    pub extents: Vec<(u64, u32)>,
+}
+
+impl Batch {
+    /// Pages in the batch.
+    pub fn pages(&self) -> u64 {
+        self.extents.iter().map(|e| e.1 as u64).sum()
+    }
+}
+
+/// Work for a worker.
+#[derive(Debug)]
+pub enum Work {
+    /// Send a batch.
+    Batch(Batch),
+    /// End of round: send RoundEnd then wait on the barrier.
+    RoundEnd(u32),
+    /// Last message: send StreamEnd and exit.
+    Finish,
+}
+
+/// Counters shared by workers and read by the round loop.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Pages sent.
+    pub pages: AtomicU64,
+    /// Zero pages.
+    pub zero_pages: AtomicU64,
+    /// Wire bytes.
+    pub wire_bytes: AtomicU64,
+}
+
+/// State shared by all workers of one migration.
+#[derive(Debug)]
+pub struct Shared {
+    /// Guest memory being migrated.
+    pub memory: Arc<GuestMemory>,
+    /// xxh3 of the last version of each page put on the wire.
+    pub sent_hashes: Vec<AtomicU64>,
+    /// Counters.
+    pub counters: Counters,
+    /// Set when a worker fails; the round loop checks it after each barrier.
+    pub failed: AtomicBool,
+    /// The first worker error.
+    pub error: Mutex<Option<String>>,
+    /// Round gate.
+    pub barrier: Barrier,
+    /// Codec for batch payloads.
+    pub codec: CodecId,
+    /// zstd level.
+    pub zstd_level: i32,
+}
+
+impl Shared {
+    /// Shared state for `workers` workers.
+    pub fn new(memory: Arc<GuestMemory>, workers: usize, codec: CodecId, zstd_level: i32) -> Self {
+        let pages = memory.total_pages() as usize;
+        Self {
+            memory,
+            sent_hashes: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            counters: Counters::default(),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+            barrier: Barrier::new(workers + 1),
+            codec,
+            zstd_level,
+        }
+    }
+
+    fn fail(&self, e: String) {
+        let mut slot = self.error.lock().expect("error lock");
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The per-page hash table as plain values.
+    pub fn hash_table(&self) -> Vec<u64> {
+        self.sent_hashes
+            .iter()
+            .map(|h| h.load(Ordering::Acquire))
+            .collect()
+    }
+}
+
+/// Reusable buffers of one worker.
+struct Scratch {
+    pages: Vec<u8>,
+    encoded: Vec<u8>,
+    meta: BatchMeta,
+    meta_bytes: Vec<u8>,
+    codecs: CodecSet,
+    present: Vec<bool>,
+}
+
+/// Run one worker until `Finish` (or until the queue closes).
+pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
+    let mut s = Scratch {
+        pages: vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE],
+        encoded: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
+        meta: BatchMeta::default(),
+        meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
+        codecs: CodecSet::new(shared.zstd_level),
+        present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+    };
+    let mut round_batches = 0u32;
+    let mut round_pages = 0u64;
+    let mut broken = false;
+    for work in rx.iter() {
+        match work {
+            Work::Batch(b) => {
+                if broken || shared.failed.load(Ordering::Relaxed) {
+                    continue; // drain, keep reaching barriers
+                }
+                let before = out.bytes();
+                let sent = if shared.codec == CodecId::Raw {
+                    send_batch_zero_copy(shared, &b, &mut s, &mut out)
+                } else {
+                    send_batch(shared, &b, &mut s, &mut out)
+                };
+                match sent {
+                    Ok(()) => {
+                        round_batches += 1;
+                        round_pages += b.pages();
+                        shared
+                            .counters
+                            .wire_bytes
+                            .fetch_add(out.bytes() - before, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        broken = true;
+                        shared.fail(e);
+                    }
+                }
+            }
+            Work::RoundEnd(round) => {
+                if !broken {
+                    let before = out.bytes();
+                    let r = out.send_round_end(RoundEnd {
+                        round,
+                        batches: round_batches,
+                        pages: round_pages,
+                    });
+                    match r {
+                        Ok(()) => {
+                            shared
+                                .counters
+                                .wire_bytes
+                                .fetch_add(out.bytes() - before, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            broken = true;
+                            shared.fail(e.to_string());
+                        }
+                    }
+                }
+                round_batches = 0;
+                round_pages = 0;
+                shared.barrier.wait();
+            }
+            Work::Finish => {
+                if !broken {
+                    if let Err(e) = out
+                        .send(FrameKind::StreamEnd, 0, &[], &[])
+                        .and_then(|_| out.flush())
+                    {
+                        shared.fail(e.to_string());
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn send_batch(
+    shared: &Shared,
+    b: &Batch,
+    s: &mut Scratch,
+    out: &mut FrameWriter,
+) -> Result<(), String> {
+    let mem = &*shared.memory;
+    s.meta.clear();
+    s.meta.round = b.round;
+    let npages = b.pages() as usize;
+    s.meta.zero_map.resize(npages.div_ceil(8), 0);
+    s.meta.zero_map.iter_mut().for_each(|z| *z = 0);
+    let mut pos = 0usize; // write position of the next non-zero page in s.pages
+    let mut i = 0usize; // page number within the batch
+    let mut zeros = 0u64;
+    let zero_hash = zero_page_hash();
+    for &(start, count) in &b.extents {
+        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        s.meta.extents.push(Extent { gfn, count });
+        // One copy per extent, then compact zero pages out in place.
+        let len = count as usize * PAGE_SIZE;
+        mem.read_pages(start, &mut s.pages[pos..pos + len])
+            .map_err(|e| e.to_string())?;
+        let mut wr = pos;
+        for p in 0..count as usize {
+            let src = pos + p * PAGE_SIZE;
+            let page = &s.pages[src..src + PAGE_SIZE];
+            let hash = if is_zero_page(page) {
+                s.meta.zero_map[i / 8] |= 1 << (i % 8);
+                zeros += 1;
+                zero_hash
+            } else {
+                let h = page_hash(page);
+                if wr != src {
+                    s.pages.copy_within(src..src + PAGE_SIZE, wr);
+                }
+                wr += PAGE_SIZE;
+                h
+            };
+            s.meta.hashes.push(hash);
+            shared.sent_hashes[(start + p as u64) as usize].store(hash, Ordering::Release);
+            i += 1;
+        }
+        pos = wr;
+    }
+    let payload = &s.pages[..pos];
+    s.meta.payload_len = pos as u32;
+    let mut codec = shared.codec;
+    if codec != CodecId::Raw && !payload.is_empty() {
+        let smaller = s
+            .codecs
+            .get(codec)
+            .encode(payload, &mut s.encoded)
+            .map_err(|e| e.to_string())?;
+        if !smaller {
+            codec = CodecId::Raw;
+        }
+    } else {
+        codec = CodecId::Raw;
+    }
+    s.meta.codec = Some(codec);
+    s.meta.encode_into(&mut s.meta_bytes);
+    let data: &[u8] = if codec == CodecId::Raw {
+        payload
+    } else {
+        &s.encoded
+    };
+    out.send(FrameKind::Batch, 0, &s.meta_bytes, &[data])
+        .map_err(|e| e.to_string())?;
+    shared
+        .counters
+        .pages
+        .fetch_add(npages as u64, Ordering::Relaxed);
+    shared
+        .counters
+        .zero_pages
+        .fetch_add(zeros, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Raw batches without a user-space copy: zero detection and hashing read guest
+/// memory in place and the frame is written with `writev` straight from it.
+/// Unpopulated anonymous pages are sent as zero pages without being touched.
+///
+/// While the VM runs, a page may change between hashing and the kernel's copy, so
+/// such batches carry `FLAG_RACY`: the receiver stores the hash of what arrived and
+/// the page, being dirty, is sent again. Quiescent batches (final round, stopped VM)
+/// carry exact hashes.
+fn send_batch_zero_copy(
+    shared: &Shared,
+    b: &Batch,
+    s: &mut Scratch,
+    out: &mut FrameWriter,
+) -> Result<(), String> {
+    let mem = &*shared.memory;
+    s.meta.clear();
+    s.meta.round = b.round;
+    s.meta.codec = Some(CodecId::Raw);
+    s.meta.flags = if b.quiescent {
+        0
+    } else {
+        crate::wire::batch::FLAG_RACY
+    };
+    let npages = b.pages() as usize;
+    s.meta.zero_map.resize(npages.div_ceil(8), 0);
+    s.meta.zero_map.iter_mut().for_each(|z| *z = 0);
+    let zero_hash = zero_page_hash();
+    let mut data: Vec<&[u8]> = Vec::with_capacity(b.extents.len() + 4);
+    let mut i = 0usize;
+    let mut zeros = 0u64;
+    let mut nonzero = 0usize;
+    for &(start, count) in &b.extents {
+        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        s.meta.extents.push(Extent { gfn, count });
+        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        let region = &mem.regions()[r];
+        region
+            .populated(rp, count as u64, &mut s.present)
+            .map_err(|e| e.to_string())?;
+        // SAFETY: a racy view of guest memory; everything derived from it is marked
+        // racy unless the batch is quiescent (VM paused/stopped), see above.
+        let view = unsafe { region.racy_slice(rp, count as u64) }.map_err(|e| e.to_string())?;
+        let mut run: Option<usize> = None;
+        for p in 0..count as usize {
+            let page = &view[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+            let hash = if !s.present[p] || is_zero_page(page) {
+                if let Some(st) = run.take() {
+                    data.push(&view[st..p * PAGE_SIZE]);
+                }
+                s.meta.zero_map[i / 8] |= 1 << (i % 8);
+                zeros += 1;
+                zero_hash
+            } else {
+                run.get_or_insert(p * PAGE_SIZE);
+                nonzero += 1;
+                page_hash(page)
+            };
+            s.meta.hashes.push(hash);
+            shared.sent_hashes[(start + p as u64) as usize].store(hash, Ordering::Release);
+            i += 1;
+        }
+        if let Some(st) = run.take() {
+            data.push(&view[st..]);
+        }
+    }
+    s.meta.payload_len = (nonzero * PAGE_SIZE) as u32;
+    s.meta.encode_into(&mut s.meta_bytes);
+    out.send(FrameKind::Batch, 0, &s.meta_bytes, &data)
+        .map_err(|e| e.to_string())?;
+    shared
+        .counters
+        .pages
+        .fetch_add(npages as u64, Ordering::Relaxed);
+    shared
+        .counters
+        .zero_pages
+        .fetch_add(zeros, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Split a dirty set into batches (extents never cross a region boundary).
+pub fn batches_of(
+    mem: &GuestMemory,
+    pages: impl Iterator<Item = u64>,
+    round: u32,
+    quiescent: bool,
+    max_pages: usize,
+    mut emit: impl FnMut(Batch) -> bool,
+) -> bool {
+    let mut cur = Batch {
+        round,
+        quiescent,
+        extents: Vec::new(),
+    };
+    let mut in_batch = 0usize;
+    let region_starts: Vec<u64> = (0..mem.regions().len())
+        .map(|i| mem.region_first_page(i))
+        .collect();
+    for p in pages {
+        let extend = match cur.extents.last() {
+            Some(&(s, c)) => s + c as u64 == p && region_starts.binary_search(&p).is_err(),
+            None => false,
+        };
+        if extend {
+            cur.extents.last_mut().expect("non-empty").1 += 1;
+        } else {
+            cur.extents.push((p, 1));
+        }
+        in_batch += 1;
+        if in_batch == max_pages {
+            let full = std::mem::replace(
+                &mut cur,
+                Batch {
+                    round,
+                    quiescent,
+                    extents: Vec::new(),
+                },
+            );
+            if !emit(full) {
+                return false;
+            }
+            in_batch = 0;
+        }
+    }
+    if in_batch > 0 {
+        return emit(cur);
+    }
+    true
+}

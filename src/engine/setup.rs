@@ -1,0 +1,136 @@
+//! Setup stage (source side): handshake, VM configuration, page streams.
+
+use std::time::{Duration, Instant};
+
+use super::{Migration, MigrationError};
+use crate::transport::framed::{FrameReader, FrameWriter};
+use crate::transport::{Connector, TransportError};
+use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+
+/// Capabilities this build offers in the handshake.
+pub const CAPABILITIES: &[&str] = &["digest-xxh3", "codec-lz4", "codec-zstd"];
+
+/// An established session.
+#[derive(Debug)]
+pub struct Session {
+    /// Control stream (bidirectional).
+    pub control: FrameReader,
+    /// Page streams.
+    pub pages: Vec<FrameWriter>,
+    /// Session id.
+    pub session: u64,
+    /// Round-trip time of the setup exchange (a floor for the commit round trip).
+    pub rtt: Duration,
+}
+
+fn t(phase: &'static str) -> impl Fn(TransportError) -> MigrationError {
+    move |source| MigrationError::Transport { phase, source }
+}
+
+fn session_id() -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&format!("{:?}", Instant::now()).into_bytes());
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.update(&ns.to_le_bytes());
+    h.digest() | 1
+}
+
+/// Connect, negotiate, send the VM configuration and open the page streams.
+/// Nothing has touched the VM yet, so a failure here needs no rollback.
+pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, MigrationError> {
+    let stream = connector.connect().map_err(t("connect"))?;
+    stream
+        .set_read_timeout(Some(m.config.reply_timeout))
+        .map_err(|e| MigrationError::Transport {
+            phase: "connect",
+            source: TransportError::Io {
+                what: "control",
+                source: e,
+            },
+        })?;
+    let mut control = FrameReader::new(stream, "control");
+    let session = session_id();
+    let hello = ControlMsg::Hello {
+        magic: "livemig".into(),
+        major: PROTOCOL_MAJOR,
+        minor: PROTOCOL_MINOR,
+        session,
+        streams: m.config.streams,
+        capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+    };
+    let t0 = Instant::now();
+    control.send_control(&hello, &[]).map_err(t("handshake"))?;
+    match control.control().map_err(t("handshake"))?.0 {
+        ControlMsg::Welcome { .. } => {}
+        ControlMsg::Refuse { code, message } => {
+            return Err(MigrationError::Refused { code, message })
+        }
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        other => {
+            return Err(MigrationError::Protocol {
+                phase: "handshake",
+                message: format!("unexpected {}", other.name()),
+            })
+        }
+    }
+    let rtt = t0.elapsed();
+
+    // Setup: layout + compat + opaque config + each participant's setup info.
+    let mut attachment = m.config.vm_config.clone();
+    let mut participants = Vec::new();
+    for p in &m.participants {
+        let info = p.setup_info();
+        participants.push((p.id().to_string(), info.len() as u64));
+        attachment.extend_from_slice(&info);
+    }
+    let setup = ControlMsg::Setup {
+        layout: m.memory.layout(),
+        compat: m.config.compat.clone(),
+        config_len: m.config.vm_config.len() as u64,
+        participants,
+    };
+    control
+        .send_control(&setup, &attachment)
+        .map_err(t("setup"))?;
+    match control.control().map_err(t("setup"))?.0 {
+        ControlMsg::SetupOk => {}
+        ControlMsg::Refuse { code, message } => {
+            return Err(MigrationError::Refused { code, message })
+        }
+        ControlMsg::Veto {
+            participant,
+            reason,
+        } => {
+            return Err(MigrationError::Vetoed(crate::device::Veto {
+                participant,
+                reason,
+            }))
+        }
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        other => {
+            return Err(MigrationError::Protocol {
+                phase: "setup",
+                message: format!("unexpected {}", other.name()),
+            })
+        }
+    }
+
+    let mut pages = Vec::with_capacity(m.config.streams as usize);
+    for index in 0..m.config.streams {
+        let s = connector.connect().map_err(t("opening page streams"))?;
+        let mut w = FrameWriter::new(s, "page");
+        w.send_control(&ControlMsg::StreamHello { session, index }, &[])
+            .map_err(t("opening page streams"))?;
+        pages.push(w);
+    }
+    Ok(Session {
+        control,
+        pages,
+        session,
+        rtt,
+    })
+}

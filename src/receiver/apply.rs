@@ -1,0 +1,294 @@
+//! Applying batch frames to destination memory (one thread per page stream).
+
+use std::io::IoSliceMut;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::gate::RoundGate;
+use crate::codec::{CodecId, CodecSet};
+use crate::memory::{page_hash, zero_page_hash, DirtyBitmap, GuestMemory, PAGE_SIZE};
+use crate::transport::framed::FrameReader;
+use crate::wire::batch::{BatchMeta, FLAG_DELTA, FLAG_RACY};
+use crate::wire::frame::RoundEnd;
+use crate::wire::FrameKind;
+
+/// State shared by the apply threads and the control thread.
+#[derive(Debug)]
+pub struct ApplyShared {
+    /// Destination memory.
+    pub memory: Arc<GuestMemory>,
+    /// xxh3 of the last version of each page applied.
+    pub applied_hashes: Vec<AtomicU64>,
+    /// Pages written at least once (untouched zero pages need no write).
+    pub touched: DirtyBitmap,
+    /// Round gate.
+    pub gate: RoundGate,
+    /// Pages applied.
+    pub pages: AtomicU64,
+    /// Zero pages applied.
+    pub zero_pages: AtomicU64,
+    /// Pages whose racy (zero-copy) hash did not match: re-sent later by design.
+    pub torn_pages: AtomicU64,
+    /// Bytes received on page streams.
+    pub bytes: AtomicU64,
+    /// Set on the first failure.
+    pub failed: AtomicBool,
+    /// First failure.
+    pub error: Mutex<Option<String>>,
+}
+
+impl ApplyShared {
+    /// Shared state for `streams` streams over `memory`.
+    pub fn new(memory: Arc<GuestMemory>, streams: usize) -> Self {
+        let n = memory.total_pages();
+        Self {
+            applied_hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            touched: DirtyBitmap::new(n),
+            gate: RoundGate::new(streams),
+            memory,
+            pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            torn_pages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// Record a failure (first one wins) and wake the gate.
+    pub fn fail(&self, e: String) {
+        let mut slot = self.error.lock().expect("error lock");
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.failed.store(true, Ordering::Release);
+        self.gate.abort();
+    }
+
+    /// The per-page table of applied hashes.
+    pub fn hash_table(&self) -> Vec<u64> {
+        self.applied_hashes
+            .iter()
+            .map(|h| h.load(Ordering::Acquire))
+            .collect()
+    }
+}
+
+struct Scratch {
+    meta: BatchMeta,
+    indexes: Vec<u64>,
+    data: Vec<u8>,
+    decoded: Vec<u8>,
+    codecs: CodecSet,
+}
+
+/// Apply frames from one page stream until StreamEnd. Returns an error message on
+/// any malformed, corrupt or out-of-order input.
+pub fn apply_stream(
+    shared: &ApplyShared,
+    mut r: FrameReader,
+    stream_index: u16,
+) -> Result<(), String> {
+    let mut s = Scratch {
+        meta: BatchMeta::default(),
+        indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+        data: Vec::new(),
+        decoded: Vec::new(),
+        codecs: CodecSet::new(1),
+    };
+    let mut round = 0u32;
+    let result = loop {
+        let h = match r.header() {
+            Ok(h) => h,
+            Err(e) => break Err(format!("page stream {stream_index}: {e}")),
+        };
+        match h.kind {
+            FrameKind::Batch => {
+                let meta = match r.meta(&h) {
+                    Ok(m) => m,
+                    Err(e) => break Err(format!("page stream {stream_index}: {e}")),
+                };
+                if let Err(e) = s.meta.decode_from(meta) {
+                    break Err(format!("page stream {stream_index}: bad batch: {e}"));
+                }
+                if s.meta.round != round {
+                    break Err(format!(
+                        "page stream {stream_index}: batch of round {} arrived during round {round}",
+                        s.meta.round
+                    ));
+                }
+                if let Err(e) = apply_batch(shared, &mut r, &h, &mut s) {
+                    break Err(format!("page stream {stream_index}: {e}"));
+                }
+            }
+            FrameKind::RoundEnd => {
+                let end = match r
+                    .meta(&h)
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| RoundEnd::decode(m).map_err(|e| e.to_string()))
+                {
+                    Ok(e) => e,
+                    Err(e) => break Err(format!("page stream {stream_index}: {e}")),
+                };
+                if end.round != round {
+                    break Err(format!(
+                        "page stream {stream_index}: round end {} during round {round}",
+                        end.round
+                    ));
+                }
+                if let Err(e) = shared.gate.arrive(round) {
+                    break Err(format!("page stream {stream_index}: {e}"));
+                }
+                round += 1;
+            }
+            FrameKind::StreamEnd => {
+                if h.meta_len != 0 {
+                    break Err(format!("page stream {stream_index}: malformed stream end"));
+                }
+                break Ok(());
+            }
+            FrameKind::Control => {
+                break Err(format!(
+                    "page stream {stream_index}: unexpected control frame"
+                ));
+            }
+        }
+    };
+    shared.bytes.fetch_add(r.bytes(), Ordering::Relaxed);
+    if let Err(e) = &result {
+        shared.fail(e.clone());
+    }
+    result
+}
+
+fn apply_batch(
+    shared: &ApplyShared,
+    r: &mut FrameReader,
+    h: &crate::wire::FrameHeader,
+    s: &mut Scratch,
+) -> Result<(), String> {
+    let mem = &*shared.memory;
+    // Resolve every gfn to a page index; an extent must stay inside one region.
+    s.indexes.clear();
+    for e in &s.meta.extents {
+        let first = mem.index_of_gfn(e.gfn).map_err(|e| e.to_string())?;
+        let left = mem.pages_left_in_region(first).map_err(|e| e.to_string())?;
+        if (e.count as u64) > left {
+            return Err(format!(
+                "extent at gfn {:#x} of {} pages crosses the end of its region",
+                e.gfn, e.count
+            ));
+        }
+        s.indexes.extend(first..first + e.count as u64);
+    }
+    let codec = s.meta.codec.ok_or("batch without codec")?;
+    let racy = s.meta.flags & FLAG_RACY != 0;
+    if s.meta.flags & FLAG_DELTA != 0 {
+        return Err("delta payloads are not supported by this receiver".into());
+    }
+    let n = s.meta.pages();
+    if codec == CodecId::Raw {
+        if h.data_len as usize != s.meta.payload_len as usize {
+            return Err("raw payload length mismatch".into());
+        }
+        // Scatter-read the payload straight into guest memory: merge consecutive
+        // non-zero pages that are also contiguous in memory into one slice.
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for i in 0..n {
+            if s.meta.is_zero(i) {
+                continue;
+            }
+            let idx = s.indexes[i];
+            match spans.last_mut() {
+                Some((start, count))
+                    if *start + *count == idx && mem.locate(idx).map(|x| x.1).unwrap_or(0) != 0 =>
+                {
+                    *count += 1
+                }
+                _ => spans.push((idx, 1)),
+            }
+        }
+        let mut slices: Vec<IoSliceMut<'_>> = Vec::with_capacity(spans.len());
+        for &(start, count) in &spans {
+            // SAFETY: the destination VM is not running; within a round each page
+            // appears in at most one batch (sender contract), and the round gate keeps
+            // other streams off pages of other rounds, so no one else touches them.
+            slices.push(unsafe { mem.io_slice_mut(start, count) }.map_err(|e| e.to_string())?);
+        }
+        r.data_vectored(h, &mut slices).map_err(|e| e.to_string())?;
+        drop(slices);
+        for i in 0..n {
+            let idx = s.indexes[i];
+            if s.meta.is_zero(i) {
+                apply_zero(shared, idx, s.meta.hashes[i])?;
+                continue;
+            }
+            // SAFETY: as above, this thread is the only writer of the page.
+            let got = unsafe { mem.hash_page_exclusive(idx) }.map_err(|e| e.to_string())?;
+            record(shared, idx, s.meta.hashes[i], got, racy)?;
+        }
+    } else {
+        r.data_into(h, &mut s.data).map_err(|e| e.to_string())?;
+        s.decoded.resize(s.meta.payload_len as usize, 0);
+        s.codecs
+            .get(codec)
+            .decode(&s.data, &mut s.decoded)
+            .map_err(|e| e.to_string())?;
+        let mut off = 0;
+        for i in 0..n {
+            let idx = s.indexes[i];
+            if s.meta.is_zero(i) {
+                apply_zero(shared, idx, s.meta.hashes[i])?;
+                continue;
+            }
+            let page = &s.decoded[off..off + PAGE_SIZE];
+            off += PAGE_SIZE;
+            let got = page_hash(page);
+            if got != s.meta.hashes[i] && !racy {
+                return Err(format!(
+                    "page at index {idx} fails its checksum after {} decoding",
+                    codec.name()
+                ));
+            }
+            mem.write_pages(idx, page).map_err(|e| e.to_string())?;
+            record(shared, idx, s.meta.hashes[i], got, racy)?;
+        }
+    }
+    shared.pages.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+fn apply_zero(shared: &ApplyShared, idx: u64, claimed: u64) -> Result<(), String> {
+    if claimed != zero_page_hash() {
+        return Err(format!("zero page at index {idx} carries a non-zero hash"));
+    }
+    if shared.touched.is_marked(idx) {
+        shared
+            .memory
+            .zero_pages(idx, 1)
+            .map_err(|e| e.to_string())?;
+    }
+    shared.applied_hashes[idx as usize].store(claimed, Ordering::Release);
+    shared.zero_pages.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+fn record(
+    shared: &ApplyShared,
+    idx: u64,
+    claimed: u64,
+    got: u64,
+    racy: bool,
+) -> Result<(), String> {
+    if got != claimed {
+        if !racy {
+            return Err(format!(
+                "page at index {idx} fails its checksum (corrupted in transit)"
+            ));
+        }
+        shared.torn_pages.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.touched.mark(idx);
+    shared.applied_hashes[idx as usize].store(got, Ordering::Release);
+    Ok(())
+}

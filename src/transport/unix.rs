@@ -1,0 +1,94 @@
+//! Unix-domain socket streams (same host).
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{Acceptor, Connector, Stream, TransportError};
+
+impl Stream for UnixStream {
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
+        match self.try_clone() {
+            Ok(s) => Box::new(move || {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }),
+            Err(_) => Box::new(|| {}),
+        }
+    }
+}
+
+/// Connects to a Unix socket path.
+#[derive(Debug, Clone)]
+pub struct UnixConnector {
+    path: PathBuf,
+}
+
+impl UnixConnector {
+    /// Connector to `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+}
+
+impl Connector for UnixConnector {
+    fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
+        let s = UnixStream::connect(&self.path).map_err(|e| TransportError::Connect {
+            addr: self.path.display().to_string(),
+            source: e,
+        })?;
+        Ok(Box::new(s))
+    }
+    fn describe(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+}
+
+/// Accepts Unix-socket streams.
+#[derive(Debug)]
+pub struct UnixAcceptor {
+    listener: UnixListener,
+}
+
+impl UnixAcceptor {
+    /// Bind a new socket at `path` (removing a stale one).
+    pub fn bind(path: impl Into<PathBuf>) -> Result<Self, TransportError> {
+        let path = path.into();
+        let _ = std::fs::remove_file(&path);
+        Ok(Self {
+            listener: UnixListener::bind(&path).map_err(TransportError::Accept)?,
+        })
+    }
+}
+
+impl Acceptor for UnixAcceptor {
+    fn accept(&self, timeout: Duration) -> Result<Box<dyn Stream>, TransportError> {
+        self.listener
+            .set_nonblocking(true)
+            .map_err(TransportError::Accept)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).map_err(TransportError::Accept)?;
+                    return Ok(Box::new(s));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::Accept(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no connection within {timeout:?}"),
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(TransportError::Accept(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Control messages (JSON in the meta section of a control frame; binary
+//! attachments, such as the VM configuration or the device-state envelope, travel
+//! in the data section).
+
+use serde::{Deserialize, Serialize};
+
+use super::WireError;
+use crate::memory::MemoryLayout;
+
+/// Why a destination refuses a migration at handshake or setup. Each has its own
+/// message; the source reports it verbatim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseCode {
+    /// Protocol major/minor not supported.
+    Version,
+    /// The memory layout does not fit what the destination provides.
+    MemoryLayout,
+    /// Required CPU features are not a subset of the destination's.
+    CpuFeatures,
+    /// A virtual switch the VM's NICs attach to does not exist here.
+    SwitchName,
+    /// The host already runs its maximum number of incoming migrations.
+    HostBusy,
+    /// A device participant vetoed.
+    Veto,
+    /// Anything else (the message says what).
+    Other,
+}
+
+/// Compatibility vector sent at setup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompatVector {
+    /// CPU features the VM requires.
+    pub cpu_features: Vec<String>,
+    /// Virtual switch names the VM's NICs attach to.
+    pub switches: Vec<String>,
+}
+
+/// One control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMsg {
+    /// Source → destination, first message on the control stream.
+    Hello {
+        /// Always "livemig".
+        magic: String,
+        /// Protocol major.
+        major: u16,
+        /// Protocol minor.
+        minor: u16,
+        /// Random session id, repeated on every page stream.
+        session: u64,
+        /// Number of page streams the source will open.
+        streams: u16,
+        /// Optional features the source supports.
+        capabilities: Vec<String>,
+    },
+    /// Destination → source: handshake accepted.
+    Welcome {
+        /// Protocol major.
+        major: u16,
+        /// Protocol minor.
+        minor: u16,
+        /// Capabilities both sides support.
+        capabilities: Vec<String>,
+    },
+    /// Source → destination: VM configuration and memory layout. The attachment holds
+    /// the opaque VM config blob followed by each participant's setup info, with the
+    /// lengths given here.
+    Setup {
+        /// Guest memory layout.
+        layout: MemoryLayout,
+        /// Compatibility vector.
+        compat: CompatVector,
+        /// Length of the VM config blob at the start of the attachment.
+        config_len: u64,
+        /// (participant id, setup-info length) in attachment order after the config.
+        participants: Vec<(String, u64)>,
+    },
+    /// Destination → source: skeleton VM ready, memory allocated.
+    SetupOk,
+    /// Destination → source: refused (handshake or setup).
+    Refuse {
+        /// Machine-readable reason.
+        code: RefuseCode,
+        /// Human-readable reason.
+        message: String,
+    },
+    /// First frame of each page stream.
+    StreamHello {
+        /// Session id from Hello.
+        session: u64,
+        /// Stream index, 0-based.
+        index: u16,
+    },
+    /// Source → destination: the VM is paused; the final round follows.
+    Brownout {
+        /// Number of the final round.
+        final_round: u32,
+    },
+    /// Source → destination: device state; the attachment is a device-state envelope.
+    DeviceState,
+    /// Source → destination: all pages and state sent; commit if the digest matches.
+    Commit {
+        /// Digest of the per-page hash table of what was sent.
+        digest: u64,
+        /// Total pages in memory.
+        pages: u64,
+        /// Number of rounds, including the final one.
+        rounds: u32,
+    },
+    /// Destination → source: memory verified, devices restored; the VM runs here now.
+    Committed {
+        /// Time the destination spent verifying the digest (µs).
+        verify_us: u64,
+        /// Time the destination spent validating and restoring device state (µs).
+        restore_us: u64,
+    },
+    /// Destination → source: refused at commit (veto, digest mismatch, …).
+    Veto {
+        /// Participant or "memory".
+        participant: String,
+        /// Why.
+        reason: String,
+    },
+    /// Source → destination: migration cancelled; discard everything.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// Either side: fatal error.
+    Error {
+        /// What happened.
+        message: String,
+    },
+}
+
+impl ControlMsg {
+    /// Serialize to JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("control messages always serialize")
+    }
+
+    /// Parse JSON bytes (bounded by the frame's meta limit).
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        serde_json::from_slice(b).map_err(|e| WireError::Control(e.to_string()))
+    }
+
+    /// Short name for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Welcome { .. } => "welcome",
+            Self::Setup { .. } => "setup",
+            Self::SetupOk => "setup_ok",
+            Self::Refuse { .. } => "refuse",
+            Self::StreamHello { .. } => "stream_hello",
+            Self::Brownout { .. } => "brownout",
+            Self::DeviceState => "device_state",
+            Self::Commit { .. } => "commit",
+            Self::Committed { .. } => "committed",
+            Self::Veto { .. } => "veto",
+            Self::Abort { .. } => "abort",
+            Self::Error { .. } => "error",
+        }
+    }
+}
