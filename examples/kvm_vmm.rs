@@ -15,22 +15,25 @@
 //! the pages dirtied in the final (paused) round, and the guest must notice.
 
 use std::cell::Cell;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::raw::{c_int, c_void};
 use std::os::unix::thread::JoinHandleExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
-use livemig::device::{RestoreState, SaveState};
-use livemig::dirty::{DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
+use livemig::device::{ParticipantError, RestoreState, SaveState, Veto};
+use livemig::dirty::{DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, KvmSlot, TrackError, TrackerCaps};
+use livemig::engine::{DowntimePolicy, Migration, OnLimit, VmControl};
+use livemig::receiver::Receiver;
+use livemig::transport::tcp::TcpAcceptor;
 use livemig::kvm::{guest, probe_msrs, SharedVcpu, StateTimings, VcpuRestorer, VcpuSaver, VmRestorer, VmSaver};
 use livemig::memory::{GuestMemory, GuestRegion, PageSet};
 use livemig::PAGE_SIZE;
@@ -89,9 +92,12 @@ struct Opts {
     /// Guest passes the destination must see after switchover.
     #[arg(long, default_value_t = 10)]
     passes_after: u32,
-    /// Enter brownout once a round has at most this many dirty pages.
-    #[arg(long, default_value_t = 256)]
-    target_pages: u64,
+    /// Downtime target of the engine's convergence policy (ms).
+    #[arg(long, default_value_t = 10.0)]
+    target_ms: f64,
+    /// Page streams.
+    #[arg(long, default_value_t = 2)]
+    streams: u16,
     /// Give up converging after this many rounds (and brown out anyway).
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
@@ -111,7 +117,8 @@ impl Opts {
             format!("--spins={}", self.spins),
             format!("--warmup-ms={}", self.warmup_ms),
             format!("--passes-after={}", self.passes_after),
-            format!("--target-pages={}", self.target_pages),
+            format!("--target-ms={}", self.target_ms),
+            format!("--streams={}", self.streams),
             format!("--max-rounds={}", self.max_rounds),
         ];
         if self.drop_final_pages {
@@ -279,38 +286,25 @@ fn kick_signal() -> c_int {
 /// Re-kick interval while waiting for a pause to be acknowledged.
 const KICK_INTERVAL: Duration = Duration::from_micros(200);
 
-struct Runner {
+/// Pauses and resumes the vCPU thread from any thread (shared with the engine's
+/// `VmControl`).
+#[derive(Clone)]
+struct VcpuHandle {
     ctl: Arc<Ctl>,
-    handle: Option<JoinHandle<()>>,
-    events: Receiver<GuestEvent>,
+    /// The vCPU thread; valid while its `Runner` (which holds the JoinHandle) lives.
+    tid: libc::pthread_t,
 }
 
-impl Runner {
-    fn spawn(vcpu: SharedVcpu, pages: u64) -> Res<Self> {
-        static HANDLER: std::sync::Once = std::sync::Once::new();
-        let mut reg = Ok(());
-        HANDLER.call_once(|| reg = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick));
-        reg.map_err(err("register kick signal handler"))?;
-        let ctl = Arc::new(Ctl { state: Mutex::new(RunState::Running), cv: Condvar::new() });
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let c = ctl.clone();
-        let handle = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || vcpu_thread(vcpu, c, tx, pages))
-            .map_err(err("spawn vCPU thread"))?;
-        Ok(Self { ctl, handle: Some(handle), events: rx })
-    }
-
+impl VcpuHandle {
     fn kick(&self) {
-        if let Some(h) = &self.handle {
-            // SAFETY: the thread is not joined yet (we hold its JoinHandle), so its
-            // pthread_t is valid; the signal's handler only sets immediate_exit.
-            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
-        }
+        // SAFETY: the thread is not joined yet (its Runner holds the JoinHandle and
+        // outlives every handle's use), so `tid` is valid; the signal's handler only
+        // sets immediate_exit.
+        unsafe { libc::pthread_kill(self.tid, kick_signal()) };
     }
 
     /// Pause: returns once the vCPU left KVM_RUN, completed any pending I/O exit and
-    /// released the vCPU lock.
+    /// released the vCPU lock. Re-kicks every [`KICK_INTERVAL`] until acknowledged.
     fn pause(&self) -> Res<()> {
         let mut st = self.ctl.state.lock().map_err(|_| "ctl poisoned".to_string())?;
         match *st {
@@ -332,26 +326,50 @@ impl Runner {
 
     fn resume(&self) -> Res<()> {
         let mut st = self.ctl.state.lock().map_err(|_| "ctl poisoned".to_string())?;
-        if *st == RunState::Paused {
+        if matches!(*st, RunState::Paused | RunState::PauseRequested) {
             *st = RunState::Running;
             self.ctl.cv.notify_all();
         }
         Ok(())
     }
+}
+
+struct Runner {
+    handle: VcpuHandle,
+    join: Option<JoinHandle<()>>,
+    events: crossbeam_channel::Receiver<GuestEvent>,
+}
+
+impl Runner {
+    fn spawn(vcpu: SharedVcpu, pages: u64) -> Res<Self> {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        let mut reg = Ok(());
+        HANDLER.call_once(|| reg = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick));
+        reg.map_err(err("register kick signal handler"))?;
+        let ctl = Arc::new(Ctl { state: Mutex::new(RunState::Running), cv: Condvar::new() });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let c = ctl.clone();
+        let join = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || vcpu_thread(vcpu, c, tx, pages))
+            .map_err(err("spawn vCPU thread"))?;
+        let tid = join.as_pthread_t();
+        Ok(Self { handle: VcpuHandle { ctl, tid }, join: Some(join), events: rx })
+    }
 
     fn stop(&mut self) {
-        if let Ok(mut st) = self.ctl.state.lock() {
+        if let Ok(mut st) = self.handle.ctl.state.lock() {
             if *st != RunState::Exited {
                 *st = RunState::Stop;
             }
-            self.ctl.cv.notify_all();
+            self.handle.ctl.cv.notify_all();
         }
         // The guest may sit in `hlt` inside KVM_RUN: kick until the thread is gone.
-        while self.handle.as_ref().is_some_and(|h| !h.is_finished()) {
-            self.kick();
+        while self.join.as_ref().is_some_and(|h| !h.is_finished()) {
+            self.handle.kick();
             std::thread::sleep(KICK_INTERVAL);
         }
-        if let Some(h) = self.handle.take() {
+        if let Some(h) = self.join.take() {
             let _ = h.join();
         }
     }
@@ -488,55 +506,190 @@ fn demo(opts: &Opts) -> Res<Value> {
     let pause_ns = s["pause_mono_ns"].as_u64().unwrap_or(0);
     let resume_ns = d["resume_mono_ns"].as_u64().unwrap_or(0);
     let downtime_ms = resume_ns.saturating_sub(pause_ns) as f64 / 1e6;
+    let e = &s["engine"];
+    let bd = &e["downtime_breakdown"];
     Ok(json!({
         "guest_continued": d["guest_continued"],
         "stale_pages": d["stale_pages"],
         "passes_after": d["passes_after"],
         "first_pass_dst": d["first_pass"],
-        "last_pass_src": s["last_pass"],
-        "rounds": s["rounds"],
-        "round_pages": s["round_pages"],
+        "last_pass_src": d["first_pass_expected"].as_u64().map(|v| v.saturating_sub(1)),
+        "rounds": e["rounds"],
+        "round_pages": e["round_table"].as_array().map(|t| t.iter().map(|r| r["pages"].clone()).collect::<Vec<_>>()),
         "downtime_ms": downtime_ms,
         "downtime": {
-            "pause_vcpu_ms": s["pause_vcpu_ms"],
+            "definition": "source pause request -> destination about to KVM_RUN (CLOCK_MONOTONIC, both processes)",
+            "pause_vcpu_ms": bd["pause_ms"],
             "final_pages": s["final_pages"],
-            "final_round_ms": s["final_round_ms"],
+            "final_pages_dropped": s["final_pages_dropped"],
+            "final_harvest_ms": bd["final_harvest_ms"],
+            "final_pages_ms": bd["final_pages_ms"],
+            "device_state_ms": bd["device_state_ms"],
             "state_save_ms": s["state_save_ms"],
             "vcpu_state_bytes": s["vcpu_state_bytes"],
             "vm_state_bytes": s["vm_state_bytes"],
+            "device_state_bytes": bd["device_state_bytes"],
+            "digest_ms": bd["digest_ms"],
+            "commit_ms": bd["commit_ms"],
+            "dest_verify_ms": bd["dest_verify_ms"],
             "state_validate_ms": d["state_validate_ms"],
             "state_restore_ms": d["state_restore_ms"],
-            "dst_receive_to_run_ms": d["receive_to_run_ms"],
+            "dst_commit_to_run_ms": d["commit_to_run_ms"],
+            "engine_downtime_ms": e["downtime_ms"],
         },
         "precopy_ms": s["precopy_ms"],
         "dst_setup_ms": d["setup_ms"],
         "dirty_log_mode": s["dirty_log_mode"],
         "xmm7_ok": d["xmm7_ok"],
         "counter_ok": d["counter_ok"],
+        "verified": e["verified"],
         "dropped_final_pages": opts.drop_final_pages,
-        "transport": s["transport"],
+        "transport": format!("livemig engine over TCP ({}, {} streams)", e["mode"].as_str().unwrap_or("?"), e["streams"]),
+        "brownout_reason": e["brownout_reason"],
         "pages": opts.pages,
         "mem_mib": opts.mem_mib,
     }))
 }
 
 // ---------------------------------------------------------------------------------
-// Source and destination.
+// Engine glue: VmControl, the drop-final fault injector, a guest-progress participant.
 // ---------------------------------------------------------------------------------
 
-/// What the source's migration produced (whatever carried it).
-struct SourceOutcome {
-    rounds: u32,
-    round_pages: Vec<u64>,
-    final_pages: u64,
-    final_round: Duration,
-    pause_vcpu: Duration,
-    pause_mono_ns: u64,
-    precopy: Duration,
-    transport: &'static str,
-    /// The last guest pass seen before the pause.
-    last_pass: u32,
+/// The engine's handle on the source vCPU.
+struct KvmVmControl {
+    vcpu: VcpuHandle,
+    /// CLOCK_MONOTONIC at the pause request (for the cross-process downtime).
+    pause_mono_ns: Arc<AtomicU64>,
+    /// Set once paused: from then on, harvests are the final round.
+    paused: Arc<AtomicBool>,
 }
+
+impl VmControl for KvmVmControl {
+    fn pause(&mut self) -> Result<(), String> {
+        self.pause_mono_ns.store(mono_ns(), Ordering::SeqCst);
+        self.vcpu.pause()?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.paused.store(false, Ordering::SeqCst);
+        self.vcpu.resume()
+    }
+    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+        // The guest's dirty rate is fixed by its r15 spin count; a VMM would throttle
+        // by time-slicing the vCPU. Not needed here: the guest is slow on kvm-pvm.
+        Ok(())
+    }
+}
+
+/// Negative control: passes harvests through until the VM is paused, then empties
+/// the final round's set (the engine hands the pending pages in `into`), so the final
+/// dirty pages are never sent.
+struct DropFinal {
+    inner: Box<dyn DirtyTracker>,
+    paused: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl DirtyTracker for DropFinal {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn caps(&self) -> TrackerCaps {
+        self.inner.caps()
+    }
+    fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
+        self.inner.start(mem)
+    }
+    fn harvest(&mut self, mem: &GuestMemory, into: &mut PageSet) -> Result<(), TrackError> {
+        if self.paused.load(Ordering::SeqCst) {
+            // The engine passes the set still to be sent (the last pre-pause harvest);
+            // the final round is that plus this harvest. Drop all of it.
+            self.inner.harvest(mem, into)?;
+            self.dropped.fetch_add(into.count(), Ordering::SeqCst);
+            into.clear();
+            return Ok(());
+        }
+        self.inner.harvest(mem, into)
+    }
+    fn stop(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
+        self.inner.stop(mem)
+    }
+}
+
+const PROGRESS_ID: &str = "guest-progress";
+
+/// Source side: carries the last guest pass seen before the pause, so the destination
+/// can check that the guest goes on from exactly there.
+struct ProgressSaver {
+    events: crossbeam_channel::Receiver<GuestEvent>,
+}
+
+impl SaveState for ProgressSaver {
+    fn id(&self) -> &str {
+        PROGRESS_ID
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn setup_info(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn save(&mut self, out: &mut Vec<u8>) -> Result<(), ParticipantError> {
+        let last = last_guest_pass(&self.events)
+            .map_err(|message| ParticipantError::Failed { participant: PROGRESS_ID.into(), message })?;
+        out.extend_from_slice(&last.to_le_bytes());
+        Ok(())
+    }
+    fn committed(&mut self) {}
+    fn rolled_back(&mut self) {}
+}
+
+struct ProgressRestorer {
+    last_pass: Arc<AtomicU64>,
+}
+
+impl RestoreState for ProgressRestorer {
+    fn id(&self) -> &str {
+        PROGRESS_ID
+    }
+    fn validate_setup(&mut self, _info: &[u8]) -> Result<(), Veto> {
+        Ok(())
+    }
+    fn validate_state(&mut self, version: u32, blob: &[u8]) -> Result<(), Veto> {
+        if version != 1 || blob.len() != 4 {
+            return Err(Veto { participant: PROGRESS_ID.into(), reason: format!("bad blob v{version}, {} bytes", blob.len()) });
+        }
+        Ok(())
+    }
+    fn restore(&mut self, _version: u32, blob: &[u8]) -> Result<(), ParticipantError> {
+        let v = u32::from_le_bytes(blob.try_into().map_err(|_| ParticipantError::Failed {
+            participant: PROGRESS_ID.into(),
+            message: "blob is not 4 bytes".into(),
+        })?);
+        self.last_pass.store(u64::from(v) | 1 << 63, Ordering::SeqCst);
+        Ok(())
+    }
+    fn discard(&mut self) {}
+}
+
+/// Drain the source guest's events: the last pass it reported (fails on a guest error).
+fn last_guest_pass(events: &crossbeam_channel::Receiver<GuestEvent>) -> Res<u32> {
+    let mut last = 0;
+    for e in events.try_iter() {
+        match e {
+            GuestEvent::Pass { n, counter_ok: true } => last = n,
+            GuestEvent::Pass { n, counter_ok: false } => return Err(format!("source guest counter wrong at pass {n}")),
+            GuestEvent::Stale { addr } => return Err(format!("source guest found a stale page at {addr:#x}")),
+            GuestEvent::Failed(f) => return Err(format!("source guest failed: {f}")),
+        }
+    }
+    Ok(last)
+}
+
+// ---------------------------------------------------------------------------------
+// Source and destination.
+// ---------------------------------------------------------------------------------
 
 fn source(addr: &str, opts: &Opts) -> Res<Value> {
     let m = create_machine(opts)?;
@@ -545,31 +698,60 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
         let v = m.vcpu.lock().map_err(|_| "vCPU lock poisoned".to_string())?;
         probe_msrs(&m.kvm, &v).map_err(err("probe MSRs"))?
     };
-    let runner = Runner::spawn(m.vcpu.clone(), opts.pages)?;
+    let mut runner = Runner::spawn(m.vcpu.clone(), opts.pages)?;
     std::thread::sleep(Duration::from_millis(opts.warmup_ms));
     let vcpu_t = Arc::new(StateTimings::default());
     let vm_t = Arc::new(StateTimings::default());
-    // Ordering requirement (see livemig::kvm): vCPUs saved before the VM.
-    let participants: Vec<Box<dyn SaveState>> = vec![
-        Box::new(VcpuSaver::new("vcpu0", m.vcpu.clone(), msrs, vcpu_t.clone())),
-        Box::new(VmSaver::new(m.vm.clone(), vm_t.clone())),
-    ];
-    let outcome = migrate_source(&m, &runner, participants, addr, opts)?;
-    let last_pass = outcome.last_pass;
+    let pause_mono_ns = Arc::new(AtomicU64::new(0));
+    let paused = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let kvm_log = KvmDirtyLog::new(m.vm.clone(), vec![KvmSlot { slot: SLOT, gpa: 0, base_flags: 0 }], m.mode);
+    // This VMM writes guest memory only before the migration (the boot image), so the
+    // KVM log alone is complete; a VMM with device emulation would use
+    // UnionTracker(KvmDirtyLog, ExplicitTracker) (see livemig::dirty::kvm).
+    let tracker: Box<dyn DirtyTracker> = if opts.drop_final_pages {
+        Box::new(DropFinal { inner: Box::new(kvm_log), paused: paused.clone(), dropped: dropped.clone() })
+    } else {
+        Box::new(kvm_log)
+    };
+    let policy = DowntimePolicy {
+        target: Duration::from_micros((opts.target_ms * 1000.0) as u64),
+        max_rounds: opts.max_rounds,
+        max_time: Duration::from_secs(60),
+        on_limit: OnLimit::ForceBrownout,
+    };
+    let t0 = Instant::now();
+    // Ordering requirements (livemig::kvm): the destination restores in this order,
+    // so the VM-wide state comes before the vCPU.
+    let report = Migration::new(m.mem.clone())
+        .tracker(tracker)
+        .vm_control(Box::new(KvmVmControl {
+            vcpu: runner.handle.clone(),
+            pause_mono_ns: pause_mono_ns.clone(),
+            paused: paused.clone(),
+        }))
+        .policy(Box::new(policy))
+        .participant(Box::new(ProgressSaver { events: runner.events.clone() }))
+        .participant(Box::new(VmSaver::new(m.vm.clone(), vm_t.clone())))
+        .participant(Box::new(VcpuSaver::new("vcpu0", m.vcpu.clone(), msrs, vcpu_t.clone())))
+        .streams(opts.streams)
+        .run_tcp(addr)
+        .map_err(err("migration"))?;
+    let total = t0.elapsed();
+    // Committed: the guest now runs on the destination; this copy stays paused.
+    runner.stop();
+    let dropped = dropped.load(Ordering::SeqCst);
     Ok(json!({
         "role": "src",
-        "transport": outcome.transport,
-        "rounds": outcome.rounds,
-        "round_pages": outcome.round_pages,
-        "final_pages": outcome.final_pages,
-        "final_round_ms": ms(outcome.final_round),
-        "pause_vcpu_ms": ms(outcome.pause_vcpu),
-        "pause_mono_ns": outcome.pause_mono_ns,
+        "engine": report,
+        "final_pages": report.final_pages + dropped,
+        "final_pages_dropped": dropped,
+        "pause_mono_ns": pause_mono_ns.load(Ordering::SeqCst),
         "state_save_ms": (vcpu_t.save_ns.load(Ordering::Relaxed) + vm_t.save_ns.load(Ordering::Relaxed)) as f64 / 1e6,
         "vcpu_state_bytes": vcpu_t.bytes.load(Ordering::Relaxed),
         "vm_state_bytes": vm_t.bytes.load(Ordering::Relaxed),
-        "precopy_ms": ms(outcome.precopy),
-        "last_pass": last_pass,
+        "precopy_ms": report.total_ms - report.downtime_ms,
+        "total_ms": ms(total),
         "dirty_log_mode": format!("{:?}", m.mode),
     }))
 }
@@ -584,17 +766,26 @@ fn destination(listen: &str, opts: &Opts) -> Res<Value> {
     println!("LISTENING {}", listener.local_addr().map_err(err("local_addr"))?);
     std::io::stdout().flush().map_err(err("stdout"))?;
     let timings = Arc::new(StateTimings::default());
-    // Ordering requirement (see livemig::kvm): the VM restored before its vCPUs.
-    let participants: Vec<Box<dyn RestoreState>> = vec![
-        Box::new(VmRestorer::new(m.vm.clone(), timings.clone())),
-        Box::new(VcpuRestorer::new("vcpu0", m.vcpu.clone(), timings.clone())),
-    ];
-    let got = migrate_destination(&m, participants, listener)?;
+    let last_pass = Arc::new(AtomicU64::new(0));
+    let received = Receiver::new()
+        .memory(m.mem.clone())
+        .participant(Box::new(ProgressRestorer { last_pass: last_pass.clone() }))
+        .participant(Box::new(VmRestorer::new(m.vm.clone(), timings.clone())))
+        .participant(Box::new(VcpuRestorer::new("vcpu0", m.vcpu.clone(), timings.clone())))
+        .run(&TcpAcceptor::from_listener(listener))
+        .map_err(err("receive"))?;
+    let committed = Instant::now();
     let xmm7 = xmm7_ok(&m)?;
+    let last_pass = last_pass.load(Ordering::SeqCst);
+    if last_pass & (1 << 63) == 0 {
+        return Err("guest-progress state never arrived".into());
+    }
+    let last_pass_src = last_pass as u32;
     let resume_mono_ns = mono_ns();
-    let receive_to_run = got.state_received.elapsed();
+    let commit_to_run = committed.elapsed();
     let mut runner = Runner::spawn(m.vcpu.clone(), opts.pages)?;
-    let (mut passes, mut first, mut prev, mut stale, mut counter_ok, mut consecutive) = (0u32, None, 0u32, 0u32, true, true);
+    let (mut passes, mut first, mut prev, mut stale, mut counter_ok, mut consecutive) =
+        (0u32, None, 0u32, 0u32, true, true);
     let mut failure = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     while passes < opts.passes_after && stale == 0 {
@@ -625,267 +816,25 @@ fn destination(listen: &str, opts: &Opts) -> Res<Value> {
         }
     }
     runner.stop();
-    let first_ok = first == Some(got.last_pass_src + 1);
-    let continued = failure.is_none() && stale == 0 && passes >= opts.passes_after && first_ok && consecutive && counter_ok && xmm7;
+    let first_ok = first == Some(last_pass_src + 1);
+    let continued =
+        failure.is_none() && stale == 0 && passes >= opts.passes_after && first_ok && consecutive && counter_ok && xmm7;
     Ok(json!({
         "role": "dst",
         "guest_continued": continued,
         "stale_pages": stale,
         "passes_after": passes,
         "first_pass": first,
-        "first_pass_expected": got.last_pass_src + 1,
+        "first_pass_expected": last_pass_src + 1,
         "consecutive": consecutive,
         "counter_ok": counter_ok,
         "xmm7_ok": xmm7,
         "failure": failure,
         "setup_ms": ms(setup),
         "resume_mono_ns": resume_mono_ns,
-        "receive_to_run_ms": ms(receive_to_run),
+        "commit_to_run_ms": ms(commit_to_run),
         "state_validate_ms": timings.validate_ns.load(Ordering::Relaxed) as f64 / 1e6,
         "state_restore_ms": timings.restore_ns.load(Ordering::Relaxed) as f64 / 1e6,
-        "pages_received": got.pages,
+        "engine": received.report,
     }))
-}
-
-/// What the destination got.
-struct DestOutcome {
-    /// The last guest pass the source saw before pausing.
-    last_pass_src: u32,
-    /// When the device state arrived.
-    state_received: Instant,
-    pages: u64,
-}
-
-// ---------------------------------------------------------------------------------
-// Transport: this example's own minimal protocol over one TCP stream. It stands in
-// for the livemig engine until that lands; only `migrate_source` and
-// `migrate_destination` know about it.
-//
-//   PAGES   tag 1 | count u32 | count × (page index u64, 4096 bytes)
-//   STATE   tag 2 | pause_mono_ns u64 | last_pass u32 | n u32 |
-//                   n × (id_len u16, id, version u32, len u32, blob)
-//   (dst → src) ACK 1 byte: 1 = restored, 0 = vetoed/failed
-// ---------------------------------------------------------------------------------
-
-const TAG_PAGES: u8 = 1;
-const TAG_STATE: u8 = 2;
-const BATCH: usize = 256;
-
-fn send_pages(w: &mut impl Write, mem: &GuestMemory, pages: &mut dyn Iterator<Item = u64>, skip_zero: bool) -> Res<u64> {
-    let mut buf = vec![0u8; PAGE_SIZE];
-    let mut batch: Vec<u8> = Vec::with_capacity(BATCH * (8 + PAGE_SIZE));
-    let mut n = 0u32;
-    let mut total = 0u64;
-    let flush = |batch: &mut Vec<u8>, n: &mut u32, w: &mut dyn Write| -> Res<()> {
-        if *n > 0 {
-            w.write_all(&[TAG_PAGES]).map_err(err("send"))?;
-            w.write_all(&n.to_le_bytes()).map_err(err("send"))?;
-            w.write_all(batch).map_err(err("send"))?;
-            batch.clear();
-            *n = 0;
-        }
-        Ok(())
-    };
-    for index in pages {
-        mem.read_pages(index, &mut buf).map_err(err("read page"))?;
-        if skip_zero && buf.iter().all(|&b| b == 0) {
-            continue;
-        }
-        batch.extend_from_slice(&index.to_le_bytes());
-        batch.extend_from_slice(&buf);
-        n += 1;
-        total += 1;
-        if n as usize == BATCH {
-            flush(&mut batch, &mut n, w)?;
-        }
-    }
-    flush(&mut batch, &mut n, w)?;
-    Ok(total)
-}
-
-fn migrate_source(
-    m: &Machine,
-    runner: &Runner,
-    mut participants: Vec<Box<dyn SaveState>>,
-    addr: &str,
-    opts: &Opts,
-) -> Res<SourceOutcome> {
-    let stream = TcpStream::connect(addr).map_err(err("connect"))?;
-    stream.set_nodelay(true).map_err(err("nodelay"))?;
-    let mut ack = stream.try_clone().map_err(err("clone stream"))?;
-    let mut w = BufWriter::with_capacity(1 << 20, stream);
-    let mem = &*m.mem;
-    let total = mem.total_pages();
-    let t0 = Instant::now();
-    let mut tracker = KvmDirtyLog::new(m.vm.clone(), vec![KvmSlot { slot: SLOT, gpa: 0, base_flags: 0 }], m.mode);
-    tracker.start(mem).map_err(err("tracker start"))?;
-    // Round 0: every page (zero pages are implied: the destination's memory is fresh).
-    let mut round_pages = vec![send_pages(&mut w, mem, &mut (0..total), true)?];
-    let mut set = PageSet::new(total);
-    loop {
-        set.clear();
-        tracker.harvest(mem, &mut set).map_err(err("harvest"))?;
-        let dirty = set.count();
-        round_pages.push(send_pages(&mut w, mem, &mut set.iter(), false)?);
-        w.flush().map_err(err("send"))?;
-        if dirty <= opts.target_pages || round_pages.len() as u32 >= opts.max_rounds {
-            break;
-        }
-    }
-    let precopy = t0.elapsed();
-    // Brownout.
-    let pause_mono_ns = mono_ns();
-    let t = Instant::now();
-    runner.pause()?;
-    let pause_vcpu = t.elapsed();
-    let t = Instant::now();
-    set.clear();
-    tracker.harvest(mem, &mut set).map_err(err("final harvest"))?;
-    let final_pages = set.count();
-    if !opts.drop_final_pages {
-        send_pages(&mut w, mem, &mut set.iter(), false)?;
-    }
-    let final_round = t.elapsed();
-    tracker.stop(mem).map_err(err("tracker stop"))?;
-    let last_pass = last_guest_pass(runner)?;
-    let mut msg = vec![TAG_STATE];
-    msg.extend_from_slice(&pause_mono_ns.to_le_bytes());
-    msg.extend_from_slice(&last_pass.to_le_bytes());
-    msg.extend_from_slice(&(participants.len() as u32).to_le_bytes());
-    for p in &mut participants {
-        let mut blob = Vec::new();
-        p.save(&mut blob).map_err(err("save state"))?;
-        msg.extend_from_slice(&(p.id().len() as u16).to_le_bytes());
-        msg.extend_from_slice(p.id().as_bytes());
-        msg.extend_from_slice(&p.version().to_le_bytes());
-        msg.extend_from_slice(&(blob.len() as u32).to_le_bytes());
-        msg.extend_from_slice(&blob);
-    }
-    w.write_all(&msg).map_err(err("send state"))?;
-    w.flush().map_err(err("send state"))?;
-    let mut a = [0u8; 1];
-    ack.read_exact(&mut a).map_err(err("read ack"))?;
-    if a[0] != 1 {
-        runner.resume()?;
-        for p in &mut participants {
-            p.rolled_back();
-        }
-        return Err("destination refused the state; source guest resumed".into());
-    }
-    for p in &mut participants {
-        p.committed();
-    }
-    Ok(SourceOutcome {
-        rounds: round_pages.len() as u32,
-        round_pages,
-        final_pages,
-        final_round,
-        pause_vcpu,
-        pause_mono_ns,
-        precopy,
-        transport: "example-tcp",
-        last_pass,
-    })
-}
-
-/// Drain the source guest's events: the last pass it reported (fails on a guest error).
-fn last_guest_pass(runner: &Runner) -> Res<u32> {
-    let mut last = 0;
-    for e in runner.events.try_iter() {
-        match e {
-            GuestEvent::Pass { n, counter_ok: true } => last = n,
-            GuestEvent::Pass { n, counter_ok: false } => return Err(format!("source guest counter wrong at pass {n}")),
-            GuestEvent::Stale { addr } => return Err(format!("source guest found a stale page at {addr:#x}")),
-            GuestEvent::Failed(f) => return Err(format!("source guest failed: {f}")),
-        }
-    }
-    Ok(last)
-}
-
-fn read_u32(r: &mut impl Read) -> Res<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b).map_err(err("receive"))?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_u64(r: &mut impl Read) -> Res<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b).map_err(err("receive"))?;
-    Ok(u64::from_le_bytes(b))
-}
-
-fn migrate_destination(
-    m: &Machine,
-    mut participants: Vec<Box<dyn RestoreState>>,
-    listener: TcpListener,
-) -> Res<DestOutcome> {
-    let (stream, _) = listener.accept().map_err(err("accept"))?;
-    let mut ack = stream.try_clone().map_err(err("clone stream"))?;
-    let mut r = BufReader::with_capacity(1 << 20, stream);
-    let mem = &*m.mem;
-    let mut page = vec![0u8; PAGE_SIZE];
-    let mut pages = 0u64;
-    loop {
-        let mut tag = [0u8; 1];
-        r.read_exact(&mut tag).map_err(err("receive"))?;
-        match tag[0] {
-            TAG_PAGES => {
-                let n = read_u32(&mut r)?;
-                for _ in 0..n {
-                    let index = read_u64(&mut r)?;
-                    r.read_exact(&mut page).map_err(err("receive"))?;
-                    mem.write_pages(index, &page).map_err(err("write page"))?;
-                }
-                pages += u64::from(n);
-            }
-            TAG_STATE => {
-                let state_received = Instant::now();
-                let _pause_ns = read_u64(&mut r)?;
-                let last_pass_src = read_u32(&mut r)?;
-                let n = read_u32(&mut r)?;
-                let mut blobs = Vec::new();
-                for _ in 0..n {
-                    let mut l = [0u8; 2];
-                    r.read_exact(&mut l).map_err(err("receive"))?;
-                    let mut id = vec![0u8; u16::from_le_bytes(l) as usize];
-                    r.read_exact(&mut id).map_err(err("receive"))?;
-                    let version = read_u32(&mut r)?;
-                    let len = read_u32(&mut r)? as usize;
-                    if len > livemig::kvm::state::MAX_STATE_BYTES {
-                        return Err("state blob too large".into());
-                    }
-                    let mut blob = vec![0u8; len];
-                    r.read_exact(&mut blob).map_err(err("receive"))?;
-                    blobs.push((String::from_utf8_lossy(&id).into_owned(), version, blob));
-                }
-                // Validate every participant before restoring any.
-                let mut vetoed = None;
-                for p in &mut participants {
-                    let Some((_, v, b)) = blobs.iter().find(|(id, _, _)| id == p.id()) else {
-                        vetoed = Some(format!("no state for {}", p.id()));
-                        break;
-                    };
-                    if let Err(v) = p.validate_state(*v, b) {
-                        vetoed = Some(v.to_string());
-                        break;
-                    }
-                }
-                if let Some(v) = vetoed {
-                    participants.iter_mut().for_each(|p| p.discard());
-                    let _ = ack.write_all(&[0]);
-                    return Err(v);
-                }
-                for p in &mut participants {
-                    let (_, v, b) = blobs.iter().find(|(id, _, _)| id == p.id()).ok_or("state vanished")?;
-                    if let Err(e) = p.restore(*v, b) {
-                        let _ = ack.write_all(&[0]);
-                        return Err(e.to_string());
-                    }
-                }
-                ack.write_all(&[1]).map_err(err("send ack"))?;
-                return Ok(DestOutcome { last_pass_src, state_received, pages });
-            }
-            t => return Err(format!("unknown message tag {t}")),
-        }
-    }
 }
