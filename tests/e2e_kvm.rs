@@ -2,8 +2,8 @@
 //! memory, and keeps running on the destination without finding a stale page. The
 //! negative control drops the final dirty pages and the guest must notice.
 //!
-//! Runs the `kvm_vmm` example binary (built here with `cargo build --example`, which
-//! is a no-op when it is up to date). Skips without `/dev/kvm`, fails instead when
+//! Runs the `kvm_vmm` example binary, built here with `cargo build --example` (a no-op
+//! when it is up to date; cargo reports the executable's path). Skips without `/dev/kvm`, fails instead when
 //! `LIVEMIG_CI=1`.
 #![cfg(feature = "kvm")]
 
@@ -25,30 +25,33 @@ fn kvm_available() -> bool {
     }
 }
 
-/// Build the example with the same profile directory as this test and return its path.
+/// Build the example (with the `test` profile, optimised, or `release` when the tests
+/// run in release) and return its path as reported by cargo itself.
 fn example_binary() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // current_exe = <target>/<profile>/deps/e2e_kvm-<hash>
+        // current_exe = <target>/<profile dir>/deps/e2e_kvm-<hash>
         let exe = std::env::current_exe().expect("current_exe");
         let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>").to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--features", "kvm", "--example", "kvm_vmm"])
+        cmd.args(["build", "--features", "kvm", "--example", "kvm_vmm", "--message-format=json-render-diagnostics"])
             .arg("--manifest-path")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
-        if release {
-            cmd.arg("--release");
-        }
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .args(if release { ["--profile", "release"] } else { ["--profile", "test"] })
+            .stderr(std::process::Stdio::inherit());
         if let Some(target_dir) = profile_dir.parent() {
             cmd.env("CARGO_TARGET_DIR", target_dir);
         }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "building the kvm_vmm example failed");
-        let bin = profile_dir.join("examples").join("kvm_vmm");
-        assert!(bin.exists(), "{} missing after build", bin.display());
-        bin
+        let out = cmd.output().expect("run cargo build");
+        assert!(out.status.success(), "building the kvm_vmm example failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "kvm_vmm")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no kvm_vmm executable")
     })
 }
 
@@ -83,12 +86,13 @@ fn guest_migrates_and_continues() {
     );
     assert_eq!(r["xmm7_ok"], true, "FPU/SSE state must survive: {r}");
     assert!(r["rounds"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(r["verified"], true, "engine digest must match: {r}");
     let downtime = r["downtime_ms"].as_f64().unwrap();
     assert!(downtime > 0.0 && downtime < 5_000.0, "{r}");
     let b = &r["downtime"];
     assert!(b["vcpu_state_bytes"].as_u64().unwrap() > 1000, "{r}");
     assert!(b["vm_state_bytes"].as_u64().unwrap() > 0, "{r}");
-    for key in ["pause_vcpu_ms", "final_round_ms", "state_save_ms", "state_restore_ms", "state_validate_ms"] {
+    for key in ["pause_vcpu_ms", "final_pages_ms", "state_save_ms", "state_restore_ms", "state_validate_ms", "commit_ms"] {
         assert!(b[key].as_f64().is_some(), "breakdown lacks {key}: {r}");
     }
 }

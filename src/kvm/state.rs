@@ -263,7 +263,7 @@ impl VmState {
             chip.chip_id = id;
             vm.get_irqchip(chip).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
         }
-        // The clock last: see the ordering requirements in `crate::kvm`.
+        // Ordering requirements: see `crate::kvm` (irqchips, then the clock).
         let clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
         Ok(Self { irqchips, clock })
     }
