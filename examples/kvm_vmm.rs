@@ -30,12 +30,16 @@ use crossbeam_channel::Sender;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use livemig::device::{ParticipantError, RestoreState, SaveState, Veto};
-use livemig::dirty::{DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, KvmSlot, TrackError, TrackerCaps};
+use livemig::dirty::{
+    DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, KvmSlot, TrackError, TrackerCaps,
+};
 use livemig::engine::{DowntimePolicy, Migration, OnLimit, VmControl};
+use livemig::kvm::{
+    guest, probe_msrs, SharedVcpu, StateTimings, VcpuRestorer, VcpuSaver, VmRestorer, VmSaver,
+};
+use livemig::memory::{GuestMemory, GuestRegion, PageSet};
 use livemig::receiver::Receiver;
 use livemig::transport::tcp::TcpAcceptor;
-use livemig::kvm::{guest, probe_msrs, SharedVcpu, StateTimings, VcpuRestorer, VcpuSaver, VmRestorer, VmSaver};
-use livemig::memory::{GuestMemory, GuestRegion, PageSet};
 use livemig::PAGE_SIZE;
 use serde_json::{json, Value};
 
@@ -156,7 +160,10 @@ fn main() {
 /// CLOCK_MONOTONIC in nanoseconds: one clock for both processes on this host, so the
 /// destination can compute downtime from the source's pause timestamp.
 fn mono_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -192,7 +199,10 @@ fn create_machine(opts: &Opts) -> Res<Machine> {
     };
     let bytes = (opts.mem_mib as usize) << 20;
     if guest::WORKSET_GPA + opts.pages * PAGE_SIZE as u64 > bytes as u64 {
-        return Err(format!("{} pages do not fit in {} MiB", opts.pages, opts.mem_mib));
+        return Err(format!(
+            "{} pages do not fit in {} MiB",
+            opts.pages, opts.mem_mib
+        ));
     }
     let region = GuestRegion::memfd(0, bytes, "guest-ram").map_err(err("memfd"))?;
     let slot = kvm_userspace_memory_region {
@@ -208,28 +218,44 @@ fn create_machine(opts: &Opts) -> Res<Machine> {
     let _ = vm.set_tss_address(0xfffb_d000);
     vm.create_irq_chip().map_err(err("KVM_CREATE_IRQCHIP"))?;
     let vcpu = vm.create_vcpu(0).map_err(err("KVM_CREATE_VCPU"))?;
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
     let mem = Arc::new(GuestMemory::new(vec![region]).map_err(err("guest memory"))?);
-    Ok(Machine { vcpu: Arc::new(Mutex::new(vcpu)), vm: Arc::new(vm), kvm, mode, mem })
+    Ok(Machine {
+        vcpu: Arc::new(Mutex::new(vcpu)),
+        vm: Arc::new(vm),
+        kvm,
+        mode,
+        mem,
+    })
 }
 
 fn boot_guest(m: &Machine, opts: &Opts) -> Res<()> {
     guest::write_boot_image(&m.mem.regions()[0]).map_err(err("boot image"))?;
-    let vcpu = m.vcpu.lock().map_err(|_| "vCPU lock poisoned".to_string())?;
+    let vcpu = m
+        .vcpu
+        .lock()
+        .map_err(|_| "vCPU lock poisoned".to_string())?;
     let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-    vcpu.set_sregs(&guest::long_mode_sregs(sregs)).map_err(err("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&guest::initial_regs(opts.pages, opts.spins)).map_err(err("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&guest::long_mode_sregs(sregs))
+        .map_err(err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&guest::initial_regs(opts.pages, opts.spins))
+        .map_err(err("KVM_SET_REGS"))?;
     let mut xsave = vcpu.get_xsave().map_err(err("KVM_GET_XSAVE"))?;
     xsave.region[XMM7_WORD..XMM7_WORD + 4].copy_from_slice(&XMM7_MAGIC);
     xsave.region[XSTATE_BV_WORD] |= 0b10; // SSE state valid (else KVM ignores xmm).
-    // SAFETY: a legacy 4 KiB xsave area just read with KVM_GET_XSAVE, two words changed.
+                                          // SAFETY: a legacy 4 KiB xsave area just read with KVM_GET_XSAVE, two words changed.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(err("KVM_SET_XSAVE"))?;
     Ok(())
 }
 
 fn xmm7_ok(m: &Machine) -> Res<bool> {
-    let vcpu = m.vcpu.lock().map_err(|_| "vCPU lock poisoned".to_string())?;
+    let vcpu = m
+        .vcpu
+        .lock()
+        .map_err(|_| "vCPU lock poisoned".to_string())?;
     let xsave = vcpu.get_xsave().map_err(err("KVM_GET_XSAVE"))?;
     Ok(xsave.region[XMM7_WORD..XMM7_WORD + 4] == XMM7_MAGIC)
 }
@@ -306,7 +332,11 @@ impl VcpuHandle {
     /// Pause: returns once the vCPU left KVM_RUN, completed any pending I/O exit and
     /// released the vCPU lock. Re-kicks every [`KICK_INTERVAL`] until acknowledged.
     fn pause(&self) -> Res<()> {
-        let mut st = self.ctl.state.lock().map_err(|_| "ctl poisoned".to_string())?;
+        let mut st = self
+            .ctl
+            .state
+            .lock()
+            .map_err(|_| "ctl poisoned".to_string())?;
         match *st {
             RunState::Exited | RunState::Stop => return Err("vCPU is not running".into()),
             RunState::Paused => return Ok(()),
@@ -314,7 +344,11 @@ impl VcpuHandle {
         }
         loop {
             self.kick();
-            let (g, _) = self.ctl.cv.wait_timeout(st, KICK_INTERVAL).map_err(|_| "ctl poisoned".to_string())?;
+            let (g, _) = self
+                .ctl
+                .cv
+                .wait_timeout(st, KICK_INTERVAL)
+                .map_err(|_| "ctl poisoned".to_string())?;
             st = g;
             match *st {
                 RunState::Paused => return Ok(()),
@@ -325,7 +359,11 @@ impl VcpuHandle {
     }
 
     fn resume(&self) -> Res<()> {
-        let mut st = self.ctl.state.lock().map_err(|_| "ctl poisoned".to_string())?;
+        let mut st = self
+            .ctl
+            .state
+            .lock()
+            .map_err(|_| "ctl poisoned".to_string())?;
         if matches!(*st, RunState::Paused | RunState::PauseRequested) {
             *st = RunState::Running;
             self.ctl.cv.notify_all();
@@ -344,9 +382,14 @@ impl Runner {
     fn spawn(vcpu: SharedVcpu, pages: u64) -> Res<Self> {
         static HANDLER: std::sync::Once = std::sync::Once::new();
         let mut reg = Ok(());
-        HANDLER.call_once(|| reg = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick));
+        HANDLER.call_once(|| {
+            reg = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        });
         reg.map_err(err("register kick signal handler"))?;
-        let ctl = Arc::new(Ctl { state: Mutex::new(RunState::Running), cv: Condvar::new() });
+        let ctl = Arc::new(Ctl {
+            state: Mutex::new(RunState::Running),
+            cv: Condvar::new(),
+        });
         let (tx, rx) = crossbeam_channel::unbounded();
         let c = ctl.clone();
         let join = std::thread::Builder::new()
@@ -354,7 +397,11 @@ impl Runner {
             .spawn(move || vcpu_thread(vcpu, c, tx, pages))
             .map_err(err("spawn vCPU thread"))?;
         let tid = join.as_pthread_t();
-        Ok(Self { handle: VcpuHandle { ctl, tid }, join: Some(join), events: rx })
+        Ok(Self {
+            handle: VcpuHandle { ctl, tid },
+            join: Some(join),
+            events: rx,
+        })
     }
 
     fn stop(&mut self) {
@@ -403,7 +450,9 @@ fn vcpu_thread(vcpu: SharedVcpu, ctl: Arc<Ctl>, tx: Sender<GuestEvent>, pages: u
     };
     loop {
         {
-            let Ok(mut st) = ctl.state.lock() else { return finish(&ctl) };
+            let Ok(mut st) = ctl.state.lock() else {
+                return finish(&ctl);
+            };
             if matches!(*st, RunState::PauseRequested | RunState::Stop) {
                 // Pitfall: an I/O exit completes only on the next KVM_RUN. Re-enter once
                 // with immediate_exit = 1: KVM finishes the pending PIO, then returns EINTR
@@ -432,7 +481,9 @@ fn vcpu_thread(vcpu: SharedVcpu, ctl: Arc<Ctl>, tx: Sender<GuestEvent>, pages: u
                 continue;
             }
         }
-        let Ok(mut v) = vcpu.lock() else { return finish(&ctl) };
+        let Ok(mut v) = vcpu.lock() else {
+            return finish(&ctl);
+        };
         let event = match v.run() {
             Ok(VcpuExit::IoOut(port, data)) if port == guest::PORT_PASS => {
                 let n = io_u32(data);
@@ -471,7 +522,11 @@ fn vcpu_thread(vcpu: SharedVcpu, ctl: Arc<Ctl>, tx: Sender<GuestEvent>, pages: u
 
 fn last_json_line(out: &[u8]) -> Res<Value> {
     let text = String::from_utf8_lossy(out);
-    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).ok_or("no JSON output")?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or("no JSON output")?;
     serde_json::from_str(line).map_err(err("parse JSON"))
 }
 
@@ -485,8 +540,14 @@ fn demo(opts: &Opts) -> Res<Value> {
         .map_err(err("spawn dst"))?;
     let mut dst_out = BufReader::new(dst.stdout.take().ok_or("dst stdout")?);
     let mut first = String::new();
-    dst_out.read_line(&mut first).map_err(err("read dst address"))?;
-    let addr = first.trim().strip_prefix("LISTENING ").ok_or_else(|| format!("dst said {first:?}"))?.to_string();
+    dst_out
+        .read_line(&mut first)
+        .map_err(err("read dst address"))?;
+    let addr = first
+        .trim()
+        .strip_prefix("LISTENING ")
+        .ok_or_else(|| format!("dst said {first:?}"))?
+        .to_string();
     let src = Command::new(&exe)
         .arg("src")
         .arg(format!("--addr={addr}"))
@@ -496,10 +557,15 @@ fn demo(opts: &Opts) -> Res<Value> {
         .map_err(err("spawn src"))?;
     let src_out = src.wait_with_output().map_err(err("wait src"))?;
     let mut rest = Vec::new();
-    dst_out.read_to_end(&mut rest).map_err(err("read dst output"))?;
+    dst_out
+        .read_to_end(&mut rest)
+        .map_err(err("read dst output"))?;
     let dst_status = dst.wait().map_err(err("wait dst"))?;
     if !src_out.status.success() || !dst_status.success() {
-        return Err(format!("src exited {}, dst exited {}", src_out.status, dst_status));
+        return Err(format!(
+            "src exited {}, dst exited {}",
+            src_out.status, dst_status
+        ));
     }
     let s = last_json_line(&src_out.stdout)?;
     let d = last_json_line(&rest)?;
@@ -636,8 +702,10 @@ impl SaveState for ProgressSaver {
         Vec::new()
     }
     fn save(&mut self, out: &mut Vec<u8>) -> Result<(), ParticipantError> {
-        let last = last_guest_pass(&self.events)
-            .map_err(|message| ParticipantError::Failed { participant: PROGRESS_ID.into(), message })?;
+        let last = last_guest_pass(&self.events).map_err(|message| ParticipantError::Failed {
+            participant: PROGRESS_ID.into(),
+            message,
+        })?;
         out.extend_from_slice(&last.to_le_bytes());
         Ok(())
     }
@@ -658,7 +726,10 @@ impl RestoreState for ProgressRestorer {
     }
     fn validate_state(&mut self, version: u32, blob: &[u8]) -> Result<(), Veto> {
         if version != 1 || blob.len() != 4 {
-            return Err(Veto { participant: PROGRESS_ID.into(), reason: format!("bad blob v{version}, {} bytes", blob.len()) });
+            return Err(Veto {
+                participant: PROGRESS_ID.into(),
+                reason: format!("bad blob v{version}, {} bytes", blob.len()),
+            });
         }
         Ok(())
     }
@@ -667,7 +738,8 @@ impl RestoreState for ProgressRestorer {
             participant: PROGRESS_ID.into(),
             message: "blob is not 4 bytes".into(),
         })?);
-        self.last_pass.store(u64::from(v) | 1 << 63, Ordering::SeqCst);
+        self.last_pass
+            .store(u64::from(v) | 1 << 63, Ordering::SeqCst);
         Ok(())
     }
     fn discard(&mut self) {}
@@ -678,9 +750,17 @@ fn last_guest_pass(events: &crossbeam_channel::Receiver<GuestEvent>) -> Res<u32>
     let mut last = 0;
     for e in events.try_iter() {
         match e {
-            GuestEvent::Pass { n, counter_ok: true } => last = n,
-            GuestEvent::Pass { n, counter_ok: false } => return Err(format!("source guest counter wrong at pass {n}")),
-            GuestEvent::Stale { addr } => return Err(format!("source guest found a stale page at {addr:#x}")),
+            GuestEvent::Pass {
+                n,
+                counter_ok: true,
+            } => last = n,
+            GuestEvent::Pass {
+                n,
+                counter_ok: false,
+            } => return Err(format!("source guest counter wrong at pass {n}")),
+            GuestEvent::Stale { addr } => {
+                return Err(format!("source guest found a stale page at {addr:#x}"))
+            }
             GuestEvent::Failed(f) => return Err(format!("source guest failed: {f}")),
         }
     }
@@ -695,7 +775,10 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
     let m = create_machine(opts)?;
     boot_guest(&m, opts)?;
     let msrs = {
-        let v = m.vcpu.lock().map_err(|_| "vCPU lock poisoned".to_string())?;
+        let v = m
+            .vcpu
+            .lock()
+            .map_err(|_| "vCPU lock poisoned".to_string())?;
         probe_msrs(&m.kvm, &v).map_err(err("probe MSRs"))?
     };
     let mut runner = Runner::spawn(m.vcpu.clone(), opts.pages)?;
@@ -705,12 +788,24 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
     let pause_mono_ns = Arc::new(AtomicU64::new(0));
     let paused = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicU64::new(0));
-    let kvm_log = KvmDirtyLog::new(m.vm.clone(), vec![KvmSlot { slot: SLOT, gpa: 0, base_flags: 0 }], m.mode);
+    let kvm_log = KvmDirtyLog::new(
+        m.vm.clone(),
+        vec![KvmSlot {
+            slot: SLOT,
+            gpa: 0,
+            base_flags: 0,
+        }],
+        m.mode,
+    );
     // This VMM writes guest memory only before the migration (the boot image), so the
     // KVM log alone is complete; a VMM with device emulation would use
     // UnionTracker(KvmDirtyLog, ExplicitTracker) (see livemig::dirty::kvm).
     let tracker: Box<dyn DirtyTracker> = if opts.drop_final_pages {
-        Box::new(DropFinal { inner: Box::new(kvm_log), paused: paused.clone(), dropped: dropped.clone() })
+        Box::new(DropFinal {
+            inner: Box::new(kvm_log),
+            paused: paused.clone(),
+            dropped: dropped.clone(),
+        })
     } else {
         Box::new(kvm_log)
     };
@@ -731,9 +826,16 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
             paused: paused.clone(),
         }))
         .policy(Box::new(policy))
-        .participant(Box::new(ProgressSaver { events: runner.events.clone() }))
+        .participant(Box::new(ProgressSaver {
+            events: runner.events.clone(),
+        }))
         .participant(Box::new(VmSaver::new(m.vm.clone(), vm_t.clone())))
-        .participant(Box::new(VcpuSaver::new("vcpu0", m.vcpu.clone(), msrs, vcpu_t.clone())))
+        .participant(Box::new(VcpuSaver::new(
+            "vcpu0",
+            m.vcpu.clone(),
+            msrs,
+            vcpu_t.clone(),
+        )))
         .streams(opts.streams)
         .run_tcp(addr)
         .map_err(err("migration"))?;
@@ -760,18 +862,29 @@ fn destination(listen: &str, opts: &Opts) -> Res<Value> {
     // The VM, its memory and vCPU exist before any page arrives: not downtime.
     let t = Instant::now();
     let m = create_machine(opts)?;
-    m.mem.regions()[0].prefault(0, m.mem.total_pages()).map_err(err("prefault"))?;
+    m.mem.regions()[0]
+        .prefault(0, m.mem.total_pages())
+        .map_err(err("prefault"))?;
     let setup = t.elapsed();
     let listener = TcpListener::bind(listen).map_err(err("bind"))?;
-    println!("LISTENING {}", listener.local_addr().map_err(err("local_addr"))?);
+    println!(
+        "LISTENING {}",
+        listener.local_addr().map_err(err("local_addr"))?
+    );
     std::io::stdout().flush().map_err(err("stdout"))?;
     let timings = Arc::new(StateTimings::default());
     let last_pass = Arc::new(AtomicU64::new(0));
     let received = Receiver::new()
         .memory(m.mem.clone())
-        .participant(Box::new(ProgressRestorer { last_pass: last_pass.clone() }))
+        .participant(Box::new(ProgressRestorer {
+            last_pass: last_pass.clone(),
+        }))
         .participant(Box::new(VmRestorer::new(m.vm.clone(), timings.clone())))
-        .participant(Box::new(VcpuRestorer::new("vcpu0", m.vcpu.clone(), timings.clone())))
+        .participant(Box::new(VcpuRestorer::new(
+            "vcpu0",
+            m.vcpu.clone(),
+            timings.clone(),
+        )))
         .run(&TcpAcceptor::from_listener(listener))
         .map_err(err("receive"))?;
     let committed = Instant::now();
@@ -817,8 +930,13 @@ fn destination(listen: &str, opts: &Opts) -> Res<Value> {
     }
     runner.stop();
     let first_ok = first == Some(last_pass_src + 1);
-    let continued =
-        failure.is_none() && stale == 0 && passes >= opts.passes_after && first_ok && consecutive && counter_ok && xmm7;
+    let continued = failure.is_none()
+        && stale == 0
+        && passes >= opts.passes_after
+        && first_ok
+        && consecutive
+        && counter_ok
+        && xmm7;
     Ok(json!({
         "role": "dst",
         "guest_continued": continued,

@@ -15,7 +15,11 @@ use serde_json::Value;
 
 fn kvm_available() -> bool {
     let ci = std::env::var("LIVEMIG_CI").is_ok_and(|v| v == "1");
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) if ci => panic!("LIVEMIG_CI=1 but /dev/kvm is unusable: {e}"),
         Err(e) => {
@@ -32,15 +36,30 @@ fn example_binary() -> &'static PathBuf {
     BIN.get_or_init(|| {
         // current_exe = <target>/<profile dir>/deps/e2e_kvm-<hash>
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target/<profile>")
+            .to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--features", "kvm", "--example", "kvm_vmm", "--message-format=json-render-diagnostics"])
-            .arg("--manifest-path")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-            .args(if release { ["--profile", "release"] } else { ["--profile", "test"] })
-            .stderr(std::process::Stdio::inherit());
+        cmd.args([
+            "build",
+            "--features",
+            "kvm",
+            "--example",
+            "kvm_vmm",
+            "--message-format=json-render-diagnostics",
+        ])
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .args(if release {
+            ["--profile", "release"]
+        } else {
+            ["--profile", "test"]
+        })
+        .stderr(std::process::Stdio::inherit());
         if let Some(target_dir) = profile_dir.parent() {
             cmd.env("CARGO_TARGET_DIR", target_dir);
         }
@@ -58,7 +77,12 @@ fn example_binary() -> &'static PathBuf {
 fn demo(extra: &[&str]) -> Value {
     let out = Command::new(example_binary())
         .arg("demo")
-        .args(["--mem-mib=16", "--pages=1024", "--warmup-ms=200", "--passes-after=8"])
+        .args([
+            "--mem-mib=16",
+            "--pages=1024",
+            "--warmup-ms=200",
+            "--passes-after=8",
+        ])
         .args(extra)
         .output()
         .expect("run kvm_vmm demo");
@@ -92,7 +116,14 @@ fn guest_migrates_and_continues() {
     let b = &r["downtime"];
     assert!(b["vcpu_state_bytes"].as_u64().unwrap() > 1000, "{r}");
     assert!(b["vm_state_bytes"].as_u64().unwrap() > 0, "{r}");
-    for key in ["pause_vcpu_ms", "final_pages_ms", "state_save_ms", "state_restore_ms", "state_validate_ms", "commit_ms"] {
+    for key in [
+        "pause_vcpu_ms",
+        "final_pages_ms",
+        "state_save_ms",
+        "state_restore_ms",
+        "state_validate_ms",
+        "commit_ms",
+    ] {
         assert!(b[key].as_f64().is_some(), "breakdown lacks {key}: {r}");
     }
 }
@@ -105,7 +136,13 @@ fn dropping_final_pages_is_detected() {
     // Brown out after one copy round so the final (paused) round has many dirty pages,
     // then drop them: the guest on the destination must find a stale page.
     let r = demo(&["--drop-final-pages", "--max-rounds=2"]);
-    assert!(r["downtime"]["final_pages"].as_u64().unwrap() > 0, "nothing to drop: {r}");
-    assert!(r["stale_pages"].as_u64().unwrap() >= 1, "stale page not detected: {r}");
+    assert!(
+        r["downtime"]["final_pages"].as_u64().unwrap() > 0,
+        "nothing to drop: {r}"
+    );
+    assert!(
+        r["stale_pages"].as_u64().unwrap() >= 1,
+        "stale page not detected: {r}"
+    );
     assert_eq!(r["guest_continued"], false, "{r}");
 }

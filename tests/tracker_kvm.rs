@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use livemig::dirty::{DirtyTracker, ExplicitTracker, KvmDirtyLog, KvmDirtyLogMode, KvmSlot, UnionTracker};
+use livemig::dirty::{
+    DirtyTracker, ExplicitTracker, KvmDirtyLog, KvmDirtyLogMode, KvmSlot, UnionTracker,
+};
 use livemig::kvm::guest;
 use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion, PageSet};
 
@@ -35,7 +37,11 @@ struct TinyVm {
 
 fn tiny_vm(kvm: &Kvm, manual: bool) -> (TinyVm, KvmDirtyLogMode) {
     let vm = kvm.create_vm().unwrap();
-    let mode = if manual { KvmDirtyLog::enable_manual_protect(&vm).unwrap() } else { KvmDirtyLogMode::Plain };
+    let mode = if manual {
+        KvmDirtyLog::enable_manual_protect(&vm).unwrap()
+    } else {
+        KvmDirtyLogMode::Plain
+    };
     let region = GuestRegion::memfd(0, MEM, "tracker-test").unwrap();
     guest::write_boot_image(&region).unwrap();
     let slot = kvm_userspace_memory_region {
@@ -50,11 +56,20 @@ fn tiny_vm(kvm: &Kvm, manual: bool) -> (TinyVm, KvmDirtyLogMode) {
     unsafe { vm.set_user_memory_region(slot).unwrap() };
     vm.create_irq_chip().unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap()).unwrap();
-    vcpu.set_sregs(&guest::long_mode_sregs(vcpu.get_sregs().unwrap())).unwrap();
+    vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
+        .unwrap();
+    vcpu.set_sregs(&guest::long_mode_sregs(vcpu.get_sregs().unwrap()))
+        .unwrap();
     vcpu.set_regs(&guest::initial_regs(PAGES, 0)).unwrap();
     let mem = GuestMemory::new(vec![region]).unwrap();
-    (TinyVm { vcpu, vm: Arc::new(vm), mem }, mode)
+    (
+        TinyVm {
+            vcpu,
+            vm: Arc::new(vm),
+            mem,
+        },
+        mode,
+    )
 }
 
 /// Run until the guest completes one pass; returns the pass number.
@@ -67,7 +82,9 @@ fn one_pass(vcpu: &mut VcpuFd) -> u32 {
                 b[..n].copy_from_slice(&data[..n]);
                 return u32::from_le_bytes(b);
             }
-            VcpuExit::IoOut(port, data) if port == guest::PORT_STALE => panic!("guest found a stale page: {data:?}"),
+            VcpuExit::IoOut(port, data) if port == guest::PORT_STALE => {
+                panic!("guest found a stale page: {data:?}")
+            }
             other => panic!("unexpected exit {other:?}"),
         }
     }
@@ -79,7 +96,11 @@ fn workset_indices() -> std::ops::Range<u64> {
 }
 
 fn slots() -> Vec<KvmSlot> {
-    vec![KvmSlot { slot: 0, gpa: 0, base_flags: 0 }]
+    vec![KvmSlot {
+        slot: 0,
+        gpa: 0,
+        base_flags: 0,
+    }]
 }
 
 fn scenario(manual: bool) {
@@ -92,7 +113,10 @@ fn scenario(manual: bool) {
     let mut tracker = KvmDirtyLog::new(t.vm.clone(), slots(), mode);
     assert!(tracker.caps().sees_guest_writes && !tracker.caps().sees_vmm_writes);
     let mut set = PageSet::new(total);
-    assert!(tracker.harvest(&t.mem, &mut set).is_err(), "harvest before start must fail");
+    assert!(
+        tracker.harvest(&t.mem, &mut set).is_err(),
+        "harvest before start must fail"
+    );
     tracker.start(&t.mem).unwrap();
 
     // Nothing written since start: nothing reported.
@@ -103,23 +127,39 @@ fn scenario(manual: bool) {
     assert_eq!(one_pass(&mut t.vcpu), 1);
     tracker.harvest(&t.mem, &mut set).unwrap();
     for i in workset_indices() {
-        assert!(set.contains(i), "page {i} written by the guest was not reported");
+        assert!(
+            set.contains(i),
+            "page {i} written by the guest was not reported"
+        );
     }
     // Besides the working set, only the page tables (the CPU sets accessed/dirty bits in
     // them) and the GDT may be reported: the code page is never written.
-    assert!(!set.contains(guest::CODE_GPA / 4096), "the code page is not written by the guest");
+    assert!(
+        !set.contains(guest::CODE_GPA / 4096),
+        "the code page is not written by the guest"
+    );
 
     // 2. Re-armed: a second harvest without guest activity is empty.
     let mut again = PageSet::new(total);
     tracker.harvest(&t.mem, &mut again).unwrap();
-    assert!(again.is_empty(), "harvest did not re-arm: {} pages reported twice", again.count());
+    assert!(
+        again.is_empty(),
+        "harvest did not re-arm: {} pages reported twice",
+        again.count()
+    );
 
     // 3. A page written after harvest is reported next time (exactly the working set).
     assert_eq!(one_pass(&mut t.vcpu), 2);
     let mut next = PageSet::new(total);
     tracker.harvest(&t.mem, &mut next).unwrap();
-    let extra: Vec<u64> = next.iter().filter(|i| !workset_indices().contains(i) && !(1..=4).contains(i)).collect();
-    assert!(extra.is_empty(), "pages outside the working set and page tables reported: {extra:?}");
+    let extra: Vec<u64> = next
+        .iter()
+        .filter(|i| !workset_indices().contains(i) && !(1..=4).contains(i))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "pages outside the working set and page tables reported: {extra:?}"
+    );
     for i in workset_indices() {
         assert!(next.contains(i));
     }
@@ -131,7 +171,10 @@ fn scenario(manual: bool) {
     assert!(!vmm.contains(5), "KVM unexpectedly saw a VMM write");
 
     tracker.stop(&t.mem).unwrap();
-    assert!(tracker.harvest(&t.mem, &mut vmm).is_err(), "harvest after stop must fail");
+    assert!(
+        tracker.harvest(&t.mem, &mut vmm).is_err(),
+        "harvest after stop must fail"
+    );
     // Restartable: start again, guest pass reported again.
     tracker.start(&t.mem).unwrap();
     assert_eq!(one_pass(&mut t.vcpu), 3);
@@ -160,7 +203,10 @@ fn union_with_explicit_sees_vmm_writes() {
     let total = t.mem.total_pages();
     let bitmap = Arc::new(DirtyBitmap::new(total));
     let kvm_log = KvmDirtyLog::new(t.vm.clone(), slots(), mode);
-    let mut union = UnionTracker::new(vec![Box::new(kvm_log), Box::new(ExplicitTracker::new(bitmap.clone()))]);
+    let mut union = UnionTracker::new(vec![
+        Box::new(kvm_log),
+        Box::new(ExplicitTracker::new(bitmap.clone())),
+    ]);
     union.start(&t.mem).unwrap();
     // A VMM write (marked after the write, as the ExplicitTracker contract says) and a guest pass.
     t.mem.regions()[0].write_u64(5 * 4096, 7).unwrap();

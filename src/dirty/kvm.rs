@@ -34,7 +34,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::VmFd;
 
@@ -94,7 +95,11 @@ pub struct KvmDirtyLog {
 }
 
 fn os(op: &'static str, source: std::io::Error) -> TrackError {
-    TrackError::Os { tracker: NAME, op, source }
+    TrackError::Os {
+        tracker: NAME,
+        op,
+        source,
+    }
 }
 
 impl KvmDirtyLog {
@@ -111,17 +116,30 @@ impl KvmDirtyLog {
             return Ok(KvmDirtyLogMode::Plain);
         }
         let offered = offered as u64;
-        let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
         cap.args[0] = MANUAL_PROTECT_ENABLE | (offered & u64::from(KVM_DIRTY_LOG_INITIALLY_SET));
-        vm.enable_cap(&cap)
-            .map_err(|e| os("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", std::io::Error::from_raw_os_error(e.errno())))?;
+        vm.enable_cap(&cap).map_err(|e| {
+            os(
+                "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
+                std::io::Error::from_raw_os_error(e.errno()),
+            )
+        })?;
         Ok(KvmDirtyLogMode::ManualProtect)
     }
 
     /// A tracker over `slots` of `vm`. `mode` must match what the VM has enabled
     /// ([`KvmDirtyLog::enable_manual_protect`]'s result).
     pub fn new(vm: Arc<VmFd>, slots: Vec<KvmSlot>, mode: KvmDirtyLogMode) -> Self {
-        Self { vm, slots, mode, active: Vec::new(), started: false }
+        Self {
+            vm,
+            slots,
+            mode,
+            active: Vec::new(),
+            started: false,
+        }
     }
 
     /// The harvest mode.
@@ -132,7 +150,8 @@ impl KvmDirtyLog {
     /// Fetch one slot's log into its bitmap and, with manual protect, re-arm the
     /// reported pages. Returns whether any page was dirty.
     fn fetch(vm: &VmFd, mode: KvmDirtyLogMode, s: &mut ActiveSlot) -> Result<bool, TrackError> {
-        kvm_sys::get_dirty_log(vm, s.slot.slot, s.pages, &mut s.bitmap).map_err(|e| os("KVM_GET_DIRTY_LOG", e))?;
+        kvm_sys::get_dirty_log(vm, s.slot.slot, s.pages, &mut s.bitmap)
+            .map_err(|e| os("KVM_GET_DIRTY_LOG", e))?;
         let any = s.bitmap.iter().any(|&w| w != 0);
         if any && mode == KvmDirtyLogMode::ManualProtect {
             let pages = u32::try_from(s.pages).map_err(|_| TrackError::Unavailable {
@@ -152,7 +171,11 @@ impl DirtyTracker for KvmDirtyLog {
     }
 
     fn caps(&self) -> TrackerCaps {
-        TrackerCaps { sees_guest_writes: true, sees_vmm_writes: false, exact: true }
+        TrackerCaps {
+            sees_guest_writes: true,
+            sees_vmm_writes: false,
+            exact: true,
+        }
     }
 
     fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
@@ -168,7 +191,10 @@ impl DirtyTracker for KvmDirtyLog {
                 .find(|(_, r)| r.gpa() == slot.gpa)
                 .ok_or_else(|| TrackError::Unavailable {
                     tracker: NAME,
-                    reason: format!("slot {} at gpa {:#x} matches no guest-memory region", slot.slot, slot.gpa),
+                    reason: format!(
+                        "slot {} at gpa {:#x} matches no guest-memory region",
+                        slot.slot, slot.gpa
+                    ),
                 })?;
             active.push(ActiveSlot {
                 slot,
@@ -239,8 +265,15 @@ impl DirtyTracker for KvmDirtyLog {
         }
         self.started = false;
         for s in self.active.drain(..) {
-            kvm_sys::set_slot_flags(&self.vm, s.slot.slot, s.slot.gpa, s.len, s.host, s.slot.base_flags)
-                .map_err(|e| os("KVM_SET_USER_MEMORY_REGION(flags off)", e))?;
+            kvm_sys::set_slot_flags(
+                &self.vm,
+                s.slot.slot,
+                s.slot.gpa,
+                s.len,
+                s.host,
+                s.slot.base_flags,
+            )
+            .map_err(|e| os("KVM_SET_USER_MEMORY_REGION(flags off)", e))?;
         }
         Ok(())
     }

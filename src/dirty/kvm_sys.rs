@@ -7,8 +7,8 @@
 use std::os::raw::c_void;
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log, kvm_dirty_log__bindgen_ty_1,
-    kvm_userspace_memory_region, KVMIO,
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
+    kvm_dirty_log__bindgen_ty_1, kvm_userspace_memory_region, KVMIO,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
@@ -27,14 +27,21 @@ pub(crate) fn bitmap_words(pages: u64) -> usize {
 /// In the default mode KVM also write-protects the reported pages again (re-arms);
 /// with manual protect enabled it only copies the bitmap, and [`clear_dirty_log`]
 /// re-arms.
-pub(crate) fn get_dirty_log(vm: &VmFd, slot: u32, slot_pages: u64, bitmap: &mut [u64]) -> std::io::Result<()> {
+pub(crate) fn get_dirty_log(
+    vm: &VmFd,
+    slot: u32,
+    slot_pages: u64,
+    bitmap: &mut [u64],
+) -> std::io::Result<()> {
     if bitmap.len() < bitmap_words(slot_pages) {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     let log = kvm_dirty_log {
         slot,
         padding1: 0,
-        __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 { dirty_bitmap: bitmap.as_mut_ptr() as *mut c_void },
+        __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_mut_ptr() as *mut c_void,
+        },
     };
     // SAFETY: `vm` is a KVM VM fd; KVM writes at most one bit per page of the slot
     // (`slot_pages`, rounded up to whole u64 words as KVM does) into `dirty_bitmap`,
@@ -65,7 +72,9 @@ pub(crate) fn clear_dirty_log(
         slot,
         num_pages,
         first_page,
-        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 { dirty_bitmap: bitmap.as_mut_ptr() as *mut c_void },
+        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_mut_ptr() as *mut c_void,
+        },
     };
     // SAFETY: `vm` is a KVM VM fd; KVM reads (and may update) one bit per page in
     // `[first_page, first_page + num_pages)` from `dirty_bitmap`, which holds at least
@@ -102,5 +111,6 @@ pub(crate) fn set_slot_flags(
     // flags change, which KVM applies without remapping (`KVM_MR_FLAGS_ONLY`). A
     // mismatching address or size is rejected by KVM with EINVAL, not undefined
     // behaviour.
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }

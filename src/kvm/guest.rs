@@ -131,7 +131,13 @@ pub fn long_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
         g: 1,
         ..Default::default()
     };
-    let data = kvm_segment { selector: 0x10, type_: 0x3, db: 1, l: 0, ..code };
+    let data = kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
     s.cs = code;
     s.ds = data;
     s.es = data;

@@ -39,11 +39,17 @@ impl StateTimings {
 }
 
 fn failed(id: &str, e: impl std::fmt::Display) -> ParticipantError {
-    ParticipantError::Failed { participant: id.to_string(), message: e.to_string() }
+    ParticipantError::Failed {
+        participant: id.to_string(),
+        message: e.to_string(),
+    }
 }
 
 fn veto(id: &str, e: impl std::fmt::Display) -> Veto {
-    Veto { participant: id.to_string(), reason: e.to_string() }
+    Veto {
+        participant: id.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 fn check_version(id: &str, version: u32) -> Result<(), Veto> {
@@ -65,8 +71,18 @@ pub struct VcpuSaver {
 impl VcpuSaver {
     /// `id` (e.g. "vcpu0") must match the destination's [`VcpuRestorer`]; `msr_indices`
     /// come from [`super::probe_msrs`] at setup.
-    pub fn new(id: impl Into<String>, vcpu: SharedVcpu, msr_indices: Vec<u32>, timings: Arc<StateTimings>) -> Self {
-        Self { id: id.into(), vcpu, msr_indices, timings }
+    pub fn new(
+        id: impl Into<String>,
+        vcpu: SharedVcpu,
+        msr_indices: Vec<u32>,
+        timings: Arc<StateTimings>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            vcpu,
+            msr_indices,
+            timings,
+        }
     }
 }
 
@@ -84,12 +100,17 @@ impl SaveState for VcpuSaver {
     }
     fn save(&mut self, out: &mut Vec<u8>) -> Result<(), ParticipantError> {
         let t = Instant::now();
-        let vcpu = self.vcpu.lock().map_err(|_| failed(&self.id, "vCPU lock poisoned"))?;
+        let vcpu = self
+            .vcpu
+            .lock()
+            .map_err(|_| failed(&self.id, "vCPU lock poisoned"))?;
         let state = VcpuState::save(&vcpu, &self.msr_indices).map_err(|e| failed(&self.id, e))?;
         drop(vcpu);
         let before = out.len();
         state.encode(out);
-        self.timings.bytes.fetch_add((out.len() - before) as u64, Ordering::Relaxed);
+        self.timings
+            .bytes
+            .fetch_add((out.len() - before) as u64, Ordering::Relaxed);
         StateTimings::add(&self.timings.save_ns, t);
         Ok(())
     }
@@ -109,7 +130,12 @@ pub struct VcpuRestorer {
 impl VcpuRestorer {
     /// Restores into `vcpu`, which must not have run yet.
     pub fn new(id: impl Into<String>, vcpu: SharedVcpu, timings: Arc<StateTimings>) -> Self {
-        Self { id: id.into(), vcpu, prepared: None, timings }
+        Self {
+            id: id.into(),
+            vcpu,
+            prepared: None,
+            timings,
+        }
     }
 }
 
@@ -139,7 +165,10 @@ impl RestoreState for VcpuRestorer {
                 VcpuState::decode(blob).map_err(|e| failed(&self.id, e))?
             }
         };
-        let vcpu = self.vcpu.lock().map_err(|_| failed(&self.id, "vCPU lock poisoned"))?;
+        let vcpu = self
+            .vcpu
+            .lock()
+            .map_err(|_| failed(&self.id, "vCPU lock poisoned"))?;
         state.restore(&vcpu).map_err(|e| failed(&self.id, e))?;
         StateTimings::add(&self.timings.restore_ns, t);
         Ok(())
@@ -180,7 +209,9 @@ impl SaveState for VmSaver {
         let state = VmState::save(&self.vm).map_err(|e| failed(VM_ID, e))?;
         let before = out.len();
         state.encode(out);
-        self.timings.bytes.fetch_add((out.len() - before) as u64, Ordering::Relaxed);
+        self.timings
+            .bytes
+            .fetch_add((out.len() - before) as u64, Ordering::Relaxed);
         StateTimings::add(&self.timings.save_ns, t);
         Ok(())
     }
@@ -199,7 +230,11 @@ pub struct VmRestorer {
 impl VmRestorer {
     /// Restores into `vm` (which has an in-kernel irqchip).
     pub fn new(vm: Arc<VmFd>, timings: Arc<StateTimings>) -> Self {
-        Self { vm, prepared: None, timings }
+        Self {
+            vm,
+            prepared: None,
+            timings,
+        }
     }
 }
 

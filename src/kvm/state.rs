@@ -14,9 +14,9 @@
 //! revision may add state that an older destination can do without).
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -103,7 +103,10 @@ pub enum StateError {
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
-    move |e| StateError::Kvm { op, source: std::io::Error::from_raw_os_error(e.errno()) }
+    move |e| StateError::Kvm {
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
 }
 
 /// The architectural state of one x86-64 vCPU.
@@ -145,11 +148,16 @@ pub struct VmState {
 /// The MSR indices of `KVM_GET_MSR_INDEX_LIST` that `vcpu` can read. Do this once at
 /// setup: it costs one ioctl per index.
 pub fn probe_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
-    let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     let mut readable = Vec::new();
     for &index in list.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
-            .map_err(|_| StateError::Missing(T_MSRS))?;
+        let mut one = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|_| StateError::Missing(T_MSRS))?;
         if let Ok(1) = vcpu.get_msrs(&mut one) {
             readable.push(index);
         }
@@ -166,17 +174,42 @@ impl VcpuState {
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let xsave = Box::new(vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?);
         let xcrs = vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
-        let debug_regs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+        let debug_regs = vcpu
+            .get_debug_regs()
+            .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
         let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
         let tsc_khz = vcpu.get_tsc_khz().ok();
-        let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?.as_slice().to_vec();
-        let entries: Vec<kvm_msr_entry> =
-            msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let cpuid = vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let entries: Vec<kvm_msr_entry> = msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::Missing(T_MSRS))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         let msrs = msrs.as_slice()[..n].to_vec();
-        let events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-        Ok(Self { mp_state, regs, sregs, xsave, xcrs, debug_regs, lapic, tsc_khz, cpuid, msrs, events })
+        let events = vcpu
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(Self {
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            tsc_khz,
+            cpuid,
+            msrs,
+            events,
+        })
     }
 
     /// Restore into a freshly created `vcpu` (not yet run) in the documented order.
@@ -189,31 +222,37 @@ impl VcpuState {
                 vcpu.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
             }
         }
-        vcpu.set_mp_state(self.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
         // SAFETY: `self.xsave` is a complete legacy 4 KiB `kvm_xsave` (decoded with its
         // exact size or read by `KVM_GET_XSAVE`); `KVM_SET_XSAVE` reads exactly that
         // many bytes. Hosts whose xsave area is larger (AMX) need `KVM_SET_XSAVE2`,
         // which this format does not carry yet.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
-        vcpu.set_debug_regs(&self.debug_regs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-        vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        vcpu.set_debug_regs(&self.debug_regs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm_err("KVM_SET_LAPIC"))?;
         if !self.msrs.is_empty() {
             let all = Msrs::from_entries(&self.msrs).map_err(|_| StateError::Missing(T_MSRS))?;
             let n = vcpu.set_msrs(&all).map_err(kvm_err("KVM_SET_MSRS"))?;
             if n < self.msrs.len() {
                 // KVM stops at the first refused MSR: continue one at a time.
                 for e in &self.msrs[n..] {
-                    let one = Msrs::from_entries(std::slice::from_ref(e)).map_err(|_| StateError::Missing(T_MSRS))?;
+                    let one = Msrs::from_entries(std::slice::from_ref(e))
+                        .map_err(|_| StateError::Missing(T_MSRS))?;
                     if vcpu.set_msrs(&one).map_err(kvm_err("KVM_SET_MSRS"))? != 1 {
                         return Err(StateError::MsrRefused(e.index));
                     }
                 }
             }
         }
-        vcpu.set_vcpu_events(&self.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 
@@ -247,7 +286,10 @@ impl VcpuState {
             xcrs: r.one(T_XCRS)?,
             debug_regs: r.one(T_DEBUGREGS)?,
             lapic: r.one(T_LAPIC)?,
-            tsc_khz: r.optional(T_TSC_KHZ).map(|_| r.one::<u32>(T_TSC_KHZ)).transpose()?,
+            tsc_khz: r
+                .optional(T_TSC_KHZ)
+                .map(|_| r.one::<u32>(T_TSC_KHZ))
+                .transpose()?,
             cpuid: r.list(T_CPUID)?,
             msrs: r.list(T_MSRS)?,
             events: r.one(T_EVENTS)?,
@@ -258,8 +300,16 @@ impl VcpuState {
 impl VmState {
     /// Save the VM's in-kernel devices (guest paused).
     pub fn save(vm: &VmFd) -> Result<Self, StateError> {
-        let mut irqchips = [kvm_irqchip::default(), kvm_irqchip::default(), kvm_irqchip::default()];
-        for (chip, id) in irqchips.iter_mut().zip([KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC]) {
+        let mut irqchips = [
+            kvm_irqchip::default(),
+            kvm_irqchip::default(),
+            kvm_irqchip::default(),
+        ];
+        for (chip, id) in irqchips.iter_mut().zip([
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ]) {
             chip.chip_id = id;
             vm.get_irqchip(chip).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
         }
@@ -275,7 +325,10 @@ impl VmState {
         }
         // KVM_SET_CLOCK accepts no flags from GET_CLOCK (TSC_STABLE, REALTIME, …)
         // unless their extra fields are meant to be used: restore the plain value.
-        let clock = kvm_clock_data { flags: 0, ..self.clock };
+        let clock = kvm_clock_data {
+            flags: 0,
+            ..self.clock
+        };
         vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
         Ok(())
     }
@@ -283,7 +336,11 @@ impl VmState {
     /// Encode in the versioned format.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut w = Writer::new(out, KIND_VM);
-        for (chip, tag) in self.irqchips.iter().zip([T_PIC_MASTER, T_PIC_SLAVE, T_IOAPIC]) {
+        for (chip, tag) in self
+            .irqchips
+            .iter()
+            .zip([T_PIC_MASTER, T_PIC_SLAVE, T_IOAPIC])
+        {
             w.section(tag, chip.as_bytes());
         }
         w.section(T_CLOCK, self.clock.as_bytes());
@@ -294,13 +351,20 @@ impl VmState {
     pub fn decode(blob: &[u8]) -> Result<Self, StateError> {
         let r = Reader::parse(blob, KIND_VM)?;
         let irqchips = [r.one(T_PIC_MASTER)?, r.one(T_PIC_SLAVE)?, r.one(T_IOAPIC)?];
-        for (chip, id) in irqchips.iter().zip([KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC]) {
+        for (chip, id) in irqchips.iter().zip([
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ]) {
             let chip: &kvm_irqchip = chip;
             if chip.chip_id != id {
                 return Err(StateError::Invalid("irqchip section holds another chip id"));
             }
         }
-        Ok(Self { irqchips, clock: r.one(T_CLOCK)? })
+        Ok(Self {
+            irqchips,
+            clock: r.one(T_CLOCK)?,
+        })
     }
 }
 
@@ -317,13 +381,18 @@ impl<'a> Writer<'a> {
         out.extend_from_slice(&kind.to_le_bytes());
         let count_at = out.len();
         out.extend_from_slice(&0u32.to_le_bytes());
-        Self { out, count_at, count: 0 }
+        Self {
+            out,
+            count_at,
+            count: 0,
+        }
     }
 
     fn section(&mut self, tag: u16, payload: &[u8]) {
         self.out.extend_from_slice(&tag.to_le_bytes());
         self.out.extend_from_slice(&0u16.to_le_bytes());
-        self.out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.out
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
         self.out.extend_from_slice(payload);
         self.count += 1;
     }
@@ -338,11 +407,15 @@ struct Reader<'a> {
 }
 
 fn le_u16(b: &[u8], at: usize) -> Result<u16, StateError> {
-    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or(StateError::Truncated(b.len()))
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .ok_or(StateError::Truncated(b.len()))
 }
 
 fn le_u32(b: &[u8], at: usize) -> Result<u32, StateError> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]])).ok_or(StateError::Truncated(b.len()))
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(StateError::Truncated(b.len()))
 }
 
 impl<'a> Reader<'a> {
@@ -365,7 +438,10 @@ impl<'a> Reader<'a> {
         }
         let found = le_u16(blob, 10)?;
         if found != kind {
-            return Err(StateError::Kind { found, expected: kind });
+            return Err(StateError::Kind {
+                found,
+                expected: kind,
+            });
         }
         let count = le_u32(blob, 12)?;
         let mut at = HEADER_LEN;
@@ -404,11 +480,21 @@ impl<'a> Reader<'a> {
         let bytes = self.optional(tag).ok_or(StateError::Missing(tag))?;
         let size = std::mem::size_of::<T>();
         if bytes.len() % size != 0 {
-            return Err(StateError::SectionSize { tag, len: bytes.len(), expected: size });
+            return Err(StateError::SectionSize {
+                tag,
+                len: bytes.len(),
+                expected: size,
+            });
         }
         bytes
             .chunks_exact(size)
-            .map(|c| T::read_from_bytes(c).map_err(|_| StateError::SectionSize { tag, len: c.len(), expected: size }))
+            .map(|c| {
+                T::read_from_bytes(c).map_err(|_| StateError::SectionSize {
+                    tag,
+                    len: c.len(),
+                    expected: size,
+                })
+            })
             .collect()
     }
 }
@@ -418,11 +504,21 @@ mod tests {
     use super::*;
 
     fn sample_vm() -> VmState {
-        let mut irqchips = [kvm_irqchip::default(), kvm_irqchip::default(), kvm_irqchip::default()];
+        let mut irqchips = [
+            kvm_irqchip::default(),
+            kvm_irqchip::default(),
+            kvm_irqchip::default(),
+        ];
         for (i, c) in irqchips.iter_mut().enumerate() {
             c.chip_id = i as u32;
         }
-        VmState { irqchips, clock: kvm_clock_data { clock: 12345, ..Default::default() } }
+        VmState {
+            irqchips,
+            clock: kvm_clock_data {
+                clock: 12345,
+                ..Default::default()
+            },
+        }
     }
 
     #[test]
@@ -442,7 +538,10 @@ mod tests {
         for cut in [0, 5, 15, 17, blob.len() - 1] {
             assert!(VmState::decode(&blob[..cut]).is_err(), "cut at {cut}");
         }
-        assert!(matches!(VcpuState::decode(&blob), Err(StateError::Kind { .. })));
+        assert!(matches!(
+            VcpuState::decode(&blob),
+            Err(StateError::Kind { .. })
+        ));
         let mut longer = blob.clone();
         longer.push(0);
         assert!(VmState::decode(&longer).is_err());
