@@ -74,19 +74,17 @@ fn tiny_vm(kvm: &Kvm, manual: bool) -> (TinyVm, KvmDirtyLogMode) {
 
 /// Run until the guest completes one pass; returns the pass number.
 fn one_pass(vcpu: &mut VcpuFd) -> u32 {
-    loop {
-        match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(port, data) if port == guest::PORT_PASS => {
-                let mut b = [0u8; 4];
-                let n = data.len().min(4);
-                b[..n].copy_from_slice(&data[..n]);
-                return u32::from_le_bytes(b);
-            }
-            VcpuExit::IoOut(port, data) if port == guest::PORT_STALE => {
-                panic!("guest found a stale page: {data:?}")
-            }
-            other => panic!("unexpected exit {other:?}"),
+    match vcpu.run().expect("KVM_RUN") {
+        VcpuExit::IoOut(port, data) if port == guest::PORT_PASS => {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            u32::from_le_bytes(b)
         }
+        VcpuExit::IoOut(port, data) if port == guest::PORT_STALE => {
+            panic!("guest found a stale page: {data:?}")
+        }
+        other => panic!("unexpected exit {other:?}"),
     }
 }
 
