@@ -32,6 +32,8 @@ pub use explicit::ExplicitTracker;
 pub use hash_scan::HashScanTracker;
 #[cfg(feature = "kvm")]
 pub use kvm::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
+#[cfg(feature = "uffd")]
+pub use uffd::{UffdMode, UffdTracker};
 
 use crate::memory::{GuestMemory, MemoryError, PageSet};
 
