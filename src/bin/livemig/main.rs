@@ -384,7 +384,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
 
 #[cfg(feature = "uffd")]
 fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
-    Ok(Box::new(livemig::dirty::uffd::UffdTracker::new(livemig::dirty::uffd::UffdMode::Auto)))
+    Ok(Box::new(livemig::dirty::uffd::UffdTracker::new(
+        livemig::dirty::uffd::UffdMode::Auto,
+    )))
 }
 
 #[cfg(not(feature = "uffd"))]
