@@ -20,7 +20,7 @@ use std::net::TcpListener;
 use std::os::raw::{c_int, c_void};
 use std::os::unix::thread::JoinHandleExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -105,7 +105,8 @@ struct Opts {
     /// Give up converging after this many rounds (and brown out anyway).
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
-    /// Negative control: do not send the final round's dirty pages.
+    /// Negative control: do not send the final round's dirty pages (and, before
+    /// pausing, let the guest complete one whole pass so that round is never empty).
     #[arg(long)]
     drop_final_pages: bool,
     /// Use plain KVM_GET_DIRTY_LOG even if manual protect is offered.
@@ -375,6 +376,8 @@ impl VcpuHandle {
 struct Runner {
     handle: VcpuHandle,
     join: Option<JoinHandle<()>>,
+    /// The last pass the guest reported (also sent as events).
+    last_pass: Arc<AtomicU32>,
     events: crossbeam_channel::Receiver<GuestEvent>,
 }
 
@@ -392,14 +395,17 @@ impl Runner {
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let c = ctl.clone();
+        let last_pass = Arc::new(AtomicU32::new(0));
+        let lp = last_pass.clone();
         let join = std::thread::Builder::new()
             .name("vcpu0".into())
-            .spawn(move || vcpu_thread(vcpu, c, tx, pages))
+            .spawn(move || vcpu_thread(vcpu, c, tx, pages, lp))
             .map_err(err("spawn vCPU thread"))?;
         let tid = join.as_pthread_t();
         Ok(Self {
             handle: VcpuHandle { ctl, tid },
             join: Some(join),
+            last_pass,
             events: rx,
         })
     }
@@ -435,7 +441,13 @@ fn io_u32(data: &[u8]) -> u32 {
     u32::from_le_bytes(b)
 }
 
-fn vcpu_thread(vcpu: SharedVcpu, ctl: Arc<Ctl>, tx: Sender<GuestEvent>, pages: u64) {
+fn vcpu_thread(
+    vcpu: SharedVcpu,
+    ctl: Arc<Ctl>,
+    tx: Sender<GuestEvent>,
+    pages: u64,
+    last_pass: Arc<AtomicU32>,
+) {
     {
         let Ok(mut v) = vcpu.lock() else { return };
         let p: *mut u8 = &raw mut v.get_kvm_run().immediate_exit;
@@ -488,6 +500,7 @@ fn vcpu_thread(vcpu: SharedVcpu, ctl: Arc<Ctl>, tx: Sender<GuestEvent>, pages: u
             Ok(VcpuExit::IoOut(port, data)) if port == guest::PORT_PASS => {
                 let n = io_u32(data);
                 let counter_ok = v.get_regs().is_ok_and(|r| r.r8 == r.r9 * pages);
+                last_pass.store(n, Ordering::SeqCst);
                 Some(GuestEvent::Pass { n, counter_ok })
             }
             Ok(VcpuExit::IoOut(port, data)) if port == guest::PORT_STALE => {
@@ -628,10 +641,24 @@ struct KvmVmControl {
     pause_mono_ns: Arc<AtomicU64>,
     /// Set once paused: from then on, harvests are the final round.
     paused: Arc<AtomicBool>,
+    /// Negative control only: before pausing, wait for the guest to complete one whole
+    /// pass after the engine's last harvest, so that every working-set page is in the
+    /// final round (and stale on the destination once dropped).
+    full_pass_before_pause: Option<Arc<AtomicU32>>,
 }
 
 impl VmControl for KvmVmControl {
     fn pause(&mut self) -> Result<(), String> {
+        if let Some(last) = &self.full_pass_before_pause {
+            let start = last.load(Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while last.load(Ordering::SeqCst) < start + 2 {
+                if Instant::now() > deadline {
+                    return Err("guest made no progress before pause".into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.pause_mono_ns.store(mono_ns(), Ordering::SeqCst);
         self.vcpu.pause()?;
         self.paused.store(true, Ordering::SeqCst);
@@ -824,6 +851,7 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
             vcpu: runner.handle.clone(),
             pause_mono_ns: pause_mono_ns.clone(),
             paused: paused.clone(),
+            full_pass_before_pause: opts.drop_final_pages.then(|| runner.last_pass.clone()),
         }))
         .policy(Box::new(policy))
         .participant(Box::new(ProgressSaver {
