@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use super::pipeline::Work;
 use super::precopy::Run;
 use super::{MigrationError, Verify};
 use crate::device::envelope;
@@ -109,12 +108,7 @@ fn paused(
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     run.send_round(set, final_round, true)?;
-    {
-        let tx = run.tx.as_ref().expect("workers running");
-        for _ in 0..run.handles.len() {
-            let _ = tx.send(Work::Finish);
-        }
-    }
+    run.finish_workers();
     run.stop_workers(false);
     run.check_workers()?;
     bd.final_pages_ms = ms(t_pages.elapsed());
@@ -253,6 +247,7 @@ fn paused(
         brownout_reason: reason,
         digest: format!("{digest:016x}"),
         round_table: run.history.clone(),
+        auto_decisions: run.shared.tuner.decisions(),
     };
     run.emit(Event::Completed(Box::new(report.clone())));
     Ok(report)

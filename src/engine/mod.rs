@@ -5,6 +5,7 @@
 //! round → brownout ([`brownout`]: pause, final pages, device state, digest, commit).
 //! Any failure before the destination commits resumes the source VM.
 
+pub mod auto;
 pub mod brownout;
 pub mod pipeline;
 pub mod policy;
@@ -60,6 +61,9 @@ pub enum Mode {
     Compress,
     /// N raw streams (our model of SMB Multichannel).
     Multichannel,
+    /// Per-batch choice of raw, lz4 or zstd and a measured stream count
+    /// (see [`auto`]); `streams` is the maximum.
+    Auto,
 }
 
 impl Mode {
@@ -69,6 +73,7 @@ impl Mode {
             Self::Standard => "standard",
             Self::Compress => "compress",
             Self::Multichannel => "multichannel",
+            Self::Auto => "auto",
         }
     }
 }
@@ -104,6 +109,8 @@ pub struct MigrationConfig {
     pub vm_config: Vec<u8>,
     /// Compatibility vector checked by the destination at setup.
     pub compat: CompatVector,
+    /// Cap on the page streams' total send rate, shared by all streams (bits/s).
+    pub bandwidth: Option<Arc<crate::transport::shaped::TokenBucket>>,
 }
 
 impl Default for MigrationConfig {
@@ -117,6 +124,7 @@ impl Default for MigrationConfig {
             reply_timeout: Duration::from_secs(60),
             vm_config: Vec::new(),
             compat: CompatVector::default(),
+            bandwidth: None,
         }
     }
 }

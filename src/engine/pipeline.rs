@@ -1,16 +1,17 @@
 //! The send pipeline: one worker thread per page stream.
 //!
-//! The round loop pushes [`Work`] into one bounded queue shared by all workers
+//! The round loop pushes [`Batch`]es into one bounded queue shared by all workers
 //! (back-pressure: the loop never runs more than `QUEUE_DEPTH` batches ahead). A
 //! worker copies the batch's pages out of guest memory, elides zero pages, hashes
 //! every page (xxh3-64; the hash is both the end-to-end check the receiver verifies
 //! and the entry of the brownout digest), encodes the non-zero pages with the
 //! chosen codec and writes one frame.
 //!
-//! Rounds are gated: at the end of a round the loop sends one `RoundEnd` per worker
-//! and waits on a barrier that every worker reaches after writing its RoundEnd frame.
-//! A worker blocks at the barrier, so no worker can take two markers, and no page of
-//! round r+1 is sent before every stream finished round r. The receiver mirrors the
+//! Rounds are gated: at the end of a round the loop sends [`Ctl::RoundEnd`] on every
+//! worker's own control channel and waits on a barrier that every worker reaches
+//! after draining the batch queue and writing its RoundEnd frame, so no page of
+//! round r+1 is sent before every stream finished round r. (Per-worker control
+//! channels let `auto` mode leave workers idle without stalling the gate.) The receiver mirrors the
 //! gate, so a later copy of a page can never be overwritten by an earlier one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,12 +49,11 @@ impl Batch {
     }
 }
 
-/// Work for a worker.
+/// Control messages to one worker (batches come on the shared queue).
 #[derive(Debug)]
-pub enum Work {
-    /// Send a batch.
-    Batch(Batch),
-    /// End of round: send RoundEnd then wait on the barrier.
+pub enum Ctl {
+    /// End of round: all its batches are queued. Drain the queue, send RoundEnd,
+    /// then wait on the barrier.
     RoundEnd(u32),
     /// Last message: send StreamEnd and exit.
     Finish,
@@ -89,11 +89,19 @@ pub struct Shared {
     pub codec: CodecId,
     /// zstd level.
     pub zstd_level: i32,
+    /// Codec choice and active streams (fixed unless the mode is auto).
+    pub tuner: super::auto::AutoTuner,
 }
 
 impl Shared {
     /// Shared state for `workers` workers.
-    pub fn new(memory: Arc<GuestMemory>, workers: usize, codec: CodecId, zstd_level: i32) -> Self {
+    pub fn new(
+        memory: Arc<GuestMemory>,
+        workers: usize,
+        codec: CodecId,
+        zstd_level: i32,
+        auto: bool,
+    ) -> Self {
         let pages = memory.total_pages() as usize;
         Self {
             memory,
@@ -104,6 +112,7 @@ impl Shared {
             barrier: Barrier::new(workers + 1),
             codec,
             zstd_level,
+            tuner: super::auto::AutoTuner::new(auto, workers, codec),
         }
     }
 
@@ -134,8 +143,14 @@ struct Scratch {
     present: Vec<bool>,
 }
 
-/// Run one worker until `Finish` (or until the queue closes).
-pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
+/// Run one worker until `Finish` (or until its control channel closes).
+pub fn worker(
+    shared: &Shared,
+    index: usize,
+    batches: Receiver<Batch>,
+    ctl: Receiver<Ctl>,
+    mut out: FrameWriter,
+) {
     let mut s = Scratch {
         pages: vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE],
         encoded: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
@@ -144,43 +159,46 @@ pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
         codecs: CodecSet::new(shared.zstd_level),
         present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
     };
-    let mut round_batches = 0u32;
-    let mut round_pages = 0u64;
-    let mut broken = false;
-    for work in rx.iter() {
-        match work {
-            Work::Batch(b) => {
-                if broken || shared.failed.load(Ordering::Relaxed) {
-                    continue; // drain, keep reaching barriers
-                }
-                let before = out.bytes();
-                let sent = if shared.codec == CodecId::Raw {
-                    send_batch_zero_copy(shared, &b, &mut s, &mut out)
-                } else {
-                    send_batch(shared, &b, &mut s, &mut out)
-                };
-                match sent {
-                    Ok(()) => {
-                        round_batches += 1;
-                        round_pages += b.pages();
-                        shared
-                            .counters
-                            .wire_bytes
-                            .fetch_add(out.bytes() - before, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        broken = true;
-                        shared.fail(e);
-                    }
-                }
+    let mut st = WorkerState {
+        round_batches: 0,
+        round_pages: 0,
+        broken: false,
+    };
+    loop {
+        let msg = if shared.tuner.is_active(index) {
+            if let Ok(b) = batches.try_recv() {
+                handle_batch(shared, &b, &mut s, &mut out, &mut st);
+                continue;
             }
-            Work::RoundEnd(round) => {
-                if !broken {
+            crossbeam_channel::select! {
+                recv(batches) -> b => {
+                    if let Ok(b) = b {
+                        handle_batch(shared, &b, &mut s, &mut out, &mut st);
+                    }
+                    continue;
+                }
+                recv(ctl) -> c => c,
+            }
+        } else {
+            match ctl.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(c) => Ok(c),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let Ok(msg) = msg else { return };
+        // Every batch of the round was queued before this marker: take what is left.
+        while let Ok(b) = batches.try_recv() {
+            handle_batch(shared, &b, &mut s, &mut out, &mut st);
+        }
+        match msg {
+            Ctl::RoundEnd(round) => {
+                if !st.broken {
                     let before = out.bytes();
                     let r = out.send_round_end(RoundEnd {
                         round,
-                        batches: round_batches,
-                        pages: round_pages,
+                        batches: st.round_batches,
+                        pages: st.round_pages,
                     });
                     match r {
                         Ok(()) => {
@@ -190,17 +208,17 @@ pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
                                 .fetch_add(out.bytes() - before, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            broken = true;
+                            st.broken = true;
                             shared.fail(e.to_string());
                         }
                     }
                 }
-                round_batches = 0;
-                round_pages = 0;
+                st.round_batches = 0;
+                st.round_pages = 0;
                 shared.barrier.wait();
             }
-            Work::Finish => {
-                if !broken {
+            Ctl::Finish => {
+                if !st.broken {
                     if let Err(e) = out
                         .send(FrameKind::StreamEnd, 0, &[], &[])
                         .and_then(|_| out.flush())
@@ -214,12 +232,74 @@ pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
     }
 }
 
-fn send_batch(
+struct WorkerState {
+    round_batches: u32,
+    round_pages: u64,
+    broken: bool,
+}
+
+fn handle_batch(
     shared: &Shared,
     b: &Batch,
     s: &mut Scratch,
     out: &mut FrameWriter,
-) -> Result<(), String> {
+    st: &mut WorkerState,
+) {
+    if st.broken || shared.failed.load(Ordering::Relaxed) {
+        return; // drain, keep reaching barriers
+    }
+    let before = out.bytes();
+    let codec = shared.tuner.codec();
+    let t = std::time::Instant::now();
+    let sent = if codec == CodecId::Raw {
+        send_batch_zero_copy(shared, b, s, out)
+    } else {
+        send_batch(shared, b, codec, s, out)
+    };
+    match sent {
+        Ok(write_time) => {
+            st.round_batches += 1;
+            st.round_pages += b.pages();
+            let wire = out.bytes() - before;
+            shared
+                .counters
+                .wire_bytes
+                .fetch_add(wire, Ordering::Relaxed);
+            shared.tuner.record(
+                wire,
+                b.pages() * PAGE_SIZE as u64,
+                write_time.min(t.elapsed()),
+            );
+            if let Some(probe) = shared.tuner.probe_codec() {
+                // Sample a few pages of this batch (a copy, never live memory).
+                let (start, count) = b.extents[0];
+                let n = (count as usize).min(super::auto::PROBE_BYTES / PAGE_SIZE);
+                let sample = &mut s.pages[..n * PAGE_SIZE];
+                if shared.memory.read_pages(start, sample).is_ok() {
+                    shared.tuner.probe(
+                        &mut s.codecs,
+                        probe,
+                        &s.pages[..n * PAGE_SIZE],
+                        &mut s.encoded,
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            st.broken = true;
+            shared.fail(e);
+        }
+    }
+}
+
+/// Copy path: returns the time spent writing the frame.
+fn send_batch(
+    shared: &Shared,
+    b: &Batch,
+    codec: CodecId,
+    s: &mut Scratch,
+    out: &mut FrameWriter,
+) -> Result<std::time::Duration, String> {
     let mem = &*shared.memory;
     s.meta.clear();
     s.meta.round = b.round;
@@ -233,23 +313,25 @@ fn send_batch(
     for &(start, count) in &b.extents {
         let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
         s.meta.extents.push(Extent { gfn, count });
-        // One copy per extent, then compact zero pages out in place.
-        let len = count as usize * PAGE_SIZE;
-        mem.read_pages(start, &mut s.pages[pos..pos + len])
+        // Copy each populated page to the next payload slot; a zero page's slot is
+        // reused by the next page. Unpopulated pages are zero without being read.
+        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        mem.regions()[r]
+            .populated(rp, count as u64, &mut s.present)
             .map_err(|e| e.to_string())?;
         let mut wr = pos;
         for p in 0..count as usize {
-            let src = pos + p * PAGE_SIZE;
-            let page = &s.pages[src..src + PAGE_SIZE];
-            let hash = if is_zero_page(page) {
+            let is_zero = !s.present[p] || {
+                mem.read_pages(start + p as u64, &mut s.pages[wr..wr + PAGE_SIZE])
+                    .map_err(|e| e.to_string())?;
+                is_zero_page(&s.pages[wr..wr + PAGE_SIZE])
+            };
+            let hash = if is_zero {
                 s.meta.zero_map[i / 8] |= 1 << (i % 8);
                 zeros += 1;
                 zero_hash
             } else {
-                let h = page_hash(page);
-                if wr != src {
-                    s.pages.copy_within(src..src + PAGE_SIZE, wr);
-                }
+                let h = page_hash(&s.pages[wr..wr + PAGE_SIZE]);
                 wr += PAGE_SIZE;
                 h
             };
@@ -261,7 +343,7 @@ fn send_batch(
     }
     let payload = &s.pages[..pos];
     s.meta.payload_len = pos as u32;
-    let mut codec = shared.codec;
+    let mut codec = codec;
     if codec != CodecId::Raw && !payload.is_empty() {
         let smaller = s
             .codecs
@@ -281,8 +363,10 @@ fn send_batch(
     } else {
         &s.encoded
     };
+    let t_write = std::time::Instant::now();
     out.send(FrameKind::Batch, 0, &s.meta_bytes, &[data])
         .map_err(|e| e.to_string())?;
+    let write_time = t_write.elapsed();
     shared
         .counters
         .pages
@@ -291,7 +375,7 @@ fn send_batch(
         .counters
         .zero_pages
         .fetch_add(zeros, Ordering::Relaxed);
-    Ok(())
+    Ok(write_time)
 }
 
 /// Raw batches without a user-space copy: zero detection and hashing read guest
@@ -307,7 +391,7 @@ fn send_batch_zero_copy(
     b: &Batch,
     s: &mut Scratch,
     out: &mut FrameWriter,
-) -> Result<(), String> {
+) -> Result<std::time::Duration, String> {
     let mem = &*shared.memory;
     s.meta.clear();
     s.meta.round = b.round;
@@ -361,8 +445,10 @@ fn send_batch_zero_copy(
     }
     s.meta.payload_len = (nonzero * PAGE_SIZE) as u32;
     s.meta.encode_into(&mut s.meta_bytes);
+    let t_write = std::time::Instant::now();
     out.send(FrameKind::Batch, 0, &s.meta_bytes, &data)
         .map_err(|e| e.to_string())?;
+    let write_time = t_write.elapsed();
     shared
         .counters
         .pages
@@ -371,7 +457,7 @@ fn send_batch_zero_copy(
         .counters
         .zero_pages
         .fetch_add(zeros, Ordering::Relaxed);
-    Ok(())
+    Ok(write_time)
 }
 
 /// Split a dirty set into batches (extents never cross a region boundary).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use super::pipeline::{batches_of, worker, Shared, Work, QUEUE_DEPTH_PER_WORKER};
+use super::pipeline::{batches_of, worker, Batch, Ctl, Shared, QUEUE_DEPTH_PER_WORKER};
 use super::policy::{Decision, PolicySnapshot};
 use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
@@ -21,7 +21,8 @@ pub(crate) struct Run<'a> {
     pub m: &'a mut Migration,
     pub session: setup::Session,
     pub shared: Arc<Shared>,
-    pub tx: Option<Sender<Work>>,
+    pub tx: Option<Sender<Batch>>,
+    pub ctl: Vec<Sender<Ctl>>,
     pub handles: Vec<JoinHandle<()>>,
     pub shutdowns: Vec<Box<dyn Fn() + Send + Sync>>,
     pub history: Vec<RoundStats>,
@@ -68,7 +69,8 @@ impl Run<'_> {
                     return false;
                 }
                 let n = b.pages();
-                if tx.send(Work::Batch(b)).is_err() {
+                shared.tuner.tick();
+                if tx.send(b).is_err() {
                     return false;
                 }
                 sent += n;
@@ -82,8 +84,8 @@ impl Run<'_> {
                 true
             },
         );
-        for _ in 0..self.handles.len() {
-            let _ = tx.send(Work::RoundEnd(round));
+        for c in &self.ctl {
+            let _ = c.send(Ctl::RoundEnd(round));
         }
         self.shared.barrier.wait();
         if let Some(e) = stop {
@@ -106,6 +108,13 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Ask every worker to end its stream (after the final round).
+    pub(crate) fn finish_workers(&mut self) {
+        for c in &self.ctl {
+            let _ = c.send(Ctl::Finish);
+        }
+    }
+
     /// Stop workers: ask them to finish, or on failure cut their streams.
     pub(crate) fn stop_workers(&mut self, abort: bool) {
         if abort {
@@ -114,6 +123,7 @@ impl Run<'_> {
             }
         }
         self.tx.take();
+        self.ctl.clear();
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
@@ -134,6 +144,7 @@ pub(crate) fn run(
             streams,
             m.config.codec,
             m.config.zstd_level,
+            m.config.mode == super::Mode::Auto,
         ));
         let (tx, rx) = crossbeam_channel::bounded(streams * QUEUE_DEPTH_PER_WORKER);
         let mut session = session;
@@ -142,15 +153,19 @@ pub(crate) fn run(
             .iter()
             .map(|w| w.stream().shutdown_handle())
             .collect();
+        let mut ctl = Vec::with_capacity(streams);
         let handles = session
             .pages
             .drain(..)
-            .map(|w| {
+            .enumerate()
+            .map(|(i, w)| {
                 let sh = shared.clone();
                 let rx = rx.clone();
+                let (ctx, crx) = crossbeam_channel::bounded(2);
+                ctl.push(ctx);
                 std::thread::Builder::new()
-                    .name("livemig-send".into())
-                    .spawn(move || worker(&sh, rx, w))
+                    .name(format!("livemig-send{i}"))
+                    .spawn(move || worker(&sh, i, rx, crx, w))
                     .expect("spawn sender thread")
             })
             .collect();
@@ -162,6 +177,7 @@ pub(crate) fn run(
             session,
             shared,
             tx: Some(tx),
+            ctl,
             handles,
             shutdowns,
             history: Vec::new(),

@@ -121,7 +121,13 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
 
     let mut pages = Vec::with_capacity(m.config.streams as usize);
     for index in 0..m.config.streams {
-        let s = connector.connect().map_err(t("opening page streams"))?;
+        let mut s = connector.connect().map_err(t("opening page streams"))?;
+        if let Some(bucket) = &m.config.bandwidth {
+            s = Box::new(crate::transport::shaped::ShapedStream::new(
+                s,
+                bucket.clone(),
+            ));
+        }
         let mut w = FrameWriter::new(s, "page");
         w.send_control(&ControlMsg::StreamHello { session, index }, &[])
             .map_err(t("opening page streams"))?;

@@ -105,6 +105,8 @@ pub struct MigrationReport {
     pub digest: String,
     /// Per-round table.
     pub round_table: Vec<RoundStats>,
+    /// What `auto` mode decided, and why (empty in fixed modes).
+    pub auto_decisions: Vec<String>,
 }
 
 /// A progress event.

@@ -7,6 +7,7 @@
 pub mod fault;
 pub mod framed;
 pub mod mem;
+pub mod shaped;
 pub mod tcp;
 pub mod unix;
 

@@ -1,6 +1,7 @@
 //! `livemig`: migrate, receive and benchmark VM memory.
 
 mod args;
+mod sweep;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ enum Cmd {
     Send(SendArgs),
     /// Receive one migration and optionally write the memory to a file.
     Recv(RecvArgs),
+    /// Run a matrix of benches and write CSV, JSON and an SVG plot.
+    Sweep(sweep::SweepArgs),
     /// Measure this machine's limits: memcpy and raw loopback TCP.
     Limits {
         /// TCP streams.
@@ -50,6 +53,7 @@ enum ModeArg {
     Standard,
     Compress,
     Multichannel,
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -105,6 +109,9 @@ struct MigrateOpts {
     /// At a round/time limit: force brownout or cancel.
     #[arg(long, value_enum, default_value = "force")]
     on_limit: OnLimitArg,
+    /// Cap the page streams' total send rate (e.g. 1G, 10gbit, 500M; bits/s).
+    #[arg(long, value_parser = args::parse_bitrate)]
+    bandwidth: Option<u64>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -175,6 +182,7 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
+        Cmd::Sweep(a) => sweep::run(a),
         Cmd::Limits { streams } => livemig::limits::measure(streams)
             .map_err(|e| e.to_string())
             .and_then(|l| {
@@ -192,6 +200,7 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
     let (mode, streams, codec, level) = match o.mode {
         ModeArg::Standard => (Mode::Standard, 1, CodecId::Raw, 1),
         ModeArg::Multichannel => (Mode::Multichannel, o.streams.max(1), CodecId::Raw, 1),
+        ModeArg::Auto => (Mode::Auto, o.streams.max(1), CodecId::Raw, 1),
         ModeArg::Compress => {
             let (name, level) = match o.codec.split_once(':') {
                 Some((n, l)) => (
@@ -222,6 +231,9 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
             VerifyArg::Digest => Verify::Digest,
             VerifyArg::Full => Verify::Full,
         },
+        bandwidth: o
+            .bandwidth
+            .map(livemig::transport::shaped::TokenBucket::new),
         ..Default::default()
     })
 }
@@ -268,6 +280,9 @@ fn summary(r: &MigrationReport) {
         b.dest_restore_ms
     );
     println!("brownout: {}", r.brownout_reason);
+    for d in &r.auto_decisions {
+        println!("auto: {d}");
+    }
     for rs in &r.round_table {
         println!(
             "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}, predicted downtime {:.2} ms",
@@ -318,6 +333,14 @@ fn bench(a: BenchArgs) -> Result<(), String> {
             ..Default::default()
         },
     );
+    let limits = if a.baseline {
+        Some(
+            livemig::limits::measure(config.streams)
+                .map_err(|e| format!("measuring limits: {e}"))?,
+        )
+    } else {
+        None
+    };
     let acceptor = TcpAcceptor::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = acceptor
         .local_addr()
@@ -373,6 +396,21 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         "receiver".into(),
         serde_json::to_value(&received.report).map_err(|e| e.to_string())?,
     );
+    if let Some(l) = &limits {
+        let ratio = report.wire_gbit_per_s / l.tcp_gbit_per_s;
+        obj.insert("limit_wire_gbit_per_s".into(), json!(l.tcp_gbit_per_s));
+        obj.insert("limit_memcpy_gb_per_s".into(), json!(l.memcpy_gb_per_s));
+        obj.insert("wire_vs_limit".into(), json!(ratio));
+        if !o.json {
+            println!(
+                "limits (same run): memcpy {:.1} GB/s, loopback TCP {:.1} Gbit/s with {} stream(s); this migration's wire rate is {:.0} % of it",
+                l.memcpy_gb_per_s,
+                l.tcp_gbit_per_s,
+                l.streams,
+                ratio * 100.0
+            );
+        }
+    }
     if o.json {
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     }

@@ -1,0 +1,399 @@
+//! `auto` mode: per-batch codec choice and stream count from measurements.
+//!
+//! Mechanism and policy are split the same way as elsewhere: workers *report*
+//! (bytes written and time blocked in writes, compression samples) and *obey* (the
+//! current codec, whether they are active); the controller, ticked from the round
+//! loop, *decides*:
+//!
+//! - **Link rate** `L`: wire bytes ÷ (time workers spent inside `write`, averaged
+//!   over active workers) while writes block for more than half of the time
+//!   (back-pressure: the link is the bottleneck). Otherwise the link is only known
+//!   to be at least the observed wire rate, and the earlier estimate is kept.
+//! - **Compression speed and ratio** per codec, from samples: every 8th batch a worker
+//!   compresses a 16 KiB sample with lz4 or zstd (alternating), ~1/64 of the data.
+//! - **CPU headroom** `h`: the share of the machine's CPUs not used by *other*
+//!   processes (from `/proc/stat` minus `/proc/self/stat`). Like Hyper-V, compression
+//!   only uses idle CPU: when other work needs the cores, `h` falls and so does the
+//!   predicted gain of compressing.
+//!
+//! Predicted guest throughput: raw = `L`; codec c = `min(k·h·S_c, L / r_c)` with `k`
+//! active workers, speed `S_c` and ratio `r_c`. The controller switches to the best
+//! prediction when it beats the current one by 10 % (hysteresis).
+//!
+//! **Stream count**: the migration opens `max` streams; the controller activates 1,
+//! then 2, … for one 60 ms window each during round 0, measuring guest bytes per
+//! second, and keeps the smallest count within 5 % of the best.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::codec::{CodecId, CodecSet};
+
+const WINDOW: Duration = Duration::from_millis(60);
+const PROBE_EVERY: u64 = 8;
+/// Bytes compressed per probe.
+pub const PROBE_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct CodecStats {
+    input: f64,
+    output: f64,
+    secs: f64,
+}
+
+impl CodecStats {
+    fn speed(&self) -> Option<f64> {
+        (self.secs > 0.0 && self.input > 0.0).then(|| self.input / self.secs)
+    }
+    fn ratio(&self) -> Option<f64> {
+        (self.input > 0.0).then(|| (self.output / self.input).clamp(0.01, 1.2))
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    Exploring {
+        count: usize,
+        results: Vec<(usize, f64)>,
+    },
+    Settled,
+}
+
+#[derive(Debug)]
+struct Controller {
+    window_start: Instant,
+    phase: Phase,
+    cpu: CpuSampler,
+    headroom: f64,
+    link_est: Option<f64>,
+    decisions: Vec<String>,
+}
+
+/// Shared state of the auto tuner (also used, disabled, by fixed modes).
+#[derive(Debug)]
+pub struct AutoTuner {
+    enabled: bool,
+    max_workers: usize,
+    active: AtomicUsize,
+    codec: AtomicU8,
+    write_ns: AtomicU64,
+    wire_bytes: AtomicU64,
+    guest_bytes: AtomicU64,
+    batches: AtomicU64,
+    probes: Mutex<[CodecStats; 2]>,
+    ctl: Mutex<Controller>,
+    settled: AtomicBool,
+}
+
+fn codec_from(v: u8) -> CodecId {
+    CodecId::from_u8(v).unwrap_or(CodecId::Raw)
+}
+
+impl AutoTuner {
+    /// A tuner for `max_workers` workers; `enabled` false = fixed `codec`, all active.
+    pub fn new(enabled: bool, max_workers: usize, codec: CodecId) -> Self {
+        Self {
+            enabled,
+            max_workers,
+            active: AtomicUsize::new(if enabled { 1 } else { max_workers }),
+            codec: AtomicU8::new(if enabled {
+                CodecId::Raw as u8
+            } else {
+                codec as u8
+            }),
+            write_ns: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            guest_bytes: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            probes: Mutex::new([CodecStats::default(); 2]),
+            ctl: Mutex::new(Controller {
+                window_start: Instant::now(),
+                phase: if enabled && max_workers > 1 {
+                    Phase::Exploring {
+                        count: 1,
+                        results: Vec::new(),
+                    }
+                } else {
+                    Phase::Settled
+                },
+                cpu: CpuSampler::new(),
+                headroom: 1.0,
+                link_est: None,
+                decisions: Vec::new(),
+            }),
+            settled: AtomicBool::new(!enabled || max_workers <= 1),
+        }
+    }
+
+    /// Codec for the next batch.
+    #[inline]
+    pub fn codec(&self) -> CodecId {
+        codec_from(self.codec.load(Ordering::Relaxed))
+    }
+
+    /// Should worker `index` take batches now?
+    #[inline]
+    pub fn is_active(&self, index: usize) -> bool {
+        index < self.active.load(Ordering::Relaxed)
+    }
+
+    /// Active workers.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// A worker sent a batch: `wire` bytes for `guest` bytes of pages, `write` time in write calls.
+    pub fn record(&self, wire: u64, guest: u64, write: Duration) {
+        if !self.enabled {
+            return;
+        }
+        self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        self.guest_bytes.fetch_add(guest, Ordering::Relaxed);
+        self.write_ns
+            .fetch_add(write.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// If this batch should carry a compression probe, the codec to probe with.
+    pub fn probe_codec(&self) -> Option<CodecId> {
+        if !self.enabled {
+            return None;
+        }
+        let n = self.batches.fetch_add(1, Ordering::Relaxed);
+        if n % PROBE_EVERY != 0 {
+            return None;
+        }
+        Some(if (n / PROBE_EVERY) % 2 == 0 {
+            CodecId::Lz4
+        } else {
+            CodecId::Zstd
+        })
+    }
+
+    /// Compress `sample` with `codec` and record speed and ratio.
+    pub fn probe(&self, codecs: &mut CodecSet, codec: CodecId, sample: &[u8], out: &mut Vec<u8>) {
+        if sample.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let ok = codecs.get(codec).encode(sample, out);
+        let secs = t.elapsed().as_secs_f64();
+        let produced = match ok {
+            Ok(true) => out.len(),
+            _ => sample.len(),
+        };
+        let i = if codec == CodecId::Lz4 { 0 } else { 1 };
+        let mut p = self.probes.lock().expect("probe lock");
+        // Exponential forgetting so the estimate follows content changes.
+        let s = &mut p[i];
+        s.input = s.input * 0.9 + sample.len() as f64;
+        s.output = s.output * 0.9 + produced as f64;
+        s.secs = s.secs * 0.9 + secs;
+    }
+
+    /// Decisions taken so far (for the report).
+    pub fn decisions(&self) -> Vec<String> {
+        self.ctl.lock().expect("ctl lock").decisions.clone()
+    }
+
+    /// Let the controller decide if a window has passed (called from the round loop).
+    pub fn tick(&self) {
+        if !self.enabled {
+            return;
+        }
+        let mut c = self.ctl.lock().expect("ctl lock");
+        let elapsed = c.window_start.elapsed();
+        if elapsed < WINDOW {
+            return;
+        }
+        let secs = elapsed.as_secs_f64();
+        let wire = self.wire_bytes.swap(0, Ordering::Relaxed) as f64;
+        let guest = self.guest_bytes.swap(0, Ordering::Relaxed) as f64;
+        let write_s = self.write_ns.swap(0, Ordering::Relaxed) as f64 / 1e9;
+        c.window_start = Instant::now();
+        if let Some(h) = c.cpu.sample() {
+            c.headroom = h;
+        }
+        let k = self.active() as f64;
+        let guest_rate = guest / secs;
+        // Stream-count exploration (raw, during the first windows).
+        if let Phase::Exploring { count, results } = &mut c.phase {
+            results.push((*count, guest_rate));
+            if *count < self.max_workers {
+                *count += 1;
+                self.active.store(*count, Ordering::Relaxed);
+                return;
+            }
+            let best = results.iter().map(|r| r.1).fold(0.0, f64::max);
+            let pick = results
+                .iter()
+                .find(|r| r.1 >= best * 0.95)
+                .map(|r| r.0)
+                .unwrap_or(self.max_workers);
+            let msg = format!(
+                "streams: measured {} → using {pick}",
+                results
+                    .iter()
+                    .map(|(n, r)| format!("{n}:{:.2} GB/s", r / 1e9))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            c.decisions.push(msg);
+            self.active.store(pick, Ordering::Relaxed);
+            c.phase = Phase::Settled;
+            self.settled.store(true, Ordering::Relaxed);
+            return;
+        }
+        if wire <= 0.0 || write_s <= 0.0 {
+            return;
+        }
+        // Writes block when the link is the bottleneck: then write time measures it.
+        // When they mostly do not (CPU-bound, e.g. while compressing), the link is
+        // only known to be at least the observed wire rate: keep the earlier estimate.
+        let busy = write_s / (k.max(1.0) * secs);
+        let observed = wire / secs;
+        let link = if busy > 0.5 {
+            wire / (write_s / k.max(1.0))
+        } else {
+            c.link_est
+                .map_or(wire / (write_s / k.max(1.0)), |l| l.max(observed))
+        };
+        c.link_est = Some(link);
+        let probes = *self.probes.lock().expect("probe lock");
+        let h = c.headroom;
+        let mut best = (CodecId::Raw, link);
+        for (i, id) in [(0, CodecId::Lz4), (1, CodecId::Zstd)] {
+            if let (Some(speed), Some(ratio)) = (probes[i].speed(), probes[i].ratio()) {
+                let est = (k * h * speed).min(link / ratio);
+                if est > best.1 {
+                    best = (id, est);
+                }
+            }
+        }
+        let current = self.codec();
+        let current_est = match current {
+            CodecId::Raw => link,
+            CodecId::Lz4 | CodecId::Zstd => {
+                let i = if current == CodecId::Lz4 { 0 } else { 1 };
+                match (probes[i].speed(), probes[i].ratio()) {
+                    (Some(s), Some(r)) => (k * h * s).min(link / r),
+                    _ => link,
+                }
+            }
+        };
+        if best.0 != current && best.1 > current_est * 1.10 {
+            self.codec.store(best.0 as u8, Ordering::Relaxed);
+            let msg = format!(
+                "codec {} → {}: link {:.2} GB/s, headroom {:.0} %, predicted {:.2} vs {:.2} GB/s",
+                current.name(),
+                best.0.name(),
+                link / 1e9,
+                h * 100.0,
+                best.1 / 1e9,
+                current_est / 1e9
+            );
+            if c.decisions.len() < 64 {
+                c.decisions.push(msg);
+            }
+        }
+    }
+}
+
+/// Samples CPU use of other processes: `/proc/stat` totals minus our own.
+#[derive(Debug)]
+struct CpuSampler {
+    last: Option<(u64, u64, u64, Instant)>,
+    ncpu: f64,
+}
+
+impl CpuSampler {
+    fn new() -> Self {
+        let ncpu = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        Self { last: None, ncpu }
+    }
+
+    fn read() -> Option<(u64, u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let total: u64 = cpu.iter().sum();
+        let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+        let me = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let rest = me.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the comm field: state is index 0, utime is 11, stime 12.
+        let own = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some((total, idle, own))
+    }
+
+    /// Headroom in [0.1, 1] when at least 200 ms passed since the last sample.
+    fn sample(&mut self) -> Option<f64> {
+        let now = Instant::now();
+        if let Some((_, _, _, t)) = self.last {
+            if now.duration_since(t) < Duration::from_millis(200) {
+                return None;
+            }
+        }
+        let (total, idle, own) = Self::read()?;
+        let prev = self.last.replace((total, idle, own, now));
+        let (t0, i0, o0, _) = prev?;
+        let dt = total.saturating_sub(t0) as f64;
+        if dt <= 0.0 {
+            return None;
+        }
+        let busy = dt - idle.saturating_sub(i0) as f64;
+        let others = (busy - own.saturating_sub(o0) as f64).max(0.0);
+        // Fraction of all CPUs used by others → headroom per CPU.
+        let _ = self.ncpu;
+        Some((1.0 - others / dt).clamp(0.1, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disabled_tuner_is_fixed() {
+        let t = AutoTuner::new(false, 3, CodecId::Lz4);
+        assert_eq!(t.codec(), CodecId::Lz4);
+        assert!(t.is_active(2));
+        assert!(t.probe_codec().is_none());
+    }
+
+    #[test]
+    fn slow_link_and_compressible_data_pick_a_codec() {
+        let t = AutoTuner::new(true, 1, CodecId::Raw);
+        assert_eq!(t.codec(), CodecId::Raw);
+        {
+            let mut p = t.probes.lock().unwrap();
+            p[0] = CodecStats {
+                input: 1e9,
+                output: 3e8,
+                secs: 0.5,
+            }; // lz4: 2 GB/s, ratio 0.3
+            p[1] = CodecStats {
+                input: 1e9,
+                output: 2.5e8,
+                secs: 1.5,
+            }; // zstd: 0.67 GB/s, 0.25
+        }
+        // A 125 MB/s link: 1 s of writes for 125 MB.
+        t.record(125_000_000, 125_000_000, Duration::from_secs(1));
+        t.ctl.lock().unwrap().window_start -= WINDOW;
+        t.tick();
+        assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+        // A fast link (no back-pressure): raw wins again.
+        t.record(5_000_000_000, 5_000_000_000, Duration::from_millis(100));
+        t.ctl.lock().unwrap().window_start -= WINDOW;
+        t.tick();
+        assert_eq!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+    }
+}

@@ -1,0 +1,143 @@
+//! Bandwidth shaping: a token bucket shared by all page streams of a migration (or
+//! of several migrations, for fair sharing), wrapped around any [`Stream`].
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Stream;
+
+/// A token bucket in bytes. `rate` bytes/s refill, `burst` bytes capacity.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    /// A bucket for `bits_per_s` (decimal bits), with a burst of 10 ms of traffic
+    /// (at least 64 KiB) so that the cap holds over short windows too.
+    pub fn new(bits_per_s: u64) -> Arc<Self> {
+        let rate = bits_per_s as f64 / 8.0;
+        let burst = (rate * 0.01).max(64.0 * 1024.0);
+        Arc::new(Self {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        })
+    }
+
+    /// Rate in bytes per second.
+    pub fn bytes_per_s(&self) -> f64 {
+        self.rate
+    }
+
+    /// Take up to `want` bytes of tokens, waiting as needed; returns how many were granted.
+    pub fn take(&self, want: usize) -> usize {
+        let want = (want as f64).min(self.burst).max(1.0);
+        loop {
+            let wait = {
+                let mut s = self.state.lock().expect("bucket lock");
+                let now = Instant::now();
+                let (tokens, last) = *s;
+                let tokens =
+                    (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+                if tokens >= want {
+                    *s = (tokens - want, now);
+                    return want as usize;
+                }
+                *s = (tokens, now);
+                (want - tokens) / self.rate
+            };
+            std::thread::sleep(Duration::from_secs_f64(wait.min(0.05)));
+        }
+    }
+}
+
+/// A stream whose writes are paced by a shared [`TokenBucket`].
+#[derive(Debug)]
+pub struct ShapedStream {
+    inner: Box<dyn Stream>,
+    bucket: Arc<TokenBucket>,
+}
+
+impl ShapedStream {
+    /// Pace `inner` with `bucket`.
+    pub fn new(inner: Box<dyn Stream>, bucket: Arc<TokenBucket>) -> Self {
+        Self { inner, bucket }
+    }
+}
+
+impl Read for ShapedStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for ShapedStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.bucket.take(buf.len());
+        self.inner.write(&buf[..n])
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Ok(0);
+        }
+        let n = self.bucket.take(total);
+        // Write at most the granted bytes: trim the slice list.
+        let mut left = n;
+        let mut trimmed: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            if left == 0 {
+                break;
+            }
+            let k = b.len().min(left);
+            trimmed.push(std::io::IoSlice::new(&b[..k]));
+            left -= k;
+        }
+        let written = self.inner.write_vectored(&trimmed)?;
+        Ok(written)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Stream for ShapedStream {
+    fn shutdown(&self) {
+        self.inner.shutdown()
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
+        self.inner.shutdown_handle()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_paces_to_its_rate() {
+        // 80 Mbit/s = 10 MB/s: taking 3 MB must take at least ~0.29 s (minus the burst).
+        let b = TokenBucket::new(80_000_000);
+        let t = Instant::now();
+        let mut got = 0;
+        while got < 3_000_000 {
+            got += b.take(256 * 1024);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let min = (3_000_000.0 - b.burst) / b.bytes_per_s();
+        assert!(
+            secs >= min * 0.95,
+            "took {secs} s, expected at least {min} s"
+        );
+    }
+}
