@@ -645,7 +645,14 @@ struct KvmVmControl {
     /// pass after the engine's last harvest, so that every working-set page is in the
     /// final round (and stale on the destination once dropped).
     full_pass_before_pause: Option<Arc<AtomicU32>>,
+    /// The vCPU itself (for throttling through r15).
+    shared: SharedVcpu,
+    /// The spins per page the guest was started with.
+    base_spins: u64,
 }
+
+/// Busy-wait iterations per page added per percent of throttle.
+const THROTTLE_SPINS_PER_PERCENT: u64 = 20;
 
 impl VmControl for KvmVmControl {
     fn pause(&mut self) -> Result<(), String> {
@@ -668,10 +675,21 @@ impl VmControl for KvmVmControl {
         self.paused.store(false, Ordering::SeqCst);
         self.vcpu.resume()
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
-        // The guest's dirty rate is fixed by its r15 spin count; a VMM would throttle
-        // by time-slicing the vCPU. Not needed here: the guest is slow on kvm-pvm.
-        Ok(())
+    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+        // The guest's dirty rate is set by r15 (busy-wait iterations per page): pause,
+        // raise it, resume. A general VMM would time-slice the vCPU instead.
+        self.vcpu.pause()?;
+        let r = (|| {
+            let v = self
+                .shared
+                .lock()
+                .map_err(|_| "vCPU lock poisoned".to_string())?;
+            let mut regs = v.get_regs().map_err(err("KVM_GET_REGS"))?;
+            regs.r15 = self.base_spins + u64::from(percent.min(99)) * THROTTLE_SPINS_PER_PERCENT;
+            v.set_regs(&regs).map_err(err("KVM_SET_REGS"))
+        })();
+        self.vcpu.resume()?;
+        r
     }
 }
 
@@ -852,6 +870,8 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
             pause_mono_ns: pause_mono_ns.clone(),
             paused: paused.clone(),
             full_pass_before_pause: opts.drop_final_pages.then(|| runner.last_pass.clone()),
+            shared: m.vcpu.clone(),
+            base_spins: opts.spins,
         }))
         .policy(Box::new(policy))
         .participant(Box::new(ProgressSaver {

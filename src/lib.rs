@@ -14,6 +14,9 @@
 //!    memory is proven equal to the source's, or the migration fails and the source
 //!    VM resumes.
 //!
+//! With feature `kvm`, `dirty::KvmDirtyLog` harvests KVM's dirty log and `kvm` saves
+//! and restores vCPU and VM state as device participants (see docs/KVM.md).
+//!
 //! [`device`] carries device and vCPU state at brownout (save → validate → restore),
 //! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
 //! `livemig bench` and the tests.
