@@ -5,11 +5,18 @@
 //! ```
 //! `demo` re-executes this binary as `dst` (which creates its VM, vCPU and memory at
 //! setup and listens on loopback TCP) and `src` (which boots the self-checking guest
-//! of `livemig::kvm::guest`, lets it run, then migrates it with pre-copy rounds driven
-//! by the KVM dirty log). The destination runs the guest for a number of passes after
-//! switchover; the guest checks every page on every pass and reports a stale page
-//! through an I/O port. The last line printed is one JSON object with the outcome and
-//! the downtime breakdown.
+//! of `livemig::kvm::guest`, lets it run, then migrates it with the livemig engine:
+//! `Migration` with a `KvmDirtyLog` tracker, a `VmControl` that pauses the vCPU thread,
+//! and the VM, vCPU and a small guest-progress participant; on the other side a
+//! `Receiver` writing straight into the destination VM's memfd). The destination runs
+//! the guest for a number of passes after switchover; the guest checks every page on
+//! every pass and reports a stale page through an I/O port. The last line printed is
+//! one JSON object with the outcome and the downtime breakdown. See docs/KVM.md.
+//!
+//! Pieces a VMM author would copy: `create_machine` (VM, memfd slot, irqchip, vCPU),
+//! `Runner`/`VcpuHandle` (the vCPU thread and a reliable pause: immediate_exit + a
+//! signal, re-kicked every 200 µs, plus the re-entry that completes a pending I/O exit),
+//! and `KvmVmControl`.
 //!
 //! `--drop-final-pages` is the negative control: the source deliberately does not send
 //! the pages dirtied in the final (paused) round, and the guest must notice.
