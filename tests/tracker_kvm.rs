@@ -218,3 +218,78 @@ fn union_with_explicit_sees_vmm_writes() {
     }
     union.stop(&t.mem).unwrap();
 }
+
+/// Two slots whose boundary is not a multiple of 64 pages, with the working set
+/// straddling it: the tracker must map each slot's bitmap to the right page indexes.
+#[test]
+fn two_slots_unaligned_boundary() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    let vm = kvm.create_vm().unwrap();
+    let split = (guest::WORKSET_GPA + 5 * 4096) as usize; // page 517: 517 % 64 != 0
+    let low = GuestRegion::memfd(0, split, "low").unwrap();
+    let high = GuestRegion::memfd(split as u64, MEM - split, "high").unwrap();
+    guest::write_boot_image(&low).unwrap();
+    for (slot, r) in [&low, &high].into_iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.gpa(),
+            memory_size: r.len() as u64,
+            userspace_addr: r.host_addr() as u64,
+        };
+        // SAFETY: both regions are moved into `mem` below, which outlives `vm` and
+        // `vcpu` (declared after it, so dropped before it).
+        unsafe { vm.set_user_memory_region(region).unwrap() };
+    }
+    let mem = GuestMemory::new(vec![low, high]).unwrap();
+    vm.create_irq_chip().unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
+        .unwrap();
+    vcpu.set_sregs(&guest::long_mode_sregs(vcpu.get_sregs().unwrap()))
+        .unwrap();
+    vcpu.set_regs(&guest::initial_regs(PAGES, 0)).unwrap();
+    let vm = Arc::new(vm);
+    let slots = vec![
+        KvmSlot {
+            slot: 0,
+            gpa: 0,
+            base_flags: 0,
+        },
+        KvmSlot {
+            slot: 1,
+            gpa: split as u64,
+            base_flags: 0,
+        },
+    ];
+    let mut tracker = KvmDirtyLog::new(vm.clone(), slots, KvmDirtyLogMode::Plain);
+    tracker.start(&mem).unwrap();
+    assert_eq!(one_pass(&mut vcpu), 1);
+    assert_eq!(one_pass(&mut vcpu), 2);
+    let mut set = PageSet::new(mem.total_pages());
+    tracker.harvest(&mem, &mut set).unwrap();
+    for i in workset_indices() {
+        assert!(
+            set.contains(i),
+            "page {i} missing (slot boundary at page 517)"
+        );
+    }
+    let extra: Vec<u64> = set
+        .iter()
+        .filter(|i| !workset_indices().contains(i) && !(1..=4).contains(i))
+        .collect();
+    assert!(extra.is_empty(), "misplaced pages: {extra:?}");
+    tracker.stop(&mem).unwrap();
+
+    // A slot that matches no region is refused at start.
+    let mut wrong = KvmDirtyLog::new(
+        vm,
+        vec![KvmSlot {
+            slot: 0,
+            gpa: 4096,
+            base_flags: 0,
+        }],
+        KvmDirtyLogMode::Plain,
+    );
+    assert!(wrong.start(&mem).is_err());
+}
