@@ -14,14 +14,21 @@
 //!    memory is proven equal to the source's, or the migration fails and the source
 //!    VM resumes.
 //!
+//! Before any page moves, the setup stage lets the destination refuse (protocol
+//! version, host busy, memory layout, CPU features — see [`compat`] for processor
+//! compatibility mode — virtual switch names) or a participant veto; see
+//! [`receiver::setup_check`].
+//!
 //! With feature `kvm`, `dirty::KvmDirtyLog` harvests KVM's dirty log and `kvm` saves
 //! and restores vCPU and VM state as device participants (see docs/KVM.md).
 //!
-//! [`device`] carries device and vCPU state at brownout (save → validate → restore),
+//! [`device`] carries device and vCPU state at brownout (save → validate → release →
+//! restore; [`device::switch_port`] models Hyper-V's switch-port handoff),
 //! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
 //! `livemig bench` and the tests.
 
 pub mod codec;
+pub mod compat;
 pub mod device;
 pub mod dirty;
 pub mod engine;

@@ -1,12 +1,31 @@
 //! Device-state participants: the runtime state that moves at brownout.
 //!
-//! The order mirrors Hyper-V's switch-port handoff: on the destination every
-//! participant first **validates** (and may veto) during setup and again when its
-//! state arrives; on the source each participant **saves** its state while the VM is
-//! paused; the destination **restores** only after *every* participant validated.
+//! The order mirrors Hyper-V's switch-port handoff (see [`switch_port`]):
+//!
+//! 1. setup, before any page moves: the destination's [`RestoreState::validate_setup`]
+//!    checks the source's [`SaveState::setup_info`] and may veto (the validation
+//!    port and its policy check), then prepares (the operational port);
+//! 2. brownout, VM paused: the source's [`SaveState::save`];
+//! 3. the destination verifies memory and runs [`RestoreState::validate_state`] for
+//!    *every* participant (a last veto point) and answers `Prepared`;
+//! 4. the source's [`SaveState::release`] (NIC disconnect, NIC delete, port
+//!    teardown, port delete) and `Released`;
+//! 5. the destination's [`RestoreState::restore`] (NIC create, NIC connect, runtime
+//!    data) and `Committed`; then the source's [`SaveState::committed`].
+//!
+//! Failure rule: until the destination answers `Committed` the source VM keeps (or
+//! resumes) running. A failure before step 4 needs no device work on the source
+//! (nothing was torn down). A failure after step 4 (a destination restore error, a
+//! lost connection) calls [`SaveState::rolled_back`], which must re-create whatever
+//! `release` tore down. Releasing only after the destination validated everything
+//! keeps that window as small as the spec's order allows. The destination calls
+//! [`RestoreState::discard`] on every failure.
+//!
 //! State travels inside a versioned, checksummed [`envelope`].
 
 pub mod envelope;
+pub mod slow_disk;
+pub mod switch_port;
 
 /// A participant refused the migration.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
@@ -45,10 +64,16 @@ pub trait SaveState: Send {
     fn setup_info(&self) -> Vec<u8>;
     /// Save the runtime state (VM paused). Appends to `out`.
     fn save(&mut self, out: &mut Vec<u8>) -> Result<(), ParticipantError>;
-    /// The destination committed: release source-side resources.
+    /// The destination validated every participant's state: give up the device so
+    /// the destination can take it over (a switch port's NIC disconnect, NIC delete,
+    /// port teardown and port delete; a pass-through disk's ownership). The VM is
+    /// paused. An error aborts the migration and rolls every participant back.
+    fn release(&mut self) -> Result<(), ParticipantError>;
+    /// The destination committed: drop what is left of the source-side device.
     fn committed(&mut self);
-    /// The migration failed after `save`: the source VM resumes, put the device back
-    /// into service.
+    /// The migration failed after `save` (and possibly after `release`): the source
+    /// VM resumes, so put the device back into service, re-creating whatever
+    /// `release` tore down.
     fn rolled_back(&mut self);
 }
 

@@ -1,6 +1,7 @@
-//! Brownout: pause → final harvest → final pages → device state → digest → commit.
+//! Brownout: pause → final harvest → final pages → device state → digest → commit
+//! (`Commit` → `Prepared` → participants' `release` → `Released` → `Committed`).
 //! Any failure before the destination answers `Committed` resumes the source VM and
-//! rolls back every participant that saved.
+//! rolls back every participant that saved (re-creating what `release` tore down).
 
 use std::time::{Duration, Instant};
 
@@ -47,7 +48,7 @@ pub(crate) fn run(
         if let Err(e) = run.m.vm.resume() {
             return Err(MigrationError::Vm(format!(
                 "{e} (after a failed switchover: {})",
-                r.err().expect("err")
+                r.expect_err("the switchover failed")
             )));
         }
     }
@@ -176,15 +177,46 @@ fn paused(
         .control
         .send_control(&commit, &[])
         .map_err(to_dest("commit"))?;
+    // Two-step commit (see `ControlMsg::Prepared`): the destination validates
+    // everything and answers `Prepared`; only then do the source's devices let go
+    // (switch-port step 5), and the destination restores after `Released`.
     let reply = run.session.control.control().map_err(to_dest("commit"))?.0;
+    let reply = match reply {
+        ControlMsg::Prepared { .. } => {
+            let t_release = Instant::now();
+            for p in run.m.participants.iter_mut() {
+                if let Err(e) = p.release() {
+                    let _ = run.session.control.send_control(
+                        &ControlMsg::Abort {
+                            reason: format!("source device release failed: {e}"),
+                        },
+                        &[],
+                    );
+                    return Err(e.into());
+                }
+            }
+            bd.release_ms = ms(t_release.elapsed());
+            run.session
+                .control
+                .send_control(&ControlMsg::Released, &[])
+                .map_err(to_dest("commit"))?;
+            run.session.control.control().map_err(to_dest("commit"))?.0
+        }
+        other => other,
+    };
     match reply {
         ControlMsg::Committed {
             verify_us,
             restore_us,
+            participants_us,
         } => {
             bd.commit_ms = ms(t_commit.elapsed());
             bd.dest_verify_ms = verify_us as f64 / 1e3;
             bd.dest_restore_ms = restore_us as f64 / 1e3;
+            bd.dest_participants = participants_us
+                .into_iter()
+                .map(|(id, us)| (id, us as f64 / 1e3))
+                .collect();
         }
         ControlMsg::Veto {
             participant,

@@ -111,6 +111,11 @@ pub struct MigrationConfig {
     pub compat: CompatVector,
     /// Cap on the page streams' total send rate, shared by all streams (bits/s).
     pub bandwidth: Option<Arc<crate::transport::shaped::TokenBucket>>,
+    /// Processor compatibility mode: the CPU features common to every host the VM
+    /// may move to (see [`crate::compat::common_cpu_features`]). When set, the VM
+    /// only requires its features within this set. `None`: the VM requires all of
+    /// `compat.cpu_features`.
+    pub processor_compat: Option<Vec<String>>,
 }
 
 impl Default for MigrationConfig {
@@ -125,6 +130,7 @@ impl Default for MigrationConfig {
             vm_config: Vec::new(),
             compat: CompatVector::default(),
             bandwidth: None,
+            processor_compat: None,
         }
     }
 }

@@ -89,7 +89,10 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
     }
     let setup = ControlMsg::Setup {
         layout: m.memory.layout(),
-        compat: m.config.compat.clone(),
+        compat: match &m.config.processor_compat {
+            Some(common) => crate::compat::restrict_cpu_features(&m.config.compat, common),
+            None => m.config.compat.clone(),
+        },
         config_len: m.config.vm_config.len() as u64,
         participants,
     };

@@ -2,11 +2,14 @@
 //!
 //! State machine (enforced here; see docs/PROTOCOL.md):
 //! `AwaitHello → AwaitSetup → AcceptStreams → Rounds (pages on N streams, gated)
-//!  → [Brownout] → DeviceState → Commit → Committed | Veto`, with `Abort` or any
-//! error leading to `Discarded` from every state.
+//!  → [Brownout] → DeviceState → Commit → Prepared → Released → Committed | Veto`,
+//! with `Abort` or any error leading to `Discarded` from every state. Setup-stage
+//! refusals live in [`setup_check`], the per-host concurrency limit in [`limiter`].
 
 pub mod apply;
 pub mod gate;
+pub mod limiter;
+pub mod setup_check;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,23 +18,15 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::device::{envelope, ParticipantError, RestoreState, Veto};
-use crate::memory::{digest_of_table, GuestMemory, MemoryError, MemoryLayout, PAGE_SIZE};
+use crate::memory::{digest_of_table, GuestMemory, MemoryError, MemoryLayout};
 use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use apply::{apply_stream, ApplyShared};
-
-/// What the destination host offers, checked against the source's setup.
-#[derive(Debug, Clone, Default)]
-pub struct HostCaps {
-    /// CPU features this host has (None: don't check).
-    pub cpu_features: Option<Vec<String>>,
-    /// Virtual switches that exist here (None: don't check).
-    pub switches: Option<Vec<String>>,
-    /// Largest guest memory this host accepts (bytes; None: no limit).
-    pub max_memory: Option<u64>,
-}
+pub use limiter::{HostLimiter, Permit};
+pub use setup_check::HostCaps;
+use setup_check::Refusal;
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -141,6 +136,8 @@ pub struct ReceiveReport {
     pub verified: bool,
     /// Participants restored.
     pub participants: Vec<String>,
+    /// Per participant restore time (ms), in restore order.
+    pub participant_restore_ms: Vec<(String, f64)>,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -162,6 +159,7 @@ pub struct Receiver {
     participants: Vec<Box<dyn RestoreState>>,
     config: ReceiverConfig,
     setup_check: Option<SetupCheck>,
+    limiter: Option<Arc<HostLimiter>>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -199,6 +197,7 @@ impl Receiver {
             participants: Vec::new(),
             config: ReceiverConfig::default(),
             setup_check: None,
+            limiter: None,
         }
     }
     /// Use caller-provided destination memory (e.g. a VMM's, registered with KVM);
@@ -215,6 +214,12 @@ impl Receiver {
     /// Settings.
     pub fn config(mut self, c: ReceiverConfig) -> Self {
         self.config = c;
+        self
+    }
+    /// Share this host's limit on simultaneous incoming migrations (see
+    /// [`HostLimiter`]). Without one, the receiver does not count itself.
+    pub fn host_limiter(mut self, l: Arc<HostLimiter>) -> Self {
+        self.limiter = Some(l);
         self
     }
     /// Extra setup check (the hypervisor's own policy).
@@ -253,7 +258,9 @@ impl Receiver {
         let _ = stream.set_read_timeout(Some(self.config.accept_timeout));
         let mut control = FrameReader::new(stream, "control");
 
-        // Handshake.
+        // Handshake: version, then this host's capacity (the permit is held until
+        // `run` returns).
+        let _permit: Option<Permit>;
         let (session, streams) = match control.control().map_err(t("handshake"))?.0 {
             ControlMsg::Hello {
                 magic,
@@ -263,22 +270,25 @@ impl Receiver {
                 streams,
                 ..
             } => {
-                if magic != "livemig" {
-                    return Err(Self::refuse(
-                        &mut control,
-                        RefuseCode::Version,
-                        format!("bad handshake magic {magic:?}"),
-                    ));
+                if let Err(message) = setup_check::check_version(&magic, major, minor) {
+                    return Err(Self::refuse(&mut control, RefuseCode::Version, message));
                 }
-                if major != PROTOCOL_MAJOR || minor.abs_diff(PROTOCOL_MINOR) > 1 {
-                    return Err(Self::refuse(
-                        &mut control,
-                        RefuseCode::Version,
-                        format!(
-                            "protocol version {major}.{minor} is not supported (destination speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR} and accepts the previous minor)"
-                        ),
-                    ));
-                }
+                _permit = match &self.limiter {
+                    None => None,
+                    Some(l) => match l.try_acquire() {
+                        Some(p) => Some(p),
+                        None => {
+                            return Err(Self::refuse(
+                                &mut control,
+                                RefuseCode::HostBusy,
+                                format!(
+                                    "this host already runs {} incoming migration(s), its limit; retry when one finishes",
+                                    l.limit()
+                                ),
+                            ))
+                        }
+                    },
+                };
                 if streams == 0 || streams > self.config.max_streams {
                     return Err(Self::refuse(
                         &mut control,
@@ -562,13 +572,40 @@ impl Receiver {
             );
             return Err(ReceiveError::Vetoed(v));
         }
+        // Everything is validated: let the source release its devices (switch-port
+        // step 5) before restoring ours (steps 6–7). See `ControlMsg::Prepared`.
+        let validate_us = t_restore.elapsed().as_micros() as u64;
+        control
+            .send_control(
+                &ControlMsg::Prepared {
+                    verify_us,
+                    validate_us,
+                },
+                &[],
+            )
+            .map_err(t("commit"))?;
+        match control.control().map_err(t("commit"))?.0 {
+            ControlMsg::Released => {}
+            ControlMsg::Abort { reason } => return Err(ReceiveError::Aborted(reason)),
+            other => {
+                return Err(ReceiveError::Protocol {
+                    phase: "commit",
+                    message: format!("expected released, got {}", other.name()),
+                })
+            }
+        }
+        let t_restore = Instant::now();
+        let mut participants_us = Vec::with_capacity(entries.len());
         for e in &entries {
             let p = self
                 .participants
                 .iter_mut()
                 .find(|p| p.id() == e.id)
                 .expect("validated above");
-            if let Err(err) = p.restore(e.version, &e.blob) {
+            let t_p = Instant::now();
+            let r = p.restore(e.version, &e.blob);
+            participants_us.push((e.id.clone(), t_p.elapsed().as_micros() as u64));
+            if let Err(err) = r {
                 let _ = control.send_control(
                     &ControlMsg::Error {
                         message: err.to_string(),
@@ -578,12 +615,13 @@ impl Receiver {
                 return Err(err.into());
             }
         }
-        let restore_us = t_restore.elapsed().as_micros() as u64;
+        let restore_us = validate_us + t_restore.elapsed().as_micros() as u64;
         control
             .send_control(
                 &ControlMsg::Committed {
                     verify_us,
                     restore_us,
+                    participants_us: participants_us.clone(),
                 },
                 &[],
             )
@@ -604,135 +642,12 @@ impl Receiver {
             digest: format!("{ours:016x}"),
             verified: true,
             participants: entries.iter().map(|e| e.id.clone()).collect(),
+            participant_restore_ms: participants_us
+                .into_iter()
+                .map(|(id, us)| (id, us as f64 / 1e3))
+                .collect(),
         };
         Ok(Received { report, memory })
-    }
-
-    fn check_setup(
-        &mut self,
-        layout: &MemoryLayout,
-        compat: &CompatVector,
-        config_len: u64,
-        participants: &[(String, u64)],
-        attachment: &[u8],
-    ) -> Result<(), Refusal> {
-        // Memory layout.
-        if layout.regions.is_empty()
-            || layout
-                .regions
-                .iter()
-                .any(|&(g, l)| l == 0 || g % PAGE_SIZE as u64 != 0 || l % PAGE_SIZE as u64 != 0)
-        {
-            return Err(Refusal::Refuse(
-                RefuseCode::MemoryLayout,
-                "the source's memory layout is empty or not page aligned".into(),
-            ));
-        }
-        if let Some(m) = &self.memory {
-            if m.layout() != *layout {
-                return Err(Refusal::Refuse(
-                    RefuseCode::MemoryLayout,
-                    format!(
-                        "memory size mismatch: source has {} bytes in {} region(s), destination provides {} bytes in {} region(s)",
-                        layout.total_bytes(),
-                        layout.regions.len(),
-                        m.total_bytes(),
-                        m.regions().len()
-                    ),
-                ));
-            }
-        }
-        if let Some(max) = self.config.host.max_memory {
-            if layout.total_bytes() > max {
-                return Err(Refusal::Refuse(
-                    RefuseCode::MemoryLayout,
-                    format!(
-                        "guest memory of {} bytes exceeds this host's limit of {max} bytes",
-                        layout.total_bytes()
-                    ),
-                ));
-            }
-        }
-        // CPU features: required ⊆ available.
-        if let Some(have) = &self.config.host.cpu_features {
-            let missing: Vec<_> = compat
-                .cpu_features
-                .iter()
-                .filter(|f| !have.contains(f))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                return Err(Refusal::Refuse(
-                    RefuseCode::CpuFeatures,
-                    format!(
-                        "the VM requires CPU features this host lacks: {} (enable processor compatibility mode on the source)",
-                        missing.join(", ")
-                    ),
-                ));
-            }
-        }
-        // Virtual switches.
-        if let Some(have) = &self.config.host.switches {
-            let missing: Vec<_> = compat
-                .switches
-                .iter()
-                .filter(|s| !have.contains(s))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                return Err(Refusal::Refuse(
-                    RefuseCode::SwitchName,
-                    format!(
-                        "virtual switch(es) not found on this host: {}",
-                        missing.join(", ")
-                    ),
-                ));
-            }
-        }
-        // Attachment layout: config blob then each participant's setup info.
-        let total: u64 = config_len.saturating_add(
-            participants
-                .iter()
-                .map(|p| p.1)
-                .fold(0u64, |a, b| a.saturating_add(b)),
-        );
-        if total != attachment.len() as u64 {
-            return Err(Refusal::Refuse(
-                RefuseCode::Other,
-                "setup attachment length does not match its index".into(),
-            ));
-        }
-        let config = &attachment[..config_len as usize];
-        if let Some(check) = self.setup_check.as_mut() {
-            check(layout, compat, config).map_err(|(c, m)| Refusal::Refuse(c, m))?;
-        }
-        // Participants: both sides must have the same set; each validates its setup info.
-        let mut off = config_len as usize;
-        for (id, len) in participants {
-            let info = &attachment[off..off + *len as usize];
-            off += *len as usize;
-            let Some(p) = self.participants.iter_mut().find(|p| p.id() == id) else {
-                return Err(Refusal::Refuse(
-                    RefuseCode::Other,
-                    format!("device {id:?} has no participant on this host"),
-                ));
-            };
-            p.validate_setup(info).map_err(Refusal::Veto)?;
-        }
-        if let Some(p) = self
-            .participants
-            .iter()
-            .find(|p| !participants.iter().any(|(id, _)| id == p.id()))
-        {
-            return Err(Refusal::Refuse(
-                RefuseCode::Other,
-                format!(
-                    "this host expects device {:?}, which the source does not send",
-                    p.id()
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn validate_all(&mut self, entries: &[envelope::Entry]) -> Result<(), Veto> {
@@ -755,9 +670,4 @@ impl Receiver {
         }
         Ok(())
     }
-}
-
-enum Refusal {
-    Refuse(RefuseCode, String),
-    Veto(Veto),
 }

@@ -48,6 +48,11 @@ pub struct DowntimeBreakdown {
     pub dest_verify_ms: f64,
     /// Of `commit_ms`, the destination's device validation + restore.
     pub dest_restore_ms: f64,
+    /// Of `commit_ms`, the source participants' `release` (between the
+    /// destination's `Prepared` and the source's `Released`).
+    pub release_ms: f64,
+    /// Per destination participant: (id, restore ms), from the `Committed` reply.
+    pub dest_participants: Vec<(String, f64)>,
     /// Device-state bytes.
     pub device_state_bytes: u64,
     /// Per participant: (id, save ms, bytes).

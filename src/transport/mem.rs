@@ -59,6 +59,8 @@ impl Read for MemStream {
         if buf.is_empty() {
             return Ok(0);
         }
+        // The timeout bounds the whole wait, polled in 50 ms steps for shutdown.
+        let started = std::time::Instant::now();
         while self.pos >= self.cur.len() {
             if self.closed.load(Ordering::Acquire) && self.rx.is_empty() {
                 return Ok(0);
@@ -74,7 +76,7 @@ impl Read for MemStream {
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(0),
                 Err(RecvTimeoutError::Timeout) => {
-                    if timeout.is_some() {
+                    if timeout.is_some_and(|t| started.elapsed() >= t) {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "read timed out",

@@ -110,12 +110,32 @@ pub enum ControlMsg {
         /// Number of rounds, including the final one.
         rounds: u32,
     },
+    /// Destination → source: memory verified and every participant's state
+    /// validated; nothing is restored yet. The source may now release its devices
+    /// (switch-port handoff step 5) and answer [`ControlMsg::Released`].
+    ///
+    /// Why this step exists: the switch-port order puts the source's NIC disconnect /
+    /// delete / port teardown / delete *between* the destination's validation and its
+    /// NIC create / connect / restore, so one commit round trip is not enough.
+    Prepared {
+        /// Time the destination spent verifying the digest (µs).
+        verify_us: u64,
+        /// Time the destination spent decoding and validating device state (µs).
+        validate_us: u64,
+    },
+    /// Source → destination: every source participant released its device; the
+    /// destination restores and answers `Committed` (or `Error`, after which the
+    /// source rolls its devices back and resumes).
+    Released,
     /// Destination → source: memory verified, devices restored; the VM runs here now.
     Committed {
         /// Time the destination spent verifying the digest (µs).
         verify_us: u64,
         /// Time the destination spent validating and restoring device state (µs).
         restore_us: u64,
+        /// Per participant, in restore order: (id, restore time in µs).
+        #[serde(default)]
+        participants_us: Vec<(String, u64)>,
     },
     /// Destination → source: refused at commit (veto, digest mismatch, …).
     Veto {
@@ -159,6 +179,8 @@ impl ControlMsg {
             Self::Brownout { .. } => "brownout",
             Self::DeviceState => "device_state",
             Self::Commit { .. } => "commit",
+            Self::Prepared { .. } => "prepared",
+            Self::Released => "released",
             Self::Committed { .. } => "committed",
             Self::Veto { .. } => "veto",
             Self::Abort { .. } => "abort",

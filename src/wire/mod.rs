@@ -14,6 +14,21 @@
 //! - Every enum on the wire starts at 1; 0 is invalid, so zeroed memory never parses.
 //! - Lengths are checked against per-kind bounds *before* any allocation.
 //!
+//! Control sequence (source → destination unless marked ←):
+//!
+//! ```text
+//! Hello ← Welcome | Refuse(version, host_busy)
+//! Setup ← SetupOk | Refuse(memory_layout, cpu_features, switch_name, …) | Veto(participant)
+//! StreamHello × N, pages …, Brownout, final pages, DeviceState(envelope), Commit
+//! ← Prepared      memory verified, every participant's state validated; nothing restored
+//! Released        every source participant released its device (port/NIC teardown)
+//! ← Committed     destination restored; the VM runs there   | ← Error → source rolls back
+//! ```
+//! `Prepared`/`Released` split the commit so the switch-port handoff keeps the
+//! spec's order (source teardown between destination validation and restore) and
+//! the source tears nothing down before the destination has validated everything;
+//! see [`crate::device`].
+//!
 //! Versioning: `PROTOCOL_MAJOR` must match; a peer accepts the current and the previous
 //! minor version. New optional features are negotiated as capability strings in the
 //! handshake, so stream failover, resumption (batches carry the round as a per-page

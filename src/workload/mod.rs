@@ -148,21 +148,30 @@ fn fill_page(class: Class, index: u64, seed: u64, page: &mut [u8]) {
             }
         }
         Class::Text => {
-            let mut i = 0;
-            while i < PAGE_SIZE {
-                let r = splitmix(&mut s);
-                let w = WORDS[(r % WORDS.len() as u64) as usize].as_bytes();
-                let sep: &[u8] = if r >> 60 == 0 { b".\n" } else { b" " };
-                for &b in w.iter().chain(sep) {
-                    if i == PAGE_SIZE {
-                        break;
-                    }
-                    page[i] = b;
-                    i += 1;
-                }
-            }
+            // A window of a generated corpus (deterministic), with the page index
+            // stamped in so that no two pages are identical.
+            let corpus = text_corpus();
+            let off = (splitmix(&mut s) % (corpus.len() - PAGE_SIZE) as u64) as usize;
+            page.copy_from_slice(&corpus[off..off + PAGE_SIZE]);
+            page[..8].copy_from_slice(&index.to_le_bytes());
         }
     }
+}
+
+/// 256 KiB of word soup: the source of text-like pages.
+fn text_corpus() -> &'static [u8] {
+    static C: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        let mut out = Vec::with_capacity(256 * 1024 + 64);
+        let mut s = 0x7E57_u64;
+        while out.len() < 256 * 1024 {
+            let r = splitmix(&mut s);
+            out.extend_from_slice(WORDS[(r % WORDS.len() as u64) as usize].as_bytes());
+            out.extend_from_slice(if r >> 60 == 0 { b".\n" } else { b" " });
+        }
+        out.truncate(256 * 1024);
+        out
+    })
 }
 
 /// Fill all of `mem` with `content` (deterministic in `seed`), using `threads`
