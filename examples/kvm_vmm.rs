@@ -761,6 +761,11 @@ impl SaveState for ProgressSaver {
         out.extend_from_slice(&last.to_le_bytes());
         Ok(())
     }
+    fn release(&mut self) -> Result<(), ParticipantError> {
+        // Nothing to hand over: the paused source vCPU/VM stays intact until commit
+        // so that a rollback can simply resume it.
+        Ok(())
+    }
     fn committed(&mut self) {}
     fn rolled_back(&mut self) {}
 }

@@ -20,7 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let guest = Dirtier::start(
         memory.clone(),
         Some(bitmap.clone()),
-        DirtierConfig { rate_bytes_per_s: 50_000_000, hot_set_bytes: 8 << 20, ..Default::default() },
+        DirtierConfig {
+            rate_bytes_per_s: 50_000_000,
+            hot_set_bytes: 8 << 20,
+            ..Default::default()
+        },
     );
 
     // Destination: allocates its memory from the source's layout at setup.

@@ -114,6 +114,11 @@ impl SaveState for VcpuSaver {
         StateTimings::add(&self.timings.save_ns, t);
         Ok(())
     }
+    fn release(&mut self) -> Result<(), ParticipantError> {
+        // Nothing to hand over: the paused source vCPU/VM stays intact until commit
+        // so that a rollback can simply resume it.
+        Ok(())
+    }
     fn committed(&mut self) {}
     fn rolled_back(&mut self) {}
 }
@@ -213,6 +218,11 @@ impl SaveState for VmSaver {
             .bytes
             .fetch_add((out.len() - before) as u64, Ordering::Relaxed);
         StateTimings::add(&self.timings.save_ns, t);
+        Ok(())
+    }
+    fn release(&mut self) -> Result<(), ParticipantError> {
+        // Nothing to hand over: the paused source vCPU/VM stays intact until commit
+        // so that a rollback can simply resume it.
         Ok(())
     }
     fn committed(&mut self) {}
