@@ -119,3 +119,60 @@ fn state_moves_between_vms_and_guest_continues() {
     let regs = b.get_regs().unwrap();
     assert_eq!(regs.r8, regs.r9 * PAGES);
 }
+
+#[test]
+fn participants_veto_bad_blobs_and_restore_good_ones() {
+    use livemig::device::{RestoreState, SaveState};
+    use livemig::kvm::{StateTimings, VcpuRestorer, VcpuSaver, VmRestorer, VmSaver};
+    use std::sync::{Arc, Mutex};
+
+    let Some(kvm) = kvm_or_skip() else { return };
+    let region = GuestRegion::memfd(0, MEM, "participant-test").unwrap();
+    guest::write_boot_image(&region).unwrap();
+    let host = NonNull::new(region.host_addr()).unwrap();
+    let (vm_a, mut a) = vm_on(&kvm, host);
+    a.set_sregs(&guest::long_mode_sregs(a.get_sregs().unwrap()))
+        .unwrap();
+    a.set_regs(&guest::initial_regs(PAGES, 0)).unwrap();
+    assert_eq!(pass(&mut a), 1);
+    a.set_kvm_immediate_exit(1);
+    let _ = a.run();
+    a.set_kvm_immediate_exit(0);
+    let msrs = probe_msrs(&kvm, &a).unwrap();
+    let timings = Arc::new(StateTimings::default());
+    let vm_a = Arc::new(vm_a);
+    let mut vm_saver = VmSaver::new(vm_a.clone(), timings.clone());
+    let mut vcpu_saver = VcpuSaver::new("vcpu0", Arc::new(Mutex::new(a)), msrs, timings.clone());
+    let (mut vm_blob, mut vcpu_blob) = (Vec::new(), Vec::new());
+    vm_saver.save(&mut vm_blob).unwrap();
+    vcpu_saver.save(&mut vcpu_blob).unwrap();
+    assert!(timings.bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+    let (vm_b, b) = vm_on(&kvm, host);
+    let b = Arc::new(Mutex::new(b));
+    let mut vm_restorer = VmRestorer::new(Arc::new(vm_b), timings.clone());
+    let mut vcpu_restorer = VcpuRestorer::new("vcpu0", b.clone(), timings);
+    // Wrong version, garbage, a VM blob given to a vCPU: vetoes, not panics.
+    assert!(vcpu_restorer
+        .validate_state(vcpu_saver.version() + 1, &vcpu_blob)
+        .is_err());
+    assert!(vcpu_restorer
+        .validate_state(vcpu_saver.version(), b"garbage")
+        .is_err());
+    assert!(vcpu_restorer
+        .validate_state(vcpu_saver.version(), &vm_blob)
+        .is_err());
+    vcpu_restorer.discard();
+    // The good blobs validate, then restore (VM first), and the guest goes on.
+    vm_restorer
+        .validate_state(vm_saver.version(), &vm_blob)
+        .unwrap();
+    vcpu_restorer
+        .validate_state(vcpu_saver.version(), &vcpu_blob)
+        .unwrap();
+    vm_restorer.restore(vm_saver.version(), &vm_blob).unwrap();
+    vcpu_restorer
+        .restore(vcpu_saver.version(), &vcpu_blob)
+        .unwrap();
+    assert_eq!(pass(&mut b.lock().unwrap()), 2);
+}
