@@ -19,6 +19,9 @@
 //! compatibility mode — virtual switch names) or a participant veto; see
 //! [`receiver::setup_check`].
 //!
+//! With feature `kvm`, `dirty::KvmDirtyLog` harvests KVM's dirty log and `kvm` saves
+//! and restores vCPU and VM state as device participants (see docs/KVM.md).
+//!
 //! [`device`] carries device and vCPU state at brownout (save → validate → release →
 //! restore; [`device::switch_port`] models Hyper-V's switch-port handoff),
 //! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
@@ -29,6 +32,8 @@ pub mod compat;
 pub mod device;
 pub mod dirty;
 pub mod engine;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod limits;
 pub mod memory;
 pub mod receiver;

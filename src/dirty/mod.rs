@@ -15,16 +15,23 @@
 //! - `UffdTracker` (feature `uffd`): userfaultfd write-protect, asynchronous
 //!   (`UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`) when the kernel has it, else
 //!   synchronous with a fault-handler thread;
-//! - `KvmDirtyLog` (feature `kvm`): KVM's per-slot dirty log;
+//! - `KvmDirtyLog` (feature `kvm`): KVM's per-slot dirty log (plain or manual
+//!   protect); combine it with an [`ExplicitTracker`] for the VMM's own writes;
 //! - [`UnionTracker`]: OR of several (e.g. KVM guest writes ∪ VMM writes).
 
 mod explicit;
 mod hash_scan;
+#[cfg(feature = "kvm")]
+pub mod kvm;
+#[cfg(feature = "kvm")]
+mod kvm_sys;
 #[cfg(feature = "uffd")]
 pub mod uffd;
 
 pub use explicit::ExplicitTracker;
 pub use hash_scan::HashScanTracker;
+#[cfg(feature = "kvm")]
+pub use kvm::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
 #[cfg(feature = "uffd")]
 pub use uffd::{UffdMode, UffdTracker};
 
