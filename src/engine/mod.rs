@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod precopy;
 pub mod setup;
+pub mod slots;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::transport::{Connector, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
+pub use slots::{HostSlots, SlotGuard};
 
 /// Controls the source VM's execution. Implemented by the hypervisor.
 pub trait VmControl: Send {
@@ -104,6 +106,9 @@ pub struct MigrationConfig {
     pub vm_config: Vec<u8>,
     /// Compatibility vector checked by the destination at setup.
     pub compat: CompatVector,
+    /// Expected device-state save + transfer + restore time, counted in the
+    /// predicted downtime.
+    pub expected_device_state: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -117,6 +122,7 @@ impl Default for MigrationConfig {
             reply_timeout: Duration::from_secs(60),
             vm_config: Vec::new(),
             compat: CompatVector::default(),
+            expected_device_state: Duration::ZERO,
         }
     }
 }
@@ -206,6 +212,7 @@ pub struct Migration {
     pub(crate) progress: Option<Arc<dyn ProgressSink>>,
     pub(crate) cancel: CancelToken,
     pub(crate) config: MigrationConfig,
+    pub(crate) slots: Option<Arc<HostSlots>>,
 }
 
 impl std::fmt::Debug for Migration {
@@ -239,6 +246,7 @@ impl Migration {
             progress: None,
             cancel: CancelToken::new(),
             config: MigrationConfig::default(),
+            slots: None,
         }
     }
     /// Dirty tracker (required for a running VM).
@@ -274,6 +282,11 @@ impl Migration {
     /// Settings.
     pub fn config(mut self, c: MigrationConfig) -> Self {
         self.config = c;
+        self
+    }
+    /// Take one of the host's migration slots before starting (FIFO wait).
+    pub fn slots(mut self, s: Arc<HostSlots>) -> Self {
+        self.slots = Some(s);
         self
     }
     /// Number of page streams.
