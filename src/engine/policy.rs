@@ -114,7 +114,7 @@ impl Default for DowntimePolicy {
             throttle_steps: DEFAULT_THROTTLE_STEPS.to_vec(),
             stall_rounds: 3,
             min_improvement: 0.10,
-            hot_page_rounds: 2,
+            hot_page_rounds: 3,
             best_s: None,
             stalled: 0,
         }

@@ -354,6 +354,13 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         to_send.clear();
         to_send.union_with(&owed);
         to_send.subtract(&deferred);
+        if to_send.is_empty() && !deferred.is_empty() {
+            // Only hot pages are owed: an empty round would measure nothing and
+            // make cooled pages look hot again. Send them; the policy decides
+            // (throttle or brownout) on the prediction, which counts them anyway.
+            deferred.clear();
+            to_send.union_with(&owed);
+        }
         let owed_count = owed.count();
         let deferred_count = deferred.count();
         run.est

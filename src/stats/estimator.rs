@@ -5,7 +5,7 @@
 //! | term | estimate |
 //! |---|---|
 //! | pause | `FixedCosts::pause_s` (default 0.5 ms: the dirtier/vCPU stop handshake) |
-//! | final harvest | the slowest pre-copy harvest seen (+ full rescan if `verify=full`) |
+//! | final harvest | smoothed pre-copy harvest time (+ full rescan if `verify=full`) |
 //! | final pages | `pages × bytes_per_page ÷ final_bandwidth + round_overhead` |
 //! | device state | `FixedCosts::device_state_s` (participants/config give it) |
 //! | digest | measured once at setup on a table of the real size (`digest_s`) |
@@ -120,8 +120,8 @@ pub struct Estimator {
     pub dirty_rate: Ewma,
     /// Wire bytes per sent page, smoothed (accounts for zero pages and compression).
     pub bytes_per_page: Ewma,
-    /// Slowest harvest seen (s).
-    pub harvest_s: f64,
+    /// Harvest time (s), smoothed.
+    pub harvest: Ewma,
     /// Fixed cost of gating / finishing a round (s).
     pub round_overhead_s: f64,
     /// Costs independent of the page count.
@@ -136,7 +136,7 @@ impl Default for Estimator {
             bandwidth: Ewma::new(0.5),
             dirty_rate: Ewma::new(0.5),
             bytes_per_page: Ewma::new(0.5),
-            harvest_s: 0.0,
+            harvest: Ewma::new(0.5),
             round_overhead_s: 0.001,
             fixed: FixedCosts::default(),
             rounds: 0,
@@ -172,7 +172,7 @@ impl Estimator {
         if since_last > 0.0 {
             self.dirty_rate.add(dirty as f64 / since_last);
         }
-        self.harvest_s = self.harvest_s.max(harvest_s);
+        self.harvest.add(harvest_s);
         self.rounds += 1;
     }
 
@@ -194,7 +194,7 @@ impl Estimator {
     pub fn predict(&self, pages: u64) -> Prediction {
         let bpp = self.bytes_per_page.get().unwrap_or(4096.0);
         Prediction {
-            harvest_s: self.harvest_s,
+            harvest_s: self.harvest.get().unwrap_or(0.0),
             pages_s: pages as f64 * bpp / self.final_bandwidth() + self.round_overhead_s,
             fixed_s: self.fixed.total(),
         }

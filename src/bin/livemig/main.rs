@@ -110,7 +110,7 @@ struct MigrateOpts {
     #[arg(long)]
     no_auto_converge: bool,
     /// Defer pages dirtied in this many consecutive rounds to the final round (0: off).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     hot_page_rounds: u32,
     /// Expected device-state save/transfer/restore time (ms), counted in the prediction.
     #[arg(long, default_value_t = 0.0)]
