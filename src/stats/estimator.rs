@@ -5,7 +5,7 @@
 //! | term | estimate |
 //! |---|---|
 //! | pause | `FixedCosts::pause_s` (default 0.5 ms: the dirtier/vCPU stop handshake) |
-//! | final harvest | smoothed pre-copy harvest time (+ full rescan if `verify=full`) |
+//! | final harvest | median pre-copy harvest time (+ full rescan if `verify=full`) |
 //! | final pages | `pages × bytes_per_page ÷ final_bandwidth + round_overhead` |
 //! | device state | `FixedCosts::device_state_s` (participants/config give it) |
 //! | digest | measured once at setup on a table of the real size (`digest_s`) |
@@ -120,8 +120,9 @@ pub struct Estimator {
     pub dirty_rate: Ewma,
     /// Wire bytes per sent page, smoothed (accounts for zero pages and compression).
     pub bytes_per_page: Ewma,
-    /// Harvest time (s), smoothed.
-    pub harvest: Ewma,
+    /// Harvest times (s) of the pre-copy rounds; the prediction uses their median
+    /// (a harvest is a fixed amount of work; outliers are scheduling noise).
+    pub harvests: Vec<f64>,
     /// Fixed cost of gating / finishing a round (s).
     pub round_overhead_s: f64,
     /// Costs independent of the page count.
@@ -136,7 +137,7 @@ impl Default for Estimator {
             bandwidth: Ewma::new(0.5),
             dirty_rate: Ewma::new(0.5),
             bytes_per_page: Ewma::new(0.5),
-            harvest: Ewma::new(0.5),
+            harvests: Vec::new(),
             round_overhead_s: 0.001,
             fixed: FixedCosts::default(),
             rounds: 0,
@@ -172,8 +173,20 @@ impl Estimator {
         if since_last > 0.0 {
             self.dirty_rate.add(dirty as f64 / since_last);
         }
-        self.harvest.add(harvest_s);
+        if harvest_s.is_finite() {
+            self.harvests.push(harvest_s);
+        }
         self.rounds += 1;
+    }
+
+    /// Median pre-copy harvest time (s).
+    pub fn harvest_median(&self) -> f64 {
+        if self.harvests.is_empty() {
+            return 0.0;
+        }
+        let mut v = self.harvests.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     }
 
     /// Bandwidth (bytes/s) expected for the final round.
@@ -194,7 +207,7 @@ impl Estimator {
     pub fn predict(&self, pages: u64) -> Prediction {
         let bpp = self.bytes_per_page.get().unwrap_or(4096.0);
         Prediction {
-            harvest_s: self.harvest.get().unwrap_or(0.0),
+            harvest_s: self.harvest_median(),
             pages_s: pages as f64 * bpp / self.final_bandwidth() + self.round_overhead_s,
             fixed_s: self.fixed.total(),
         }

@@ -37,6 +37,10 @@ pub struct RoundStats {
     pub ewma_dirty_rate_pps: f64,
     /// Smoothed bandwidth expected for the final round (bytes/s).
     pub ewma_bandwidth_bps: f64,
+    /// Time the harvest after this round took (ms).
+    pub harvest_ms: f64,
+    /// Of the predicted downtime, the part that does not depend on the page count (ms).
+    pub predicted_fixed_ms: f64,
 }
 
 /// Where the downtime went.

@@ -507,6 +507,7 @@ fn bench_one(
                             "policy_abort": aborted, "source_running": source_running,
                             "destination": dest, "converged": false, "verified": false,
                             "dirty_rate_mb_s": a.dirty_rate, "hot_set_bytes": a.hot_set,
+                            "skew": format!("{:?}", a.skew),
                             "guest_writes": writes, "migration": index })
                 );
             }
