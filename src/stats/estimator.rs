@@ -6,7 +6,7 @@
 //! |---|---|
 //! | pause | `FixedCosts::pause_s` (default 0.5 ms: the dirtier/vCPU stop handshake) |
 //! | final harvest | median pre-copy harvest time (+ full rescan if `verify=full`) |
-//! | final pages | `pages × bytes_per_page ÷ final_bandwidth + round_overhead` |
+//! | final pages | `(bytes + min(bytes, DRAIN_BYTES)) ÷ final_bandwidth + round_overhead` |
 //! | device state | `FixedCosts::device_state_s` (participants/config give it) |
 //! | digest | measured once at setup on a table of the real size (`digest_s`) |
 //! | commit | handshake RTT + destination verify (≈ the digest cost) + drain slack |
@@ -16,6 +16,11 @@
 //! the small, cache-warm rounds that follow; the final round resembles the latter.
 //! `round_overhead` covers the end-of-round gate (RoundEnd frames + barrier) and the
 //! worker shutdown, which a tiny final round still pays.
+
+/// Bytes still in flight (socket buffers of two streams, 4 MiB each on this
+/// machine) that the destination applies after the source's last write, before it
+/// can answer the commit.
+pub const DRAIN_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
 
 /// Exponentially weighted moving average.
 #[derive(Debug, Clone, Copy)]
@@ -208,7 +213,13 @@ impl Estimator {
         let bpp = self.bytes_per_page.get().unwrap_or(4096.0);
         Prediction {
             harvest_s: self.harvest_median(),
-            pages_s: pages as f64 * bpp / self.final_bandwidth() + self.round_overhead_s,
+            pages_s: {
+                let bytes = pages as f64 * bpp;
+                // The destination still drains what sits in the socket buffers when
+                // the source has written its last frame (up to ~2 × 4 MiB here).
+                let drain = bytes.min(DRAIN_BYTES);
+                (bytes + drain) / self.final_bandwidth() + self.round_overhead_s
+            },
             fixed_s: self.fixed.total(),
         }
     }
@@ -241,7 +252,8 @@ mod tests {
         e.record_round(1 << 18, 1 << 30, 1.0, 0, 1.0, 0.002);
         e.fixed.device_state_s = 0.010;
         let p = e.predict(1 << 18);
-        assert!((p.pages_s - (1.0 + e.round_overhead_s)).abs() < 1e-9);
+        let drain = DRAIN_BYTES / (1u64 << 30) as f64;
+        assert!((p.pages_s - (1.0 + drain + e.round_overhead_s)).abs() < 1e-9);
         assert_eq!(p.harvest_s, 0.002);
         assert!((p.total() - (p.pages_s + 0.002 + e.fixed.total())).abs() < 1e-12);
         assert!(e.fixed.total() >= 0.010);

@@ -582,9 +582,16 @@ fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
 fn send(a: SendArgs) -> Result<(), String> {
     let region = GuestRegion::image_file(0, &a.image).map_err(|e| e.to_string())?;
     let mem = Arc::new(GuestMemory::new(vec![region]).map_err(|e| e.to_string())?);
-    let report = Migration::new(mem)
+    let cancel = CancelToken::new();
+    progress::cancel_on_interrupt(vec![cancel.clone()]);
+    let mut mig = Migration::new(mem)
         .policy(Box::new(policy_of(&a.opts)))
         .config(config_of(&a.opts)?)
+        .cancel_token(cancel);
+    if let Some(s) = sinks_of(&a.opts, 0, open_events(&a.opts)?, true) {
+        mig = mig.progress(s);
+    }
+    let report = mig
         .run(&TcpConnector::new(a.to.clone()))
         .map_err(|e| e.to_string())?;
     if a.opts.json {
