@@ -267,7 +267,9 @@ fn sinks_of(
                 }
                 let mut f = f.lock().expect("events lock");
                 let _ = writeln!(f, "{j}");
-                if matches!(e, Event::Completed(_) | Event::Failed { .. }) {
+                // Flush all but the frequent progress events, so a reader
+                // following the file sees phases as they happen.
+                if !matches!(e, Event::Progress { .. }) {
                     let _ = f.flush();
                 }
             }
