@@ -866,12 +866,11 @@ fn source(addr: &str, opts: &Opts) -> Res<Value> {
     } else {
         Box::new(kvm_log)
     };
-    let policy = DowntimePolicy {
-        target: Duration::from_micros((opts.target_ms * 1000.0) as u64),
-        max_rounds: opts.max_rounds,
-        max_time: Duration::from_secs(60),
-        on_limit: OnLimit::ForceBrownout,
-    };
+    let mut policy =
+        DowntimePolicy::with_target(Duration::from_micros((opts.target_ms * 1000.0) as u64));
+    policy.max_rounds = opts.max_rounds;
+    policy.max_time = Duration::from_secs(60);
+    policy.on_limit = OnLimit::ForceBrownout;
     let t0 = Instant::now();
     // Ordering requirements (livemig::kvm): the destination restores in this order,
     // so the VM-wide state comes before the vCPU.

@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod precopy;
 pub mod setup;
+pub mod slots;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::transport::{Connector, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
+pub use slots::{HostSlots, SlotGuard};
 
 /// Controls the source VM's execution. Implemented by the hypervisor.
 pub trait VmControl: Send {
@@ -116,6 +118,9 @@ pub struct MigrationConfig {
     /// only requires its features within this set. `None`: the VM requires all of
     /// `compat.cpu_features`.
     pub processor_compat: Option<Vec<String>>,
+    /// Expected device-state save + transfer + restore time, counted in the
+    /// predicted downtime.
+    pub expected_device_state: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -131,6 +136,7 @@ impl Default for MigrationConfig {
             compat: CompatVector::default(),
             bandwidth: None,
             processor_compat: None,
+            expected_device_state: Duration::ZERO,
         }
     }
 }
@@ -220,6 +226,7 @@ pub struct Migration {
     pub(crate) progress: Option<Arc<dyn ProgressSink>>,
     pub(crate) cancel: CancelToken,
     pub(crate) config: MigrationConfig,
+    pub(crate) slots: Option<Arc<HostSlots>>,
 }
 
 impl std::fmt::Debug for Migration {
@@ -253,6 +260,7 @@ impl Migration {
             progress: None,
             cancel: CancelToken::new(),
             config: MigrationConfig::default(),
+            slots: None,
         }
     }
     /// Dirty tracker (required for a running VM).
@@ -288,6 +296,11 @@ impl Migration {
     /// Settings.
     pub fn config(mut self, c: MigrationConfig) -> Self {
         self.config = c;
+        self
+    }
+    /// Take one of the host's migration slots before starting (FIFO wait).
+    pub fn slots(mut self, s: Arc<HostSlots>) -> Self {
+        self.slots = Some(s);
         self
     }
     /// Number of page streams.

@@ -1,4 +1,22 @@
 //! Convergence policy: *when* to stop pre-copy. The round loop (mechanism) only asks.
+//!
+//! After every round the loop builds a [`PolicySnapshot`] (predicted downtime,
+//! bandwidth, dirty rate, writable working set, history) and calls
+//! [`ConvergencePolicy::decide`], which answers continue, throttle the guest
+//! (auto-converge), brown out, or abort. The policy also owns the hot-page
+//! threshold the loop uses to hold pages back for the final round.
+//!
+//! [`DowntimePolicy`], the default:
+//! 1. predicted downtime ≤ target → brown out ("converged");
+//! 2. round or time limit reached → `on_limit` (force brownout, or cancel);
+//! 3. no progress — the prediction did not improve by `min_improvement` on the best
+//!    so far, or (QEMU's rule) the guest dirtied more than half of what the round
+//!    sent in each of the last two rounds — → raise the throttle to the next of
+//!    `throttle_steps` (20, 40, 60, 80, 95 % like QEMU's cpu-throttle);
+//! 4. no progress for `stall_rounds` rounds and no throttle left (or auto-converge
+//!    off) → the prediction sits at a local minimum and the target is out of reach:
+//!    brown out there with `OnLimit::ForceBrownout` (waiting cannot make the downtime
+//!    smaller), or abort with `OnLimit::Cancel` (waiting cannot make it converge).
 
 use std::time::Duration;
 
@@ -9,7 +27,7 @@ pub struct PolicySnapshot<'a> {
     pub rounds: u32,
     /// Time since pre-copy started.
     pub elapsed: Duration,
-    /// Pages dirty right now (what brownout would send).
+    /// Pages owed right now (dirty + deferred: what brownout would send).
     pub remaining_pages: u64,
     /// Predicted downtime of a brownout now.
     pub predicted_downtime: Duration,
@@ -17,6 +35,12 @@ pub struct PolicySnapshot<'a> {
     pub history: &'a [crate::stats::RoundStats],
     /// Current throttle (percent).
     pub throttle_percent: u8,
+    /// Bandwidth expected for the final round (bytes/s, smoothed).
+    pub bandwidth_bps: f64,
+    /// Dirty rate (bytes/s, smoothed).
+    pub dirty_bytes_per_s: f64,
+    /// Pages currently held back for the final round.
+    pub deferred_pages: u64,
 }
 
 /// A policy's verdict.
@@ -36,6 +60,10 @@ pub enum Decision {
 pub trait ConvergencePolicy: Send + std::fmt::Debug {
     /// Decide after a round.
     fn decide(&mut self, snap: &PolicySnapshot<'_>) -> Decision;
+    /// Pages dirtied in this many consecutive harvests are "hot": the loop defers
+    /// them to the final round instead of resending them every round. Values
+    /// below 2 disable deferral.
+    fn hot_page_rounds(&self) -> u32;
 }
 
 /// What to do when the round or time limit is hit before the target is met.
@@ -47,8 +75,10 @@ pub enum OnLimit {
     ForceBrownout,
 }
 
-/// Default policy: brown out once the predicted downtime is within `target`; at
-/// `max_rounds` or `max_time`, follow `on_limit`.
+/// QEMU's cpu-throttle progression, capped at 95 % like `cpu-throttle-tailslow`.
+pub const DEFAULT_THROTTLE_STEPS: [u8; 5] = [20, 40, 60, 80, 95];
+
+/// Default policy (see the module docs).
 #[derive(Debug, Clone)]
 pub struct DowntimePolicy {
     /// Downtime target.
@@ -57,8 +87,20 @@ pub struct DowntimePolicy {
     pub max_rounds: u32,
     /// Maximum pre-copy time.
     pub max_time: Duration,
-    /// What to do at a limit.
+    /// What to do at a limit (and at a local minimum above the target).
     pub on_limit: OnLimit,
+    /// Throttle the guest when it outruns the link.
+    pub auto_converge: bool,
+    /// Throttle levels, ascending.
+    pub throttle_steps: Vec<u8>,
+    /// Rounds without progress before the prediction counts as a local minimum.
+    pub stall_rounds: u32,
+    /// Relative improvement of the prediction that counts as progress.
+    pub min_improvement: f64,
+    /// See [`ConvergencePolicy::hot_page_rounds`].
+    pub hot_page_rounds: u32,
+    best_s: Option<f64>,
+    stalled: u32,
 }
 
 impl Default for DowntimePolicy {
@@ -68,16 +110,59 @@ impl Default for DowntimePolicy {
             max_rounds: 30,
             max_time: Duration::from_secs(300),
             on_limit: OnLimit::ForceBrownout,
+            auto_converge: true,
+            throttle_steps: DEFAULT_THROTTLE_STEPS.to_vec(),
+            stall_rounds: 3,
+            min_improvement: 0.10,
+            hot_page_rounds: 3,
+            best_s: None,
+            stalled: 0,
         }
     }
 }
 
+impl DowntimePolicy {
+    /// Default policy with this target.
+    pub fn with_target(target: Duration) -> Self {
+        Self {
+            target,
+            ..Default::default()
+        }
+    }
+
+    fn next_step(&self, current: u8) -> Option<u8> {
+        if !self.auto_converge {
+            return None;
+        }
+        self.throttle_steps.iter().copied().find(|&s| s > current)
+    }
+
+    /// QEMU's rule: the guest dirtied more than half of what was sent, in each of
+    /// the last two pre-copy rounds after round 0.
+    fn outrun(history: &[crate::stats::RoundStats]) -> bool {
+        let rounds: Vec<_> = history.iter().filter(|r| r.round > 0).collect();
+        rounds.len() >= 2
+            && rounds[rounds.len() - 2..]
+                .iter()
+                .all(|r| r.pages > 0 && r.dirty_after * 2 > r.pages)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 impl ConvergencePolicy for DowntimePolicy {
+    fn hot_page_rounds(&self) -> u32 {
+        self.hot_page_rounds
+    }
+
     fn decide(&mut self, s: &PolicySnapshot<'_>) -> Decision {
-        if s.predicted_downtime <= self.target {
+        let pred = s.predicted_downtime;
+        if pred <= self.target {
             return Decision::Brownout(format!(
                 "converged: predicted downtime {:.1} ms within target {} ms",
-                s.predicted_downtime.as_secs_f64() * 1e3,
+                ms(pred),
                 self.target.as_millis()
             ));
         }
@@ -88,26 +173,88 @@ impl ConvergencePolicy for DowntimePolicy {
         } else {
             None
         };
-        match (limit, self.on_limit) {
-            (None, _) => Decision::Continue,
-            (Some(why), OnLimit::ForceBrownout) => Decision::Brownout(format!("forced: {why}")),
-            (Some(why), OnLimit::Cancel) => Decision::Abort(format!("did not converge: {why}")),
+        if let Some(why) = limit {
+            return match self.on_limit {
+                OnLimit::ForceBrownout => Decision::Brownout(format!(
+                    "forced: {why}; predicted downtime {:.1} ms",
+                    ms(pred)
+                )),
+                OnLimit::Cancel => Decision::Abort(format!(
+                    "did not converge: {why}; predicted downtime {:.1} ms > target {} ms",
+                    ms(pred),
+                    self.target.as_millis()
+                )),
+            };
         }
+        // Progress bookkeeping on the best prediction so far.
+        let p = pred.as_secs_f64();
+        let improved = match self.best_s {
+            None => true,
+            Some(b) => p < b * (1.0 - self.min_improvement),
+        };
+        if improved {
+            self.best_s = Some(p);
+            self.stalled = 0;
+        } else {
+            self.stalled += 1;
+        }
+        let outrun = Self::outrun(s.history);
+        if self.stalled > 0 || outrun {
+            if let Some(step) = self.next_step(s.throttle_percent) {
+                // Give the new throttle its own rounds before judging it.
+                self.stalled = 0;
+                return Decision::Throttle(step);
+            }
+        }
+        if self.stalled >= self.stall_rounds {
+            let why = format!(
+                "predicted downtime stopped improving at {:.1} ms (best {:.1} ms) for {} rounds, throttle {} %",
+                ms(pred),
+                self.best_s.unwrap_or(p) * 1e3,
+                self.stalled,
+                s.throttle_percent
+            );
+            return match self.on_limit {
+                OnLimit::ForceBrownout => {
+                    Decision::Brownout(format!("local minimum: {why}; target unreachable"))
+                }
+                OnLimit::Cancel => Decision::Abort(format!("not converging: {why}")),
+            };
+        }
+        Decision::Continue
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::RoundStats;
 
-    fn snap(rounds: u32, ms: u64) -> PolicySnapshot<'static> {
+    fn snap<'a>(
+        rounds: u32,
+        ms: u64,
+        throttle: u8,
+        history: &'a [RoundStats],
+    ) -> PolicySnapshot<'a> {
         PolicySnapshot {
             rounds,
             elapsed: Duration::from_secs(1),
             remaining_pages: 10,
             predicted_downtime: Duration::from_millis(ms),
-            history: &[],
-            throttle_percent: 0,
+            history,
+            throttle_percent: throttle,
+            bandwidth_bps: 1e9,
+            dirty_bytes_per_s: 1e8,
+            deferred_pages: 0,
+        }
+    }
+
+    fn round(round: u32, pages: u64, dirty_after: u64) -> RoundStats {
+        RoundStats {
+            round,
+            pages,
+            dirty_after,
+            ..Default::default()
         }
     }
 
@@ -117,12 +264,108 @@ mod tests {
             max_rounds: 5,
             ..Default::default()
         };
-        assert!(matches!(p.decide(&snap(1, 10)), Decision::Brownout(_)));
-        assert_eq!(p.decide(&snap(1, 500)), Decision::Continue);
         assert!(
-            matches!(p.decide(&snap(5, 500)), Decision::Brownout(r) if r.starts_with("forced"))
+            matches!(p.decide(&snap(1, 10, 0, &[])), Decision::Brownout(r) if r.starts_with("converged"))
+        );
+        assert_eq!(p.decide(&snap(1, 500, 0, &[])), Decision::Continue);
+        assert!(
+            matches!(p.decide(&snap(5, 500, 0, &[])), Decision::Brownout(r) if r.starts_with("forced"))
         );
         p.on_limit = OnLimit::Cancel;
-        assert!(matches!(p.decide(&snap(5, 500)), Decision::Abort(_)));
+        assert!(matches!(
+            p.decide(&snap(5, 500, 0, &[])),
+            Decision::Abort(_)
+        ));
+        let mut t = DowntimePolicy {
+            max_time: Duration::from_millis(500),
+            on_limit: OnLimit::Cancel,
+            ..Default::default()
+        };
+        assert!(
+            matches!(t.decide(&snap(1, 500, 0, &[])), Decision::Abort(r) if r.contains("time limit"))
+        );
+    }
+
+    #[test]
+    fn throttles_in_steps_when_stalled() {
+        let mut p = DowntimePolicy::default();
+        // Improving predictions: keep going.
+        assert_eq!(p.decide(&snap(1, 1000, 0, &[])), Decision::Continue);
+        assert_eq!(p.decide(&snap(2, 500, 0, &[])), Decision::Continue);
+        // Stuck at ~500 ms: each stalled round raises the throttle one step.
+        let mut throttle = 0;
+        let mut seen = Vec::new();
+        for r in 3..8 {
+            match p.decide(&snap(r, 490, throttle, &[])) {
+                Decision::Throttle(t) => {
+                    assert!(t > throttle);
+                    throttle = t;
+                    seen.push(t);
+                }
+                other => panic!("round {r}: expected a throttle step, got {other:?}"),
+            }
+        }
+        assert_eq!(seen, DEFAULT_THROTTLE_STEPS.to_vec());
+        // Throttle exhausted: after `stall_rounds` stalled rounds, brown out at the
+        // local minimum (default on-limit is force).
+        let mut d = Decision::Continue;
+        for r in 8..8 + p.stall_rounds {
+            d = p.decide(&snap(r, 490, 95, &[]));
+        }
+        assert!(matches!(d, Decision::Brownout(r) if r.starts_with("local minimum")));
+    }
+
+    #[test]
+    fn qemu_rule_throttles_even_while_improving() {
+        let mut p = DowntimePolicy::default();
+        let h = [round(0, 1000, 800), round(1, 800, 600), round(2, 600, 450)];
+        assert_eq!(p.decide(&snap(1, 1000, 0, &h[..1])), Decision::Continue);
+        assert_eq!(p.decide(&snap(2, 700, 0, &h[..2])), Decision::Continue);
+        assert_eq!(p.decide(&snap(3, 400, 0, &h)), Decision::Throttle(20));
+        // Sending outpaces dirtying: no throttle.
+        let mut q = DowntimePolicy::default();
+        let h = [round(0, 1000, 300), round(1, 300, 100), round(2, 100, 40)];
+        assert_eq!(q.decide(&snap(1, 1000, 0, &h[..1])), Decision::Continue);
+        assert_eq!(q.decide(&snap(3, 400, 0, &h)), Decision::Continue);
+    }
+
+    #[test]
+    fn without_auto_converge_a_stall_cancels_or_forces() {
+        let mut p = DowntimePolicy {
+            auto_converge: false,
+            on_limit: OnLimit::Cancel,
+            ..Default::default()
+        };
+        let mut last = Decision::Continue;
+        for r in 1..=1 + p.stall_rounds {
+            last = p.decide(&snap(r, 300, 0, &[]));
+            if r <= p.stall_rounds {
+                assert_eq!(last, Decision::Continue, "round {r}");
+            }
+        }
+        assert!(matches!(last, Decision::Abort(r) if r.starts_with("not converging")));
+        let mut f = DowntimePolicy {
+            auto_converge: false,
+            ..Default::default()
+        };
+        let mut last = Decision::Continue;
+        for r in 1..=1 + f.stall_rounds {
+            last = f.decide(&snap(r, 300, 0, &[]));
+        }
+        assert!(matches!(last, Decision::Brownout(r) if r.starts_with("local minimum")));
+    }
+
+    #[test]
+    fn converged_wins_over_limits() {
+        let mut p = DowntimePolicy {
+            max_rounds: 1,
+            on_limit: OnLimit::Cancel,
+            ..Default::default()
+        };
+        assert!(matches!(
+            p.decide(&snap(1, 50, 0, &[])),
+            Decision::Brownout(_)
+        ));
+        assert!(matches!(p.decide(&snap(1, 51, 0, &[])), Decision::Abort(_)));
     }
 }

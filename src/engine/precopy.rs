@@ -12,9 +12,15 @@ use super::policy::{Decision, PolicySnapshot};
 use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
 use crate::stats::estimator::Estimator;
+use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::Connector;
 use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
+
+/// Source digest cost per guest page (s): table collection + xxh3 of 8 B entries.
+const DIGEST_S_PER_PAGE: f64 = 7e-9;
+/// Destination verify cost per guest page (s), measured 1.1-1.6x the source's.
+const VERIFY_S_PER_PAGE: f64 = 10e-9;
 
 /// Everything the loop and brownout share.
 pub(crate) struct Run<'a> {
@@ -30,6 +36,12 @@ pub(crate) struct Run<'a> {
     pub started: Instant,
     pub throttle: u8,
     pub throttle_max: u8,
+    /// Monotone progress (see [`crate::stats::progress`]).
+    pub meter: ProgressMeter,
+    /// Pages sent so far, all rounds.
+    pub sent_total: u64,
+    /// Pages owed besides the round being sent (deferred hot pages).
+    pub held_back: u64,
 }
 
 impl Run<'_> {
@@ -53,6 +65,8 @@ impl Run<'_> {
         let shared = &self.shared;
         let cancel = &self.m.cancel;
         let progress = &self.m.progress;
+        let meter = &mut self.meter;
+        let (sent_before, held_back) = (self.sent_total, self.held_back);
         let mut stop = None;
         batches_of(
             &shared.memory,
@@ -78,12 +92,22 @@ impl Run<'_> {
                 if since_event >= 16384 {
                     since_event = 0;
                     if let Some(p) = progress {
-                        p.on_event(&Event::Progress { round, sent, total });
+                        let sent_total = sent_before + sent;
+                        let remaining = total - sent + held_back;
+                        p.on_event(&Event::Progress {
+                            round,
+                            sent,
+                            total,
+                            sent_total,
+                            remaining,
+                            fraction: meter.update(sent_total, remaining),
+                        });
                     }
                 }
                 true
             },
         );
+        self.sent_total += sent;
         for c in &self.ctl {
             let _ = c.send(Ctl::RoundEnd(round));
         }
@@ -92,6 +116,19 @@ impl Run<'_> {
             return Err(e);
         }
         self.check_workers()
+    }
+
+    /// Emit a progress event after a harvest: `owed` pages are still to be sent.
+    fn progress_after_round(&mut self, round: u32, sent: u64, owed: u64) {
+        let fraction = self.meter.update(self.sent_total, owed);
+        self.emit(Event::Progress {
+            round,
+            sent,
+            total: sent,
+            sent_total: self.sent_total,
+            remaining: owed,
+            fraction,
+        });
     }
 
     pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
@@ -137,6 +174,11 @@ pub(crate) fn run(
 ) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
     let result = (|| {
+        // Wait for a host slot first: nothing has touched the VM or the peer yet.
+        let _slot = match m.slots.clone() {
+            Some(s) => Some(s.acquire(&m.cancel)?),
+            None => None,
+        };
         let session = setup::connect(&m, connector)?;
         let streams = session.pages.len();
         let shared = Arc::new(Shared::new(
@@ -169,11 +211,26 @@ pub(crate) fn run(
                     .expect("spawn sender thread")
             })
             .collect();
-        // Floor for the fixed brownout cost: one control round trip plus the digest.
-        let est = Estimator {
-            fixed_cost_s: session.rtt.as_secs_f64() + m.memory.total_pages() as f64 * 8.0 / 10e9,
-            ..Default::default()
-        };
+        let mut est = Estimator::default();
+        // The fixed brownout costs, measured where they can be: the handshake RTT
+        // stands for the commit round trip, and the digest over a table of the real
+        // size is timed once (the destination's verify does the same work).
+        // The commit round trip: the handshake RTT. A sample above 10 ms on this
+        // kind of link is a scheduling stall of one of the two ends (2 shared
+        // cores), not the path, and would pin every prediction above the target.
+        est.fixed.rtt_s = session.rtt.as_secs_f64().min(0.010);
+        // Digest and destination verify: collecting the page-hash table (a fresh
+        // allocation, page faults included) and hashing it. Calibrated on this
+        // machine at 2 GiB (3.3 ms source, 3.7-5.1 ms destination); a timed sample
+        // at setup proved too noisy under load to use directly.
+        let pages = m.memory.total_pages() as f64;
+        est.fixed.digest_s = pages * DIGEST_S_PER_PAGE;
+        est.fixed.dest_verify_s = pages * VERIFY_S_PER_PAGE;
+        est.fixed.device_state_s = m.config.expected_device_state.as_secs_f64();
+        if m.config.verify == super::Verify::Full {
+            // Full rescan: xxh3 over all memory on 2 threads, ~8 GB/s here.
+            est.fixed.rescan_s = m.memory.total_bytes() as f64 / 8e9;
+        }
         let mut run = Run {
             m: &mut m,
             session,
@@ -187,6 +244,9 @@ pub(crate) fn run(
             started,
             throttle: 0,
             throttle_max: 0,
+            meter: ProgressMeter::new(),
+            sent_total: 0,
+            held_back: 0,
         };
         let r = precopy(&mut run);
         if r.is_err() {
@@ -221,6 +281,42 @@ pub(crate) fn run(
     result
 }
 
+/// Pages dirtied in `n` consecutive harvests: the last `n - 1` harvests, kept
+/// to find hot pages (`hot = dirty ∩ prev[0] ∩ … ∩ prev[n-2]`).
+struct HotPages {
+    prev: Vec<PageSet>,
+    rounds: usize,
+}
+
+impl HotPages {
+    fn new(pages: u64, rounds: u32) -> Self {
+        let keep = (rounds as usize).saturating_sub(1);
+        Self {
+            prev: (0..keep).map(|_| PageSet::new(pages)).collect(),
+            rounds: rounds as usize,
+        }
+    }
+    fn enabled(&self) -> bool {
+        self.rounds >= 2
+    }
+    /// Pages of `dirty` that were also in each of the kept harvests, into `out`.
+    fn hot(&self, dirty: &PageSet, out: &mut PageSet) {
+        out.clear();
+        out.union_with(dirty);
+        for p in &self.prev {
+            out.intersect_with(p);
+        }
+    }
+    /// Remember `dirty` as the newest harvest.
+    fn push(&mut self, dirty: &PageSet) {
+        if let Some(mut oldest) = self.prev.pop() {
+            oldest.clear();
+            oldest.union_with(dirty);
+            self.prev.insert(0, oldest);
+        }
+    }
+}
+
 fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
     let mem = run.m.memory.clone();
     let pages = mem.total_pages();
@@ -231,7 +327,19 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
     if let Some(t) = run.m.tracker.as_mut() {
         t.start(&mem)?;
     }
-    let mut set = PageSet::full(pages);
+    // Page sets, reused across rounds:
+    // - `to_send`: what this round sends (round 0: everything);
+    // - `dirty`: the latest harvest; `prev_dirty`: the one before (for the WWS);
+    // - `deferred`: hot pages held back for the final round (owed, not sent);
+    // - `owed`: dirty ∪ deferred — everything whose latest version the
+    //   destination lacks; brownout sends `owed` ∪ the final harvest.
+    let mut to_send = PageSet::full(pages);
+    let mut dirty = PageSet::new(pages);
+    let mut prev_dirty = PageSet::new(pages);
+    let mut deferred = PageSet::new(pages);
+    let mut owed = PageSet::new(pages);
+    let mut scratch = PageSet::new(pages);
+    let mut hot = HotPages::new(pages, run.m.policy.hot_page_rounds());
     let mut round = 0u32;
     let precopy_start = Instant::now();
     loop {
@@ -244,10 +352,11 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             c.zero_pages.load(Ordering::Relaxed),
             c.wire_bytes.load(Ordering::Relaxed),
         );
+        run.held_back = deferred.count();
         let t0 = Instant::now();
         // Without a tracker the VM is stopped: its memory cannot change.
         let quiescent = run.m.tracker.is_none();
-        run.send_round(&set, round, quiescent)?;
+        run.send_round(&to_send, round, quiescent)?;
         let dur = t0.elapsed().max(Duration::from_micros(1));
         let c = &run.shared.counters;
         let (p1, z1, b1) = (
@@ -258,19 +367,45 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         let secs = dur.as_secs_f64();
         let (sent_pages, wire) = (p1 - p0, b1 - b0);
         // Harvest what was dirtied meanwhile.
-        set.clear();
+        std::mem::swap(&mut dirty, &mut prev_dirty);
+        dirty.clear();
         let harvest_start = Instant::now();
         if let Some(t) = run.m.tracker.as_mut() {
-            t.harvest(&mem, &mut set)?;
+            t.harvest(&mem, &mut dirty)?;
         }
-        let since_last = secs + harvest_start.elapsed().as_secs_f64();
-        let dirty = set.count();
-        if sent_pages > 0 && wire > 0 {
-            run.est.bandwidth.add(wire as f64 / secs);
-            run.est.bytes_per_page.add(wire as f64 / sent_pages as f64);
+        let harvest_s = harvest_start.elapsed().as_secs_f64();
+        let since_last = secs + harvest_s;
+        let dirty_count = dirty.count();
+        // Writable working set: dirtied again right after the previous harvest.
+        scratch.clear();
+        scratch.union_with(&dirty);
+        scratch.intersect_with(&prev_dirty);
+        let wws = scratch.count();
+        // Owed = dirty ∪ deferred. Hot pages stay deferred; a deferred page that
+        // cooled down (not dirtied this time) is sent in the next round.
+        owed.clear();
+        owed.union_with(&dirty);
+        owed.union_with(&deferred);
+        if hot.enabled() {
+            hot.hot(&dirty, &mut deferred);
+            hot.push(&dirty);
         }
-        run.est.dirty_rate.add(dirty as f64 / since_last);
-        let predicted = run.est.predict_downtime(dirty);
+        to_send.clear();
+        to_send.union_with(&owed);
+        to_send.subtract(&deferred);
+        if to_send.is_empty() && !deferred.is_empty() {
+            // Only hot pages are owed: an empty round would measure nothing and
+            // make cooled pages look hot again. Send them; the policy decides
+            // (throttle or brownout) on the prediction, which counts them anyway.
+            deferred.clear();
+            to_send.union_with(&owed);
+        }
+        let owed_count = owed.count();
+        let deferred_count = deferred.count();
+        run.est
+            .record_round(sent_pages, wire, secs, dirty_count, since_last, harvest_s);
+        let prediction = run.est.predict(owed_count);
+        let predicted = prediction.total();
         let stats = RoundStats {
             round,
             pages: sent_pages,
@@ -278,12 +413,19 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             wire_bytes: wire,
             duration_ms: secs * 1e3,
             bandwidth_bps: wire as f64 / secs,
-            dirty_after: dirty,
-            dirty_rate_pps: dirty as f64 / since_last,
+            dirty_after: dirty_count,
+            dirty_rate_pps: dirty_count as f64 / since_last,
             predicted_downtime_ms: predicted * 1e3,
             throttle_percent: run.throttle,
+            wws_pages: wws,
+            deferred_pages: deferred_count,
+            ewma_dirty_rate_pps: run.est.dirty_rate.get().unwrap_or(0.0),
+            ewma_bandwidth_bps: run.est.final_bandwidth(),
+            harvest_ms: harvest_s * 1e3,
+            predicted_fixed_ms: (prediction.fixed_s + prediction.harvest_s) * 1e3,
         };
         run.emit(Event::RoundFinished(stats.clone()));
+        run.progress_after_round(round, sent_pages, owed_count);
         run.history.push(stats);
         let decision = if run.m.tracker.is_none() {
             Decision::Brownout("the VM is stopped: one pass is complete".into())
@@ -291,10 +433,13 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             let snap = PolicySnapshot {
                 rounds: round + 1,
                 elapsed: precopy_start.elapsed(),
-                remaining_pages: dirty,
+                remaining_pages: owed_count,
                 predicted_downtime: Duration::from_secs_f64(predicted),
                 history: &run.history,
                 throttle_percent: run.throttle,
+                bandwidth_bps: run.est.final_bandwidth(),
+                dirty_bytes_per_s: run.est.dirty_bytes_per_s(),
+                deferred_pages: deferred_count,
             };
             run.m.policy.decide(&snap)
         };
@@ -308,9 +453,34 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
                 run.emit(Event::Throttled { percent: p });
             }
             Decision::Brownout(reason) => {
-                return brownout::run(run, set, round, predicted, reason);
+                // Every deferred page is in `owed`: the final round sends it.
+                run.held_back = 0;
+                return brownout::run(run, owed, round, predicted, reason);
             }
             Decision::Abort(reason) => return Err(MigrationError::PolicyAbort(reason)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_pages_need_consecutive_harvests() {
+        let mut h = HotPages::new(64, 3);
+        let set = |pages: &[u64]| {
+            let mut s = PageSet::new(64);
+            pages.iter().for_each(|&p| s.insert(p));
+            s
+        };
+        let mut out = PageSet::new(64);
+        h.hot(&set(&[1, 2, 3]), &mut out);
+        assert_eq!(out.count(), 0, "nothing is hot before 3 harvests");
+        h.push(&set(&[1, 2, 3]));
+        h.push(&set(&[1, 2]));
+        h.hot(&set(&[1, 3]), &mut out);
+        assert_eq!(out.iter().collect::<Vec<_>>(), vec![1]);
+        assert!(!HotPages::new(64, 1).enabled());
     }
 }

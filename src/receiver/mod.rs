@@ -438,7 +438,9 @@ impl Receiver {
                         cut_all(&shutdowns);
                         return;
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    // Parked, not slept: stopping the watcher unparks it, so the
+                    // commit does not wait out a poll interval.
+                    std::thread::park_timeout(Duration::from_millis(5));
                 }
             });
             (done, h)
@@ -461,6 +463,7 @@ impl Receiver {
             std::thread::JoinHandle<()>,
         )| {
             w.0.store(true, Ordering::Release);
+            w.1.thread().unpark();
             let _ = w.1.join();
         };
 

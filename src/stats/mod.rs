@@ -1,6 +1,8 @@
 //! Progress events, per-round statistics and the final report.
 
 pub mod estimator;
+pub mod progress;
+pub mod sink;
 
 use serde::Serialize;
 
@@ -27,6 +29,18 @@ pub struct RoundStats {
     pub predicted_downtime_ms: f64,
     /// Throttle in force during the round (percent of guest CPU taken away).
     pub throttle_percent: u8,
+    /// Writable working set: pages dirtied in this round and in the previous one.
+    pub wws_pages: u64,
+    /// Hot pages held back for the final round (counted in the prediction).
+    pub deferred_pages: u64,
+    /// Smoothed dirty rate (pages/s).
+    pub ewma_dirty_rate_pps: f64,
+    /// Smoothed bandwidth expected for the final round (bytes/s).
+    pub ewma_bandwidth_bps: f64,
+    /// Time the harvest after this round took (ms).
+    pub harvest_ms: f64,
+    /// Of the predicted downtime, the part that does not depend on the page count (ms).
+    pub predicted_fixed_ms: f64,
 }
 
 /// Where the downtime went.
@@ -125,7 +139,8 @@ pub enum Event {
         /// Page streams.
         streams: u16,
     },
-    /// Some batches of a round were sent (for progress bars).
+    /// Some batches of a round were sent (for progress bars). See [`progress`]
+    /// for the definition of `fraction`.
     Progress {
         /// Round.
         round: u32,
@@ -133,6 +148,12 @@ pub enum Event {
         sent: u64,
         /// Pages the round will send.
         total: u64,
+        /// Pages sent so far, all rounds.
+        sent_total: u64,
+        /// Pages still owed to the destination (estimate).
+        remaining: u64,
+        /// Monotone progress in 0..=1.
+        fraction: f64,
     },
     /// A round finished.
     RoundFinished(RoundStats),

@@ -1,6 +1,7 @@
 //! `livemig`: migrate, receive and benchmark VM memory.
 
 mod args;
+mod progress;
 mod sweep;
 
 use std::path::PathBuf;
@@ -12,10 +13,13 @@ use serde_json::{json, Value};
 
 use livemig::codec::CodecId;
 use livemig::dirty::{DirtyTracker, ExplicitTracker, HashScanTracker};
-use livemig::engine::{DowntimePolicy, Migration, MigrationConfig, Mode, OnLimit, Verify};
+use livemig::engine::{
+    CancelToken, DowntimePolicy, HostSlots, Migration, MigrationConfig, MigrationError, Mode,
+    OnLimit, Verify,
+};
 use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
 use livemig::receiver::{Receiver, ReceiverConfig};
-use livemig::stats::MigrationReport;
+use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 
@@ -115,6 +119,18 @@ struct MigrateOpts {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Do not throttle the guest when it outruns the link (auto-converge off).
+    #[arg(long)]
+    no_auto_converge: bool,
+    /// Defer pages dirtied in this many consecutive rounds to the final round (0: off).
+    #[arg(long, default_value_t = 3)]
+    hot_page_rounds: u32,
+    /// Expected device-state save/transfer/restore time (ms), counted in the prediction.
+    #[arg(long, default_value_t = 0.0)]
+    device_state_ms: f64,
+    /// Write the event stream to this file as JSON lines.
+    #[arg(long)]
+    events: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -147,6 +163,13 @@ struct BenchArgs {
     /// migration and report the ratio `wire_vs_limit`.
     #[arg(long)]
     baseline: bool,
+    /// Run this many migrations of the configured guest at once (each with its own
+    /// memory, dirtier and receiver).
+    #[arg(long, default_value_t = 1)]
+    concurrent: usize,
+    /// Simultaneous migrations allowed on this host; extra ones queue (FIFO).
+    #[arg(long, default_value_t = livemig::engine::slots::DEFAULT_HOST_SLOTS)]
+    slots: usize,
     #[command(flatten)]
     opts: MigrateOpts,
 }
@@ -234,20 +257,74 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
         bandwidth: o
             .bandwidth
             .map(livemig::transport::shaped::TokenBucket::new),
+        expected_device_state: Duration::from_secs_f64(o.device_state_ms.max(0.0) / 1e3),
         ..Default::default()
     })
 }
 
 fn policy_of(o: &MigrateOpts) -> DowntimePolicy {
-    DowntimePolicy {
-        target: Duration::from_millis(o.downtime_target),
-        max_rounds: o.max_rounds,
-        max_time: Duration::from_secs(o.max_time),
-        on_limit: match o.on_limit {
-            OnLimitArg::Cancel => OnLimit::Cancel,
-            OnLimitArg::Force => OnLimit::ForceBrownout,
-        },
+    let mut p = DowntimePolicy::with_target(Duration::from_millis(o.downtime_target));
+    p.max_rounds = o.max_rounds;
+    p.max_time = Duration::from_secs(o.max_time);
+    p.on_limit = match o.on_limit {
+        OnLimitArg::Cancel => OnLimit::Cancel,
+        OnLimitArg::Force => OnLimit::ForceBrownout,
+    };
+    p.auto_converge = !o.no_auto_converge;
+    p.hot_page_rounds = o.hot_page_rounds;
+    p
+}
+
+type EventFile = Arc<std::sync::Mutex<std::io::BufWriter<std::fs::File>>>;
+
+/// The sinks for one migration: the `--events` file (lines tagged with the
+/// migration's index) and, on a terminal, a progress bar.
+fn sinks_of(
+    o: &MigrateOpts,
+    index: usize,
+    file: Option<EventFile>,
+    bar: bool,
+) -> Option<Arc<dyn ProgressSink>> {
+    let mut v: Vec<Arc<dyn ProgressSink>> = Vec::new();
+    if let Some(f) = file {
+        v.push(Arc::new(move |e: &Event| {
+            use std::io::Write;
+            if let Ok(mut j) = serde_json::to_value(e) {
+                if let Some(obj) = j.as_object_mut() {
+                    obj.insert("migration".into(), json!(index));
+                }
+                let mut f = f.lock().expect("events lock");
+                let _ = writeln!(f, "{j}");
+                // Flush all but the frequent progress events, so a reader
+                // following the file sees phases as they happen.
+                if !matches!(e, Event::Progress { .. }) {
+                    let _ = f.flush();
+                }
+            }
+        }));
     }
+    if bar && !o.json {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            v.push(Arc::new(progress::Bar::new(&format!("migration {index}"))));
+        }
+    }
+    match v.len() {
+        0 => None,
+        1 => v.pop(),
+        _ => Some(Arc::new(livemig::stats::sink::Tee(v))),
+    }
+}
+
+fn open_events(o: &MigrateOpts) -> Result<Option<EventFile>, String> {
+    o.events
+        .as_ref()
+        .map(|p| {
+            std::fs::File::create(p)
+                .map(|f| Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(f))))
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))
+        })
+        .transpose()
 }
 
 fn summary(r: &MigrationReport) {
@@ -298,7 +375,83 @@ fn summary(r: &MigrationReport) {
 }
 
 fn bench(a: BenchArgs) -> Result<(), String> {
+    let n = a.concurrent.max(1);
+    let slots = Arc::new(HostSlots::new(a.slots));
+    let tokens: Vec<CancelToken> = (0..n).map(|_| CancelToken::new()).collect();
+    progress::cancel_on_interrupt(tokens.clone());
+    let events = open_events(&a.opts)?;
+    if n == 1 {
+        return bench_one(&a, 0, slots, tokens[0].clone(), events).map(|_| ());
+    }
+    let a = Arc::new(a);
+    let t0 = Instant::now();
+    let handles: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, tok)| {
+            let (a, slots, events) = (a.clone(), slots.clone(), events.clone());
+            std::thread::spawn(move || bench_one(&a, i, slots, tok, events))
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("bench thread panicked".into()))
+        })
+        .collect();
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let ok: Vec<&Value> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    // Fair sharing: Jain's index over the per-migration wire rates.
+    let rates: Vec<f64> = ok
+        .iter()
+        .filter_map(|v| v["wire_gbit_per_s"].as_f64())
+        .collect();
+    let jain = if rates.is_empty() {
+        0.0
+    } else {
+        let sum: f64 = rates.iter().sum();
+        sum * sum / (rates.len() as f64 * rates.iter().map(|r| r * r).sum::<f64>())
+    };
+    if a.opts.json {
+        let runs: Vec<Value> = results
+            .iter()
+            .map(|r| match r {
+                Ok(v) => v.clone(),
+                Err(e) => json!({ "error": e }),
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({ "concurrent": n, "slots": a.slots, "wall_ms": wall_ms,
+                    "fairness_jain": jain, "runs": runs })
+        );
+    } else {
+        println!(
+            "{n} migrations, {} slot(s): {} succeeded in {wall_ms:.0} ms; fairness (Jain, wire rates {rates:.2?} Gbit/s) {jain:.3}",
+            a.slots,
+            ok.len()
+        );
+    }
+    match results.into_iter().find_map(Result::err) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn bench_one(
+    a: &BenchArgs,
+    index: usize,
+    slots: Arc<HostSlots>,
+    cancel: CancelToken,
+    events: Option<EventFile>,
+) -> Result<Value, String> {
     let o = &a.opts;
+    let tag = if a.concurrent > 1 {
+        format!("[{index}] ")
+    } else {
+        String::new()
+    };
     let config = config_of(o)?;
     let mem =
         Arc::new(GuestMemory::anonymous(a.memory as usize, false).map_err(|e| e.to_string())?);
@@ -307,7 +460,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     let fill_ms = t_fill.elapsed().as_secs_f64() * 1e3;
     if !o.json {
         println!(
-            "guest: {} MiB of {} content, filled in {fill_ms:.0} ms",
+            "{tag}guest: {} MiB of {} content, filled in {fill_ms:.0} ms",
             a.memory >> 20,
             a.content.name()
         );
@@ -329,7 +482,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
                 SkewArg::Hot8020 => Skew::Hot80_20,
             },
             phase_change_after: a.phase_change_ms.map(Duration::from_millis),
-            seed: a.seed,
+            seed: a.seed + index as u64,
             ..Default::default()
         },
     );
@@ -346,24 +499,71 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         .local_addr()
         .map_err(|e| e.to_string())?
         .to_string();
+    let (rtx, rrx) = crossbeam_channel::bounded(1);
     let receiver = std::thread::spawn(move || {
-        Receiver::new()
-            .config(ReceiverConfig::default())
-            .run(&acceptor)
+        let r = Receiver::new()
+            .config(ReceiverConfig {
+                // Queued migrations connect late: wait as long as the slot queue may.
+                accept_timeout: Duration::from_secs(600),
+                ..ReceiverConfig::default()
+            })
+            .run(&acceptor);
+        let _ = rtx.send(r);
     });
-    let result = Migration::new(mem.clone())
+    let vm = dirtier.control();
+    let mut mig = Migration::new(mem.clone())
         .tracker(tracker)
-        .vm_control(Box::new(dirtier.control()))
+        .vm_control(Box::new(vm.clone()))
         .policy(Box::new(policy_of(o)))
         .config(config)
-        .run(&TcpConnector::new(addr));
-    let received = receiver
-        .join()
-        .map_err(|_| "receiver thread panicked".to_string())?;
+        .slots(slots)
+        .cancel_token(cancel);
+    if let Some(s) = sinks_of(o, index, events, a.concurrent == 1) {
+        mig = mig.progress(s);
+    }
+    let result = mig.run(&TcpConnector::new(addr));
     let writes = dirtier.writes();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // The source keeps running (the engine resumed it if it had paused it).
+            let source_running = !vm.is_paused();
+            drop(dirtier);
+            // The destination discards what it received; it may never have been
+            // contacted (cancelled while queued), so do not wait for it long.
+            let dest = match rrx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(_)) => "completed (unexpected)".to_string(),
+                Ok(Err(de)) => format!("discarded: {de}"),
+                Err(_) => "not contacted".to_string(),
+            };
+            if receiver.is_finished() {
+                let _ = receiver.join();
+            }
+            let cancelled = matches!(e, MigrationError::Cancelled);
+            let aborted = matches!(e, MigrationError::PolicyAbort(_));
+            if o.json {
+                println!(
+                    "{}",
+                    json!({ "error": e.to_string(), "cancelled": cancelled,
+                            "policy_abort": aborted, "source_running": source_running,
+                            "destination": dest, "converged": false, "verified": false,
+                            "dirty_rate_mb_s": a.dirty_rate, "hot_set_bytes": a.hot_set,
+                            "skew": format!("{:?}", a.skew),
+                            "guest_writes": writes, "migration": index })
+                );
+            }
+            return Err(format!(
+                "{tag}{e} (source {}; destination {dest})",
+                if source_running { "running" } else { "PAUSED" }
+            ));
+        }
+    };
+    let received = rrx
+        .recv()
+        .map_err(|_| "receiver thread panicked".to_string())?;
+    let _ = receiver.join();
     // The source stays paused after a successful switchover; stop the simulated CPUs.
     drop(dirtier);
-    let report = result.map_err(|e| e.to_string())?;
     let received = received.map_err(|e| e.to_string())?;
     // Full-memory comparison (outside the downtime): the destination must equal the
     // source as it was at brownout (the source has been paused since).
@@ -373,6 +573,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     let compare_ms = t_cmp.elapsed().as_secs_f64() * 1e3;
     let memory_equal = src == dst;
     if !o.json {
+        if !tag.is_empty() {
+            println!("{tag}migration {index}:");
+        }
         summary(&report);
         println!(
             "verification: digest {} ({}), full memory compare {} ({compare_ms:.0} ms), dirtier wrote {writes} pages",
@@ -392,6 +595,8 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     obj.insert("dirty_rate_mb_s".into(), json!(a.dirty_rate));
     obj.insert("hot_set_bytes".into(), json!(a.hot_set));
     obj.insert("guest_writes".into(), json!(writes));
+    obj.insert("migration".into(), json!(index));
+    obj.insert("skew".into(), json!(format!("{:?}", a.skew)));
     obj.insert(
         "receiver".into(),
         serde_json::to_value(&received.report).map_err(|e| e.to_string())?,
@@ -411,13 +616,13 @@ fn bench(a: BenchArgs) -> Result<(), String> {
             );
         }
     }
-    if o.json {
+    if o.json && a.concurrent == 1 {
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     }
     if !memory_equal {
-        return Err("destination memory differs from the source".into());
+        return Err(format!("{tag}destination memory differs from the source"));
     }
-    Ok(())
+    Ok(v)
 }
 
 #[cfg(feature = "uffd")]
@@ -435,9 +640,16 @@ fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
 fn send(a: SendArgs) -> Result<(), String> {
     let region = GuestRegion::image_file(0, &a.image).map_err(|e| e.to_string())?;
     let mem = Arc::new(GuestMemory::new(vec![region]).map_err(|e| e.to_string())?);
-    let report = Migration::new(mem)
+    let cancel = CancelToken::new();
+    progress::cancel_on_interrupt(vec![cancel.clone()]);
+    let mut mig = Migration::new(mem)
         .policy(Box::new(policy_of(&a.opts)))
         .config(config_of(&a.opts)?)
+        .cancel_token(cancel);
+    if let Some(s) = sinks_of(&a.opts, 0, open_events(&a.opts)?, true) {
+        mig = mig.progress(s);
+    }
+    let report = mig
         .run(&TcpConnector::new(a.to.clone()))
         .map_err(|e| e.to_string())?;
     if a.opts.json {
