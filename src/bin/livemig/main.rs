@@ -135,6 +135,12 @@ struct MigrateOpts {
 
 #[derive(Args, Debug)]
 struct BenchArgs {
+    /// Do not pre-fault the destination's memory during round 0.
+    #[arg(long)]
+    no_prefault: bool,
+    /// Do not ask for transparent huge pages on the destination.
+    #[arg(long)]
+    no_huge_pages: bool,
     /// Guest memory size.
     #[arg(long, default_value = "1G", value_parser = args::parse_size)]
     memory: u64,
@@ -500,11 +506,14 @@ fn bench_one(
         .map_err(|e| e.to_string())?
         .to_string();
     let (rtx, rrx) = crossbeam_channel::bounded(1);
+    let (prefault, huge_pages) = (!a.no_prefault, !a.no_huge_pages);
     let receiver = std::thread::spawn(move || {
         let r = Receiver::new()
             .config(ReceiverConfig {
                 // Queued migrations connect late: wait as long as the slot queue may.
                 accept_timeout: Duration::from_secs(600),
+                prefault,
+                huge_pages,
                 ..ReceiverConfig::default()
             })
             .run(&acceptor);
