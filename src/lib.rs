@@ -22,6 +22,8 @@ pub mod codec;
 pub mod device;
 pub mod dirty;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod memory;
 pub mod receiver;
 pub mod stats;
