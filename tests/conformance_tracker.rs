@@ -127,7 +127,11 @@ fn nothing_written_nothing_reported(name: &str, make: &impl Backend) {
     for _ in 0..3 {
         let got = harvest(&mut *t, &mem);
         if t.caps().exact {
-            assert!(got.is_empty(), "{name}: reported {:?} with no writes", got.iter().take(8).collect::<Vec<_>>());
+            assert!(
+                got.is_empty(),
+                "{name}: reported {:?} with no writes",
+                got.iter().take(8).collect::<Vec<_>>()
+            );
         } else {
             assert!(
                 got.count() <= 1,
@@ -149,7 +153,13 @@ fn rearmed_after_harvest(name: &str, make: &impl Backend) {
             write(&mem, p);
         }
         let got = harvest(&mut *t, &mem);
-        assert_superset(name, &format!("round {round}"), &got, &pages, t.caps().exact);
+        assert_superset(
+            name,
+            &format!("round {round}"),
+            &got,
+            &pages,
+            t.caps().exact,
+        );
         // The same page written again after harvest must be reported again.
     }
     // Harvest with no further writes: nothing new for an exact tracker.
@@ -232,7 +242,10 @@ fn concurrent_writer(name: &str, make: &impl Backend) {
     if t.caps().exact {
         // No page outside the hot set was touched.
         let hot = mem.total_pages() / 4;
-        assert!(union.iter().all(|p| p < hot), "{name}: reported pages never written");
+        assert!(
+            union.iter().all(|p| p < hot),
+            "{name}: reported pages never written"
+        );
     }
     t.stop(&mem).expect("stop");
 }
