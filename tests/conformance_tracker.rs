@@ -185,7 +185,10 @@ fn multi_region_indexes(name: &str, make: &impl Backend) {
     assert_superset(name, "two regions", &got, &want, t.caps().exact);
     // The indexes translate to the right guest frames.
     assert_eq!(mem.gfn_of(first2).unwrap(), (1u64 << 30) >> 12);
-    assert_eq!(mem.gfn_of(first2 - 1).unwrap(), (4 * MIB as u64 >> 12) - 1);
+    assert_eq!(
+        mem.gfn_of(first2 - 1).unwrap(),
+        ((4 * MIB as u64) >> 12) - 1
+    );
     for p in got.iter() {
         let gfn = mem.gfn_of(p).unwrap();
         assert_eq!(mem.index_of_gfn(gfn).unwrap(), p);

@@ -156,10 +156,13 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// One stream's recorded bytes.
+type Log = Arc<Mutex<Vec<u8>>>;
+
 /// Tees everything written on each stream into a per-stream buffer.
 struct Recorder {
     inner: mem::MemConnector,
-    streams: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    streams: Arc<Mutex<Vec<Log>>>,
 }
 
 #[derive(Debug)]

@@ -154,9 +154,12 @@ impl FrameHeader {
     }
 }
 
+/// A decoded frame: header, meta, data, and the number of bytes consumed.
+pub type DecodedFrame<'a> = (FrameHeader, &'a [u8], &'a [u8], usize);
+
 /// Decode a whole frame from a byte slice (used by the fuzzer and corpus tests):
 /// returns the header, meta and data, and the number of bytes consumed.
-pub fn decode_frame(buf: &[u8]) -> Result<(FrameHeader, &[u8], &[u8], usize), WireError> {
+pub fn decode_frame(buf: &[u8]) -> Result<DecodedFrame<'_>, WireError> {
     if buf.len() < FRAME_HEADER_LEN {
         return Err(WireError::Truncated("frame header"));
     }
