@@ -32,6 +32,8 @@ pub mod compat;
 pub mod device;
 pub mod dirty;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod limits;

@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
@@ -59,15 +59,21 @@ impl Read for MemStream {
         if buf.is_empty() {
             return Ok(0);
         }
-        // The timeout bounds the whole wait, polled in 50 ms steps for shutdown.
-        let started = std::time::Instant::now();
+        // The read timeout bounds the whole read, not one 50 ms poll of the queue
+        // (polling is only how a shutdown by the peer is noticed).
+        let deadline = self
+            .timeout
+            .lock()
+            .expect("timeout lock")
+            .map(|t| Instant::now() + t);
         while self.pos >= self.cur.len() {
             if self.closed.load(Ordering::Acquire) && self.rx.is_empty() {
                 return Ok(0);
             }
-            let timeout = *self.timeout.lock().expect("timeout lock");
-            let wait = timeout
-                .unwrap_or(Duration::from_millis(50))
+            let wait = deadline
+                .map_or(Duration::from_millis(50), |d| {
+                    d.saturating_duration_since(Instant::now())
+                })
                 .min(Duration::from_millis(50));
             match self.rx.recv_timeout(wait) {
                 Ok(chunk) => {
@@ -76,7 +82,7 @@ impl Read for MemStream {
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(0),
                 Err(RecvTimeoutError::Timeout) => {
-                    if timeout.is_some_and(|t| started.elapsed() >= t) {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "read timed out",

@@ -42,6 +42,12 @@ pub use batch::{BatchMeta, Extent};
 pub use control::ControlMsg;
 pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN};
 
+/// Run every wire decoder over arbitrary bytes, ignoring errors (the fuzz entry
+/// point; see [`crate::fuzz::decode_all`]).
+pub fn fuzz_decode(bytes: &[u8]) {
+    crate::fuzz::decode_all(bytes)
+}
+
 /// Protocol major version: peers must agree.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Protocol minor version: a receiver accepts `MINOR` and `MINOR - 1`.

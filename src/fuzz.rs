@@ -1,0 +1,180 @@
+//! Entry points shared by the fuzz targets (`fuzz/`) and the corpus replay test
+//! (`tests/fuzz_corpus.rs`), so `cargo test` exercises exactly what the fuzzer does.
+//!
+//! Both functions must return normally on *any* input: a panic, a hang or an
+//! unbounded allocation is a bug in the decoder or the receiver.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::codec::CodecSet;
+use crate::device::envelope;
+use crate::memory::GuestMemory;
+use crate::receiver::{Receiver, ReceiverConfig};
+use crate::transport::{Acceptor, Stream, TransportError};
+use crate::wire::batch::BatchMeta;
+use crate::wire::frame::{decode_frame, RoundEnd};
+use crate::wire::{ControlMsg, FrameKind};
+
+/// Run every wire decoder over `bytes`, ignoring errors: the frame decoder (and,
+/// for each frame found, the decoder of its kind: control message, batch meta plus
+/// the batch payload through its codec, round end, device-state envelope), and each
+/// section decoder directly on the raw bytes.
+pub fn decode_all(bytes: &[u8]) {
+    let mut meta = BatchMeta::default();
+    let mut codecs = CodecSet::new(1);
+    let mut out = Vec::new();
+    // Frames back to back, as on a stream.
+    let mut rest = bytes;
+    while let Ok((h, m, d, used)) = decode_frame(rest) {
+        match h.kind {
+            FrameKind::Control => {
+                if ControlMsg::decode(m).is_ok() {
+                    let _ = envelope::decode(d);
+                }
+            }
+            FrameKind::Batch => {
+                if meta.decode_from(m).is_ok() {
+                    if let Some(codec) = meta.codec {
+                        // payload_len is bounded by MAX_BATCH_DATA in decode_from.
+                        out.clear();
+                        out.resize(meta.payload_len as usize, 0);
+                        let _ = codecs.get(codec).decode(d, &mut out);
+                    }
+                }
+            }
+            FrameKind::RoundEnd | FrameKind::StreamEnd => {
+                let _ = RoundEnd::decode(m);
+            }
+        }
+        rest = &rest[used.max(1).min(rest.len())..];
+        if rest.is_empty() {
+            break;
+        }
+    }
+    // Each section decoder on the raw input.
+    let _ = meta.decode_from(bytes);
+    let _ = ControlMsg::decode(bytes);
+    let _ = RoundEnd::decode(bytes);
+    let _ = envelope::decode(bytes);
+}
+
+/// A stream that yields a fixed script of bytes, then EOF, and swallows writes.
+#[derive(Debug)]
+struct Scripted {
+    input: std::io::Cursor<Vec<u8>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Read for Scripted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        self.input.read(buf)
+    }
+}
+
+impl Write for Scripted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream for Scripted {
+    fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+    fn set_read_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
+        let c = self.closed.clone();
+        Box::new(move || c.store(true, Ordering::Release))
+    }
+}
+
+/// Hands out scripted streams in order, then refuses.
+#[derive(Debug)]
+struct ScriptedAcceptor(Mutex<VecDeque<Vec<u8>>>);
+
+impl Acceptor for ScriptedAcceptor {
+    fn accept(&self, _timeout: Duration) -> Result<Box<dyn Stream>, TransportError> {
+        match self.0.lock().expect("script lock").pop_front() {
+            Some(b) => Ok(Box::new(Scripted {
+                input: std::io::Cursor::new(b),
+                closed: Arc::new(AtomicBool::new(false)),
+            })),
+            None => Err(TransportError::Accept(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no more scripted streams",
+            ))),
+        }
+    }
+}
+
+/// Split a `receiver_stream` input into per-stream byte scripts:
+/// `n u8 | len0 u32le | control[len0] | len1 u32le | page0[len1] | page1…`
+/// (`n % 3` page streams are offered; lengths are clamped to what is left).
+pub fn split_streams(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let Some((&n, mut rest)) = bytes.split_first() else {
+        return vec![Vec::new()];
+    };
+    let streams = 1 + n as usize % 3;
+    let mut out = Vec::with_capacity(streams);
+    for i in 0..streams {
+        if i + 1 == streams || rest.len() < 4 {
+            out.push(rest.to_vec());
+            rest = &[];
+            continue;
+        }
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let len = len.min(rest.len() - 4);
+        out.push(rest[4..4 + len].to_vec());
+        rest = &rest[4 + len..];
+    }
+    out
+}
+
+/// Inverse of [`split_streams`] (for building seeds from recorded sessions).
+pub fn join_streams(streams: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = vec![(streams.len().clamp(1, 3) - 1) as u8];
+    for (i, s) in streams.iter().enumerate() {
+        if i + 1 < streams.len() {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        }
+        out.extend_from_slice(s);
+    }
+    out
+}
+
+/// Feed `bytes` (see [`split_streams`]) to a whole receiver as its incoming
+/// streams: each yields its script then EOF, and replies are discarded. The
+/// receiver must fail cleanly (or succeed on a byte-perfect recorded session); the
+/// destination memory is a fixed 1 MiB at gpa 0, so a hostile layout cannot make
+/// it allocate.
+pub fn receiver_stream(bytes: &[u8]) -> Result<(), String> {
+    let memory = Arc::new(GuestMemory::anonymous(1 << 20, false).map_err(|e| e.to_string())?);
+    let acceptor = ScriptedAcceptor(Mutex::new(split_streams(bytes).into()));
+    let r = Receiver::new()
+        .memory(memory)
+        .config(ReceiverConfig {
+            huge_pages: false,
+            prefault: false,
+            accept_timeout: Duration::from_millis(10),
+            idle_timeout: Duration::from_secs(2),
+            max_streams: 4,
+            ..Default::default()
+        })
+        .run(&acceptor);
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}

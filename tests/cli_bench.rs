@@ -1,0 +1,77 @@
+//! `livemig bench` end to end: the JSON report's last line.
+
+use std::process::Command;
+
+const EXE: &str = env!("CARGO_BIN_EXE_livemig");
+
+const REPORT_KEYS: &[&str] = &[
+    "memory_bytes",
+    "mode",
+    "streams",
+    "tracker",
+    "rounds",
+    "total_ms",
+    "downtime_ms",
+    "bytes_on_wire",
+    "pages_sent",
+    "zero_pages",
+    "guest_gib_per_s",
+    "wire_gbit_per_s",
+    "converged",
+    "verified",
+];
+
+fn bench(extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(EXE)
+        .args(["bench", "--memory", "32M", "--json"])
+        .args(extra)
+        .output()
+        .expect("run livemig bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .expect("bench printed nothing");
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    for k in REPORT_KEYS {
+        assert!(v.get(k).is_some(), "bench JSON lacks {k}: {v}");
+    }
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(v["converged"].is_boolean(), "{v}");
+    assert_eq!(v["memory_bytes"], 32u64 << 20);
+    assert!(v["pages_sent"].as_u64().unwrap() >= 8192);
+    v
+}
+
+#[test]
+fn bench_default_json() {
+    let v = bench(&[]);
+    assert_eq!(v["converged"], true, "{v}");
+    assert_eq!(v["tracker"], "explicit");
+    assert_eq!(v["mode"], "multichannel");
+}
+
+#[test]
+fn bench_hash_tracker_compress_json() {
+    let v = bench(&[
+        "--tracker",
+        "hash",
+        "--mode",
+        "compress",
+        "--codec",
+        "zstd",
+        "--streams",
+        "2",
+        "--dirty-rate",
+        "10",
+    ]);
+    assert_eq!(v["tracker"], "hash");
+    assert_eq!(v["mode"], "compress");
+}

@@ -1,0 +1,191 @@
+//! `livemig send` and `livemig recv` as two processes over loopback TCP.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, temp_path, MIB};
+use livemig::memory::GuestMemory;
+use livemig::workload::{self, Content};
+
+const EXE: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// Keys every migration JSON report carries.
+pub const REPORT_KEYS: &[&str] = &[
+    "memory_bytes",
+    "mode",
+    "streams",
+    "tracker",
+    "rounds",
+    "total_ms",
+    "downtime_ms",
+    "bytes_on_wire",
+    "pages_sent",
+    "zero_pages",
+    "guest_gib_per_s",
+    "wire_gbit_per_s",
+    "converged",
+    "verified",
+];
+
+fn last_json_line(stdout: &str) -> serde_json::Value {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("no output; stdout was {stdout:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+/// Write a 32 MiB image of mixed content (as a guest would have it).
+fn make_image() -> (std::path::PathBuf, Vec<u8>) {
+    let mem = GuestMemory::anonymous(32 * MIB, false).unwrap();
+    workload::fill(&mem, Content::Mix, 77, 2).unwrap();
+    let mut bytes = vec![0u8; 32 * MIB];
+    mem.read_pages(0, &mut bytes).unwrap();
+    let path = temp_path("image.bin");
+    std::fs::write(&path, &bytes).unwrap();
+    (path, bytes)
+}
+
+fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> (i32, String, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            let mut err = String::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), out, err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run(args: &[&str], limit: Duration, what: &str) -> (i32, String, String) {
+    let child = Command::new(EXE)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    wait_with_timeout(child, limit, what)
+}
+
+#[test]
+fn send_recv_two_processes() {
+    let (image, bytes) = make_image();
+    let out = temp_path("received.bin");
+    let image_s = image.to_str().unwrap().to_string();
+    let out_s = out.to_str().unwrap().to_string();
+    let mut outcome = None;
+    // The port is free when picked but may be taken before `recv` binds it, and
+    // `send` may start before `recv` listens: retry both cases.
+    'ports: for _ in 0..5 {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let recv = Command::new(EXE)
+            .args(["recv", "--listen", &addr, "--out", &out_s, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn recv");
+        for _ in 0..50 {
+            let send = run(
+                &[
+                    "send",
+                    "--to",
+                    &addr,
+                    "--image",
+                    &image_s,
+                    "--streams",
+                    "2",
+                    "--json",
+                ],
+                Duration::from_secs(60),
+                "send",
+            );
+            if send.0 != 0 && send.2.contains("cannot connect") {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let recv = wait_with_timeout(recv, Duration::from_secs(60), "recv");
+            outcome = Some((send, recv));
+            break 'ports;
+        }
+        // recv never listened (port taken): try another port.
+        let _ = wait_with_timeout(recv, Duration::from_secs(60), "recv");
+    }
+    let (send, recv) = outcome.expect("could not start send/recv on any port");
+    assert_eq!(send.0, 0, "send failed: {}", send.2);
+    assert_eq!(recv.0, 0, "recv failed: {}", recv.2);
+
+    let got = std::fs::read(&out).expect("received image");
+    assert_eq!(got.len(), bytes.len());
+    assert!(got == bytes, "received image differs from the sent one");
+
+    let s = last_json_line(&send.1);
+    for k in REPORT_KEYS {
+        assert!(s.get(k).is_some(), "send JSON lacks {k}: {s}");
+    }
+    assert_eq!(s["memory_bytes"], 32 * MIB as u64);
+    assert_eq!(s["streams"], 2);
+    assert_eq!(s["verified"], true);
+    assert_eq!(s["converged"], true);
+    assert_eq!(s["tracker"], "none");
+
+    // recv prints the destination's report: the keys that side knows.
+    let r = last_json_line(&recv.1);
+    for k in [
+        "memory_bytes",
+        "streams",
+        "rounds",
+        "total_ms",
+        "verified",
+        "guest_gib_per_s",
+    ] {
+        assert!(r.get(k).is_some(), "recv JSON lacks {k}: {r}");
+    }
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["digest"], s["digest"]);
+
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&out);
+}
+
+#[test]
+fn send_to_nobody_fails_cleanly() {
+    let (image, _) = make_image();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (code, _, err) = run(
+        &[
+            "send",
+            "--to",
+            &addr,
+            "--image",
+            image.to_str().unwrap(),
+            "--json",
+        ],
+        Duration::from_secs(60),
+        "send",
+    );
+    let _ = std::fs::remove_file(&image);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot connect"), "{err}");
+}

@@ -1,0 +1,538 @@
+//! Shared fixtures for the integration tests: source memory, a dirtier, a receiver
+//! thread, a migration under a timeout guard, a recording `VmControl`, and a
+//! frame-aware fault-injecting connector.
+//!
+//! Each test binary uses a subset of these, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use livemig::codec::CodecId;
+use livemig::dirty::{DirtyTracker, ExplicitTracker, HashScanTracker};
+use livemig::engine::{
+    DowntimePolicy, Migration, MigrationConfig, MigrationError, Mode, OnLimit, Verify, VmControl,
+};
+use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
+use livemig::receiver::{ReceiveError, Received, Receiver, ReceiverConfig};
+use livemig::stats::MigrationReport;
+use livemig::transport::{Acceptor, Connector, Stream, TransportError};
+use livemig::wire::{FrameHeader, FRAME_HEADER_LEN};
+use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
+
+/// Longest a single migration may take before the test is failed as hung.
+pub const GUARD: Duration = Duration::from_secs(60);
+
+/// Default test guest size.
+pub const MIB: usize = 1 << 20;
+
+/// Run `f` on its own thread; panic if it does not finish within `limit` (a hang
+/// is a test failure, not a stuck CI job). A panic inside `f` is propagated.
+pub fn with_timeout<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::Builder::new()
+        .name(format!("guard:{what}"))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(r);
+        })
+        .expect("spawn guarded thread");
+    match rx.recv_timeout(limit) {
+        Ok(Ok(v)) => {
+            let _ = h.join();
+            v
+        }
+        Ok(Err(p)) => std::panic::resume_unwind(p),
+        Err(_) => panic!("{what}: did not finish within {limit:?} (hang)"),
+    }
+}
+
+/// Anonymous single-region memory of `bytes`, filled with the mixed content.
+pub fn source_memory(bytes: usize, seed: u64) -> Arc<GuestMemory> {
+    let mem = GuestMemory::anonymous(bytes, false).expect("allocate source memory");
+    workload::fill(&mem, Content::Mix, seed, 2).expect("fill");
+    Arc::new(mem)
+}
+
+/// Two regions: `bytes/2` at gpa 0 and `bytes/2` at gpa 1 GiB, filled.
+pub fn two_region_memory(bytes: usize, seed: u64) -> Arc<GuestMemory> {
+    let half = bytes / 2;
+    let mem = GuestMemory::new(vec![
+        GuestRegion::anonymous(0, half, false).expect("region 0"),
+        GuestRegion::anonymous(1 << 30, half, false).expect("region 1"),
+    ])
+    .expect("two regions");
+    workload::fill(&mem, Content::Mix, seed, 2).expect("fill");
+    Arc::new(mem)
+}
+
+/// Which tracker a source uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerKind {
+    /// Explicit bitmap marked by the dirtier.
+    Explicit,
+    /// Hash scan (the dirtier marks nothing).
+    Hash,
+}
+
+/// A running simulated source VM: memory, its explicit bitmap, the dirtier.
+pub struct Source {
+    pub mem: Arc<GuestMemory>,
+    pub bitmap: Arc<DirtyBitmap>,
+    pub dirtier: Dirtier,
+    pub kind: TrackerKind,
+}
+
+impl Source {
+    /// Start a dirtier writing `rate` bytes/s over the first `hot` bytes of `mem`.
+    pub fn start(mem: Arc<GuestMemory>, kind: TrackerKind, rate: u64, hot: u64) -> Self {
+        let bitmap = Arc::new(DirtyBitmap::new(mem.total_pages()));
+        let dirtier = Dirtier::start(
+            mem.clone(),
+            (kind == TrackerKind::Explicit).then(|| bitmap.clone()),
+            DirtierConfig {
+                rate_bytes_per_s: rate,
+                hot_set_bytes: hot,
+                skew: Skew::Hot80_20,
+                threads: 1,
+                seed: 7,
+                ..Default::default()
+            },
+        );
+        Self {
+            mem,
+            bitmap,
+            dirtier,
+            kind,
+        }
+    }
+
+    /// The default test source: `bytes` of mixed content, 16 MB/s over 4 MiB.
+    pub fn default_running(bytes: usize, kind: TrackerKind) -> Self {
+        Self::start(source_memory(bytes, 11), kind, 16_000_000, 4 << 20)
+    }
+
+    /// A fresh tracker of this source's kind.
+    pub fn tracker(&self) -> Box<dyn DirtyTracker> {
+        match self.kind {
+            TrackerKind::Explicit => Box::new(ExplicitTracker::new(self.bitmap.clone())),
+            TrackerKind::Hash => Box::new(HashScanTracker::new(1)),
+        }
+    }
+}
+
+/// A policy that always ends: force brownout after a few rounds.
+pub fn test_policy() -> DowntimePolicy {
+    let mut p = DowntimePolicy::with_target(Duration::from_millis(50));
+    p.max_rounds = 6;
+    p.max_time = Duration::from_secs(20);
+    p.on_limit = OnLimit::ForceBrownout;
+    p
+}
+
+/// Migration settings for tests (short reply timeout so failures surface fast).
+pub fn config(mode: Mode, streams: u16, codec: CodecId, verify: Verify) -> MigrationConfig {
+    MigrationConfig {
+        mode,
+        streams,
+        codec,
+        verify,
+        reply_timeout: Duration::from_secs(20),
+        ..Default::default()
+    }
+}
+
+/// Receiver settings for tests.
+pub fn receiver_config() -> ReceiverConfig {
+    ReceiverConfig {
+        huge_pages: false,
+        prefault: false,
+        accept_timeout: Duration::from_secs(20),
+        idle_timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+/// Run `receiver` on its own thread over `acceptor`.
+pub fn spawn_receiver<A: Acceptor + 'static>(
+    receiver: Receiver,
+    acceptor: A,
+) -> JoinHandle<Result<Received, ReceiveError>> {
+    std::thread::Builder::new()
+        .name("test-receiver".into())
+        .spawn(move || receiver.run(&acceptor))
+        .expect("spawn receiver")
+}
+
+/// Both sides' results.
+pub struct Outcome {
+    pub source: Result<MigrationReport, MigrationError>,
+    pub dest: Result<Received, ReceiveError>,
+}
+
+/// Run `migration` over `connector` against `receiver` on `acceptor`, both under
+/// the timeout guard.
+pub fn migrate<C, A>(migration: Migration, connector: C, receiver: Receiver, acceptor: A) -> Outcome
+where
+    C: Connector + 'static,
+    A: Acceptor + 'static,
+{
+    with_timeout(GUARD, "migration", move || {
+        let rx = spawn_receiver(receiver, acceptor);
+        let source = migration.run(&connector);
+        // The source has finished; the receiver must finish too (it may be waiting
+        // on the control stream, which the connector's drop closes).
+        drop(connector);
+        let dest = rx.join().expect("receiver thread panicked");
+        Outcome { source, dest }
+    })
+}
+
+/// Assert a successful migration whose destination equals the source at brownout.
+/// The source stays paused after success, so its memory is still the brownout image.
+pub fn assert_migrated(src: &Source, out: Outcome) -> (MigrationReport, Received) {
+    let (report, received) = match (out.source, out.dest) {
+        (Ok(r), Ok(d)) => (r, d),
+        (s, d) => panic!(
+            "migration failed: source {:?}; destination {:?}",
+            s.err(),
+            d.err()
+        ),
+    };
+    assert!(report.verified, "source reports unverified");
+    assert!(received.report.verified, "destination reports unverified");
+    assert!(
+        src.dirtier.control().is_paused(),
+        "source must stay paused after a successful switchover"
+    );
+    let a = src.mem.full_digest(2).expect("source digest");
+    let b = received.memory.full_digest(2).expect("dest digest");
+    assert_eq!(
+        a, b,
+        "destination memory differs from the source at brownout"
+    );
+    assert_eq!(report.digest, received.report.digest);
+    (report, received)
+}
+
+/// Run a full migration of a running source over a fresh connector/acceptor pair.
+pub fn run_e2e<C, A>(src: &Source, cfg: MigrationConfig, connector: C, acceptor: A) -> Outcome
+where
+    C: Connector + 'static,
+    A: Acceptor + 'static,
+{
+    let m = Migration::new(src.mem.clone())
+        .tracker(src.tracker())
+        .vm_control(Box::new(src.dirtier.control()))
+        .policy(Box::new(test_policy()))
+        .config(cfg);
+    migrate(
+        m,
+        connector,
+        Receiver::new().config(receiver_config()),
+        acceptor,
+    )
+}
+
+// ---------------------------------------------------------------------------
+// VmControl that records calls.
+
+/// Calls made to a [`RecordingVm`].
+#[derive(Debug, Default, Clone)]
+pub struct VmLog {
+    calls: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl VmLog {
+    pub fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
+    }
+    pub fn count(&self, what: &str) -> usize {
+        self.calls().iter().filter(|c| **c == what).count()
+    }
+    /// Every pause was followed by a resume (the source survived).
+    pub fn assert_resumed_if_paused(&self) {
+        let calls = self.calls();
+        let mut paused = false;
+        for c in &calls {
+            match *c {
+                "pause" => paused = true,
+                "resume" => paused = false,
+                _ => {}
+            }
+        }
+        assert!(!paused, "source VM left paused after a failure: {calls:?}");
+    }
+}
+
+/// Wraps a [`VmControl`] and records pause/resume/throttle.
+pub struct RecordingVm<V> {
+    pub inner: V,
+    pub log: VmLog,
+}
+
+impl<V: VmControl> VmControl for RecordingVm<V> {
+    fn pause(&mut self) -> Result<(), String> {
+        self.log.calls.lock().unwrap().push("pause");
+        self.inner.pause()
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.log.calls.lock().unwrap().push("resume");
+        self.inner.resume()
+    }
+    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+        self.log.calls.lock().unwrap().push("throttle");
+        self.inner.throttle(percent)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Frame-aware fault injection.
+
+/// Which section of a frame a [`FrameFault`] hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Header,
+    Meta,
+    Data,
+}
+
+/// What a [`FrameFault`] does when it reaches its target byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Flip one bit of the target byte.
+    Flip,
+    /// Close the stream just before the target byte (truncation at a known place).
+    Cut,
+}
+
+/// A fault aimed at byte `offset` of `section` of the `frame`-th frame (0-based,
+/// counting every frame) of the `stream`-th stream opened (0 = control).
+/// Unlike [`livemig::transport::fault::Fault`], the target does not depend on the
+/// length of earlier frames (the JSON handshake varies with the session id).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameFault {
+    pub stream: usize,
+    pub frame: u64,
+    pub section: Section,
+    pub offset: u64,
+    pub action: Action,
+}
+
+/// Connector applying a [`FrameFault`].
+pub struct FrameFaultConnector<C> {
+    inner: C,
+    fault: FrameFault,
+    opened: AtomicUsize,
+    /// Set once the fault fired (so a test can check it was reached).
+    pub fired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<C> FrameFaultConnector<C> {
+    pub fn new(inner: C, fault: FrameFault) -> Self {
+        Self {
+            inner,
+            fault,
+            opened: AtomicUsize::new(0),
+            fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+}
+
+impl<C: Connector> Connector for FrameFaultConnector<C> {
+    fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
+        let s = self.inner.connect()?;
+        if self.opened.fetch_add(1, Ordering::SeqCst) == self.fault.stream {
+            Ok(Box::new(FrameFaultStream {
+                inner: s,
+                fault: self.fault,
+                fired: self.fired.clone(),
+                frame: 0,
+                pos: 0,
+                head: Vec::with_capacity(FRAME_HEADER_LEN),
+                lens: None,
+                cut: false,
+            }))
+        } else {
+            Ok(s)
+        }
+    }
+    fn describe(&self) -> String {
+        format!("frame-fault({})", self.inner.describe())
+    }
+}
+
+#[derive(Debug)]
+struct FrameFaultStream {
+    inner: Box<dyn Stream>,
+    fault: FrameFault,
+    fired: Arc<std::sync::atomic::AtomicBool>,
+    /// Index of the frame being written.
+    frame: u64,
+    /// Bytes of the current frame written so far.
+    pos: u64,
+    /// Header bytes of the current frame collected so far.
+    head: Vec<u8>,
+    /// (meta_len, data_len) once the header is complete.
+    lens: Option<(u64, u64)>,
+    cut: bool,
+}
+
+impl FrameFaultStream {
+    /// Absolute position (within the frame) of the target, once known.
+    fn target(&self) -> Option<u64> {
+        if self.frame != self.fault.frame {
+            return None;
+        }
+        let h = FRAME_HEADER_LEN as u64;
+        match self.fault.section {
+            Section::Header => Some(self.fault.offset),
+            Section::Meta => self.lens.map(|_| h + self.fault.offset),
+            Section::Data => self.lens.map(|(m, _)| h + m + self.fault.offset),
+        }
+    }
+
+    /// Advance the frame parser over `b` (bytes actually written).
+    fn track(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            if self.head.len() < FRAME_HEADER_LEN {
+                let n = (FRAME_HEADER_LEN - self.head.len()).min(b.len());
+                self.head.extend_from_slice(&b[..n]);
+                self.pos += n as u64;
+                b = &b[n..];
+                if self.head.len() == FRAME_HEADER_LEN {
+                    let mut hb = [0u8; FRAME_HEADER_LEN];
+                    hb.copy_from_slice(&self.head);
+                    // Parse the original bytes (lengths are never flipped by a
+                    // Meta/Data fault; a Header fault ends the useful life anyway).
+                    let meta = u32::from_le_bytes(hb[4..8].try_into().unwrap()) as u64;
+                    let data = u32::from_le_bytes(hb[8..12].try_into().unwrap()) as u64;
+                    let _ = FrameHeader::decode(&hb);
+                    self.lens = Some((meta, data));
+                    self.maybe_end();
+                }
+                continue;
+            }
+            let (m, d) = self.lens.expect("header parsed");
+            let end = FRAME_HEADER_LEN as u64 + m + d;
+            let n = ((end - self.pos) as usize).min(b.len());
+            self.pos += n as u64;
+            b = &b[n..];
+            self.maybe_end();
+        }
+    }
+
+    fn maybe_end(&mut self) {
+        if let Some((m, d)) = self.lens {
+            if self.pos == FRAME_HEADER_LEN as u64 + m + d {
+                self.frame += 1;
+                self.pos = 0;
+                self.head.clear();
+                self.lens = None;
+            }
+        }
+    }
+}
+
+impl Read for FrameFaultStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for FrameFaultStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cut {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "fault: stream cut",
+            ));
+        }
+        // Never write past the end of the current header in one go, so the target
+        // is known before the bytes that contain it are written.
+        let mut len = buf.len();
+        if self.head.len() < FRAME_HEADER_LEN {
+            len = len.min(FRAME_HEADER_LEN - self.head.len());
+        }
+        let buf = &buf[..len];
+        let target = self
+            .target()
+            .filter(|&t| t >= self.pos && t < self.pos + len as u64);
+        let n = match (target, self.fault.action) {
+            (None, _) => self.inner.write(buf)?,
+            (Some(t), Action::Flip) => {
+                let i = (t - self.pos) as usize;
+                // Write up to and including the flipped byte, so that exactly one
+                // byte is changed even if the inner write is short.
+                let mut copy = buf[..=i].to_vec();
+                copy[i] ^= 0x10;
+                let mut done = 0;
+                while done < copy.len() {
+                    done += self.inner.write(&copy[done..])?;
+                }
+                self.fired.store(true, Ordering::SeqCst);
+                copy.len()
+            }
+            (Some(t), Action::Cut) => {
+                let i = (t - self.pos) as usize;
+                let mut done = 0;
+                while done < i {
+                    done += self.inner.write(&buf[done..i])?;
+                }
+                self.inner.flush()?;
+                self.cut = true;
+                self.fired.store(true, Ordering::SeqCst);
+                self.inner.shutdown();
+                if i == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "fault: stream cut",
+                    ));
+                }
+                i
+            }
+        };
+        self.track(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Stream for FrameFaultStream {
+    fn shutdown(&self) {
+        self.inner.shutdown()
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
+        self.inner.shutdown_handle()
+    }
+}
+
+/// A free loopback TCP port (bind :0, read the port, drop the listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A unique temporary path for this process and `name`.
+pub fn temp_path(name: &str) -> std::path::PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "livemig-test-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
+}
