@@ -104,6 +104,11 @@ pub struct MigrationConfig {
     pub vm_config: Vec<u8>,
     /// Compatibility vector checked by the destination at setup.
     pub compat: CompatVector,
+    /// Send re-sent pages as deltas against their previously sent version (copy
+    /// path; with codec raw this turns zero-copy sending off).
+    pub delta: bool,
+    /// Delta cache budget in bytes (0: 1/16 of guest memory, 1 MiB to 1 GiB).
+    pub delta_cache_bytes: u64,
 }
 
 impl Default for MigrationConfig {
@@ -117,6 +122,8 @@ impl Default for MigrationConfig {
             reply_timeout: Duration::from_secs(60),
             vm_config: Vec::new(),
             compat: CompatVector::default(),
+            delta: false,
+            delta_cache_bytes: 0,
         }
     }
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use crossbeam_channel::Receiver;
 
+use crate::codec::cache::DeltaCache;
 use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, GuestMemory, PAGE_SIZE};
 use crate::transport::framed::FrameWriter;
@@ -68,6 +69,10 @@ pub struct Counters {
     pub zero_pages: AtomicU64,
     /// Wire bytes.
     pub wire_bytes: AtomicU64,
+    /// Pages sent as a delta against their previously sent version.
+    pub delta_pages: AtomicU64,
+    /// Bytes the delta records saved against full-page records (before block codec).
+    pub delta_bytes_saved: AtomicU64,
 }
 
 /// State shared by all workers of one migration.
@@ -89,6 +94,8 @@ pub struct Shared {
     pub codec: CodecId,
     /// zstd level.
     pub zstd_level: i32,
+    /// Previously sent page versions, when delta encoding is on (copy path only).
+    pub delta: Option<DeltaCache>,
 }
 
 impl Shared {
@@ -104,7 +111,21 @@ impl Shared {
             barrier: Barrier::new(workers + 1),
             codec,
             zstd_level,
+            delta: None,
         }
+    }
+
+    /// Turn delta encoding on with a cache of `budget_bytes` (0: the default for
+    /// this guest's size). Raw batches then also take the copy path.
+    pub fn with_delta(mut self, enabled: bool, budget_bytes: u64) -> Self {
+        self.delta = enabled.then(|| {
+            let budget = match budget_bytes {
+                0 => crate::codec::cache::default_budget(self.memory.total_bytes()),
+                b => b,
+            };
+            DeltaCache::new(budget)
+        });
+        self
     }
 
     fn fail(&self, e: String) {
@@ -132,6 +153,8 @@ struct Scratch {
     meta_bytes: Vec<u8>,
     codecs: CodecSet,
     present: Vec<bool>,
+    indexes: Vec<u64>,
+    records: Vec<u8>,
 }
 
 /// Run one worker until `Finish` (or until the queue closes).
@@ -143,6 +166,8 @@ pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
         meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
         codecs: CodecSet::new(shared.zstd_level),
         present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+        indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+        records: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
     };
     let mut round_batches = 0u32;
     let mut round_pages = 0u64;
@@ -154,7 +179,7 @@ pub fn worker(shared: &Shared, rx: Receiver<Work>, mut out: FrameWriter) {
                     continue; // drain, keep reaching barriers
                 }
                 let before = out.bytes();
-                let sent = if shared.codec == CodecId::Raw {
+                let sent = if shared.codec == CodecId::Raw && shared.delta.is_none() {
                     send_batch_zero_copy(shared, &b, &mut s, &mut out)
                 } else {
                     send_batch(shared, &b, &mut s, &mut out)
@@ -230,6 +255,7 @@ fn send_batch(
     let mut i = 0usize; // page number within the batch
     let mut zeros = 0u64;
     let zero_hash = zero_page_hash();
+    s.indexes.clear();
     for &(start, count) in &b.extents {
         let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
         s.meta.extents.push(Extent { gfn, count });
@@ -244,9 +270,13 @@ fn send_batch(
             let hash = if is_zero_page(page) {
                 s.meta.zero_map[i / 8] |= 1 << (i % 8);
                 zeros += 1;
+                if let Some(cache) = &shared.delta {
+                    cache.invalidate(start + p as u64);
+                }
                 zero_hash
             } else {
                 let h = page_hash(page);
+                s.indexes.push(start + p as u64);
                 if wr != src {
                     s.pages.copy_within(src..src + PAGE_SIZE, wr);
                 }
@@ -259,8 +289,19 @@ fn send_batch(
         }
         pos = wr;
     }
-    let payload = &s.pages[..pos];
-    s.meta.payload_len = pos as u32;
+    let mut payload = &s.pages[..pos];
+    // Delta: from round 1 on, pages found in the cache become delta records.
+    if let Some(cache) = shared.delta.as_ref().filter(|_| b.round > 0) {
+        let (deltas, saved) = cache.encode_records(b.round, payload, &s.indexes, &mut s.records);
+        if deltas > 0 {
+            payload = &s.records;
+            s.meta.flags |= crate::wire::batch::FLAG_DELTA;
+            let c = &shared.counters;
+            c.delta_pages.fetch_add(deltas, Ordering::Relaxed);
+            c.delta_bytes_saved.fetch_add(saved, Ordering::Relaxed);
+        }
+    }
+    s.meta.payload_len = payload.len() as u32;
     let mut codec = shared.codec;
     if codec != CodecId::Raw && !payload.is_empty() {
         let smaller = s
@@ -353,6 +394,9 @@ fn send_batch_zero_copy(
             };
             s.meta.hashes.push(hash);
             shared.sent_hashes[(start + p as u64) as usize].store(hash, Ordering::Release);
+            if let Some(cache) = &shared.delta {
+                cache.invalidate(start + p as u64); // bytes sent were not cached
+            }
             i += 1;
         }
         if let Some(st) = run.take() {

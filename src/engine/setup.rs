@@ -8,7 +8,7 @@ use crate::transport::{Connector, TransportError};
 use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 
 /// Capabilities this build offers in the handshake.
-pub const CAPABILITIES: &[&str] = &["digest-xxh3", "codec-lz4", "codec-zstd"];
+pub const CAPABILITIES: &[&str] = &["digest-xxh3", "codec-lz4", "codec-zstd", "delta-xor"];
 
 /// An established session.
 #[derive(Debug)]

@@ -108,6 +108,12 @@ struct MigrateOpts {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Send re-sent pages as XOR deltas against their previously sent version.
+    #[arg(long)]
+    delta: bool,
+    /// Delta cache budget (default: 1/16 of guest memory, 1M to 1G).
+    #[arg(long, value_parser = args::parse_size)]
+    delta_cache: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -222,6 +228,8 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
             VerifyArg::Digest => Verify::Digest,
             VerifyArg::Full => Verify::Full,
         },
+        delta: o.delta,
+        delta_cache_bytes: o.delta_cache.unwrap_or(0),
         ..Default::default()
     })
 }
@@ -384,7 +392,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
 
 #[cfg(feature = "uffd")]
 fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
-    Ok(Box::new(livemig::dirty::uffd::UffdTracker::new(livemig::dirty::uffd::UffdMode::Auto)))
+    Ok(Box::new(livemig::dirty::uffd::UffdTracker::new(
+        livemig::dirty::uffd::UffdMode::Auto,
+    )))
 }
 
 #[cfg(not(feature = "uffd"))]
