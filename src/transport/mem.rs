@@ -59,11 +59,18 @@ impl Read for MemStream {
         if buf.is_empty() {
             return Ok(0);
         }
+        // The read timeout counts from the start of this read; waits are sliced into
+        // 50 ms so a shutdown is noticed promptly.
+        let deadline = self
+            .timeout
+            .lock()
+            .expect("timeout lock")
+            .map(|t| std::time::Instant::now() + t);
         while self.pos >= self.cur.len() {
             if self.closed.load(Ordering::Acquire) && self.rx.is_empty() {
                 return Ok(0);
             }
-            let timeout = *self.timeout.lock().expect("timeout lock");
+            let timeout = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
             let wait = timeout
                 .unwrap_or(Duration::from_millis(50))
                 .min(Duration::from_millis(50));
@@ -74,7 +81,7 @@ impl Read for MemStream {
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(0),
                 Err(RecvTimeoutError::Timeout) => {
-                    if timeout.is_some() {
+                    if timeout.is_some_and(|t| t <= wait) {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "read timed out",
