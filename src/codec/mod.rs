@@ -98,7 +98,7 @@ impl PageCodec for RawCodec {
     fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<bool, CodecError> {
         out.clear();
         out.extend_from_slice(input);
-        Ok(true)
+        Ok(false) // never smaller: callers send the input itself
     }
     fn decode(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
         if input.len() != out.len() {

@@ -48,7 +48,7 @@ pub(crate) fn run(
         if let Err(e) = run.m.vm.resume() {
             return Err(MigrationError::Vm(format!(
                 "{e} (after a failed switchover: {})",
-                r.err().expect("err")
+                r.as_ref().expect_err("err")
             )));
         }
     }

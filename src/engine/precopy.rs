@@ -157,9 +157,11 @@ pub(crate) fn run(
                     .expect("spawn sender thread")
             })
             .collect();
-        let mut est = Estimator::default();
         // Floor for the fixed brownout cost: one control round trip plus the digest.
-        est.fixed_cost_s = session.rtt.as_secs_f64() + m.memory.total_pages() as f64 * 8.0 / 10e9;
+        let est = Estimator {
+            fixed_cost_s: session.rtt.as_secs_f64() + m.memory.total_pages() as f64 * 8.0 / 10e9,
+            ..Default::default()
+        };
         let mut run = Run {
             m: &mut m,
             session,

@@ -156,6 +156,7 @@ impl FrameHeader {
 
 /// Decode a whole frame from a byte slice (used by the fuzzer and corpus tests):
 /// returns the header, meta and data, and the number of bytes consumed.
+#[allow(clippy::type_complexity)]
 pub fn decode_frame(buf: &[u8]) -> Result<(FrameHeader, &[u8], &[u8], usize), WireError> {
     if buf.len() < FRAME_HEADER_LEN {
         return Err(WireError::Truncated("frame header"));
