@@ -19,7 +19,12 @@
 //! caching them would churn the cache through all of memory and evict the pages
 //! that matter. Pages are cached from round 1 on: a page re-sent there is one the
 //! guest writes during the migration, the likeliest to be re-sent again (QEMU's
-//! XBZRLE makes the same choice by skipping its bulk stage).
+//! XBZRLE makes the same choice by skipping its bulk stage). Measured (512 MiB mix
+//! guest, 32 MiB hot set at 200 MB/s, cache 1/16 of memory, 3 runs each): caching
+//! round 0 as well left the bytes sent after round 0 unchanged in compress mode
+//! (11.9 vs 11.7 MB, median), because round 0 cycles all of memory through the
+//! cache and evicts the hot set, and in multichannel mode it made the whole
+//! migration 2.6× slower (793 vs 308 ms) for deltas in 1 run of 3.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};

@@ -290,8 +290,13 @@ fn send_batch(
         pos = wr;
     }
     let mut payload = &s.pages[..pos];
-    // Delta: from round 1 on, pages found in the cache become delta records.
-    if let Some(cache) = shared.delta.as_ref().filter(|_| b.round > 0) {
+    // Delta: pages found in the cache become delta records (none can be in round 0
+    // unless the cache policy caches round 0).
+    if let Some(cache) = shared
+        .delta
+        .as_ref()
+        .filter(|_| b.round > 0 || crate::codec::cache::caches_round(b.round))
+    {
         let (deltas, saved) = cache.encode_records(b.round, payload, &s.indexes, &mut s.records);
         if deltas > 0 {
             payload = &s.records;
