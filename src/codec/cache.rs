@@ -261,6 +261,81 @@ impl DeltaCache {
     }
 }
 
+/// One record of a delta record stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// The full page (exactly `PAGE_SIZE` bytes).
+    Full(&'a [u8]),
+    /// A delta to apply onto the destination's current page.
+    Delta(&'a [u8]),
+}
+
+/// Why a record stream is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The stream ended before the record's kind.
+    #[error("record stream ends early")]
+    Missing,
+    /// Unknown kind byte.
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    /// The record's body is cut short.
+    #[error("{0} record is truncated")]
+    Truncated(&'static str),
+    /// Bytes remain after the last record.
+    #[error("{0} bytes left over after the last record")]
+    Trailing(usize),
+}
+
+/// Walks a decoded record stream, bounds-checking every length; never panics.
+#[derive(Debug)]
+pub struct RecordReader<'a> {
+    buf: &'a [u8],
+    off: usize,
+}
+
+impl<'a> RecordReader<'a> {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf, off: 0 }
+    }
+
+    /// The next record.
+    pub fn next_record(&mut self) -> Result<Record<'a>, RecordError> {
+        let rest = &self.buf[self.off..];
+        let (&kind, body) = rest.split_first().ok_or(RecordError::Missing)?;
+        match kind {
+            RECORD_FULL => {
+                let page = body
+                    .get(..PAGE_SIZE)
+                    .ok_or(RecordError::Truncated("full-page"))?;
+                self.off += 1 + PAGE_SIZE;
+                Ok(Record::Full(page))
+            }
+            RECORD_DELTA => {
+                let len = body
+                    .get(..4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                    .ok_or(RecordError::Truncated("delta"))?;
+                let delta = body[4..]
+                    .get(..len)
+                    .ok_or(RecordError::Truncated("delta"))?;
+                self.off += 1 + 4 + len;
+                Ok(Record::Delta(delta))
+            }
+            other => Err(RecordError::Kind(other)),
+        }
+    }
+
+    /// Check that the whole stream was consumed.
+    pub fn finish(self) -> Result<(), RecordError> {
+        match self.buf.len() - self.off {
+            0 => Ok(()),
+            n => Err(RecordError::Trailing(n)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,5 +488,76 @@ mod tests {
         assert_eq!(out[8], RECORD_DELTA);
         assert_eq!(out[13], RECORD_FULL);
         assert_eq!(out.len(), 8 + 5 + 1 + PAGE_SIZE);
+        // Reading them back and applying onto the previous versions gives `next`.
+        let mut rd = RecordReader::new(&out);
+        for (k, prev) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+            let mut p = prev.to_vec();
+            match rd.next_record().unwrap() {
+                Record::Full(f) => p.copy_from_slice(f),
+                Record::Delta(d) => delta::apply(d, &mut p).unwrap(),
+            }
+            assert_eq!(p, &next[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+        }
+        rd.finish().unwrap();
+    }
+
+    #[test]
+    fn hostile_record_streams_are_rejected_without_panic() {
+        fn next_of(b: &[u8]) -> Result<Record<'_>, RecordError> {
+            RecordReader::new(b).next_record()
+        }
+        assert_eq!(next_of(&[]), Err(RecordError::Missing));
+        assert_eq!(next_of(&[0]), Err(RecordError::Kind(0)));
+        assert_eq!(next_of(&[3, 0, 0]), Err(RecordError::Kind(3)));
+        assert_eq!(
+            next_of(&[RECORD_FULL, 1, 2]),
+            Err(RecordError::Truncated("full-page"))
+        );
+        assert_eq!(
+            next_of(&[RECORD_DELTA, 1, 0]),
+            Err(RecordError::Truncated("delta"))
+        );
+        // Length past the end, including lengths that would overflow an offset.
+        assert_eq!(
+            next_of(&[RECORD_DELTA, 5, 0, 0, 0, 1, 2]),
+            Err(RecordError::Truncated("delta"))
+        );
+        assert_eq!(
+            next_of(&[RECORD_DELTA, 0xff, 0xff, 0xff, 0xff, 1]),
+            Err(RecordError::Truncated("delta"))
+        );
+        // Trailing bytes after a valid record.
+        let mut rd = RecordReader::new(&[RECORD_DELTA, 1, 0, 0, 0, 9, 7]);
+        assert_eq!(rd.next_record(), Ok(Record::Delta(&[9])));
+        assert_eq!(rd.finish(), Err(RecordError::Trailing(1)));
+        // Every truncation and random bytes: errors, never panics.
+        let c = DeltaCache::new(1 << 20);
+        let mut pages = vec![3u8; 4 * PAGE_SIZE];
+        let idx = [1u64, 2, 3, 4];
+        let mut out = Vec::new();
+        c.encode_records(1, &pages, &idx, &mut out);
+        pages[10] = 4;
+        pages[PAGE_SIZE * 3 + 7] = 1;
+        c.encode_records(2, &pages, &idx, &mut out);
+        for cut in 0..out.len() {
+            let mut rd = RecordReader::new(&out[..cut]);
+            let mut n = 0;
+            while let Ok(r) = rd.next_record() {
+                if let Record::Delta(d) = r {
+                    let mut p = vec![3u8; PAGE_SIZE];
+                    let _ = delta::apply(d, &mut p);
+                }
+                n += 1;
+            }
+            assert!(n < 4, "a truncated stream cannot yield all 4 records");
+        }
+        let mut s = 17u64;
+        for len in 0..200 {
+            let junk: Vec<u8> = (0..len)
+                .map(|_| crate::workload::splitmix(&mut s) as u8 % 4)
+                .collect();
+            let mut rd = RecordReader::new(&junk);
+            while rd.next_record().is_ok() {}
+        }
     }
 }

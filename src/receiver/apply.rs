@@ -269,7 +269,7 @@ fn apply_delta_batch(
     s: &mut Scratch,
     codec: CodecId,
 ) -> Result<(), String> {
-    use crate::codec::cache::{RECORD_DELTA, RECORD_FULL};
+    use crate::codec::cache::{Record, RecordReader};
     let mem = &*shared.memory;
     r.data_into(h, &mut s.data).map_err(|e| e.to_string())?;
     let records: &[u8] = if codec == CodecId::Raw {
@@ -287,68 +287,39 @@ fn apply_delta_batch(
     };
     let n = s.meta.pages();
     let mut page = [0u8; PAGE_SIZE];
-    let mut off = 0usize;
+    let mut rd = RecordReader::new(records);
     for i in 0..n {
         let idx = s.indexes[i];
         if s.meta.is_zero(i) {
             apply_zero(shared, idx, s.meta.hashes[i])?;
             continue;
         }
-        let kind = *records
-            .get(off)
-            .ok_or_else(|| format!("delta records end before page at index {idx}"))?;
-        off += 1;
-        match kind {
-            RECORD_FULL => {
-                let src = records.get(off..off + PAGE_SIZE).ok_or_else(|| {
-                    format!("full-page record of page at index {idx} is truncated")
-                })?;
+        let rec = rd
+            .next_record()
+            .map_err(|e| format!("page at index {idx}: {e}"))?;
+        let what = match rec {
+            Record::Full(src) => {
                 page.copy_from_slice(src);
-                off += PAGE_SIZE;
+                "decoding its record"
             }
-            RECORD_DELTA => {
-                let len = records
-                    .get(off..off + 4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                    .ok_or_else(|| format!("delta record of page at index {idx} is truncated"))?;
-                off += 4;
-                let delta = records
-                    .get(off..)
-                    .and_then(|rest| rest.get(..len))
-                    .ok_or_else(|| {
-                        format!("delta of page at index {idx} ({len} bytes) is truncated")
-                    })?;
-                off += len;
+            Record::Delta(delta) => {
                 mem.read_pages(idx, &mut page).map_err(|e| e.to_string())?;
                 crate::codec::delta::apply(delta, &mut page)
                     .map_err(|e| format!("delta of page at index {idx}: {e}"))?;
+                "applying its delta"
             }
-            other => {
-                return Err(format!(
-                    "unknown record kind {other} for page at index {idx}"
-                ))
-            }
-        }
+        };
         let got = page_hash(&page);
         if got != s.meta.hashes[i] {
             return Err(format!(
-                "page at index {idx} fails its checksum after {} (wrong delta base or corrupt)",
-                if kind == RECORD_DELTA {
-                    "applying its delta"
-                } else {
-                    "decoding its record"
-                }
+                "page at index {idx} fails its checksum after {what} (wrong delta base or corrupt)"
             ));
         }
         mem.write_pages(idx, &page).map_err(|e| e.to_string())?;
         record(shared, idx, s.meta.hashes[i], got, false)?;
     }
-    if off != records.len() {
-        return Err(format!(
-            "{} bytes left over after the batch's delta records",
-            records.len() - off
-        ));
-    }
+    rd.finish()
+        .map_err(|e| format!("batch delta records: {e}"))?;
     shared.pages.fetch_add(n as u64, Ordering::Relaxed);
     Ok(())
 }
