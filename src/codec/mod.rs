@@ -5,6 +5,7 @@
 //! and encoded as one block by a [`PageCodec`]; a block that does not shrink is sent
 //! raw. Codec state and buffers are reused across batches (no allocation per page).
 
+pub mod cache;
 pub mod delta;
 pub mod select;
 pub mod zero;

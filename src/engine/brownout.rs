@@ -265,6 +265,10 @@ fn paused(
         bytes_on_wire: wire,
         pages_sent: c.pages.load(std::sync::atomic::Ordering::Relaxed),
         zero_pages: c.zero_pages.load(std::sync::atomic::Ordering::Relaxed),
+        delta_pages: c.delta_pages.load(std::sync::atomic::Ordering::Relaxed),
+        delta_bytes_saved: c
+            .delta_bytes_saved
+            .load(std::sync::atomic::Ordering::Relaxed),
         final_pages,
         guest_gib_per_s: mem.total_bytes() as f64 / (1u64 << 30) as f64 / total.as_secs_f64(),
         wire_gbit_per_s: wire as f64 * 8.0 / 1e9 / total.as_secs_f64(),

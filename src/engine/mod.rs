@@ -121,6 +121,11 @@ pub struct MigrationConfig {
     /// Expected device-state save + transfer + restore time, counted in the
     /// predicted downtime.
     pub expected_device_state: Duration,
+    /// Send re-sent pages as deltas against their previously sent version (copy
+    /// path; with codec raw this turns zero-copy sending off).
+    pub delta: bool,
+    /// Delta cache budget in bytes (0: 1/16 of guest memory, 1 MiB to 1 GiB).
+    pub delta_cache_bytes: u64,
 }
 
 impl Default for MigrationConfig {
@@ -137,6 +142,8 @@ impl Default for MigrationConfig {
             bandwidth: None,
             processor_compat: None,
             expected_device_state: Duration::ZERO,
+            delta: false,
+            delta_cache_bytes: 0,
         }
     }
 }

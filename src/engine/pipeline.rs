@@ -19,6 +19,7 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use crossbeam_channel::Receiver;
 
+use crate::codec::cache::DeltaCache;
 use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, GuestMemory, PAGE_SIZE};
 use crate::transport::framed::FrameWriter;
@@ -68,6 +69,10 @@ pub struct Counters {
     pub zero_pages: AtomicU64,
     /// Wire bytes.
     pub wire_bytes: AtomicU64,
+    /// Pages sent as a delta against their previously sent version.
+    pub delta_pages: AtomicU64,
+    /// Bytes the delta records saved against full-page records (before block codec).
+    pub delta_bytes_saved: AtomicU64,
 }
 
 /// State shared by all workers of one migration.
@@ -91,6 +96,8 @@ pub struct Shared {
     pub zstd_level: i32,
     /// Codec choice and active streams (fixed unless the mode is auto).
     pub tuner: super::auto::AutoTuner,
+    /// Previously sent page versions, when delta encoding is on (copy path only).
+    pub delta: Option<DeltaCache>,
 }
 
 impl Shared {
@@ -113,7 +120,21 @@ impl Shared {
             codec,
             zstd_level,
             tuner: super::auto::AutoTuner::new(auto, workers, codec),
+            delta: None,
         }
+    }
+
+    /// Turn delta encoding on with a cache of `budget_bytes` (0: the default for
+    /// this guest's size). Raw batches then also take the copy path.
+    pub fn with_delta(mut self, enabled: bool, budget_bytes: u64) -> Self {
+        self.delta = enabled.then(|| {
+            let budget = match budget_bytes {
+                0 => crate::codec::cache::default_budget(self.memory.total_bytes()),
+                b => b,
+            };
+            DeltaCache::new(budget)
+        });
+        self
     }
 
     fn fail(&self, e: String) {
@@ -141,6 +162,8 @@ struct Scratch {
     meta_bytes: Vec<u8>,
     codecs: CodecSet,
     present: Vec<bool>,
+    indexes: Vec<u64>,
+    records: Vec<u8>,
 }
 
 /// Run one worker until `Finish` (or until its control channel closes).
@@ -158,6 +181,8 @@ pub fn worker(
         meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
         codecs: CodecSet::new(shared.zstd_level),
         present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+        indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+        records: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
     };
     let mut st = WorkerState {
         round_batches: 0,
@@ -251,7 +276,7 @@ fn handle_batch(
     let before = out.bytes();
     let codec = shared.tuner.codec();
     let t = std::time::Instant::now();
-    let sent = if codec == CodecId::Raw {
+    let sent = if codec == CodecId::Raw && shared.delta.is_none() {
         send_batch_zero_copy(shared, b, s, out)
     } else {
         send_batch(shared, b, codec, s, out)
@@ -310,6 +335,7 @@ fn send_batch(
     let mut i = 0usize; // page number within the batch
     let mut zeros = 0u64;
     let zero_hash = zero_page_hash();
+    s.indexes.clear();
     for &(start, count) in &b.extents {
         let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
         s.meta.extents.push(Extent { gfn, count });
@@ -329,9 +355,13 @@ fn send_batch(
             let hash = if is_zero {
                 s.meta.zero_map[i / 8] |= 1 << (i % 8);
                 zeros += 1;
+                if let Some(cache) = &shared.delta {
+                    cache.invalidate(start + p as u64);
+                }
                 zero_hash
             } else {
                 let h = page_hash(&s.pages[wr..wr + PAGE_SIZE]);
+                s.indexes.push(start + p as u64);
                 wr += PAGE_SIZE;
                 h
             };
@@ -341,8 +371,24 @@ fn send_batch(
         }
         pos = wr;
     }
-    let payload = &s.pages[..pos];
-    s.meta.payload_len = pos as u32;
+    let mut payload = &s.pages[..pos];
+    // Delta: pages found in the cache become delta records (none can be in round 0
+    // unless the cache policy caches round 0).
+    if let Some(cache) = shared
+        .delta
+        .as_ref()
+        .filter(|_| b.round > 0 || crate::codec::cache::caches_round(b.round))
+    {
+        let (deltas, saved) = cache.encode_records(b.round, payload, &s.indexes, &mut s.records);
+        if deltas > 0 {
+            payload = &s.records;
+            s.meta.flags |= crate::wire::batch::FLAG_DELTA;
+            let c = &shared.counters;
+            c.delta_pages.fetch_add(deltas, Ordering::Relaxed);
+            c.delta_bytes_saved.fetch_add(saved, Ordering::Relaxed);
+        }
+    }
+    s.meta.payload_len = payload.len() as u32;
     let mut codec = codec;
     if codec != CodecId::Raw && !payload.is_empty() {
         let smaller = s
@@ -437,6 +483,9 @@ fn send_batch_zero_copy(
             };
             s.meta.hashes.push(hash);
             shared.sent_hashes[(start + p as u64) as usize].store(hash, Ordering::Release);
+            if let Some(cache) = &shared.delta {
+                cache.invalidate(start + p as u64); // bytes sent were not cached
+            }
             i += 1;
         }
         if let Some(st) = run.take() {

@@ -99,6 +99,14 @@ pub struct DowntimePolicy {
     pub min_improvement: f64,
     /// See [`ConvergencePolicy::hot_page_rounds`].
     pub hot_page_rounds: u32,
+    /// Progress bookkeeping across rounds (starts empty; see [`PolicyProgress`]).
+    pub progress: PolicyProgress,
+}
+
+/// What [`DowntimePolicy`] remembers between rounds: the best prediction so far and
+/// how many rounds in a row failed to improve on it.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyProgress {
     best_s: Option<f64>,
     stalled: u32,
 }
@@ -115,8 +123,7 @@ impl Default for DowntimePolicy {
             stall_rounds: 3,
             min_improvement: 0.10,
             hot_page_rounds: 3,
-            best_s: None,
-            stalled: 0,
+            progress: PolicyProgress::default(),
         }
     }
 }
@@ -188,30 +195,30 @@ impl ConvergencePolicy for DowntimePolicy {
         }
         // Progress bookkeeping on the best prediction so far.
         let p = pred.as_secs_f64();
-        let improved = match self.best_s {
+        let improved = match self.progress.best_s {
             None => true,
             Some(b) => p < b * (1.0 - self.min_improvement),
         };
         if improved {
-            self.best_s = Some(p);
-            self.stalled = 0;
+            self.progress.best_s = Some(p);
+            self.progress.stalled = 0;
         } else {
-            self.stalled += 1;
+            self.progress.stalled += 1;
         }
         let outrun = Self::outrun(s.history);
-        if self.stalled > 0 || outrun {
+        if self.progress.stalled > 0 || outrun {
             if let Some(step) = self.next_step(s.throttle_percent) {
                 // Give the new throttle its own rounds before judging it.
-                self.stalled = 0;
+                self.progress.stalled = 0;
                 return Decision::Throttle(step);
             }
         }
-        if self.stalled >= self.stall_rounds {
+        if self.progress.stalled >= self.stall_rounds {
             let why = format!(
                 "predicted downtime stopped improving at {:.1} ms (best {:.1} ms) for {} rounds, throttle {} %",
                 ms(pred),
-                self.best_s.unwrap_or(p) * 1e3,
-                self.stalled,
+                self.progress.best_s.unwrap_or(p) * 1e3,
+                self.progress.stalled,
                 s.throttle_percent
             );
             return match self.on_limit {

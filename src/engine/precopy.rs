@@ -181,13 +181,16 @@ pub(crate) fn run(
         };
         let session = setup::connect(&m, connector)?;
         let streams = session.pages.len();
-        let shared = Arc::new(Shared::new(
-            m.memory.clone(),
-            streams,
-            m.config.codec,
-            m.config.zstd_level,
-            m.config.mode == super::Mode::Auto,
-        ));
+        let shared = Arc::new(
+            Shared::new(
+                m.memory.clone(),
+                streams,
+                m.config.codec,
+                m.config.zstd_level,
+                m.config.mode == super::Mode::Auto,
+            )
+            .with_delta(m.config.delta, m.config.delta_cache_bytes),
+        );
         let (tx, rx) = crossbeam_channel::bounded(streams * QUEUE_DEPTH_PER_WORKER);
         let mut session = session;
         let shutdowns = session

@@ -8,7 +8,7 @@ use crate::transport::{Connector, TransportError};
 use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 
 /// Capabilities this build offers in the handshake.
-pub const CAPABILITIES: &[&str] = &["digest-xxh3", "codec-lz4", "codec-zstd"];
+pub const CAPABILITIES: &[&str] = &["digest-xxh3", "codec-lz4", "codec-zstd", "delta-xor"];
 
 /// An established session.
 #[derive(Debug)]
@@ -65,7 +65,16 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
     let t0 = Instant::now();
     control.send_control(&hello, &[]).map_err(t("handshake"))?;
     match control.control().map_err(t("handshake"))?.0 {
-        ControlMsg::Welcome { .. } => {}
+        ControlMsg::Welcome { capabilities, .. } => {
+            if m.config.delta && !capabilities.iter().any(|c| c == "delta-xor") {
+                return Err(MigrationError::Protocol {
+                    phase: "handshake",
+                    message: "delta encoding requested but the destination lacks the \
+                              delta-xor capability"
+                        .into(),
+                });
+            }
+        }
         ControlMsg::Refuse { code, message } => {
             return Err(MigrationError::Refused { code, message })
         }

@@ -184,7 +184,7 @@ fn apply_batch(
     let codec = s.meta.codec.ok_or("batch without codec")?;
     let racy = s.meta.flags & FLAG_RACY != 0;
     if s.meta.flags & FLAG_DELTA != 0 {
-        return Err("delta payloads are not supported by this receiver".into());
+        return apply_delta_batch(shared, r, h, s, codec);
     }
     let n = s.meta.pages();
     if codec == CodecId::Raw {
@@ -254,6 +254,72 @@ fn apply_batch(
             record(shared, idx, s.meta.hashes[i], got, racy)?;
         }
     }
+    shared.pages.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A `FLAG_DELTA` batch: the decoded payload is a record stream, one record per
+/// non-zero page in batch order: `kind u8` then either a full page (kind 1) or
+/// `len u32` and a delta (kind 2) applied onto the page's current content. Every
+/// length is checked against what is left; the stream must be consumed exactly.
+fn apply_delta_batch(
+    shared: &ApplyShared,
+    r: &mut FrameReader,
+    h: &crate::wire::FrameHeader,
+    s: &mut Scratch,
+    codec: CodecId,
+) -> Result<(), String> {
+    use crate::codec::cache::{Record, RecordReader};
+    let mem = &*shared.memory;
+    r.data_into(h, &mut s.data).map_err(|e| e.to_string())?;
+    let records: &[u8] = if codec == CodecId::Raw {
+        if s.data.len() != s.meta.payload_len as usize {
+            return Err("raw delta payload length mismatch".into());
+        }
+        &s.data
+    } else {
+        s.decoded.resize(s.meta.payload_len as usize, 0);
+        s.codecs
+            .get(codec)
+            .decode(&s.data, &mut s.decoded)
+            .map_err(|e| e.to_string())?;
+        &s.decoded
+    };
+    let n = s.meta.pages();
+    let mut page = [0u8; PAGE_SIZE];
+    let mut rd = RecordReader::new(records);
+    for i in 0..n {
+        let idx = s.indexes[i];
+        if s.meta.is_zero(i) {
+            apply_zero(shared, idx, s.meta.hashes[i])?;
+            continue;
+        }
+        let rec = rd
+            .next_record()
+            .map_err(|e| format!("page at index {idx}: {e}"))?;
+        let what = match rec {
+            Record::Full(src) => {
+                page.copy_from_slice(src);
+                "decoding its record"
+            }
+            Record::Delta(delta) => {
+                mem.read_pages(idx, &mut page).map_err(|e| e.to_string())?;
+                crate::codec::delta::apply(delta, &mut page)
+                    .map_err(|e| format!("delta of page at index {idx}: {e}"))?;
+                "applying its delta"
+            }
+        };
+        let got = page_hash(&page);
+        if got != s.meta.hashes[i] {
+            return Err(format!(
+                "page at index {idx} fails its checksum after {what} (wrong delta base or corrupt)"
+            ));
+        }
+        mem.write_pages(idx, &page).map_err(|e| e.to_string())?;
+        record(shared, idx, s.meta.hashes[i], got, false)?;
+    }
+    rd.finish()
+        .map_err(|e| format!("batch delta records: {e}"))?;
     shared.pages.fetch_add(n as u64, Ordering::Relaxed);
     Ok(())
 }

@@ -102,6 +102,10 @@ pub struct MigrationReport {
     pub pages_sent: u64,
     /// Zero pages elided.
     pub zero_pages: u64,
+    /// Pages sent as deltas against their previously sent version.
+    pub delta_pages: u64,
+    /// Bytes delta records saved against full-page records (before block codec).
+    pub delta_bytes_saved: u64,
     /// Pages in the final (brownout) round.
     pub final_pages: u64,
     /// Guest bytes ÷ total time, GiB/s.

@@ -131,6 +131,12 @@ struct MigrateOpts {
     /// Write the event stream to this file as JSON lines.
     #[arg(long)]
     events: Option<PathBuf>,
+    /// Send re-sent pages as XOR deltas against their previously sent version.
+    #[arg(long)]
+    delta: bool,
+    /// Delta cache budget (default: 1/16 of guest memory, 1M to 1G).
+    #[arg(long, value_parser = args::parse_size)]
+    delta_cache: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -264,6 +270,8 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
             .bandwidth
             .map(livemig::transport::shaped::TokenBucket::new),
         expected_device_state: Duration::from_secs_f64(o.device_state_ms.max(0.0) / 1e3),
+        delta: o.delta,
+        delta_cache_bytes: o.delta_cache.unwrap_or(0),
         ..Default::default()
     })
 }
