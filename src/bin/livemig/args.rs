@@ -19,9 +19,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Parse a rate such as `1G`, `10gbit`, `500M` (bits per second, decimal).
-#[allow(dead_code)] // for the upcoming bandwidth-shaping option; tested below
 pub fn parse_bitrate(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let t = t
