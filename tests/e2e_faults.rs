@@ -409,7 +409,10 @@ fn cut_page_stream_with_fault_cut_after() {
 /// failure after pause.
 #[test]
 fn cut_page_stream_after_pause() {
+    // Without a tracker the engine treats the VM as stopped (exact page hashes), so
+    // the guest starts paused; the failed switchover must leave it running.
     let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
+    livemig::engine::VmControl::pause(&mut src.dirtier.control()).expect("pause the guest");
     // Frame index of the final round's RoundEnd on stream 1 with one stream: round 0
     // sends every page in batches of 256, so 4096 pages are 16 batches.
     let batches = src.mem.total_pages().div_ceil(256);
