@@ -5,12 +5,15 @@
 //! current codec, whether they are active); the controller, ticked from the round
 //! loop, *decides*:
 //!
-//! - **Link rate** `L`: wire bytes ÷ (time workers spent inside `write`, averaged
-//!   over active workers) while writes block for more than half of the time
-//!   (back-pressure: the link is the bottleneck). Otherwise the link is only known
-//!   to be at least the observed wire rate, and the earlier estimate is kept.
+//! - **Link rate** `L`: when the workers spend more than half of their time blocked
+//!   in `write` (back-pressure: the link is the bottleneck), `L` is the observed wire
+//!   rate. Otherwise the link is only known to be at least the observed rate, and
+//!   the earlier estimate (or, with none, twice the observed rate) is kept.
 //! - **Compression speed and ratio** per codec, from samples: every 8th batch a worker
-//!   compresses a 16 KiB sample with lz4 or zstd (alternating), ~1/64 of the data.
+//!   copies, hashes and compresses up to 16 KiB of the batch's *non-zero* pages with
+//!   lz4 or zstd (alternating), the same per-page work as the compress path. Zero
+//!   pages are excluded because they cost nothing in any mode; all rates in the model
+//!   are rates of non-zero payload.
 //! - **CPU headroom** `h`: the share of the machine's CPUs not used by *other*
 //!   processes (from `/proc/stat` minus `/proc/self/stat`). Like Hyper-V, compression
 //!   only uses idle CPU: when other work needs the cores, `h` falls and so does the
@@ -171,13 +174,22 @@ impl AutoTuner {
     }
 
     /// Compress `sample` with `codec` and record speed and ratio.
-    pub fn probe(&self, codecs: &mut CodecSet, codec: CodecId, sample: &[u8], out: &mut Vec<u8>) {
+    /// `copy_secs` is the time the sample took to copy out of guest memory and hash,
+    /// which the compress path pays per page on top of compressing.
+    pub fn probe(
+        &self,
+        codecs: &mut CodecSet,
+        codec: CodecId,
+        sample: &[u8],
+        out: &mut Vec<u8>,
+        copy_secs: f64,
+    ) {
         if sample.is_empty() {
             return;
         }
         let t = Instant::now();
         let ok = codecs.get(codec).encode(sample, out);
-        let secs = t.elapsed().as_secs_f64();
+        let secs = t.elapsed().as_secs_f64() + copy_secs;
         let produced = match ok {
             Ok(true) => out.len(),
             _ => sample.len(),
@@ -253,10 +265,12 @@ impl AutoTuner {
         let busy = write_s / (k.max(1.0) * secs);
         let observed = wire / secs;
         let link = if busy > 0.5 {
-            wire / (write_s / k.max(1.0))
+            // Saturated: the link delivers exactly what we observe.
+            observed
         } else {
-            c.link_est
-                .map_or(wire / (write_s / k.max(1.0)), |l| l.max(observed))
+            // Not saturated: at least what we observe; with no earlier estimate,
+            // assume it is not the bottleneck (twice the observed rate).
+            c.link_est.map_or(observed * 2.0, |l| l.max(observed))
         };
         c.link_est = Some(link);
         let probes = *self.probes.lock().expect("probe lock");
@@ -385,14 +399,15 @@ mod tests {
                 secs: 1.5,
             }; // zstd: 0.67 GB/s, 0.25
         }
-        // A 125 MB/s link: 1 s of writes for 125 MB.
-        t.record(125_000_000, 125_000_000, Duration::from_secs(1));
-        t.ctl.lock().unwrap().window_start -= WINDOW;
+        // A 125 MB/s link: over a 1 s window the worker was blocked in writes for
+        // 0.9 s and moved 125 MB.
+        t.record(125_000_000, 125_000_000, Duration::from_millis(900));
+        t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
         t.tick();
         assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
-        // A fast link (no back-pressure): raw wins again.
+        // A fast link (5 GB in 1 s, writes rarely block): raw wins again.
         t.record(5_000_000_000, 5_000_000_000, Duration::from_millis(100));
-        t.ctl.lock().unwrap().window_start -= WINDOW;
+        t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
         t.tick();
         assert_eq!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
     }

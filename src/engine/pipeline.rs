@@ -296,18 +296,36 @@ fn handle_batch(
                 write_time.min(t.elapsed()),
             );
             if let Some(probe) = shared.tuner.probe_codec() {
-                // Sample a few pages of this batch (a copy, never live memory).
-                let (start, count) = b.extents[0];
-                let n = (count as usize).min(super::auto::PROBE_BYTES / PAGE_SIZE);
-                let sample = &mut s.pages[..n * PAGE_SIZE];
-                if shared.memory.read_pages(start, sample).is_ok() {
-                    shared.tuner.probe(
-                        &mut s.codecs,
-                        probe,
-                        &s.pages[..n * PAGE_SIZE],
-                        &mut s.encoded,
-                    );
+                // Sample the first non-zero pages of this batch (zero pages cost
+                // nothing in any mode), doing what the compress path does per page:
+                // copy out of guest memory, hash, then compress.
+                let t_copy = std::time::Instant::now();
+                let max = super::auto::PROBE_BYTES / PAGE_SIZE;
+                let mut n = 0usize;
+                let mut i = 0usize;
+                'pick: for &(start, count) in &b.extents {
+                    for p in 0..count as u64 {
+                        if !s.meta.is_zero(i) {
+                            let dst = &mut s.pages[n * PAGE_SIZE..(n + 1) * PAGE_SIZE];
+                            if shared.memory.read_pages(start + p, dst).is_ok() {
+                                std::hint::black_box(page_hash(dst));
+                                n += 1;
+                                if n == max {
+                                    break 'pick;
+                                }
+                            }
+                        }
+                        i += 1;
+                    }
                 }
+                let copy_secs = t_copy.elapsed().as_secs_f64();
+                shared.tuner.probe(
+                    &mut s.codecs,
+                    probe,
+                    &s.pages[..n * PAGE_SIZE],
+                    &mut s.encoded,
+                    copy_secs,
+                );
             }
         }
         Err(e) => {
