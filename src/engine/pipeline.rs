@@ -427,19 +427,7 @@ fn send_batch(
     } else {
         &s.encoded
     };
-    let t_write = std::time::Instant::now();
-    out.send(FrameKind::Batch, 0, &s.meta_bytes, &[data])
-        .map_err(|e| e.to_string())?;
-    let write_time = t_write.elapsed();
-    shared
-        .counters
-        .pages
-        .fetch_add(npages as u64, Ordering::Relaxed);
-    shared
-        .counters
-        .zero_pages
-        .fetch_add(zeros, Ordering::Relaxed);
-    Ok(write_time)
+    write_batch(shared, out, &s.meta_bytes, &[data], npages, zeros)
 }
 
 /// Raw batches without a user-space copy: zero detection and hashing read guest
@@ -512,18 +500,26 @@ fn send_batch_zero_copy(
     }
     s.meta.payload_len = (nonzero * PAGE_SIZE) as u32;
     s.meta.encode_into(&mut s.meta_bytes);
+    write_batch(shared, out, &s.meta_bytes, &data, npages, zeros)
+}
+
+/// Write one batch frame and count its pages; returns the time spent writing
+/// (back-pressure from the link, which `auto` mode measures).
+fn write_batch(
+    shared: &Shared,
+    out: &mut FrameWriter,
+    meta: &[u8],
+    data: &[&[u8]],
+    npages: usize,
+    zeros: u64,
+) -> Result<std::time::Duration, String> {
     let t_write = std::time::Instant::now();
-    out.send(FrameKind::Batch, 0, &s.meta_bytes, &data)
+    out.send(FrameKind::Batch, 0, meta, data)
         .map_err(|e| e.to_string())?;
     let write_time = t_write.elapsed();
-    shared
-        .counters
-        .pages
-        .fetch_add(npages as u64, Ordering::Relaxed);
-    shared
-        .counters
-        .zero_pages
-        .fetch_add(zeros, Ordering::Relaxed);
+    let c = &shared.counters;
+    c.pages.fetch_add(npages as u64, Ordering::Relaxed);
+    c.zero_pages.fetch_add(zeros, Ordering::Relaxed);
     Ok(write_time)
 }
 

@@ -72,3 +72,27 @@ pub trait Acceptor: Send + Sync {
     /// Wait up to `timeout` for the next stream.
     fn accept(&self, timeout: Duration) -> Result<Box<dyn Stream>, TransportError>;
 }
+
+/// Poll a non-blocking `try_accept` until it yields a connection or `timeout` passes
+/// (shared by the TCP and Unix acceptors).
+pub(crate) fn accept_until<T>(
+    timeout: Duration,
+    mut try_accept: impl FnMut() -> std::io::Result<T>,
+) -> Result<T, TransportError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match try_accept() {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(TransportError::Accept(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {timeout:?}"),
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(TransportError::Accept(e)),
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! TCP streams.
 
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Acceptor, Connector, Stream, TransportError};
 
@@ -89,25 +89,9 @@ impl Acceptor for TcpAcceptor {
         self.listener
             .set_nonblocking(true)
             .map_err(TransportError::Accept)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.listener.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false).map_err(TransportError::Accept)?;
-                    let _ = s.set_nodelay(true);
-                    return Ok(Box::new(s));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(TransportError::Accept(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no connection within {timeout:?}"),
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(TransportError::Accept(e)),
-            }
-        }
+        let (s, _) = super::accept_until(timeout, || self.listener.accept())?;
+        s.set_nonblocking(false).map_err(TransportError::Accept)?;
+        let _ = s.set_nodelay(true);
+        Ok(Box::new(s))
     }
 }

@@ -2,7 +2,7 @@
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Acceptor, Connector, Stream, TransportError};
 
@@ -71,24 +71,8 @@ impl Acceptor for UnixAcceptor {
         self.listener
             .set_nonblocking(true)
             .map_err(TransportError::Accept)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.listener.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false).map_err(TransportError::Accept)?;
-                    return Ok(Box::new(s));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(TransportError::Accept(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no connection within {timeout:?}"),
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(TransportError::Accept(e)),
-            }
-        }
+        let (s, _) = super::accept_until(timeout, || self.listener.accept())?;
+        s.set_nonblocking(false).map_err(TransportError::Accept)?;
+        Ok(Box::new(s))
     }
 }
