@@ -10,7 +10,7 @@
 //!   rate. Otherwise the link is only known to be at least the observed rate, and
 //!   the earlier estimate (or, with none, twice the observed rate) is kept.
 //! - **Compression speed and ratio** per codec, from samples: every 8th batch a worker
-//!   copies, hashes and compresses up to 16 KiB of the batch's *non-zero* pages with
+//!   copies, hashes and compresses up to 64 KiB of the batch's *non-zero* pages with
 //!   lz4 or zstd (alternating), the same per-page work as the compress path. Zero
 //!   pages are excluded because they cost nothing in any mode; all rates in the model
 //!   are rates of non-zero payload.
@@ -20,7 +20,8 @@
 //!   predicted gain of compressing.
 //!
 //! Predicted guest throughput: raw = `L`; codec c = `min(k·h·S_c, L / r_c)` with `k`
-//! active workers, speed `S_c` and ratio `r_c`. The controller switches to the best
+//! workers (all of them: compressing is CPU-parallel, so choosing a codec activates
+//! every worker), speed `S_c` and ratio `r_c`. The controller switches to the best
 //! prediction when it beats the current one by 10 % (hysteresis).
 //!
 //! **Stream count**: the migration opens `max` streams; the controller activates 1,
@@ -36,7 +37,7 @@ use crate::codec::{CodecId, CodecSet};
 const WINDOW: Duration = Duration::from_millis(60);
 const PROBE_EVERY: u64 = 8;
 /// Bytes compressed per probe.
-pub const PROBE_BYTES: usize = 16 * 1024;
+pub const PROBE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct CodecStats {
@@ -70,6 +71,8 @@ struct Controller {
     cpu: CpuSampler,
     headroom: f64,
     link_est: Option<f64>,
+    /// Streams chosen by exploration (used while sending raw).
+    raw_streams: usize,
     decisions: Vec<String>,
 }
 
@@ -123,6 +126,7 @@ impl AutoTuner {
                 cpu: CpuSampler::new(),
                 headroom: 1.0,
                 link_est: None,
+                raw_streams: max_workers,
                 decisions: Vec::new(),
             }),
             settled: AtomicBool::new(!enabled || max_workers <= 1),
@@ -252,6 +256,7 @@ impl AutoTuner {
             );
             c.decisions.push(msg);
             self.active.store(pick, Ordering::Relaxed);
+            c.raw_streams = pick;
             c.phase = Phase::Settled;
             self.settled.store(true, Ordering::Relaxed);
             return;
@@ -275,10 +280,13 @@ impl AutoTuner {
         c.link_est = Some(link);
         let probes = *self.probes.lock().expect("probe lock");
         let h = c.headroom;
+        // Compression is CPU-parallel: it runs on every worker, whatever stream count
+        // raw sending settled on (a capped link gives one stream as much as two).
+        let kc = self.max_workers as f64;
         let mut best = (CodecId::Raw, link);
         for (i, id) in [(0, CodecId::Lz4), (1, CodecId::Zstd)] {
             if let (Some(speed), Some(ratio)) = (probes[i].speed(), probes[i].ratio()) {
-                let est = (k * h * speed).min(link / ratio);
+                let est = (kc * h * speed).min(link / ratio);
                 if est > best.1 {
                     best = (id, est);
                 }
@@ -290,13 +298,19 @@ impl AutoTuner {
             CodecId::Lz4 | CodecId::Zstd => {
                 let i = if current == CodecId::Lz4 { 0 } else { 1 };
                 match (probes[i].speed(), probes[i].ratio()) {
-                    (Some(s), Some(r)) => (k * h * s).min(link / r),
+                    (Some(s), Some(r)) => (kc * h * s).min(link / r),
                     _ => link,
                 }
             }
         };
         if best.0 != current && best.1 > current_est * 1.10 {
             self.codec.store(best.0 as u8, Ordering::Relaxed);
+            let streams = if best.0 == CodecId::Raw {
+                c.raw_streams
+            } else {
+                self.max_workers
+            };
+            self.active.store(streams, Ordering::Relaxed);
             let msg = format!(
                 "codec {} → {}: link {:.2} GB/s, headroom {:.0} %, predicted {:.2} vs {:.2} GB/s",
                 current.name(),
