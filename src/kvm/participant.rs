@@ -36,6 +36,12 @@ impl StateTimings {
     fn add(counter: &AtomicU64, since: Instant) {
         counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
+
+    /// Count one saved blob of `bytes` and the time since `started`.
+    fn record_save(&self, bytes: usize, started: Instant) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        Self::add(&self.save_ns, started);
+    }
 }
 
 fn failed(id: &str, e: impl std::fmt::Display) -> ParticipantError {
@@ -108,10 +114,7 @@ impl SaveState for VcpuSaver {
         drop(vcpu);
         let before = out.len();
         state.encode(out);
-        self.timings
-            .bytes
-            .fetch_add((out.len() - before) as u64, Ordering::Relaxed);
-        StateTimings::add(&self.timings.save_ns, t);
+        self.timings.record_save(out.len() - before, t);
         Ok(())
     }
     fn release(&mut self) -> Result<(), ParticipantError> {
@@ -214,10 +217,7 @@ impl SaveState for VmSaver {
         let state = VmState::save(&self.vm).map_err(|e| failed(VM_ID, e))?;
         let before = out.len();
         state.encode(out);
-        self.timings
-            .bytes
-            .fetch_add((out.len() - before) as u64, Ordering::Relaxed);
-        StateTimings::add(&self.timings.save_ns, t);
+        self.timings.record_save(out.len() - before, t);
         Ok(())
     }
     fn release(&mut self) -> Result<(), ParticipantError> {
