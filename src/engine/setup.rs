@@ -28,15 +28,16 @@ fn t(phase: &'static str) -> impl Fn(TransportError) -> MigrationError {
 }
 
 fn session_id() -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&format!("{:?}", Instant::now()).into_bytes());
+    use std::hash::Hasher as _;
+    let mut h = twox_hash::XxHash3_64::new();
+    h.write(&std::process::id().to_le_bytes());
+    h.write(&format!("{:?}", Instant::now()).into_bytes());
     let ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    h.update(&ns.to_le_bytes());
-    h.digest() | 1
+    h.write(&ns.to_le_bytes());
+    h.finish() | 1
 }
 
 /// Connect, negotiate, send the VM configuration and open the page streams.

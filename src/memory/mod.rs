@@ -328,7 +328,7 @@ impl GuestMemory {
 /// The per-page hash used for integrity checks and digests (xxh3-64).
 #[inline]
 pub fn page_hash(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
+    twox_hash::XxHash3_64::oneshot(page)
 }
 
 /// The hash of an all-zero page (computed once).
@@ -339,13 +339,36 @@ pub fn zero_page_hash() -> u64 {
 
 /// The memory digest: xxh3-64 over the little-endian per-page hash table, in page order.
 pub fn digest_of_table(table: &[u64]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    use std::hash::Hasher as _;
+    let mut h = twox_hash::XxHash3_64::new();
+    let mut bytes = Vec::with_capacity(4096 * 8);
     for chunk in table.chunks(4096) {
-        let mut bytes = Vec::with_capacity(chunk.len() * 8);
+        bytes.clear();
         for v in chunk {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        h.update(&bytes);
+        h.write(&bytes);
     }
-    h.digest()
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Known answers computed with a second XXH3 implementation (the `xxhash-rust`
+    /// crate, 0.8.19): the page hash and the digest are wire-visible, so a sender and
+    /// a receiver built with different hash crates or SIMD levels must agree.
+    #[test]
+    fn page_hash_and_digest_are_xxh3_64() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        for (i, b) in page.iter_mut().enumerate() {
+            *b = (i as u32).wrapping_mul(2654435761).wrapping_shr(13) as u8;
+        }
+        assert_eq!(page_hash(b""), 0x2d06_8005_38d3_94c2);
+        assert_eq!(zero_page_hash(), 0x93d7_6fe1_48c6_89ba);
+        assert_eq!(page_hash(&page), 0x84d9_e7ce_664c_8217);
+        let table: Vec<u64> = (0..5000).collect();
+        assert_eq!(digest_of_table(&table), 0x3e94_dcde_1637_b00e);
+    }
 }
