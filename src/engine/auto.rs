@@ -13,7 +13,10 @@
 //!   copies, hashes and compresses up to 64 KiB of the batch's *non-zero* pages with
 //!   lz4 or zstd (alternating), the same per-page work as the compress path. Zero
 //!   pages are excluded because they cost nothing in any mode; all rates in the model
-//!   are rates of non-zero payload.
+//!   are rates of non-zero payload. Probes cost CPU that raw sending needs, so once
+//!   both codecs are measured and raw is predicted at least 1.5× faster than either,
+//!   probing slows to every 64th batch: still enough to notice a content or link
+//!   change within a round, at an eighth of the cost.
 //! - **CPU headroom** `h`: the share of the machine's CPUs not used by *other*
 //!   processes (from `/proc/stat` minus `/proc/self/stat`). Like Hyper-V, compression
 //!   only uses idle CPU: when other work needs the cores, `h` falls and so does the
@@ -35,7 +38,12 @@ use std::time::{Duration, Instant};
 use crate::codec::{CodecId, CodecSet};
 
 const WINDOW: Duration = Duration::from_millis(60);
+/// Probe spacing (in batches) while the decision is open.
 const PROBE_EVERY: u64 = 8;
+/// Probe spacing once raw clearly wins.
+const PROBE_EVERY_SETTLED: u64 = 64;
+/// Raw "clearly wins" when predicted this many times faster than every codec.
+const CLEAR_MARGIN: f64 = 1.5;
 /// Bytes compressed per probe.
 pub const PROBE_BYTES: usize = 64 * 1024;
 
@@ -87,6 +95,7 @@ pub struct AutoTuner {
     wire_bytes: AtomicU64,
     guest_bytes: AtomicU64,
     batches: AtomicU64,
+    probe_every: AtomicU64,
     probes: Mutex<[CodecStats; 2]>,
     ctl: Mutex<Controller>,
     settled: AtomicBool,
@@ -112,6 +121,7 @@ impl AutoTuner {
             wire_bytes: AtomicU64::new(0),
             guest_bytes: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            probe_every: AtomicU64::new(PROBE_EVERY),
             probes: Mutex::new([CodecStats::default(); 2]),
             ctl: Mutex::new(Controller {
                 window_start: Instant::now(),
@@ -167,10 +177,11 @@ impl AutoTuner {
             return None;
         }
         let n = self.batches.fetch_add(1, Ordering::Relaxed);
-        if n % PROBE_EVERY != 0 {
+        let every = self.probe_every.load(Ordering::Relaxed).max(1);
+        if n % every != 0 {
             return None;
         }
-        Some(if (n / PROBE_EVERY) % 2 == 0 {
+        Some(if (n / every) % 2 == 0 {
             CodecId::Lz4
         } else {
             CodecId::Zstd
@@ -284,14 +295,28 @@ impl AutoTuner {
         // raw sending settled on (a capped link gives one stream as much as two).
         let kc = self.max_workers as f64;
         let mut best = (CodecId::Raw, link);
+        let mut best_codec_est: Option<f64> = Some(0.0);
         for (i, id) in [(0, CodecId::Lz4), (1, CodecId::Zstd)] {
             if let (Some(speed), Some(ratio)) = (probes[i].speed(), probes[i].ratio()) {
                 let est = (kc * h * speed).min(link / ratio);
+                best_codec_est = best_codec_est.map(|b| b.max(est));
                 if est > best.1 {
                     best = (id, est);
                 }
+            } else {
+                best_codec_est = None; // not measured yet: keep probing densely
             }
         }
+        let raw_clearly_wins = self.codec() == CodecId::Raw
+            && best_codec_est.is_some_and(|b| link >= CLEAR_MARGIN * b);
+        self.probe_every.store(
+            if raw_clearly_wins {
+                PROBE_EVERY_SETTLED
+            } else {
+                PROBE_EVERY
+            },
+            Ordering::Relaxed,
+        );
         let current = self.codec();
         let current_est = match current {
             CodecId::Raw => link,
@@ -419,10 +444,22 @@ mod tests {
         t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
         t.tick();
         assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+        assert_eq!(t.probe_every.load(Ordering::Relaxed), PROBE_EVERY);
         // A fast link (5 GB in 1 s, writes rarely block): raw wins again.
         t.record(5_000_000_000, 5_000_000_000, Duration::from_millis(100));
         t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
         t.tick();
         assert_eq!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+        // Raw now won, but the switch happened in this window: probing stays dense
+        // until a window confirms raw beats every codec by the margin.
+        assert_eq!(t.probe_every.load(Ordering::Relaxed), PROBE_EVERY);
+        t.record(5_000_000_000, 5_000_000_000, Duration::from_millis(100));
+        t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
+        t.tick();
+        assert_eq!(t.probe_every.load(Ordering::Relaxed), PROBE_EVERY_SETTLED);
+        let probes = (0..PROBE_EVERY_SETTLED)
+            .filter(|_| t.probe_codec().is_some())
+            .count();
+        assert_eq!(probes, 1, "one probe per {PROBE_EVERY_SETTLED} batches");
     }
 }
