@@ -75,3 +75,28 @@ fn bench_hash_tracker_compress_json() {
     assert_eq!(v["tracker"], "hash");
     assert_eq!(v["mode"], "compress");
 }
+
+/// `--baseline` measures the machine's limits in the same run and reports the
+/// migration's wire rate against both (hot-buffer TCP and memory-to-memory TCP).
+#[test]
+fn bench_baseline_reports_limits_and_ratios() {
+    let v = bench(&["--baseline", "--dirty-rate", "0"]);
+    for k in [
+        "limit_wire_gbit_per_s",
+        "limit_mem_wire_gbit_per_s",
+        "limit_memcpy_gb_per_s",
+    ] {
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{k} = {x}");
+    }
+    let wire = v["wire_gbit_per_s"].as_f64().unwrap();
+    let r = v["wire_vs_limit"].as_f64().unwrap();
+    let expect = wire / v["limit_wire_gbit_per_s"].as_f64().unwrap();
+    assert!((r - expect).abs() < 1e-9, "wire_vs_limit {r} != {expect}");
+    let rm = v["wire_vs_mem_limit"].as_f64().unwrap();
+    let expect = wire / v["limit_mem_wire_gbit_per_s"].as_f64().unwrap();
+    assert!(
+        (rm - expect).abs() < 1e-9,
+        "wire_vs_mem_limit {rm} != {expect}"
+    );
+}

@@ -623,6 +623,12 @@ fn bench_one(
         obj.insert("limit_wire_gbit_per_s".into(), json!(l.tcp_gbit_per_s));
         obj.insert("limit_memcpy_gb_per_s".into(), json!(l.memcpy_gb_per_s));
         obj.insert("wire_vs_limit".into(), json!(ratio));
+        let mem_ratio = report.wire_gbit_per_s / l.mem_tcp_gbit_per_s;
+        obj.insert(
+            "limit_mem_wire_gbit_per_s".into(),
+            json!(l.mem_tcp_gbit_per_s),
+        );
+        obj.insert("wire_vs_mem_limit".into(), json!(mem_ratio));
         if !o.json {
             println!(
                 "limits (same run): memcpy {:.1} GB/s, loopback TCP {:.1} Gbit/s with {} stream(s); this migration's wire rate is {:.0} % of it",
@@ -630,6 +636,11 @@ fn bench_one(
                 l.tcp_gbit_per_s,
                 l.streams,
                 ratio * 100.0
+            );
+            println!(
+                "  raw TCP from cold memory into fresh memory: {:.1} Gbit/s; this migration's wire rate is {:.0} % of it",
+                l.mem_tcp_gbit_per_s,
+                mem_ratio * 100.0
             );
         }
     }
