@@ -92,7 +92,7 @@ pub fn run(a: SweepArgs) -> Result<(), String> {
     eprintln!("sweep: {} cells × {} repetitions", cells.len(), a.repeat);
     let mut rows: Vec<Value> = Vec::new();
     let mut csv = String::from(
-        "mode,streams,codec,bandwidth,content,run,guest_gib_per_s,wire_gbit_per_s,total_ms,downtime_ms,bytes_on_wire,rounds,verified,limit_wire_gbit_per_s,wire_vs_limit\n",
+        "mode,streams,codec,bandwidth,content,run,guest_gib_per_s,wire_gbit_per_s,total_ms,downtime_ms,bytes_on_wire,rounds,verified,limit_wire_gbit_per_s,wire_vs_limit,limit_mem_wire_gbit_per_s,wire_vs_mem_limit\n",
     );
     for (i, c) in cells.iter().enumerate() {
         for rep in 0..a.repeat {
@@ -141,7 +141,7 @@ pub fn run(a: SweepArgs) -> Result<(), String> {
             };
             let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
             csv.push_str(&format!(
-                "{},{},{},{},{},{},{:.4},{:.4},{:.1},{:.2},{},{},{},{:.3},{:.3}\n",
+                "{},{},{},{},{},{},{:.4},{:.4},{:.1},{:.2},{},{},{},{:.3},{:.3},{:.3},{:.3}\n",
                 c.mode,
                 c.streams,
                 c.codec,
@@ -157,6 +157,8 @@ pub fn run(a: SweepArgs) -> Result<(), String> {
                 v.get("verified").and_then(Value::as_bool).unwrap_or(false),
                 f("limit_wire_gbit_per_s"),
                 f("wire_vs_limit"),
+                f("limit_mem_wire_gbit_per_s"),
+                f("wire_vs_mem_limit"),
             ));
             eprintln!(
                 "sweep: {:>12} {:>7} x{} {:>6} {:>5}: {:.2} GiB/s guest, {:.2} Gbit/s wire, {:.0} ms",
