@@ -149,6 +149,20 @@ fn send_recv_two_processes() {
     assert_eq!(s["verified"], true);
     assert_eq!(s["converged"], true);
     assert_eq!(s["tracker"], "none");
+    // The sender's memory overhead is measured (sampled anonymous RSS; the guest is
+    // the file-backed image). It must stay well below the guest: a sender that
+    // copied guest memory into buffers would exceed it.
+    let start = s["sender_anon_rss_start_bytes"]
+        .as_u64()
+        .expect("rss start");
+    let peak = s["sender_anon_rss_peak_bytes"].as_u64().expect("rss peak");
+    assert!(start > 0 && peak >= start, "start {start} peak {peak}");
+    assert!(
+        peak < 32 * MIB as u64,
+        "sender anon RSS peak {peak} ≥ guest size"
+    );
+    let ratio = s["sender_overhead_vs_guest"].as_f64().expect("ratio");
+    assert!((ratio - peak as f64 / (32 * MIB) as f64).abs() < 1e-12);
 
     // recv prints the destination's report: the keys that side knows.
     let r = last_json_line(&recv.1);

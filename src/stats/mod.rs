@@ -2,6 +2,7 @@
 
 pub mod estimator;
 pub mod progress;
+pub mod rss;
 pub mod sink;
 
 use serde::Serialize;

@@ -668,6 +668,9 @@ fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
 fn send(a: SendArgs) -> Result<(), String> {
     let region = GuestRegion::image_file(0, &a.image).map_err(|e| e.to_string())?;
     let mem = Arc::new(GuestMemory::new(vec![region]).map_err(|e| e.to_string())?);
+    let guest_bytes = mem.total_bytes();
+    // The image is file-backed: every anonymous byte is the engine's own.
+    let rss = livemig::stats::rss::AnonRssSampler::start(Duration::from_millis(5));
     let cancel = CancelToken::new();
     progress::cancel_on_interrupt(vec![cancel.clone()]);
     let mut mig = Migration::new(mem)
@@ -680,13 +683,27 @@ fn send(a: SendArgs) -> Result<(), String> {
     let report = mig
         .run(&TcpConnector::new(a.to.clone()))
         .map_err(|e| e.to_string())?;
+    let rss = rss.map(|s| s.finish());
     if a.opts.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).map_err(|e| e.to_string())?
-        );
+        let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
+            obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
+            obj.insert("sender_anon_rss_peak_bytes".into(), json!(r.peak_bytes));
+            obj.insert(
+                "sender_overhead_vs_guest".into(),
+                json!(r.peak_bytes as f64 / guest_bytes as f64),
+            );
+        }
+        println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     } else {
         summary(&report);
+        if let Some(r) = rss {
+            println!(
+                "sender memory: peak anonymous RSS {:.1} MiB = {:.2} % of the guest",
+                r.peak_bytes as f64 / (1u64 << 20) as f64,
+                r.peak_bytes as f64 * 100.0 / guest_bytes as f64
+            );
+        }
     }
     Ok(())
 }
