@@ -23,6 +23,37 @@ fn tcp_e2e(kind: TrackerKind, mode: Mode, streams: u16, codec: CodecId) {
     assert!(received.report.bytes_received > 0);
 }
 
+/// vmsplice + splice page sending under a running dirtier: pages change after they
+/// were handed to the socket, are caught as dirty and sent again, and the
+/// destination still ends equal to the paused source.
+fn tcp_splice_e2e(kind: TrackerKind, streams: u16) {
+    let src = Source::default_running(32 * MIB, kind);
+    let acceptor = TcpAcceptor::bind("127.0.0.1:0").expect("bind");
+    let addr = acceptor.local_addr().unwrap().to_string();
+    let mut cfg = config(Mode::Multichannel, streams, CodecId::Raw, Verify::Full);
+    cfg.splice = true;
+    let out = run_e2e(&src, cfg, TcpConnector::new(addr), acceptor);
+    let (report, _) = assert_migrated(&src, out);
+    assert_eq!(
+        report.spliced_streams, streams,
+        "every TCP page stream splices"
+    );
+    assert_eq!(
+        report.tracker_misses, 0,
+        "full verify found pages never re-sent"
+    );
+}
+
+#[test]
+fn tcp_splice_explicit_2_streams() {
+    tcp_splice_e2e(TrackerKind::Explicit, 2);
+}
+
+#[test]
+fn tcp_splice_hash_1_stream() {
+    tcp_splice_e2e(TrackerKind::Hash, 1);
+}
+
 fn unix_e2e(kind: TrackerKind, streams: u16) {
     let src = Source::default_running(32 * MIB, kind);
     let path = temp_path("sock");

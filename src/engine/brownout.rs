@@ -257,6 +257,7 @@ fn paused(
             .as_ref()
             .map_or("none".into(), |t| t.name().into()),
         codec: cfg.codec.name().into(),
+        spliced_streams: run.shared.spliced_streams,
         rounds: final_round + 1,
         total_ms: ms(total),
         downtime_ms: ms(downtime),

@@ -126,6 +126,14 @@ pub struct MigrationConfig {
     pub delta: bool,
     /// Delta cache budget in bytes (0: 1/16 of guest memory, 1 MiB to 1 GiB).
     pub delta_cache_bytes: u64,
+    /// Send raw guest pages with `vmsplice` + `splice` (no copy on the sender) where
+    /// the page stream is a plain TCP socket; otherwise, and for compressed or delta
+    /// batches, frames are written with `writev`/`write`. See
+    /// [`crate::transport::splice`]. Off by default: on loopback the receiver then
+    /// reads the source's pages instead of the sender's freshly written copy and
+    /// the migration was 10–25 % slower here (docs/BENCHMARKS.md); the saving is
+    /// meant for real NICs, where the sender's copy is pure overhead.
+    pub splice: bool,
 }
 
 impl Default for MigrationConfig {
@@ -144,6 +152,7 @@ impl Default for MigrationConfig {
             expected_device_state: Duration::ZERO,
             delta: false,
             delta_cache_bytes: 0,
+            splice: false,
         }
     }
 }

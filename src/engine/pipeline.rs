@@ -98,6 +98,8 @@ pub struct Shared {
     pub tuner: super::auto::AutoTuner,
     /// Previously sent page versions, when delta encoding is on (copy path only).
     pub delta: Option<DeltaCache>,
+    /// Page streams that send raw guest pages with vmsplice + splice.
+    pub spliced_streams: u16,
 }
 
 impl Shared {
@@ -121,7 +123,14 @@ impl Shared {
             zstd_level,
             tuner: super::auto::AutoTuner::new(auto, workers, codec),
             delta: None,
+            spliced_streams: 0,
         }
+    }
+
+    /// Record how many page streams splice raw guest pages (for the report).
+    pub fn with_spliced_streams(mut self, n: u16) -> Self {
+        self.spliced_streams = n;
+        self
     }
 
     /// Turn delta encoding on with a cache of `budget_bytes` (0: the default for
@@ -427,7 +436,7 @@ fn send_batch(
     } else {
         &s.encoded
     };
-    write_batch(shared, out, &s.meta_bytes, &[data], npages, zeros)
+    write_batch(shared, out, &s.meta_bytes, &[data], npages, zeros, false)
 }
 
 /// Raw batches without a user-space copy: zero detection and hashing read guest
@@ -500,11 +509,13 @@ fn send_batch_zero_copy(
     }
     s.meta.payload_len = (nonzero * PAGE_SIZE) as u32;
     s.meta.encode_into(&mut s.meta_bytes);
-    write_batch(shared, out, &s.meta_bytes, &data, npages, zeros)
+    write_batch(shared, out, &s.meta_bytes, &data, npages, zeros, true)
 }
 
 /// Write one batch frame and count its pages; returns the time spent writing
-/// (back-pressure from the link, which `auto` mode measures).
+/// (back-pressure from the link, which `auto` mode measures). `guest_memory`: the
+/// `data` slices are guest memory itself (the zero-copy path), which may be spliced;
+/// otherwise they are reused buffers, which must be copied.
 fn write_batch(
     shared: &Shared,
     out: &mut FrameWriter,
@@ -512,10 +523,21 @@ fn write_batch(
     data: &[&[u8]],
     npages: usize,
     zeros: u64,
+    guest_memory: bool,
 ) -> Result<std::time::Duration, String> {
     let t_write = std::time::Instant::now();
-    out.send(FrameKind::Batch, 0, meta, data)
-        .map_err(|e| e.to_string())?;
+    if guest_memory {
+        // SAFETY: `data` is guest memory, read by the kernel possibly after this
+        // returns. A page written after the harvest that scheduled it is dirty and
+        // sent again (the batch is FLAG_RACY while the VM runs, so the receiver keeps
+        // the hash of what arrived); quiescent batches are sent with the VM stopped,
+        // and it stays stopped until the destination has received and verified them.
+        // Guest memory stays mapped for the whole migration (`Shared` holds it).
+        unsafe { out.send_guest_pages(FrameKind::Batch, 0, meta, data) }
+    } else {
+        out.send(FrameKind::Batch, 0, meta, data)
+    }
+    .map_err(|e| e.to_string())?;
     let write_time = t_write.elapsed();
     let c = &shared.counters;
     c.pages.fetch_add(npages as u64, Ordering::Relaxed);

@@ -181,6 +181,7 @@ pub(crate) fn run(
         };
         let session = setup::connect(&m, connector)?;
         let streams = session.pages.len();
+        let spliced = session.pages.iter().filter(|w| w.splices()).count() as u16;
         let shared = Arc::new(
             Shared::new(
                 m.memory.clone(),
@@ -189,7 +190,8 @@ pub(crate) fn run(
                 m.config.zstd_level,
                 m.config.mode == super::Mode::Auto,
             )
-            .with_delta(m.config.delta, m.config.delta_cache_bytes),
+            .with_delta(m.config.delta, m.config.delta_cache_bytes)
+            .with_spliced_streams(spliced),
         );
         let (tx, rx) = crossbeam_channel::bounded(streams * QUEUE_DEPTH_PER_WORKER);
         let mut session = session;

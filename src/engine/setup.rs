@@ -142,6 +142,9 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
             ));
         }
         let mut w = FrameWriter::new(s, "page");
+        if m.config.splice {
+            w.enable_splice();
+        }
         w.send_control(&ControlMsg::StreamHello { session, index }, &[])
             .map_err(t("opening page streams"))?;
         pages.push(w);

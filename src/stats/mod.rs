@@ -87,6 +87,8 @@ pub struct MigrationReport {
     pub tracker: String,
     /// Codec.
     pub codec: String,
+    /// Page streams that sent raw guest pages with vmsplice + splice (no sender copy).
+    pub spliced_streams: u16,
     /// Rounds including the final one.
     pub rounds: u32,
     /// From start to commit (ms).

@@ -42,14 +42,8 @@ pub fn read_exact_vectored(
     Ok(())
 }
 
-/// Write one frame to `w`; returns the bytes written.
-pub fn write_frame(
-    w: &mut dyn Write,
-    kind: FrameKind,
-    flags: u8,
-    meta: &[u8],
-    data: &[&[u8]],
-) -> std::io::Result<u64> {
+/// The encoded header of a frame carrying `meta` and `data`.
+fn frame_head(kind: FrameKind, flags: u8, meta: &[u8], data: &[&[u8]]) -> [u8; FRAME_HEADER_LEN] {
     let data_len: usize = data.iter().map(|d| d.len()).sum();
     let mut h = FrameHeader {
         kind,
@@ -68,7 +62,19 @@ pub fn write_frame(
         }
     }
     h.crc = crc;
-    let head = h.encode();
+    h.encode()
+}
+
+/// Write one frame to `w`; returns the bytes written.
+pub fn write_frame(
+    w: &mut dyn Write,
+    kind: FrameKind,
+    flags: u8,
+    meta: &[u8],
+    data: &[&[u8]],
+) -> std::io::Result<u64> {
+    let data_len: usize = data.iter().map(|d| d.len()).sum();
+    let head = frame_head(kind, flags, meta, data);
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 + data.len());
     slices.push(IoSlice::new(&head));
     if !meta.is_empty() {
@@ -89,6 +95,8 @@ pub struct FrameWriter {
     stream: Box<dyn Stream>,
     what: &'static str,
     bytes: u64,
+    /// Zero-copy sending of guest pages, when enabled and the stream allows it.
+    splicer: Option<super::splice::PageSplicer>,
 }
 
 impl FrameWriter {
@@ -98,6 +106,51 @@ impl FrameWriter {
             stream,
             what,
             bytes: 0,
+            splicer: None,
+        }
+    }
+
+    /// Send guest pages with `vmsplice` + `splice` from now on, if the stream is a
+    /// socket that allows it; returns whether it does. See [`super::splice`].
+    pub fn enable_splice(&mut self) -> bool {
+        if self.splicer.is_none() && self.stream.splice_fd().is_some() {
+            self.splicer = super::splice::PageSplicer::new().ok();
+        }
+        self.splicer.is_some()
+    }
+
+    /// Whether guest pages are spliced.
+    pub fn splices(&self) -> bool {
+        self.splicer.is_some()
+    }
+
+    /// Send one frame whose `data` is guest memory: spliced when enabled (the
+    /// header and `meta` are copied), written with `writev` otherwise.
+    ///
+    /// # Safety
+    /// As [`super::splice::PageSplicer::send`]: the kernel may read `data` after this
+    /// returns, so later changes to it must be harmless to the receiver (guest
+    /// memory under dirty tracking, or memory that no longer changes).
+    pub unsafe fn send_guest_pages(
+        &mut self,
+        kind: FrameKind,
+        flags: u8,
+        meta: &[u8],
+        data: &[&[u8]],
+    ) -> Result<(), TransportError> {
+        let fd = self.stream.splice_fd();
+        let (Some(splicer), Some(fd)) = (self.splicer.as_mut(), fd) else {
+            return self.send(kind, flags, meta, data);
+        };
+        let head = frame_head(kind, flags, meta, data);
+        // SAFETY: forwarded from this function's contract.
+        let r = unsafe { splicer.send(fd, &[&head, meta], data) };
+        match r {
+            Ok(n) => {
+                self.bytes += n;
+                Ok(())
+            }
+            Err(e) => Err(self.io(e)),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod fault;
 pub mod framed;
 pub mod mem;
 pub mod shaped;
+pub mod splice;
 pub mod tcp;
 pub mod unix;
 
@@ -57,6 +58,12 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
     /// A handle that can shut this stream down from another thread.
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync>;
+    /// A socket descriptor that guest pages may be spliced into (zero-copy send),
+    /// or `None` for streams that must see every byte they carry (bandwidth shaping,
+    /// fault injection, in-memory pipes).
+    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Opens streams to a destination (source side).

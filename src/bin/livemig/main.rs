@@ -137,6 +137,10 @@ struct MigrateOpts {
     /// Delta cache budget (default: 1/16 of guest memory, 1M to 1G).
     #[arg(long, value_parser = args::parse_size)]
     delta_cache: Option<u64>,
+    /// Send raw pages with vmsplice + splice (no sender copy) instead of writev, on
+    /// TCP page streams. Slower over loopback here; meant for real NICs.
+    #[arg(long)]
+    splice: bool,
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +276,7 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
         expected_device_state: Duration::from_secs_f64(o.device_state_ms.max(0.0) / 1e3),
         delta: o.delta,
         delta_cache_bytes: o.delta_cache.unwrap_or(0),
+        splice: o.splice,
         ..Default::default()
     })
 }
