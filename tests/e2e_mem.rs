@@ -230,3 +230,54 @@ fn stopped_vm_single_round() {
     assert_eq!(mem.full_digest(2).unwrap(), before);
     assert_eq!(received.memory.full_digest(2).unwrap(), before);
 }
+
+/// Count the destination pages that are resident (pagemap).
+fn resident_pages(mem: &livemig::memory::GuestMemory) -> u64 {
+    let mut present = Vec::new();
+    let mut n = 0u64;
+    for r in mem.regions() {
+        r.populated(0, r.pages(), &mut present).expect("pagemap");
+        n += present.iter().filter(|p| **p).count() as u64;
+    }
+    n
+}
+
+/// `prealloc`: the destination commits the whole guest during setup, before any
+/// page arrives (the spec's skeleton VM), so even pages that only ever receive
+/// "zero" end up resident. Without it (and without THP or background pre-faulting)
+/// never-written zero pages stay unpopulated: the check can tell the two apart.
+#[test]
+fn prealloc_commits_every_destination_page_before_transfer() {
+    for prealloc in [false, true] {
+        let src = Source::default_running(32 * MIB, TrackerKind::Explicit);
+        let (c, a) = mem::pair();
+        let m = livemig::engine::Migration::new(src.mem.clone())
+            .tracker(src.tracker())
+            .vm_control(Box::new(src.dirtier.control()))
+            .policy(Box::new(test_policy()))
+            .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest));
+        let rc = livemig::receiver::ReceiverConfig {
+            prealloc,
+            ..receiver_config()
+        };
+        let out = migrate(m, c, livemig::receiver::Receiver::new().config(rc), a);
+        // Count before anything reads the destination (a read maps the shared zero
+        // page, which pagemap reports as present).
+        let resident = out
+            .dest
+            .as_ref()
+            .map(|d| resident_pages(&d.memory))
+            .unwrap_or(0);
+        let (report, received) = assert_migrated(&src, out);
+        let total = received.memory.total_pages();
+        if prealloc {
+            assert_eq!(resident, total, "prealloc leaves no page unpopulated");
+        } else {
+            assert!(report.zero_pages > 0);
+            assert!(
+                resident < total,
+                "without prealloc, zero pages stay unpopulated ({resident} of {total})"
+            );
+        }
+    }
+}

@@ -273,6 +273,15 @@ fn paused(
         final_pages,
         guest_gib_per_s: mem.total_bytes() as f64 / (1u64 << 30) as f64 / total.as_secs_f64(),
         wire_gbit_per_s: wire as f64 * 8.0 / 1e9 / total.as_secs_f64(),
+        transfer_wire_gbit_per_s: {
+            let bytes: u64 = run.history.iter().map(|r| r.wire_bytes).sum();
+            let ms: f64 = run.history.iter().map(|r| r.duration_ms).sum();
+            if ms > 0.0 {
+                bytes as f64 * 8.0 / 1e6 / ms
+            } else {
+                0.0
+            }
+        },
         converged: reason.starts_with("converged") || reason.starts_with("the VM is stopped"),
         verified: true,
         verify: match cfg.verify {

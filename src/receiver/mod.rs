@@ -35,6 +35,14 @@ pub struct ReceiverConfig {
     pub huge_pages: bool,
     /// Pre-fault destination memory in the background during round 0.
     pub prefault: bool,
+    /// Commit (fault in) all of the skeleton VM's memory during setup, before
+    /// answering the source: no page is sent until the destination holds the whole
+    /// guest, and a host that cannot commit it refuses the migration up front
+    /// (`RefuseCode::MemoryLayout`) instead of failing, or being OOM-killed, halfway.
+    /// This is the spec's "allocates its memory before any page arrives" taken
+    /// literally (QEMU: `-mem-prealloc`). Costs setup time; the transfer then runs
+    /// into resident memory.
+    pub prealloc: bool,
     /// How long to wait for each connection.
     pub accept_timeout: Duration,
     /// Longest silence on the control stream before giving up (source vanished).
@@ -50,6 +58,7 @@ impl Default for ReceiverConfig {
         Self {
             huge_pages: true,
             prefault: true,
+            prealloc: false,
             accept_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             max_streams: 64,
@@ -339,18 +348,39 @@ impl Receiver {
             match self.check_setup(&layout, &compat, config_len, &participants, &attachment) {
                 Ok(()) => match self.memory.clone() {
                     Some(m) => m,
-                    None => Arc::new(
-                        GuestMemory::from_layout(&layout, self.config.huge_pages).map_err(|e| {
+                    None => {
+                        let refuse = |control: &mut crate::transport::framed::FrameReader,
+                                      message: String| {
                             let _ = control.send_control(
                                 &ControlMsg::Refuse {
                                     code: RefuseCode::MemoryLayout,
-                                    message: format!("cannot allocate: {e}"),
+                                    message,
                                 },
                                 &[],
                             );
-                            e
-                        })?,
-                    ),
+                        };
+                        let m = GuestMemory::from_layout(&layout, self.config.huge_pages).map_err(
+                            |e| {
+                                refuse(&mut control, format!("cannot allocate: {e}"));
+                                e
+                            },
+                        )?;
+                        if self.config.prealloc {
+                            let threads =
+                                std::thread::available_parallelism().map_or(1, |n| n.get());
+                            m.prefault(threads).map_err(|e| {
+                                refuse(
+                                    &mut control,
+                                    format!(
+                                        "cannot commit {} bytes of guest memory: {e}",
+                                        m.total_bytes()
+                                    ),
+                                );
+                                e
+                            })?;
+                        }
+                        Arc::new(m)
+                    }
                 },
                 Err(Refusal::Refuse(code, message)) => {
                     return Err(Self::refuse(&mut control, code, message))
@@ -404,7 +434,7 @@ impl Receiver {
             .map(|(_, r)| r.stream().shutdown_handle())
             .collect();
         let cut_all = |sh: &[Box<dyn Fn() + Send + Sync>]| sh.iter().for_each(|s| s());
-        let prefault = if self.config.prefault && self.memory.is_none() {
+        let prefault = if self.config.prefault && !self.config.prealloc && self.memory.is_none() {
             let m = memory.clone();
             Some(std::thread::spawn(move || m.prefault(1)))
         } else {

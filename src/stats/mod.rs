@@ -115,6 +115,10 @@ pub struct MigrationReport {
     pub guest_gib_per_s: f64,
     /// Wire bytes ÷ total time, Gbit/s.
     pub wire_gbit_per_s: f64,
+    /// Wire bytes of the rounds ÷ the rounds' duration, Gbit/s: the transport's
+    /// rate while pages flow, without setup (e.g. the destination committing its
+    /// memory) and the brownout's fixed costs.
+    pub transfer_wire_gbit_per_s: f64,
     /// True when the policy chose brownout because the target was met.
     pub converged: bool,
     /// True when the destination's digest matched.

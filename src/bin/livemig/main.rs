@@ -148,6 +148,11 @@ struct BenchArgs {
     /// Do not pre-fault the destination's memory during round 0.
     #[arg(long)]
     no_prefault: bool,
+    /// Commit all destination memory during setup, before any page is sent (the
+    /// spec's skeleton VM; QEMU's -mem-prealloc). Setup takes longer, the transfer
+    /// then writes into resident memory; a host that cannot commit it refuses.
+    #[arg(long, conflicts_with = "no_prefault")]
+    prealloc: bool,
     /// Do not ask for transparent huge pages on the destination.
     #[arg(long)]
     no_huge_pages: bool,
@@ -213,6 +218,10 @@ struct RecvArgs {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Commit all guest memory during setup, before any page is sent; refuse the
+    /// migration if this host cannot.
+    #[arg(long)]
+    prealloc: bool,
 }
 
 fn main() {
@@ -519,13 +528,14 @@ fn bench_one(
         .map_err(|e| e.to_string())?
         .to_string();
     let (rtx, rrx) = crossbeam_channel::bounded(1);
-    let (prefault, huge_pages) = (!a.no_prefault, !a.no_huge_pages);
+    let (prefault, prealloc, huge_pages) = (!a.no_prefault, a.prealloc, !a.no_huge_pages);
     let receiver = std::thread::spawn(move || {
         let r = Receiver::new()
             .config(ReceiverConfig {
                 // Queued migrations connect late: wait as long as the slot queue may.
                 accept_timeout: Duration::from_secs(600),
                 prefault,
+                prealloc,
                 huge_pages,
                 ..ReceiverConfig::default()
             })
@@ -634,6 +644,10 @@ fn bench_one(
             json!(l.mem_tcp_gbit_per_s),
         );
         obj.insert("wire_vs_mem_limit".into(), json!(mem_ratio));
+        obj.insert(
+            "transfer_vs_limit".into(),
+            json!(report.transfer_wire_gbit_per_s / l.tcp_gbit_per_s),
+        );
         if !o.json {
             println!(
                 "limits (same run): memcpy {:.1} GB/s, loopback TCP {:.1} Gbit/s with {} stream(s); this migration's wire rate is {:.0} % of it",
@@ -721,7 +735,13 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             acceptor.local_addr().map_err(|e| e.to_string())?
         );
     }
-    let received = Receiver::new().run(&acceptor).map_err(|e| e.to_string())?;
+    let received = Receiver::new()
+        .config(ReceiverConfig {
+            prealloc: a.prealloc,
+            ..ReceiverConfig::default()
+        })
+        .run(&acceptor)
+        .map_err(|e| e.to_string())?;
     if let Some(path) = &a.out {
         write_image(&received.memory, path)?;
     }
