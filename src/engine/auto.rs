@@ -29,7 +29,24 @@
 //!
 //! **Stream count**: the migration opens `max` streams; the controller activates 1,
 //! then 2, … for one 60 ms window each during round 0, measuring guest bytes per
-//! second, and keeps the smallest count within 5 % of the best.
+//! second. It keeps all `max` streams unless fewer were at least 15 % faster: one
+//! 60 ms window on a shared machine is noisy (a 9 % dip of the 2-stream window once
+//! pinned a whole uncapped migration to 1 stream at 60 % of the speed), and more
+//! streams cost little. When the first window already shows writes blocking, the
+//! exploration ends at once with all streams: a link-bound transfer gains nothing by
+//! measuring further (on a long-latency link more streams help), and over loopback
+//! one stream blocks because its single receiver thread is the bottleneck, which
+//! more streams fix.
+//!
+//! **Leaving raw** needs the link confirmed: writes blocked in two consecutive
+//! windows. One blocked window proves little (the one-stream window above, a
+//! start-up stall of the destination); acting on it once sent an uncapped loopback
+//! migration to lz4 at a third of the raw speed, and compressing hides the link
+//! rate, so such a mistake is not undone.
+//!
+//! **Probe schedule**: the first two batches probe lz4 and zstd, so both estimates
+//! exist by the first decision; then every 8th batch (every 64th once raw clearly
+//! wins, see above).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -38,6 +55,8 @@ use std::time::{Duration, Instant};
 use crate::codec::{CodecId, CodecSet};
 
 const WINDOW: Duration = Duration::from_millis(60);
+/// Fewer streams than the maximum must beat it by this factor to be kept.
+const FEWER_STREAMS_MARGIN: f64 = 1.15;
 /// Probe spacing (in batches) while the decision is open.
 const PROBE_EVERY: u64 = 8;
 /// Probe spacing once raw clearly wins.
@@ -79,9 +98,19 @@ struct Controller {
     cpu: CpuSampler,
     headroom: f64,
     link_est: Option<f64>,
+    /// Consecutive windows in which writes blocked (the link was the bottleneck).
+    saturated_streak: u32,
     /// Streams chosen by exploration (used while sending raw).
     raw_streams: usize,
     decisions: Vec<String>,
+}
+
+/// CPU time of the calling thread, seconds. Compression probes are timed with it:
+/// a probe lasts ~0.1 ms, so one preemption (a 4 ms tick on 2 shared cores) would
+/// inflate a wall-clock sample 40-fold and make compression look slow.
+pub fn thread_cpu_secs() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 /// Shared state of the auto tuner (also used, disabled, by fixed modes).
@@ -136,11 +165,17 @@ impl AutoTuner {
                 cpu: CpuSampler::new(),
                 headroom: 1.0,
                 link_est: None,
+                saturated_streak: 0,
                 raw_streams: max_workers,
                 decisions: Vec::new(),
             }),
             settled: AtomicBool::new(!enabled || max_workers <= 1),
         }
+    }
+
+    /// Whether this tuner decides (auto mode) rather than holding a fixed codec.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
     }
 
     /// Codec for the next batch.
@@ -177,6 +212,11 @@ impl AutoTuner {
             return None;
         }
         let n = self.batches.fetch_add(1, Ordering::Relaxed);
+        match n {
+            0 => return Some(CodecId::Lz4),
+            1 => return Some(CodecId::Zstd),
+            _ => {}
+        }
         let every = self.probe_every.load(Ordering::Relaxed).max(1);
         if n % every != 0 {
             return None;
@@ -189,8 +229,9 @@ impl AutoTuner {
     }
 
     /// Compress `sample` with `codec` and record speed and ratio.
-    /// `copy_secs` is the time the sample took to copy out of guest memory and hash,
-    /// which the compress path pays per page on top of compressing.
+    /// `copy_secs` is the CPU time the sample took to copy out of guest memory and
+    /// hash, which the compress path pays per page on top of compressing. Speeds are
+    /// bytes per CPU second (see [`thread_cpu_secs`]).
     pub fn probe(
         &self,
         codecs: &mut CodecSet,
@@ -202,9 +243,9 @@ impl AutoTuner {
         if sample.is_empty() {
             return;
         }
-        let t = Instant::now();
+        let t = thread_cpu_secs();
         let ok = codecs.get(codec).encode(sample, out);
-        let secs = t.elapsed().as_secs_f64() + copy_secs;
+        let secs = (thread_cpu_secs() - t).max(0.0) + copy_secs;
         let produced = match ok {
             Ok(true) => out.len(),
             _ => sample.len(),
@@ -229,6 +270,12 @@ impl AutoTuner {
             return;
         }
         let mut c = self.ctl.lock().expect("ctl lock");
+        if self.guest_bytes.load(Ordering::Relaxed) == 0 {
+            // Nothing sent yet (start-up, a stall): a window starts with data, or
+            // set-up time would read as an idle link.
+            c.window_start = Instant::now();
+            return;
+        }
         let elapsed = c.window_start.elapsed();
         if elapsed < WINDOW {
             return;
@@ -243,42 +290,61 @@ impl AutoTuner {
         }
         let k = self.active() as f64;
         let guest_rate = guest / secs;
+        // Writes block when the link is the bottleneck: then write time measures it.
+        // When they mostly do not (CPU-bound, e.g. while compressing), the link is
+        // only known to be at least the observed wire rate: keep the earlier estimate.
+        let busy = if wire > 0.0 && write_s > 0.0 {
+            write_s / (k.max(1.0) * secs)
+        } else {
+            0.0
+        };
+        let saturated = busy > 0.5;
+        c.saturated_streak = if saturated { c.saturated_streak + 1 } else { 0 };
         // Stream-count exploration (raw, during the first windows).
         if let Phase::Exploring { count, results } = &mut c.phase {
             results.push((*count, guest_rate));
-            if *count < self.max_workers {
+            if *count < self.max_workers && !saturated {
                 *count += 1;
                 self.active.store(*count, Ordering::Relaxed);
                 return;
             }
-            let best = results.iter().map(|r| r.1).fold(0.0, f64::max);
-            let pick = results
-                .iter()
-                .find(|r| r.1 >= best * 0.95)
-                .map(|r| r.0)
-                .unwrap_or(self.max_workers);
+            let max = self.max_workers;
+            let at_max = results.iter().find(|r| r.0 == max).map(|r| r.1);
+            let pick = match at_max {
+                // Fewer streams only when clearly faster than all of them.
+                Some(full) => results
+                    .iter()
+                    .filter(|r| r.1 >= full * FEWER_STREAMS_MARGIN)
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .map_or(max, |r| r.0),
+                // Saturated before trying them all: the link is the limit.
+                None => max,
+            };
             let msg = format!(
-                "streams: measured {} → using {pick}",
+                "streams: measured {}{} → using {pick}",
                 results
                     .iter()
                     .map(|(n, r)| format!("{n}:{:.2} GB/s", r / 1e9))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                if saturated && at_max.is_none() {
+                    " (link saturated)"
+                } else {
+                    ""
+                }
             );
             c.decisions.push(msg);
             self.active.store(pick, Ordering::Relaxed);
             c.raw_streams = pick;
             c.phase = Phase::Settled;
             self.settled.store(true, Ordering::Relaxed);
+            // This window ran with fewer streams than are now active: its rate says
+            // nothing about the link the next windows will measure.
             return;
         }
         if wire <= 0.0 || write_s <= 0.0 {
             return;
         }
-        // Writes block when the link is the bottleneck: then write time measures it.
-        // When they mostly do not (CPU-bound, e.g. while compressing), the link is
-        // only known to be at least the observed wire rate: keep the earlier estimate.
-        let busy = write_s / (k.max(1.0) * secs);
         let observed = wire / secs;
         let link = if busy > 0.5 {
             // Saturated: the link delivers exactly what we observe.
@@ -328,7 +394,11 @@ impl AutoTuner {
                 }
             }
         };
-        if best.0 != current && best.1 > current_est * 1.10 {
+        let confirmed_link = c.saturated_streak >= 2;
+        if best.0 != current
+            && best.1 > current_est * 1.10
+            && (current != CodecId::Raw || confirmed_link)
+        {
             self.codec.store(best.0 as u8, Ordering::Relaxed);
             let streams = if best.0 == CodecId::Raw {
                 c.raw_streams
@@ -439,7 +509,11 @@ mod tests {
             }; // zstd: 0.67 GB/s, 0.25
         }
         // A 125 MB/s link: over a 1 s window the worker was blocked in writes for
-        // 0.9 s and moved 125 MB.
+        // 0.9 s and moved 125 MB. Twice: one blocked window does not confirm a link.
+        t.record(125_000_000, 125_000_000, Duration::from_millis(900));
+        t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
+        t.tick();
+        assert_eq!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
         t.record(125_000_000, 125_000_000, Duration::from_millis(900));
         t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
         t.tick();
@@ -457,9 +531,81 @@ mod tests {
         t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
         t.tick();
         assert_eq!(t.probe_every.load(Ordering::Relaxed), PROBE_EVERY_SETTLED);
+        // The first two batches always probe, one codec each.
+        assert_eq!(t.probe_codec(), Some(CodecId::Lz4));
+        assert_eq!(t.probe_codec(), Some(CodecId::Zstd));
         let probes = (0..PROBE_EVERY_SETTLED)
             .filter(|_| t.probe_codec().is_some())
             .count();
         assert_eq!(probes, 1, "one probe per {PROBE_EVERY_SETTLED} batches");
+    }
+
+    /// Feed one window: `guest` and `wire` bytes in 1 s, writes blocked `write_ms`.
+    fn window(t: &AutoTuner, guest: u64, wire: u64, write_ms: u64) {
+        t.record(wire, guest, Duration::from_millis(write_ms));
+        t.ctl.lock().unwrap().window_start -= Duration::from_secs(1);
+        t.tick();
+    }
+
+    fn compressible(t: &AutoTuner) {
+        let mut p = t.probes.lock().unwrap();
+        p[0] = CodecStats {
+            input: 1e9,
+            output: 3e8,
+            secs: 0.5,
+        };
+        p[1] = CodecStats {
+            input: 1e9,
+            output: 2.5e8,
+            secs: 1.5,
+        };
+    }
+
+    #[test]
+    fn noisy_windows_do_not_pin_fewer_streams() {
+        // CPU-bound (writes rarely block): 1 stream measured 9 % above 2 streams in
+        // one noisy window. Not a 15 % win: keep both.
+        let t = AutoTuner::new(true, 2, CodecId::Raw);
+        assert_eq!(t.active(), 1);
+        window(&t, 610_000_000, 610_000_000, 50);
+        assert_eq!(t.active(), 2, "second window tries 2 streams");
+        window(&t, 560_000_000, 560_000_000, 100);
+        assert_eq!(t.active(), 2, "{:?}", t.decisions());
+        // A clear win for fewer streams is still taken.
+        let t = AutoTuner::new(true, 2, CodecId::Raw);
+        window(&t, 1_000_000_000, 1_000_000_000, 50);
+        window(&t, 500_000_000, 500_000_000, 100);
+        assert_eq!(t.active(), 1, "{:?}", t.decisions());
+    }
+
+    #[test]
+    fn a_saturated_first_window_ends_exploration_and_a_confirmed_link_compresses() {
+        let t = AutoTuner::new(true, 2, CodecId::Raw);
+        compressible(&t);
+        // 125 MB/s, the one active worker blocked in writes 90 % of the window.
+        window(&t, 125_000_000, 125_000_000, 900);
+        assert_eq!(t.active(), 2, "{:?}", t.decisions());
+        assert!(
+            t.decisions()[0].contains("link saturated"),
+            "{:?}",
+            t.decisions()
+        );
+        assert_eq!(t.codec(), CodecId::Raw, "one blocked window is not proof");
+        // Both workers blocked 90 % of the next window: the link is confirmed.
+        window(&t, 125_000_000, 125_000_000, 1800);
+        assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+    }
+
+    #[test]
+    fn one_blocked_window_does_not_leave_raw() {
+        // Loopback: one stream blocks (its receiver thread is the bottleneck), two
+        // streams do not. Compression must not be chosen from the first window.
+        let t = AutoTuner::new(true, 2, CodecId::Raw);
+        compressible(&t);
+        window(&t, 610_000_000, 430_000_000, 800);
+        assert_eq!(t.active(), 2);
+        window(&t, 2_000_000_000, 1_400_000_000, 300);
+        window(&t, 2_000_000_000, 1_400_000_000, 300);
+        assert_eq!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
     }
 }

@@ -30,6 +30,8 @@ use crate::wire::{Extent, FrameKind};
 /// Queue depth between the round loop and the workers, in batches. Two per worker
 /// keeps every worker busy while bounding memory to a few MiB.
 pub const QUEUE_DEPTH_PER_WORKER: usize = 2;
+/// Bytes each compressor sees once before `auto` mode's first probe.
+const PROBE_WARMUP_BYTES: usize = 16 * 1024;
 
 /// A batch: extents in page-index space (never crossing a region), ≤ MAX_BATCH_PAGES.
 #[derive(Debug, Clone, Default)]
@@ -193,6 +195,14 @@ pub fn worker(
         indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
         records: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
     };
+    if shared.tuner.is_enabled() {
+        // Warm the compressors (zstd allocates its context tables on first use) so
+        // that the first probes time compression, not set-up.
+        let sample: Vec<u8> = (0..PROBE_WARMUP_BYTES).map(|i| (i % 251) as u8).collect();
+        for c in [CodecId::Lz4, CodecId::Zstd] {
+            let _ = s.codecs.get(c).encode(&sample, &mut s.encoded);
+        }
+    }
     let mut st = WorkerState {
         round_batches: 0,
         round_pages: 0,
@@ -308,7 +318,7 @@ fn handle_batch(
                 // Sample the first non-zero pages of this batch (zero pages cost
                 // nothing in any mode), doing what the compress path does per page:
                 // copy out of guest memory, hash, then compress.
-                let t_copy = std::time::Instant::now();
+                let t_copy = super::auto::thread_cpu_secs();
                 let max = super::auto::PROBE_BYTES / PAGE_SIZE;
                 let mut n = 0usize;
                 let mut i = 0usize;
@@ -327,7 +337,7 @@ fn handle_batch(
                         i += 1;
                     }
                 }
-                let copy_secs = t_copy.elapsed().as_secs_f64();
+                let copy_secs = (super::auto::thread_cpu_secs() - t_copy).max(0.0);
                 shared.tuner.probe(
                     &mut s.codecs,
                     probe,
