@@ -61,7 +61,7 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     /// A socket descriptor that guest pages may be spliced into (zero-copy send),
     /// or `None` for streams that must see every byte they carry (bandwidth shaping,
     /// fault injection, in-memory pipes).
-    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+    fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
 }

@@ -20,10 +20,14 @@
 //! (`MigrationConfig::splice`, `--splice`).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use rustix::net::{SendAncillaryBuffer, SendFlags};
+use rustix::pipe::{IoSliceRaw, PipeFlags, SpliceFlags};
 
 /// Pipe capacity requested (bytes); the kernel may grant less.
-const PIPE_BYTES: i32 = 1 << 20;
+const PIPE_BYTES: usize = 1 << 20;
 /// Slices handed to one `vmsplice` call (at most `IOV_MAX`).
 const IOV_BATCH: usize = 64;
 
@@ -34,30 +38,17 @@ pub struct PageSplicer {
     write_end: OwnedFd,
 }
 
-fn cvt(r: isize) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+fn interrupted(e: &rustix::io::Errno) -> bool {
+    *e == rustix::io::Errno::INTR
 }
 
 impl PageSplicer {
     /// A pipe sized for page batches.
     pub fn new() -> io::Result<Self> {
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 writes two descriptors into the 2-element array we own.
-        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors were just created by pipe2 and are owned by nobody else.
-        let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read_end, write_end) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
         // A bigger pipe means fewer splice calls; failure (over pipe-max-size for an
         // unprivileged user) only costs speed.
-        // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own; no memory is passed.
-        unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
+        let _ = rustix::pipe::fcntl_setpipe_size(&write_end, PIPE_BYTES);
         Ok(Self {
             read_end,
             write_end,
@@ -73,7 +64,12 @@ impl PageSplicer {
     /// receiver (guest memory under dirty tracking, or memory that no longer
     /// changes), and that the memory stays mapped until this call returns (the pipe
     /// and socket then hold their own page references).
-    pub unsafe fn send(&mut self, sock: RawFd, head: &[&[u8]], pages: &[&[u8]]) -> io::Result<u64> {
+    pub unsafe fn send(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        head: &[&[u8]],
+        pages: &[&[u8]],
+    ) -> io::Result<u64> {
         block_sigpipe_in_this_thread();
         let more = pages.iter().any(|p| !p.is_empty());
         let mut total = send_copied(sock, head, more)?;
@@ -82,22 +78,20 @@ impl PageSplicer {
         let mut off = 0usize; // offset into pages[i]
         while i < pages.len() {
             // vmsplice as much as the pipe takes…
-            let mut iov: Vec<libc::iovec> = Vec::with_capacity(IOV_BATCH);
-            for (k, p) in pages[i..].iter().take(IOV_BATCH).enumerate() {
-                let skip = if k == 0 { off } else { 0 };
-                iov.push(libc::iovec {
-                    iov_base: p[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: p.len() - skip,
-                });
-            }
+            let iov: Vec<IoSliceRaw<'_>> = pages[i..]
+                .iter()
+                .take(IOV_BATCH)
+                .enumerate()
+                .map(|(k, p)| IoSliceRaw::from_slice(if k == 0 { &p[off..] } else { p }))
+                .collect();
             // SAFETY: the iovecs describe live slices borrowed for this call; the
             // caller's contract covers the kernel reading them after we return.
-            let n = match cvt(unsafe {
-                libc::vmsplice(self.write_end.as_raw_fd(), iov.as_ptr(), iov.len(), 0)
-            }) {
+            let n = match unsafe {
+                rustix::pipe::vmsplice(&self.write_end, &iov, SpliceFlags::empty())
+            } {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) if interrupted(&e) => continue,
+                Err(e) => return Err(e.into()),
             };
             if n == 0 {
                 return Err(io::Error::new(
@@ -126,21 +120,14 @@ impl PageSplicer {
     }
 
     /// Move `n` bytes from the pipe to the socket.
-    fn drain(&mut self, sock: RawFd, mut n: usize, more: bool) -> io::Result<()> {
-        let flags = libc::SPLICE_F_MOVE | if more { libc::SPLICE_F_MORE } else { 0 };
+    fn drain(&mut self, sock: BorrowedFd<'_>, mut n: usize, more: bool) -> io::Result<()> {
+        let flags = if more {
+            SpliceFlags::MOVE | SpliceFlags::MORE
+        } else {
+            SpliceFlags::MOVE
+        };
         while n > 0 {
-            // SAFETY: splice between two descriptors; no user memory is passed.
-            let r = unsafe {
-                libc::splice(
-                    self.read_end.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    sock,
-                    std::ptr::null_mut(),
-                    n,
-                    flags,
-                )
-            };
-            match cvt(r) {
+            match rustix::pipe::splice(&self.read_end, None, sock, None, n, flags) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -148,8 +135,8 @@ impl PageSplicer {
                     ))
                 }
                 Ok(m) => n -= m,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) if interrupted(&e) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
@@ -177,35 +164,28 @@ fn block_sigpipe_in_this_thread() {
 }
 
 /// `sendmsg` all of `bufs`, with `MSG_MORE` when more data follows at once.
-fn send_copied(sock: RawFd, bufs: &[&[u8]], more: bool) -> io::Result<u64> {
+fn send_copied(sock: BorrowedFd<'_>, bufs: &[&[u8]], more: bool) -> io::Result<u64> {
     let mut bufs: Vec<&[u8]> = bufs.iter().copied().filter(|b| !b.is_empty()).collect();
     let mut total = 0u64;
-    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    let flags = if more {
+        SendFlags::NOSIGNAL | SendFlags::MORE
+    } else {
+        SendFlags::NOSIGNAL
+    };
     while !bufs.is_empty() {
-        let iov: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: a zeroed msghdr is valid; we point it at our iovec array.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len() as _;
-        // SAFETY: the iovecs describe live slices; sendmsg copies them before returning.
-        let r = unsafe { libc::sendmsg(sock, &msg, flags) };
-        let mut n = match cvt(r) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "sendmsg sent no bytes",
-                ))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
+        let iov: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let mut n =
+            match rustix::net::sendmsg(sock, &iov, &mut SendAncillaryBuffer::default(), flags) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "sendmsg sent no bytes",
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if interrupted(&e) => continue,
+                Err(e) => return Err(e.into()),
+            };
         total += n as u64;
         while n > 0 {
             if n >= bufs[0].len() {
@@ -225,6 +205,7 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
 
     /// Head and page slices (odd lengths and offsets, more slices than one vmsplice
     /// call takes, more bytes than the pipe holds) arrive complete and in order.
@@ -253,7 +234,7 @@ mod tests {
         let sock = TcpStream::connect(addr).unwrap();
         let mut sp = PageSplicer::new().unwrap();
         // SAFETY: `data` does not change and outlives the call.
-        let n = unsafe { sp.send(sock.as_raw_fd(), &head, &pages) }.unwrap();
+        let n = unsafe { sp.send(sock.as_fd(), &head, &pages) }.unwrap();
         assert_eq!(n as usize, want);
         drop(sock);
         let got = reader.join().unwrap();
@@ -273,7 +254,7 @@ mod tests {
         let mut err = None;
         for _ in 0..64 {
             // SAFETY: `data` does not change and outlives the call.
-            if let Err(e) = unsafe { sp.send(sock.as_raw_fd(), &[b"h"], &[&data]) } {
+            if let Err(e) = unsafe { sp.send(sock.as_fd(), &[b"h"], &[&data]) } {
                 err = Some(e);
                 break;
             }

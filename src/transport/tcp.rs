@@ -12,8 +12,8 @@ impl Stream for TcpStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         TcpStream::set_read_timeout(self, t)
     }
-    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
     }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         match self.try_clone() {
