@@ -37,8 +37,10 @@ pub struct ReceiverConfig {
     pub prefault: bool,
     /// Commit (fault in) all of the skeleton VM's memory during setup, before
     /// answering the source: no page is sent until the destination holds the whole
-    /// guest, and a host that cannot commit it refuses the migration up front
-    /// (`RefuseCode::MemoryLayout`) instead of failing, or being OOM-killed, halfway.
+    /// guest. A host that cannot commit it fails in setup, before any page moves:
+    /// with a refusal (`RefuseCode::MemoryLayout`) when populating returns an error,
+    /// or, where the kernel's OOM killer acts first, with the destination gone. The
+    /// source keeps running either way, having sent nothing.
     /// This is the spec's "allocates its memory before any page arrives" taken
     /// literally (QEMU: `-mem-prealloc`). Costs setup time; the transfer then runs
     /// into resident memory.

@@ -150,7 +150,8 @@ struct BenchArgs {
     no_prefault: bool,
     /// Commit all destination memory during setup, before any page is sent (the
     /// spec's skeleton VM; QEMU's -mem-prealloc). Setup takes longer, the transfer
-    /// then writes into resident memory; a host that cannot commit it refuses.
+    /// then writes into resident memory; a host that cannot commit it fails before
+    /// any page moves.
     #[arg(long, conflicts_with = "no_prefault")]
     prealloc: bool,
     /// Do not ask for transparent huge pages on the destination.
