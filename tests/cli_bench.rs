@@ -2,24 +2,11 @@
 
 use std::process::Command;
 
-const EXE: &str = env!("CARGO_BIN_EXE_livemig");
+mod common;
 
-const REPORT_KEYS: &[&str] = &[
-    "memory_bytes",
-    "mode",
-    "streams",
-    "tracker",
-    "rounds",
-    "total_ms",
-    "downtime_ms",
-    "bytes_on_wire",
-    "pages_sent",
-    "zero_pages",
-    "guest_gib_per_s",
-    "wire_gbit_per_s",
-    "converged",
-    "verified",
-];
+use common::REPORT_KEYS;
+
+const EXE: &str = env!("CARGO_BIN_EXE_livemig");
 
 fn bench(extra: &[&str]) -> serde_json::Value {
     let out = Command::new(EXE)

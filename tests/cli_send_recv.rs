@@ -6,29 +6,11 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, temp_path, MIB};
+use common::{free_port, temp_path, MIB, REPORT_KEYS};
 use livemig::memory::GuestMemory;
 use livemig::workload::{self, Content};
 
 const EXE: &str = env!("CARGO_BIN_EXE_livemig");
-
-/// Keys every migration JSON report carries.
-pub const REPORT_KEYS: &[&str] = &[
-    "memory_bytes",
-    "mode",
-    "streams",
-    "tracker",
-    "rounds",
-    "total_ms",
-    "downtime_ms",
-    "bytes_on_wire",
-    "pages_sent",
-    "zero_pages",
-    "guest_gib_per_s",
-    "wire_gbit_per_s",
-    "converged",
-    "verified",
-];
 
 fn last_json_line(stdout: &str) -> serde_json::Value {
     let line = stdout

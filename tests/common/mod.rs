@@ -536,3 +536,21 @@ pub fn temp_path(name: &str) -> std::path::PathBuf {
         N.fetch_add(1, Ordering::SeqCst)
     ))
 }
+
+/// Keys every migration JSON report carries (`bench --json`, `send --json`).
+pub const REPORT_KEYS: &[&str] = &[
+    "memory_bytes",
+    "mode",
+    "streams",
+    "tracker",
+    "rounds",
+    "total_ms",
+    "downtime_ms",
+    "bytes_on_wire",
+    "pages_sent",
+    "zero_pages",
+    "guest_gib_per_s",
+    "wire_gbit_per_s",
+    "converged",
+    "verified",
+];
