@@ -373,9 +373,11 @@ fn summary(r: &MigrationReport) {
     );
     let b = &r.downtime_breakdown;
     println!(
-        "downtime {:.2} ms (predicted {:.2} ms): pause {:.2}, final harvest {:.2}, final pages {:.2}, device state {:.2}, digest {:.2}, commit {:.2} (dest verify {:.2}, restore {:.2})",
+        "downtime {:.2} ms (predicted {:.2} ms = {:.2} ms x margin {:.2} on its time-dependent part): pause {:.2}, final harvest {:.2}, final pages {:.2}, device state {:.2}, digest {:.2}, commit {:.2} (dest verify {:.2}, restore {:.2})",
         r.downtime_ms,
         r.predicted_downtime_ms,
+        r.predicted_downtime_raw_ms,
+        r.prediction_margin,
         b.pause_ms,
         b.final_harvest_ms,
         b.final_pages_ms,
@@ -391,14 +393,27 @@ fn summary(r: &MigrationReport) {
     }
     for rs in &r.round_table {
         println!(
-            "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}, predicted downtime {:.2} ms",
+            "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}{}",
             rs.round,
             rs.pages,
             rs.zero_pages,
             rs.duration_ms,
             rs.bandwidth_bps * 8.0 / 1e9,
             rs.dirty_after,
-            rs.predicted_downtime_ms
+            if rs.prediction_margin > 0.0 {
+                format!(
+                    ", predicted downtime {:.2} ms (margin {:.2}){}",
+                    rs.predicted_downtime_ms,
+                    rs.prediction_margin,
+                    if rs.prediction_error > 0.0 {
+                        format!(", round took {:.2}x its prediction", rs.prediction_error)
+                    } else {
+                        String::new()
+                    }
+                )
+            } else {
+                " (final round)".to_string()
+            }
         );
     }
 }
