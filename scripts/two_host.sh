@@ -30,7 +30,7 @@ usage: scripts/two_host.sh [options] [-- extra send arguments]
   --fault-after SECS  inject the fault this long after the streams are up (default 1)
   --outage SECS       linkdown only: bring the link back after SECS (default: never)
   --peer-timeout DUR  given to send and recv (default 5s)
-  --livemig PATH      the binary (default: target/release/livemig, else target/debug)
+  --livemig PATH      the binary (default: the newer of target/{release,debug}/livemig)
 EOF
 }
 
@@ -56,11 +56,14 @@ esac
 
 cd "$(dirname "$0")/.."
 if [[ -z "$LIVEMIG" ]]; then
+  # The newer of the release and debug builds.
   for c in target/release/livemig target/debug/livemig; do
-    [[ -x "$c" ]] && { LIVEMIG=$PWD/$c; break; }
+    [[ -x "$c" && ( -z "$LIVEMIG" || "$c" -nt "$LIVEMIG" ) ]] && LIVEMIG=$PWD/$c
   done
 fi
 [[ -x "$LIVEMIG" ]] || { echo "two_host: no livemig binary (cargo build --release)" >&2; exit 2; }
+"$LIVEMIG" send --help | grep -q -- --peer-timeout ||
+  { echo "two_host: $LIVEMIG predates --peer-timeout; rebuild it" >&2; exit 2; }
 [[ $(id -u) -eq 0 ]] || { echo "two_host: network namespaces need root" >&2; exit 2; }
 for tool in ip tc ss nft; do
   command -v "$tool" >/dev/null || {
@@ -126,19 +129,27 @@ SEND_PID=$!
 inject() {
   case "$FAULT" in
     reset|blackhole)
-      local ns peer verdict
+      local ns peer input output
       for pair in "$SRC_NS $DST_IP" "$DST_NS $SRC_IP"; do
         set -- $pair; ns=$1 peer=$2
         if [[ $FAULT == reset ]]; then
-          verdict="ip saddr $peer meta l4proto tcp reject with tcp reset"
+          # Resets themselves pass, so each side's reset reaches the other.
+          input="ip saddr $peer tcp flags & rst == 0 reject with tcp reset"
+          output=""
         else
-          verdict="ip saddr $peer drop"
+          input="ip saddr $peer drop"
+          output="ip daddr $peer drop"
         fi
         in_ns "$ns" nft -f - <<EOF
 table inet livemig_fault {
-  chain input { type filter hook input priority 0; policy accept; $verdict }
-  chain output { type filter hook output priority 0; policy accept;
-    $( [[ $FAULT == blackhole ]] && echo "ip daddr $peer drop" ) }
+  chain input {
+    type filter hook input priority 0; policy accept;
+    $input
+  }
+  chain output {
+    type filter hook output priority 0; policy accept;
+    $output
+  }
 }
 EOF
       done ;;

@@ -115,7 +115,7 @@ fn send_gives_up_on_a_stopped_destination_within_the_peer_timeout() {
 fn send_uses_the_next_address_when_the_first_is_dead() {
     let (image, bytes) = image_file(8 * MIB, 6);
     let out = temp_path("received.bin");
-    let (recv, live) = start_recv(&["--out", out.to_str().unwrap(), "--json"]);
+    let (recv, live) = start_recv(&["--out", out.to_str().unwrap()]);
     // Nothing listens on a port that was just free: connecting is refused.
     let dead = format!("127.0.0.1:{}", free_port());
     let to = format!("{dead},{live}");

@@ -41,7 +41,8 @@ pub enum Host {
 /// A network fault between the hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetFault {
-    /// Every TCP segment from the other host is answered with a reset.
+    /// Every TCP segment from the other host is answered with a reset (resets
+    /// themselves pass, so each side's reset reaches the other).
     Reset,
     /// Every packet between the hosts is silently dropped.
     Blackhole,
@@ -203,7 +204,7 @@ impl TwoHosts {
         for (host, peer) in [(Host::Src, DST_IP), (Host::Dst, SRC_IP)] {
             let rules = match fault {
                 NetFault::Reset => format!(
-                    "table inet {FAULT_TABLE} {{\n chain input {{ type filter hook input priority 0; policy accept;\n  ip saddr {peer} meta l4proto tcp reject with tcp reset\n }}\n}}\n"
+                    "table inet {FAULT_TABLE} {{\n chain input {{ type filter hook input priority 0; policy accept;\n  ip saddr {peer} tcp flags & rst == 0 reject with tcp reset\n }}\n}}\n"
                 ),
                 NetFault::Blackhole => format!(
                     "table inet {FAULT_TABLE} {{\n chain input {{ type filter hook input priority 0; policy accept;\n  ip saddr {peer} drop\n }}\n chain output {{ type filter hook output priority 0; policy accept;\n  ip daddr {peer} drop\n }}\n}}\n"
