@@ -179,10 +179,7 @@ fn reset_mid_transfer_is_reported_on_both_sides() {
         "send does not name the peer: {se}"
     );
     let re = error_line(&r.stderr);
-    assert!(
-        re.contains("reset") || re.contains("closed"),
-        "recv: {re}"
-    );
+    assert!(re.contains("reset") || re.contains("closed"), "recv: {re}");
 }
 
 #[test]
