@@ -80,6 +80,11 @@ fn send_gives_up_on_a_stopped_destination_within_the_peer_timeout() {
     // at the shaped rate and to shut down, with room for a loaded machine.
     let out = send.wait_exit(peer_timeout + Duration::from_secs(15));
     let took = stopped.elapsed();
+    eprintln!(
+        "send exited {:?} {took:?} after the destination was stopped: {}",
+        out.code,
+        out.stderr.trim()
+    );
     recv.signal("CONT");
     drop(recv);
     let _ = std::fs::remove_file(&events);
