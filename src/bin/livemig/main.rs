@@ -21,6 +21,7 @@ use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
 use livemig::receiver::{Receiver, ReceiverConfig};
 use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
+use livemig::transport::Connector;
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 
 #[derive(Parser, Debug)]
@@ -141,6 +142,10 @@ struct MigrateOpts {
     /// TCP page streams. Slower over loopback here; meant for real NICs.
     #[arg(long)]
     splice: bool,
+    /// Give up on a destination that takes no data or stops answering for this long
+    /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
+    #[arg(long, default_value = "20s", value_parser = args::parse_duration)]
+    peer_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -198,9 +203,11 @@ struct BenchArgs {
 
 #[derive(Args, Debug)]
 struct SendArgs {
-    /// Destination address (host:port).
-    #[arg(long)]
-    to: String,
+    /// Destination address (host:port), or several comma-separated addresses of the
+    /// same destination (one per migration network) in priority order: streams go to
+    /// the first that answers.
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<String>,
     /// Memory image of the stopped guest.
     #[arg(long)]
     image: PathBuf,
@@ -223,6 +230,10 @@ struct RecvArgs {
     /// migration if this host cannot.
     #[arg(long)]
     prealloc: bool,
+    /// Give up on a source that takes no data or stops answering for this long
+    /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
+    #[arg(long, default_value = "20s", value_parser = args::parse_duration)]
+    peer_timeout: Duration,
 }
 
 fn main() {
@@ -538,7 +549,9 @@ fn bench_one(
     } else {
         None
     };
-    let acceptor = TcpAcceptor::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let acceptor = TcpAcceptor::bind("127.0.0.1:0")
+        .map_err(|e| e.to_string())?
+        .peer_timeout(o.peer_timeout);
     let addr = acceptor
         .local_addr()
         .map_err(|e| e.to_string())?
@@ -569,7 +582,7 @@ fn bench_one(
     if let Some(s) = sinks_of(o, index, events, a.concurrent == 1) {
         mig = mig.progress(s);
     }
-    let result = mig.run(&TcpConnector::new(addr));
+    let result = mig.run(&TcpConnector::new(addr).peer_timeout(o.peer_timeout));
     let writes = dirtier.writes();
     let report = match result {
         Ok(r) => r,
@@ -715,12 +728,19 @@ fn send(a: SendArgs) -> Result<(), String> {
     if let Some(s) = sinks_of(&a.opts, 0, open_events(&a.opts)?, true) {
         mig = mig.progress(s);
     }
+    let connector =
+        TcpConnector::with_addrs(a.to.iter().map(|s| s.trim()).filter(|s| !s.is_empty()))
+            .peer_timeout(a.opts.peer_timeout);
     let report = mig
-        .run(&TcpConnector::new(a.to.clone()))
-        .map_err(|e| e.to_string())?;
+        .run(&connector)
+        .map_err(|e| format!("migration to {} failed: {e}", connector.describe()))?;
+    let connected_to = connector.active_addr().unwrap_or_default().to_string();
     let rss = rss.map(|s| s.finish());
     if a.opts.json {
         let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("connected_to".into(), json!(connected_to));
+        }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
             obj.insert("sender_anon_rss_peak_bytes".into(), json!(r.peak_bytes));
@@ -732,6 +752,7 @@ fn send(a: SendArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     } else {
         summary(&report);
+        println!("destination: {connected_to} (of {})", a.to.join(","));
         if let Some(r) = rss {
             println!(
                 "sender memory: peak anonymous RSS {:.1} MiB = {:.2} % of the guest",
@@ -744,7 +765,9 @@ fn send(a: SendArgs) -> Result<(), String> {
 }
 
 fn recv(a: RecvArgs) -> Result<(), String> {
-    let acceptor = TcpAcceptor::bind(&a.listen).map_err(|e| e.to_string())?;
+    let acceptor = TcpAcceptor::bind(&a.listen)
+        .map_err(|e| e.to_string())?
+        .peer_timeout(a.peer_timeout);
     if !a.json {
         eprintln!(
             "listening on {}",
