@@ -1,8 +1,19 @@
 //! Phase 3, accept: take the source's page streams, each opened by a
 //! `StreamHello` carrying the session's token and a stream index.
+//!
+//! A connection whose first frame is not a `StreamHello` for this session (a wrong
+//! token, an index out of range or already taken, another message, garbage, a close
+//! or silence past [`ReceiverConfig::hello_timeout`]) is dropped and counted;
+//! accepting goes on until every stream is in or
+//! [`ReceiverConfig::accept_timeout`] has passed since setup.
+//!
+//! [`ReceiverConfig::hello_timeout`]: super::ReceiverConfig::hello_timeout
+//! [`ReceiverConfig::accept_timeout`]: super::ReceiverConfig::accept_timeout
 
-use super::{protocol_error, transport_error, ReceiveError, Receiver};
-use crate::session::SessionToken;
+use std::time::Instant;
+
+use super::{next_connection, ReceiveError, Receiver};
+use crate::session::{Deadline, DeadlineStream, SessionToken};
 use crate::transport::framed::FrameReader;
 use crate::transport::Acceptor;
 use crate::wire::ControlMsg;
@@ -15,40 +26,61 @@ pub(super) struct PageStream {
     pub reader: FrameReader,
 }
 
+/// What accepting hands to the rounds.
+pub(super) struct PageStreams {
+    /// Every page stream of the session, in arrival order.
+    pub streams: Vec<PageStream>,
+    /// Connections dropped while accepting.
+    pub stray_connections: u32,
+}
+
 impl Receiver {
-    /// Accept `streams` page streams of session `session`.
+    /// Accept the `streams` page streams of session `session`, dropping strays.
+    /// `strays_before` (from the handshake) only goes into a timeout's message.
     pub(super) fn accept_page_streams(
         &self,
         acceptor: &dyn Acceptor,
         session: &SessionToken,
         streams: u16,
-    ) -> Result<Vec<PageStream>, ReceiveError> {
-        const PHASE: &str = "accepting page streams";
+        strays_before: u32,
+    ) -> Result<PageStreams, ReceiveError> {
+        let give_up = Instant::now() + self.config.accept_timeout;
         let mut accepted = Vec::with_capacity(streams as usize);
         let mut seen = vec![false; streams as usize];
-        for _ in 0..streams {
-            let stream = acceptor
-                .accept(self.config.accept_timeout)
-                .map_err(transport_error(PHASE))?;
-            let mut reader = FrameReader::new(stream, "page");
-            match reader.control().map_err(transport_error(PHASE))?.0 {
-                ControlMsg::StreamHello { session: s, index }
-                    if s == *session && (index as usize) < seen.len() && !seen[index as usize] =>
+        let mut stray_connections = 0;
+        while accepted.len() < streams as usize {
+            let Some(stream) = next_connection(acceptor, give_up)? else {
+                return Err(ReceiveError::TimedOut {
+                    phase: "accepting page streams",
+                    what: format!("only {} of {streams} page streams arrived", accepted.len()),
+                    after: self.config.accept_timeout,
+                    stray_connections: strays_before + stray_connections,
+                });
+            };
+            let deadline = Deadline::new();
+            deadline.arm(Instant::now() + self.config.hello_timeout);
+            let stream = DeadlineStream::new(stream, deadline.clone());
+            let mut reader = FrameReader::new(Box::new(stream), "page");
+            match reader.control() {
+                Ok((ControlMsg::StreamHello { session: s, index }, _))
+                    if s == *session && seen.get(index as usize) == Some(&false) =>
                 {
                     seen[index as usize] = true;
+                    deadline.disarm();
                     let _ = reader
                         .stream()
                         .set_read_timeout(Some(self.config.idle_timeout));
                     accepted.push(PageStream { index, reader });
                 }
-                other => {
-                    return Err(protocol_error(
-                        PHASE,
-                        format!("bad stream hello ({other:?})"),
-                    ))
+                Ok(_) | Err(_) => {
+                    stray_connections += 1;
+                    reader.stream().shutdown();
                 }
             }
         }
-        Ok(accepted)
+        Ok(PageStreams {
+            streams: accepted,
+            stray_connections,
+        })
     }
 }

@@ -2,10 +2,10 @@
 //! participant's state, `Prepared` → `Released`, restore, `Committed`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::rounds::{CommitRequest, RoundsDone};
-use super::{protocol_error, send_veto, transport_error, ReceiveError, Receiver};
+use super::{protocol_error, read_error, send_veto, transport_error, ReceiveError, Receiver};
 use crate::device::{envelope, Veto};
 use crate::memory::{digest_of_table, GuestMemory};
 use crate::transport::framed::FrameReader;
@@ -53,7 +53,7 @@ impl Receiver {
                 &[],
             )
             .map_err(transport_error(PHASE))?;
-        await_release(control)?;
+        await_release(control, self.config.idle_timeout)?;
 
         let t_restore = Instant::now();
         let participants_us = self.restore_all(control, &entries)?;
@@ -176,9 +176,14 @@ fn verify_memory(
     Ok(ours)
 }
 
-/// Wait for the source's `Released` (its devices are torn down).
-fn await_release(control: &mut FrameReader) -> Result<(), ReceiveError> {
-    match control.control().map_err(transport_error(PHASE))?.0 {
+/// Wait up to `idle` for the source's `Released` (its devices are torn down).
+fn await_release(control: &mut FrameReader, idle: Duration) -> Result<(), ReceiveError> {
+    let released = control.control().map_err(read_error(
+        PHASE,
+        "the source did not answer prepared with released",
+        idle,
+    ))?;
+    match released.0 {
         ControlMsg::Released => Ok(()),
         ControlMsg::Abort { reason } => Err(ReceiveError::Aborted(reason)),
         other => Err(protocol_error(

@@ -13,12 +13,17 @@
 //! |-------------|----------------|--------------------------------------|---------------------|
 //! | handshake   | `handshake.rs` | `AwaitHello`                         | `Handshake`         |
 //! | setup       | `setup.rs`     | `AwaitSetup`                         | `Skeleton`          |
-//! | accept      | `accept.rs`    | `AcceptStreams`                      | `Vec<PageStream>`   |
+//! | accept      | `accept.rs`    | `AcceptStreams`                      | `PageStreams`       |
 //! | rounds      | `rounds.rs`    | `Rounds`, `Brownout`, `DeviceState`  | `RoundsDone`        |
 //! | commit      | `commit.rs`    | `Commit` … `Committed` / `Veto`      | `Committed`         |
 //!
 //! Pages are applied by [`apply`] (one thread per page stream, rounds kept in step
 //! by [`gate`]).
+//!
+//! Stray connections (closed, silent, garbage, or a page stream of another
+//! session) are dropped and counted in `AwaitHello` and `AcceptStreams`, never
+//! failing the migration; every wait has a deadline ([`ReceiverConfig`]) and ends
+//! in [`ReceiveError::TimedOut`] saying what did not arrive.
 
 pub mod apply;
 pub mod gate;
@@ -33,14 +38,14 @@ mod setup;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::device::{ParticipantError, RestoreState, Veto};
 use crate::memory::{GuestMemory, MemoryError, MemoryLayout};
 use crate::transport::framed::FrameReader;
-use crate::transport::{Acceptor, TransportError};
+use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::ControlMsg;
 use handshake::Handshake;
@@ -65,8 +70,16 @@ pub struct ReceiverConfig {
     /// literally (QEMU: `-mem-prealloc`). Costs setup time; the transfer then runs
     /// into resident memory.
     pub prealloc: bool,
-    /// How long to wait for each connection.
+    /// How long to wait for the migration: for a connection that opens with a
+    /// valid `Hello` (stray connections are dropped meanwhile), and again, from
+    /// `SetupOk`, for all of its page streams.
     pub accept_timeout: Duration,
+    /// How long a new connection may take to deliver its first frame (`Hello` or
+    /// `StreamHello`) before it is dropped as stray.
+    pub hello_timeout: Duration,
+    /// Longest the source may take from the first byte of its `Hello` to the last
+    /// byte of its `Setup`, however it spreads them (a trickling peer is cut here).
+    pub setup_timeout: Duration,
     /// Longest silence on the control stream before giving up (source vanished).
     pub idle_timeout: Duration,
     /// Most page streams accepted.
@@ -82,6 +95,8 @@ impl Default for ReceiverConfig {
             prefault: true,
             prealloc: false,
             accept_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(600),
             max_streams: 64,
             host: HostCaps::default(),
@@ -119,6 +134,18 @@ pub enum ReceiveError {
         phase: &'static str,
         /// Error.
         source: TransportError,
+    },
+    /// Waited for the source longer than the configured deadline.
+    #[error("timed out during {phase} after {after:?}: {what}{}", stray_note(*stray_connections))]
+    TimedOut {
+        /// Phase.
+        phase: &'static str,
+        /// What did not arrive in time.
+        what: String,
+        /// How long the receiver waited.
+        after: Duration,
+        /// Stray connections dropped while waiting.
+        stray_connections: u32,
     },
     /// The source broke the protocol.
     #[error("protocol error during {phase}: {message}")]
@@ -171,6 +198,9 @@ pub struct ReceiveReport {
     pub participant_restore_ms: Vec<(String, f64)>,
     /// This migration's session token (32 lowercase hex characters).
     pub session: String,
+    /// Connections dropped as stray: closed, silent or garbage before the `Hello`,
+    /// or not a valid `StreamHello` of this session while accepting page streams.
+    pub stray_connections: u32,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -272,14 +302,18 @@ impl Receiver {
     fn run_inner(&mut self, acceptor: &dyn Acceptor) -> Result<Received, ReceiveError> {
         let Handshake {
             mut control,
+            deadline,
             session,
             streams,
             permit: _permit,
             started,
+            stray_connections,
         } = self.handshake(acceptor)?;
-        let Skeleton { memory, setup_ms } = self.setup(&mut control)?;
-        let page_streams = self.accept_page_streams(acceptor, &session, streams)?;
-        let rounds = self.receive_rounds(&mut control, &memory, page_streams)?;
+        let Skeleton { memory, setup_ms } = self.setup(&mut control, &deadline)?;
+        let page_streams =
+            self.accept_page_streams(acceptor, &session, streams, stray_connections)?;
+        let stray_connections = stray_connections + page_streams.stray_connections;
+        let rounds = self.receive_rounds(&mut control, &memory, page_streams.streams)?;
         let committed = self.commit(&mut control, &memory, &rounds)?;
 
         let shared = &rounds.shared;
@@ -308,6 +342,7 @@ impl Receiver {
                 .map(|(id, us)| (id, us as f64 / 1e3))
                 .collect(),
             session: session.to_string(),
+            stray_connections,
         };
         Ok(Received { report, memory })
     }
@@ -316,6 +351,67 @@ impl Receiver {
 /// Maps a transport failure in `phase` to the receiver's error.
 fn transport_error(phase: &'static str) -> impl Fn(TransportError) -> ReceiveError {
     move |source| ReceiveError::Transport { phase, source }
+}
+
+/// Whether a transport failure is a deadline or read timeout running out.
+fn is_timeout(e: &TransportError) -> bool {
+    match e {
+        TransportError::Io { source, .. } | TransportError::Accept(source) => matches!(
+            source.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ),
+        _ => false,
+    }
+}
+
+/// Maps a failed read in `phase` that waited up to `after`: a timeout becomes
+/// [`ReceiveError::TimedOut`] saying what did not arrive.
+fn read_error(
+    phase: &'static str,
+    what: &'static str,
+    after: Duration,
+) -> impl Fn(TransportError) -> ReceiveError {
+    move |source| {
+        if is_timeout(&source) {
+            ReceiveError::TimedOut {
+                phase,
+                what: what.into(),
+                after,
+                stray_connections: 0,
+            }
+        } else {
+            ReceiveError::Transport { phase, source }
+        }
+    }
+}
+
+/// The next incoming connection, or `None` once `give_up` has passed. A connection
+/// the peer aborted before it was accepted is skipped.
+fn next_connection(
+    acceptor: &dyn Acceptor,
+    give_up: Instant,
+) -> Result<Option<Box<dyn Stream>>, ReceiveError> {
+    loop {
+        let left = give_up.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        match acceptor.accept(left) {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if is_timeout(&e) => return Ok(None),
+            Err(TransportError::Accept(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
+            }
+            Err(e) => return Err(transport_error("accept")(e)),
+        }
+    }
+}
+
+fn stray_note(n: u32) -> String {
+    match n {
+        0 => String::new(),
+        1 => " (1 stray connection dropped)".into(),
+        n => format!(" ({n} stray connections dropped)"),
+    }
 }
 
 /// The source broke the protocol in `phase`.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::accept::PageStream;
 use super::apply::{apply_stream, ApplyShared};
-use super::{ReceiveError, Receiver};
+use super::{read_error, ReceiveError, Receiver};
 use crate::memory::GuestMemory;
 use crate::transport::framed::FrameReader;
 use crate::wire::ControlMsg;
@@ -91,10 +91,11 @@ impl Receiver {
                 Err(e) => {
                     return Err(match appliers.fail(e.to_string()) {
                         Some(pe) if pe != e.to_string() => ReceiveError::Pages(pe),
-                        _ => ReceiveError::Transport {
-                            phase: PHASE,
-                            source: e,
-                        },
+                        _ => read_error(
+                            PHASE,
+                            "the source sent nothing on the control stream",
+                            self.config.idle_timeout,
+                        )(e),
                     });
                 }
             }

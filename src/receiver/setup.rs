@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::setup_check::Refusal;
-use super::{protocol_error, refuse, send_veto, transport_error, ReceiveError, Receiver};
+use super::{
+    is_timeout, protocol_error, refuse, send_veto, transport_error, ReceiveError, Receiver,
+};
 use crate::memory::{GuestMemory, MemoryLayout};
+use crate::session::Deadline;
 use crate::transport::framed::FrameReader;
 use crate::wire::control::RefuseCode;
 use crate::wire::ControlMsg;
@@ -21,9 +24,32 @@ pub(super) struct Skeleton {
 
 impl Receiver {
     /// Receive `Setup`, run every setup check, allocate memory, answer `SetupOk`.
-    pub(super) fn setup(&mut self, control: &mut FrameReader) -> Result<Skeleton, ReceiveError> {
+    ///
+    /// The source has [`super::ReceiverConfig::setup_timeout`] from the first byte
+    /// of its `Hello` to the last byte of its `Setup`; a peer trickling bytes is cut
+    /// there. Checking and allocating are the destination's own work and not bounded.
+    pub(super) fn setup(
+        &mut self,
+        control: &mut FrameReader,
+        deadline: &Deadline,
+    ) -> Result<Skeleton, ReceiveError> {
         const PHASE: &str = "setup";
-        let (msg, attachment) = control.control().map_err(transport_error(PHASE))?;
+        let first_byte = deadline.first_byte_at().unwrap_or_else(Instant::now);
+        deadline.arm(first_byte + self.config.setup_timeout);
+        let received = control.control();
+        deadline.disarm();
+        let (msg, attachment) = received.map_err(|e| {
+            if is_timeout(&e) {
+                ReceiveError::TimedOut {
+                    phase: PHASE,
+                    what: "the source's hello and setup did not arrive in full".into(),
+                    after: self.config.setup_timeout,
+                    stray_connections: 0,
+                }
+            } else {
+                transport_error(PHASE)(e)
+            }
+        })?;
         let ControlMsg::Setup {
             layout,
             compat,
