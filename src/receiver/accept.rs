@@ -44,14 +44,15 @@ impl Receiver {
         streams: u16,
         strays_before: u32,
     ) -> Result<PageStreams, ReceiveError> {
+        const PHASE: &str = "accepting page streams";
         let give_up = Instant::now() + self.config.accept_timeout;
         let mut accepted = Vec::with_capacity(streams as usize);
         let mut seen = vec![false; streams as usize];
         let mut stray_connections = 0;
         while accepted.len() < streams as usize {
-            let Some(stream) = next_connection(acceptor, give_up)? else {
+            let Some(stream) = next_connection(PHASE, acceptor, give_up)? else {
                 return Err(ReceiveError::TimedOut {
-                    phase: "accepting page streams",
+                    phase: PHASE,
                     what: format!("only {} of {streams} page streams arrived", accepted.len()),
                     after: self.config.accept_timeout,
                     stray_connections: strays_before + stray_connections,

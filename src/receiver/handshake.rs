@@ -97,7 +97,7 @@ impl Receiver {
     ) -> Result<Caller, ReceiveError> {
         let give_up = Instant::now() + self.config.accept_timeout;
         loop {
-            let Some(stream) = next_connection(acceptor, give_up)? else {
+            let Some(stream) = next_connection("accept", acceptor, give_up)? else {
                 return Err(ReceiveError::TimedOut {
                     phase: "accept",
                     what: "no connection opened with a valid hello".into(),

@@ -385,9 +385,10 @@ fn read_error(
     }
 }
 
-/// The next incoming connection, or `None` once `give_up` has passed. A connection
-/// the peer aborted before it was accepted is skipped.
+/// The next incoming connection in `phase`, or `None` once `give_up` has passed. A
+/// connection the peer aborted before it was accepted is skipped.
 fn next_connection(
+    phase: &'static str,
     acceptor: &dyn Acceptor,
     give_up: Instant,
 ) -> Result<Option<Box<dyn Stream>>, ReceiveError> {
@@ -401,7 +402,7 @@ fn next_connection(
             Err(e) if is_timeout(&e) => return Ok(None),
             Err(TransportError::Accept(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
             }
-            Err(e) => return Err(transport_error("accept")(e)),
+            Err(e) => return Err(transport_error(phase)(e)),
         }
     }
 }
