@@ -356,6 +356,7 @@ fn transport_error(phase: &'static str) -> impl Fn(TransportError) -> ReceiveErr
 /// Whether a transport failure is a deadline or read timeout running out.
 fn is_timeout(e: &TransportError) -> bool {
     match e {
+        TransportError::TimedOut { .. } => true,
         TransportError::Io { source, .. } | TransportError::Accept(source) => matches!(
             source.kind(),
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
