@@ -26,6 +26,7 @@ enum Backing {
     Borrowed,
     /// Memory kept mapped by a shared owner (e.g. a `vm_memory::GuestMemoryMmap`),
     /// held so the mapping outlives the region.
+    #[cfg(feature = "vm-memory")]
     Shared(std::sync::Arc<dyn std::any::Any + Send + Sync>),
 }
 
@@ -150,6 +151,7 @@ impl GuestRegion {
     /// `host` must point to `len` bytes that stay mapped and readable (and writable
     /// unless `read_only`) for as long as `owner` lives, and must not be unmapped or
     /// remapped meanwhile. The region holds `owner` for its whole lifetime.
+    #[cfg(feature = "vm-memory")]
     pub(crate) unsafe fn from_shared(
         gpa: u64,
         host: NonNull<u8>,
@@ -172,6 +174,7 @@ impl GuestRegion {
 
     /// The shared owner keeping this region's mapping alive, for regions built by
     /// [`GuestRegion::from_shared`].
+    #[cfg(feature = "vm-memory")]
     pub(crate) fn shared_owner(&self) -> Option<&std::sync::Arc<dyn std::any::Any + Send + Sync>> {
         match &self._backing {
             Backing::Shared(owner) => Some(owner),
