@@ -99,8 +99,9 @@ pub fn boot_guest(m: &Machine, opts: &Opts) -> Res<()> {
         .map_err(err("KVM_SET_REGS"))?;
     let mut xsave = vcpu.get_xsave().map_err(err("KVM_GET_XSAVE"))?;
     xsave.region[XMM7_WORD..XMM7_WORD + 4].copy_from_slice(&XMM7_MAGIC);
-    xsave.region[XSTATE_BV_WORD] |= 0b10; // SSE state valid (else KVM ignores xmm).
-                                          // SAFETY: a legacy 4 KiB xsave area just read with KVM_GET_XSAVE, two words changed.
+    // SSE state valid (else KVM ignores xmm).
+    xsave.region[XSTATE_BV_WORD] |= 0b10;
+    // SAFETY: a legacy 4 KiB xsave area just read with KVM_GET_XSAVE, two words changed.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(err("KVM_SET_XSAVE"))?;
     Ok(())
 }

@@ -15,7 +15,7 @@
 //! **Access rule.** The view never hands out `&[u8]` over guest memory the guest may
 //! write. Reads of a running guest's pages are copies through raw pointers
 //! (`GuestRegion::read_pages`), the same access `vm-memory` itself makes for
-//! [`VolatileSlice::copy_to`](::vm_memory::VolatileSlice::copy_to) of more than a word
+//! [`VolatileSlice::copy_to`](vm_memory::VolatileSlice::copy_to) of more than a word
 //! (`ptr::copy_nonoverlapping` out of the mapping into a caller buffer), so a torn
 //! read is a mix of old and new bytes, never undefined contents; the tracker then
 //! reports the page dirty and it is sent again. Writes into destination memory
