@@ -171,8 +171,8 @@ mod tests {
     fn two_regions() -> Arc<GuestMemoryMmap> {
         Arc::new(
             GuestMemoryMmap::from_ranges(&[
-                (GuestAddress(1 << 30), 8 * PAGE_SIZE),
                 (GuestAddress(0), 4 * PAGE_SIZE),
+                (GuestAddress(1 << 30), 8 * PAGE_SIZE),
             ])
             .unwrap(),
         )
