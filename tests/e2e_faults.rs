@@ -110,8 +110,21 @@ fn frame_fault(
         fired = Some(fc.fired.clone());
         fc
     });
+    let recovered = |o: &Outcome| match (&o.source, &o.dest) {
+        (Ok(_), Ok(d)) => d.report.torn_pages > 0,
+        _ => false,
+    };
     if fired.unwrap().load(std::sync::atomic::Ordering::SeqCst) {
-        assert_failed_cleanly(&src, &log, out, paused);
+        if section == Section::Data && action == Action::Flip && recovered(&out) {
+            // A raw batch of a running guest is hashed in place (zero-copy), so a
+            // flipped payload byte reads as a torn page, which is legal: the page is
+            // dirty and goes again. When it did go again, completing is right; the
+            // digest and the full compare prove the final memory.
+            eprintln!("note: fault {fault:?} hit a racy batch whose page was sent again");
+            assert_migrated(&src, out);
+        } else {
+            assert_failed_cleanly(&src, &log, out, paused);
+        }
     } else {
         // Page streams share one work queue, so a late frame on a given stream is
         // not guaranteed to exist. Without the fault the migration must succeed.
