@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod gate;
+pub mod host_memory;
 pub mod limiter;
 pub mod setup_check;
 
@@ -25,7 +26,9 @@ use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use apply::{apply_stream, ApplyShared};
 pub use limiter::{HostLimiter, Permit};
-pub use setup_check::HostCaps;
+pub use setup_check::{
+    HostCaps, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
+};
 use setup_check::Refusal;
 
 /// Destination settings.
@@ -53,6 +56,17 @@ pub struct ReceiverConfig {
     pub max_streams: u16,
     /// Host capabilities.
     pub host: HostCaps,
+    /// Most memory this receiver may commit for a skeleton VM (guest memory plus
+    /// receive tables), checked at setup before anything is mapped. `None`: what
+    /// the host can commit now (`MemAvailable` and the cgroup limit, see
+    /// [`host_memory`]).
+    pub max_memory: Option<u64>,
+    /// Most pre-copy rounds (final round included) a source may send.
+    pub max_rounds: u32,
+    /// Largest `Setup` attachment (VM config blob plus participants' setup info).
+    pub max_setup_attachment: usize,
+    /// Largest `DeviceState` attachment (the device-state envelope).
+    pub max_device_state: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -65,6 +79,10 @@ impl Default for ReceiverConfig {
             idle_timeout: Duration::from_secs(600),
             max_streams: 64,
             host: HostCaps::default(),
+            max_memory: None,
+            max_rounds: DEFAULT_MAX_ROUNDS,
+            max_setup_attachment: DEFAULT_MAX_SETUP_ATTACHMENT,
+            max_device_state: DEFAULT_MAX_DEVICE_STATE,
         }
     }
 }
@@ -332,7 +350,9 @@ impl Receiver {
             .map_err(t("handshake"))?;
 
         // Setup: check, then build the skeleton VM (memory) before any page arrives.
-        let (msg, attachment) = control.control().map_err(t("setup"))?;
+        let (msg, attachment) = control
+            .control_capped(&self.config.setup_caps())
+            .map_err(t("setup"))?;
         let ControlMsg::Setup {
             layout,
             compat,
@@ -430,7 +450,11 @@ impl Receiver {
         let _ = control
             .stream()
             .set_read_timeout(Some(self.config.idle_timeout));
-        let shared = Arc::new(ApplyShared::new(memory.clone(), streams as usize));
+        let shared = Arc::new(ApplyShared::new(
+            memory.clone(),
+            streams as usize,
+            self.config.max_rounds,
+        ));
         let shutdowns: Vec<_> = readers
             .iter()
             .map(|(_, r)| r.stream().shutdown_handle())
@@ -502,7 +526,7 @@ impl Receiver {
         // Control stream: wait for brownout, device state and commit.
         let mut device_state: Option<Vec<u8>> = None;
         let commit = loop {
-            let msg = control.control();
+            let msg = control.control_capped(&self.config.rounds_caps());
             let page_error = || shared.error.lock().expect("error lock").clone();
             match msg {
                 Ok((ControlMsg::Brownout { .. }, _)) => {}

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! round u32 | codec u8 | flags u8 | npages u16 | nextents u16 | reserved u16 | payload_len u32
-//! extents:  nextents × (gfn u64, count u32)          sum(count) == npages
+//! extents:  nextents × (gfn u64, count u32)          sum(count) == npages,
+//!                                                     sorted by gfn, disjoint
 //! zero map: ceil(npages / 8) bytes                   bit i: page i is all zero (no payload)
 //! hashes:   npages × u64                             xxh3-64 of each page's content
 //! ```
@@ -147,16 +148,26 @@ impl BatchMeta {
         }
         let mut off = FIXED;
         let mut total = 0usize;
-        for _ in 0..nextents {
+        // End (exclusive) of the previous extent: extents must be sorted and
+        // disjoint, so no page appears twice in a batch (the receiver relies on it
+        // to hand out one mutable slice per page).
+        let mut prev_end = 0u64;
+        for i in 0..nextents {
             let gfn = u64::from_le_bytes(
                 b[off..off + 8]
                     .try_into()
                     .map_err(|_| WireError::Truncated("extent"))?,
             );
             let count = u32at(off + 8);
-            if count == 0 || gfn.checked_add(count as u64).is_none() {
-                return Err(WireError::Invalid("extent"));
+            let Some(end) = gfn.checked_add(count as u64).filter(|_| count != 0) else {
+                return Err(WireError::Invalid("extent (empty or past the last gfn)"));
+            };
+            if i > 0 && gfn < prev_end {
+                return Err(WireError::Invalid(
+                    "extents overlap or are not sorted by gfn",
+                ));
             }
+            prev_end = end;
             total += count as usize;
             if total > npages {
                 return Err(WireError::Invalid("extent counts exceed page count"));

@@ -223,6 +223,10 @@ struct RecvArgs {
     /// migration if this host cannot.
     #[arg(long)]
     prealloc: bool,
+    /// Refuse a guest needing more than SIZE of memory here (e.g. 2G). Default:
+    /// what this host can commit (MemAvailable and the cgroup limit).
+    #[arg(long, value_name = "SIZE", value_parser = args::parse_size)]
+    max_memory: Option<u64>,
 }
 
 fn main() {
@@ -739,6 +743,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
     let received = Receiver::new()
         .config(ReceiverConfig {
             prealloc: a.prealloc,
+            max_memory: a.max_memory,
             ..ReceiverConfig::default()
         })
         .run(&acceptor)
