@@ -121,6 +121,12 @@ impl BatchMeta {
         if self.flags & !KNOWN_FLAGS != 0 {
             return Err(WireError::Invalid("batch flags"));
         }
+        if self.flags & FLAG_DELTA != 0 && self.flags & FLAG_RACY != 0 {
+            return Err(WireError::Invalid("batch flags (delta with racy)"));
+        }
+        if u16at(10) != 0 {
+            return Err(WireError::Invalid("batch meta reserved field"));
+        }
         let npages = u16at(6) as usize;
         let nextents = u16at(8) as usize;
         self.payload_len = u32at(12);
