@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use crate::codec::cache::{Record, RecordReader};
 use crate::codec::{CodecId, CodecSet};
-use crate::memory::PAGE_SIZE;
-use crate::wire::frame::AttachmentCaps;
 use crate::device::envelope;
 use crate::memory::GuestMemory;
+use crate::memory::PAGE_SIZE;
 use crate::receiver::{Receiver, ReceiverConfig};
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::batch::BatchMeta;
+use crate::wire::frame::AttachmentCaps;
 use crate::wire::frame::{decode_frame, RoundEnd};
 use crate::wire::{ControlMsg, FrameKind};
 

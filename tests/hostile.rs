@@ -203,7 +203,11 @@ fn round_end(round: u32) -> Vec<u8> {
 fn await_cut_then_abort(mut control: Box<dyn Stream>, mut p: Box<dyn Stream>) {
     let _ = p.set_read_timeout(Some(DEADLINE));
     let mut b = [0u8; 1];
-    assert_eq!(p.read(&mut b).unwrap_or(0), 0, "the receiver cuts page streams");
+    assert_eq!(
+        p.read(&mut b).unwrap_or(0),
+        0,
+        "the receiver cuts page streams"
+    );
     send_control(
         &mut *control,
         &ControlMsg::Abort {
@@ -289,7 +293,10 @@ fn hello_with_an_attachment() {
     let mut c = dest.connect();
     send_control(&mut *c, &hello(1), &[0u8; 100]);
     let e = dest.finish(t).to_string();
-    assert!(e.contains("handshake") && e.contains("exceeds the bound 0"), "{e}");
+    assert!(
+        e.contains("handshake") && e.contains("exceeds the bound 0"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -387,7 +394,10 @@ fn same_page_twice_on_one_stream_in_one_round() {
     send(&mut *p, FrameKind::Batch, &zero_batch(0, &[(6, 1)]), &[]);
     await_cut_then_abort(c, p);
     let e = pages_error(dest.finish(t));
-    assert!(e.contains("page at index 6 arrives twice in round 0"), "{e}");
+    assert!(
+        e.contains("page at index 6 arrives twice in round 0"),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -23,8 +23,14 @@ fn kind() -> impl Strategy<Value = FrameKind> {
 }
 
 fn header() -> impl Strategy<Value = FrameHeader> {
-    (kind(), any::<u8>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-        |(kind, flags, m, d, crc)| {
+    (
+        kind(),
+        any::<u8>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(kind, flags, m, d, crc)| {
             let (max_meta, max_data) = kind.bounds();
             FrameHeader {
                 kind,
@@ -33,8 +39,7 @@ fn header() -> impl Strategy<Value = FrameHeader> {
                 data_len: d % (max_data as u32 + 1),
                 crc,
             }
-        },
-    )
+        })
 }
 
 /// A valid batch meta: 1..=256 pages in sorted, disjoint extents.
@@ -64,12 +69,17 @@ fn batch_meta() -> impl Strategy<Value = BatchMeta> {
             let mut x = seed;
             let mut zero_map = vec![0u8; n.div_ceil(8)];
             for i in 0..n {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 if x >> 62 == 0 {
                     zero_map[i / 8] |= 1 << (i % 8);
                 }
             }
-            let nonzero = n - zero_map.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+            let nonzero = n - zero_map
+                .iter()
+                .map(|b| b.count_ones() as usize)
+                .sum::<usize>();
             let flags = if delta {
                 FLAG_DELTA
             } else if racy {
@@ -100,14 +110,23 @@ fn text() -> impl Strategy<Value = String> {
 
 fn control_msg() -> impl Strategy<Value = ControlMsg> {
     prop_oneof![
-        (text(), any::<u16>(), any::<u16>(), any::<u64>(), any::<u16>(), prop::collection::vec(text(), 0..4))
-            .prop_map(|(magic, major, minor, session, streams, capabilities)| ControlMsg::Hello {
-                magic,
-                major,
-                minor,
-                session,
-                streams,
-                capabilities
+        (
+            text(),
+            any::<u16>(),
+            any::<u16>(),
+            any::<u64>(),
+            any::<u16>(),
+            prop::collection::vec(text(), 0..4)
+        )
+            .prop_map(|(magic, major, minor, session, streams, capabilities)| {
+                ControlMsg::Hello {
+                    magic,
+                    major,
+                    minor,
+                    session,
+                    streams,
+                    capabilities,
+                }
             }),
         (
             prop::collection::vec((any::<u64>(), any::<u64>()), 0..4),
@@ -115,25 +134,35 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             any::<u64>(),
             prop::collection::vec((text(), any::<u64>()), 0..3)
         )
-            .prop_map(|(regions, switches, config_len, participants)| ControlMsg::Setup {
-                layout: MemoryLayout { regions },
-                compat: CompatVector {
-                    cpu_features: vec![],
-                    switches,
-                },
-                config_len,
-                participants,
-            }),
+            .prop_map(
+                |(regions, switches, config_len, participants)| ControlMsg::Setup {
+                    layout: MemoryLayout { regions },
+                    compat: CompatVector {
+                        cpu_features: vec![],
+                        switches,
+                    },
+                    config_len,
+                    participants,
+                }
+            ),
         (any::<u64>(), any::<u16>())
             .prop_map(|(session, index)| ControlMsg::StreamHello { session, index }),
         any::<u32>().prop_map(|final_round| ControlMsg::Brownout { final_round }),
-        (any::<u64>(), any::<u64>(), any::<u32>())
-            .prop_map(|(digest, pages, rounds)| ControlMsg::Commit { digest, pages, rounds }),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(digest, pages, rounds)| {
+            ControlMsg::Commit {
+                digest,
+                pages,
+                rounds,
+            }
+        }),
         text().prop_map(|message| ControlMsg::Refuse {
             code: RefuseCode::MemoryLayout,
             message
         }),
-        (text(), text()).prop_map(|(participant, reason)| ControlMsg::Veto { participant, reason }),
+        (text(), text()).prop_map(|(participant, reason)| ControlMsg::Veto {
+            participant,
+            reason
+        }),
         text().prop_map(|reason| ControlMsg::Abort { reason }),
         Just(ControlMsg::DeviceState),
         Just(ControlMsg::SetupOk),

@@ -101,8 +101,8 @@ impl MemoryLayout {
         let mut prev_end: Option<u64> = None;
         let mut total = 0u64;
         for &(gpa, len) in &self.regions {
-            let len_usize = usize::try_from(len)
-                .map_err(|_| MemoryError::Overflow("region length"))?;
+            let len_usize =
+                usize::try_from(len).map_err(|_| MemoryError::Overflow("region length"))?;
             if len == 0 || len % PAGE_SIZE as u64 != 0 || gpa % PAGE_SIZE as u64 != 0 {
                 return Err(MemoryError::Unaligned {
                     gpa,
@@ -435,7 +435,10 @@ mod tests {
         let overlap = MemoryLayout {
             regions: vec![(0, 8192), (4096, 4096)],
         };
-        assert!(matches!(overlap.validate(), Err(MemoryError::Overlap(4096))));
+        assert!(matches!(
+            overlap.validate(),
+            Err(MemoryError::Overlap(4096))
+        ));
         let unsorted = MemoryLayout {
             regions: vec![(8192, 4096), (0, 4096)],
         };

@@ -143,7 +143,11 @@ mod tests {
             .join("tests/fixtures/host_memory")
             .join(name);
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("fixture file");
-        committable_in(&read("meminfo"), &read("cgroup"), &dir.join("sys/fs/cgroup"))
+        committable_in(
+            &read("meminfo"),
+            &read("cgroup"),
+            &dir.join("sys/fs/cgroup"),
+        )
     }
 
     #[test]

@@ -26,10 +26,10 @@ use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use apply::{apply_stream, ApplyShared};
 pub use limiter::{HostLimiter, Permit};
+use setup_check::Refusal;
 pub use setup_check::{
     HostCaps, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
 };
-use setup_check::Refusal;
 
 /// Destination settings.
 #[derive(Debug, Clone)]

@@ -344,8 +344,7 @@ impl FrameReader {
         if h.kind != FrameKind::Control {
             return Err(self.wire(crate::wire::WireError::Invalid("expected a control frame")));
         }
-        caps.check_declared(h.data_len)
-            .map_err(|e| self.wire(e))?;
+        caps.check_declared(h.data_len).map_err(|e| self.wire(e))?;
         let mut meta = Vec::new();
         read_growing(&mut *self.stream, h.meta_len as usize, &mut meta).map_err(|e| self.io(e))?;
         let mut data = Vec::new();
