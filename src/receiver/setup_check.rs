@@ -89,7 +89,10 @@ pub const RECEIVE_TABLE_BYTES_PER_PAGE: u64 = 13;
 /// too large is a refusal naming memory rather than an OOM kill mid-transfer.
 pub(super) fn check_memory_bound(guest_bytes: u64, max_memory: Option<u64>) -> Result<(), Refusal> {
     let (available, source) = match max_memory {
-        Some(m) => (m, "the configured limit: max_memory, recv --max-memory".to_string()),
+        Some(m) => (
+            m,
+            "the configured limit: max_memory, recv --max-memory".to_string(),
+        ),
         None => match host_memory::committable() {
             Some(c) => (c.bytes, c.source),
             None => return Ok(()),
