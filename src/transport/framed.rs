@@ -344,6 +344,25 @@ impl FrameReader {
         if h.kind != FrameKind::Control {
             return Err(self.wire(crate::wire::WireError::Invalid("expected a control frame")));
         }
+        self.control_body_capped(&h, caps)
+    }
+
+    /// Read the body of a control frame whose header was already read; it may
+    /// carry no attachment.
+    pub fn control_body(
+        &mut self,
+        h: &FrameHeader,
+    ) -> Result<(ControlMsg, Vec<u8>), TransportError> {
+        self.control_body_capped(h, &AttachmentCaps::NONE)
+    }
+
+    /// Read the body of a control frame whose header was already read, with its
+    /// attachment bounded as in [`FrameReader::control_capped`].
+    pub fn control_body_capped(
+        &mut self,
+        h: &FrameHeader,
+        caps: &AttachmentCaps,
+    ) -> Result<(ControlMsg, Vec<u8>), TransportError> {
         caps.check_declared(h.data_len).map_err(|e| self.wire(e))?;
         let mut meta = Vec::new();
         read_growing(&mut *self.stream, h.meta_len as usize, &mut meta).map_err(|e| self.io(e))?;
