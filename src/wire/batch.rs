@@ -250,5 +250,44 @@ mod tests {
         let mut bad = b.clone();
         bad[12] = 1; // payload length off by one
         assert!(d.decode_from(&bad).is_err());
+        let mut bad = b.clone();
+        bad[10] = 1; // reserved
+        assert_eq!(
+            d.decode_from(&bad),
+            Err(WireError::Invalid("batch meta reserved field"))
+        );
+        let mut bad = b.clone();
+        bad[5] = FLAG_DELTA | FLAG_RACY;
+        assert_eq!(
+            d.decode_from(&bad),
+            Err(WireError::Invalid("batch flags (delta with racy)"))
+        );
+        // Extents must be sorted and disjoint: (10, 2) then (11, 1) overlaps, and
+        // (100, 1) then (10, 2) is unsorted.
+        for extents in [
+            vec![Extent { gfn: 10, count: 2 }, Extent { gfn: 11, count: 1 }],
+            vec![Extent { gfn: 100, count: 1 }, Extent { gfn: 10, count: 2 }],
+        ] {
+            let mut e = Vec::new();
+            BatchMeta {
+                extents,
+                ..m.clone()
+            }
+            .encode_into(&mut e);
+            assert_eq!(
+                d.decode_from(&e),
+                Err(WireError::Invalid(
+                    "extents overlap or are not sorted by gfn"
+                ))
+            );
+        }
+        // Adjacent extents (two regions meeting at a gfn) are fine.
+        let mut e = Vec::new();
+        BatchMeta {
+            extents: vec![Extent { gfn: 10, count: 2 }, Extent { gfn: 12, count: 1 }],
+            ..m.clone()
+        }
+        .encode_into(&mut e);
+        assert_eq!(d.decode_from(&e), Ok(()));
     }
 }
