@@ -10,12 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::codec::CodecSet;
+use crate::codec::cache::{Record, RecordReader};
+use crate::codec::{CodecId, CodecSet};
 use crate::device::envelope;
 use crate::memory::GuestMemory;
+use crate::memory::PAGE_SIZE;
 use crate::receiver::{Receiver, ReceiverConfig};
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::batch::BatchMeta;
+use crate::wire::frame::AttachmentCaps;
 use crate::wire::frame::{decode_frame, RoundEnd};
 use crate::wire::{ControlMsg, FrameKind};
 
@@ -60,6 +63,80 @@ pub fn decode_all(bytes: &[u8]) {
     let _ = ControlMsg::decode(bytes);
     let _ = RoundEnd::decode(bytes);
     let _ = envelope::decode(bytes);
+}
+
+/// A control message from arbitrary bytes: decoding never panics, a decoded
+/// message re-encodes to one that decodes to itself, and its attachment cap is
+/// defined.
+pub fn control_msg(bytes: &[u8]) {
+    if let Ok(msg) = ControlMsg::decode(bytes) {
+        let again = ControlMsg::decode(&msg.encode()).expect("an encoded message decodes");
+        assert_eq!(again, msg, "control message round trip");
+        let caps = AttachmentCaps {
+            setup: 1 << 20,
+            device_state: 1 << 20,
+        };
+        let _ = caps.check_message(&msg, bytes.len());
+    }
+}
+
+/// Largest output a codec target asks for (a batch's decoded payload bound).
+const CODEC_OUT_MAX: usize = crate::wire::MAX_BATCH_DATA;
+
+/// A block codec's decoder on arbitrary input: the first two bytes choose the
+/// expected output length (as a batch's `payload_len` would, bounded like it), the
+/// rest is the compressed payload. Never panics, never writes past the output.
+pub fn codec_decode(codec: CodecId, bytes: &[u8]) {
+    let (len, input) = match bytes {
+        [a, b, rest @ ..] => {
+            // Whole pages most of the time (what batches carry), any length else.
+            let n = u16::from_le_bytes([*a, *b]) as usize;
+            let len = if n & 0x8000 != 0 {
+                (n & 0x1ff) * PAGE_SIZE
+            } else {
+                n
+            };
+            (len.min(CODEC_OUT_MAX), rest)
+        }
+        _ => (0, bytes),
+    };
+    thread_local! {
+        static STATE: std::cell::RefCell<(CodecSet, Vec<u8>)> =
+            std::cell::RefCell::new((CodecSet::new(1), Vec::new()));
+    }
+    STATE.with(|s| {
+        let (codecs, out) = &mut *s.borrow_mut();
+        out.clear();
+        out.resize(len, 0);
+        let _ = codecs.get(codec).decode(input, out);
+    });
+}
+
+/// The delta decoders on arbitrary bytes: the record stream reader (as a
+/// `FLAG_DELTA` batch's decoded payload) and each delta applied onto a page; the
+/// raw input is also applied as one delta.
+pub fn delta_decode(bytes: &[u8]) {
+    let mut page = [0u8; PAGE_SIZE];
+    let _ = crate::codec::delta::apply(bytes, &mut page);
+    let mut rd = RecordReader::new(bytes);
+    for _ in 0..crate::wire::MAX_BATCH_PAGES {
+        match rd.next_record() {
+            Ok(Record::Full(p)) => page.copy_from_slice(p),
+            Ok(Record::Delta(d)) => {
+                let _ = crate::codec::delta::apply(d, &mut page);
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = rd.finish();
+}
+
+/// The device-state envelope on arbitrary bytes: what decodes re-encodes to the
+/// same bytes (the format has one encoding), so nothing is accepted loosely.
+pub fn envelope_decode(bytes: &[u8]) {
+    if let Ok(entries) = envelope::decode(bytes) {
+        assert_eq!(envelope::encode(&entries), bytes, "envelope re-encodes");
+    }
 }
 
 /// A stream that yields a fixed script of bytes, then EOF, and swallows writes.
@@ -160,11 +237,41 @@ pub fn join_streams(streams: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
+/// The memory bound of the [`receiver_setup`] harness: a layout above it is
+/// refused at setup, so no input maps more.
+pub const SETUP_MAX_MEMORY: u64 = 64 << 20;
+
+/// Feed `bytes` (see [`split_streams`]) to a whole receiver that builds its memory
+/// from the source's layout: handshake, setup (layout arithmetic, memory bound,
+/// attachment index), stream accept, rounds and commit all run on fuzzed bytes.
+/// The receiver's memory bound is [`SETUP_MAX_MEMORY`], so a hostile layout is
+/// refused before anything is mapped and no input allocates beyond it.
+pub fn receiver_setup(bytes: &[u8]) -> Result<(), String> {
+    let acceptor = ScriptedAcceptor(Mutex::new(split_streams(bytes).into()));
+    let r = Receiver::new()
+        .config(ReceiverConfig {
+            huge_pages: false,
+            prefault: false,
+            prealloc: false,
+            accept_timeout: Duration::from_millis(10),
+            idle_timeout: Duration::from_secs(2),
+            max_streams: 4,
+            max_memory: Some(SETUP_MAX_MEMORY),
+            max_device_state: 1 << 20,
+            ..Default::default()
+        })
+        .run(&acceptor);
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Feed `bytes` (see [`split_streams`]) to a whole receiver as its incoming
 /// streams: each yields its script then EOF, and replies are discarded. The
 /// receiver must fail cleanly (or succeed on a byte-perfect recorded session); the
 /// destination memory is a fixed 1 MiB at gpa 0, so a hostile layout cannot make
-/// it allocate.
+/// it allocate ([`receiver_setup`] covers the layout path).
 pub fn receiver_stream(bytes: &[u8]) -> Result<(), String> {
     let memory = Arc::new(GuestMemory::anonymous(1 << 20, false).map_err(|e| e.to_string())?);
     let acceptor = ScriptedAcceptor(Mutex::new(split_streams(bytes).into()));

@@ -62,6 +62,9 @@ pub enum MemoryError {
     /// memfd name contains NUL.
     #[error("memfd name contains a NUL byte")]
     BadName,
+    /// Layout arithmetic does not fit in 64 bits (or in this host's address space).
+    #[error("memory layout overflows: {0} does not fit")]
+    Overflow(&'static str),
 }
 
 /// The memory layout: what both sides must agree on before any page moves.
@@ -72,13 +75,57 @@ pub struct MemoryLayout {
 }
 
 impl MemoryLayout {
-    /// Total bytes.
-    pub fn total_bytes(&self) -> u64 {
-        self.regions.iter().map(|r| r.1).sum()
+    /// Total bytes, or `None` if the sum overflows `u64`.
+    pub fn checked_total_bytes(&self) -> Option<u64> {
+        self.regions
+            .iter()
+            .try_fold(0u64, |acc, r| acc.checked_add(r.1))
     }
-    /// Total pages.
+    /// Total bytes, saturating at `u64::MAX` (a layout that overflows is refused
+    /// by [`MemoryLayout::validate`]; this never wraps or panics).
+    pub fn total_bytes(&self) -> u64 {
+        self.checked_total_bytes().unwrap_or(u64::MAX)
+    }
+    /// Total pages (saturating like [`MemoryLayout::total_bytes`]).
     pub fn total_pages(&self) -> u64 {
         self.total_bytes() / PAGE_SIZE as u64
+    }
+
+    /// Check everything a destination relies on before mapping anything: at least
+    /// one region; every region non-empty, page aligned, ending below 2^64 and
+    /// addressable on this host; regions sorted by gpa and disjoint; the total
+    /// fitting in 64 bits. Returns the total bytes. All arithmetic is checked, so
+    /// a hostile layout gets an error, never a wrapped size or a panic.
+    pub fn validate(&self) -> Result<u64, MemoryError> {
+        if self.regions.is_empty() {
+            return Err(MemoryError::Empty);
+        }
+        let mut prev_end: Option<u64> = None;
+        let mut total = 0u64;
+        for &(gpa, len) in &self.regions {
+            let len_usize =
+                usize::try_from(len).map_err(|_| MemoryError::Overflow("region length"))?;
+            if len == 0 || len % PAGE_SIZE as u64 != 0 || gpa % PAGE_SIZE as u64 != 0 {
+                return Err(MemoryError::Unaligned {
+                    gpa,
+                    len: len_usize,
+                });
+            }
+            let end = gpa
+                .checked_add(len)
+                .ok_or(MemoryError::Overflow("region end (gpa + length)"))?;
+            if prev_end.is_some_and(|p| gpa < p) {
+                return Err(MemoryError::Overlap(gpa));
+            }
+            prev_end = Some(end);
+            total = total
+                .checked_add(len)
+                .ok_or(MemoryError::Overflow("total memory size"))?;
+        }
+        if usize::try_from(total).is_err() {
+            return Err(MemoryError::Overflow("total memory size"));
+        }
+        Ok(total)
     }
 }
 
@@ -98,15 +145,21 @@ impl GuestMemory {
         }
         regions.sort_by_key(|r| r.gpa());
         for w in regions.windows(2) {
-            if w[0].gpa() + w[0].len() as u64 > w[1].gpa() {
+            let end = w[0]
+                .gpa()
+                .checked_add(w[0].len() as u64)
+                .ok_or(MemoryError::Overflow("region end (gpa + length)"))?;
+            if end > w[1].gpa() {
                 return Err(MemoryError::Overlap(w[1].gpa()));
             }
         }
         let mut first_page = Vec::with_capacity(regions.len() + 1);
-        let mut acc = 0;
+        let mut acc = 0u64;
         for r in &regions {
             first_page.push(acc);
-            acc += r.pages();
+            acc = acc
+                .checked_add(r.pages())
+                .ok_or(MemoryError::Overflow("total page count"))?;
         }
         first_page.push(acc);
         Ok(Self {
@@ -122,6 +175,7 @@ impl GuestMemory {
 
     /// Anonymous regions matching a layout (the destination's skeleton VM).
     pub fn from_layout(layout: &MemoryLayout, huge_pages: bool) -> Result<Self, MemoryError> {
+        layout.validate()?;
         let regions = layout
             .regions
             .iter()
@@ -357,6 +411,52 @@ pub fn digest_of_table(table: &[u64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layout_arithmetic_is_checked() {
+        let ok = MemoryLayout {
+            regions: vec![(0, 1 << 20), (1 << 30, 2 << 20)],
+        };
+        assert_eq!(ok.validate().unwrap(), 3 << 20);
+        // Two regions whose lengths sum past 2^64: refused, never wrapped.
+        let wraps = MemoryLayout {
+            regions: vec![(0, 1 << 63), (1 << 63, 1 << 63)],
+        };
+        assert_eq!(wraps.checked_total_bytes(), None);
+        assert_eq!(wraps.total_bytes(), u64::MAX);
+        assert!(matches!(wraps.validate(), Err(MemoryError::Overflow(_))));
+        // A region reaching past the end of the address space.
+        let past_end = MemoryLayout {
+            regions: vec![(u64::MAX - 4095, 8192)],
+        };
+        assert!(matches!(past_end.validate(), Err(MemoryError::Overflow(_))));
+        assert!(matches!(
+            GuestMemory::from_layout(&past_end, false),
+            Err(MemoryError::Overflow(_))
+        ));
+        let overlap = MemoryLayout {
+            regions: vec![(0, 8192), (4096, 4096)],
+        };
+        assert!(matches!(
+            overlap.validate(),
+            Err(MemoryError::Overlap(4096))
+        ));
+        let unsorted = MemoryLayout {
+            regions: vec![(8192, 4096), (0, 4096)],
+        };
+        assert!(matches!(unsorted.validate(), Err(MemoryError::Overlap(0))));
+        let unaligned = MemoryLayout {
+            regions: vec![(0, 4097)],
+        };
+        assert!(matches!(
+            unaligned.validate(),
+            Err(MemoryError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            MemoryLayout { regions: vec![] }.validate(),
+            Err(MemoryError::Empty)
+        ));
+    }
 
     /// Known answers computed with a second XXH3 implementation (the `xxhash-rust`
     /// crate, 0.8.19): the page hash and the digest are wire-visible, so a sender and

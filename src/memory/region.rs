@@ -69,6 +69,9 @@ fn check_len(gpa: u64, len: usize) -> Result<(), MemoryError> {
     if len == 0 || len % PAGE_SIZE != 0 || gpa % PAGE_SIZE as u64 != 0 {
         return Err(MemoryError::Unaligned { gpa, len });
     }
+    if gpa.checked_add(len as u64).is_none() {
+        return Err(MemoryError::Overflow("region end (gpa + length)"));
+    }
     Ok(())
 }
 

@@ -49,11 +49,16 @@ impl Receiver {
         let mut accepted = Vec::with_capacity(streams as usize);
         let mut seen = vec![false; streams as usize];
         let mut stray_connections = 0;
+        let mut last_stray = None;
         while accepted.len() < streams as usize {
             let Some(stream) = next_connection(PHASE, acceptor, give_up)? else {
                 return Err(ReceiveError::TimedOut {
                     phase: PHASE,
-                    what: format!("only {} of {streams} page streams arrived", accepted.len()),
+                    what: format!(
+                        "only {} of {streams} page streams arrived{}",
+                        accepted.len(),
+                        super::handshake::stray_note(last_stray.as_deref())
+                    ),
                     after: self.config.accept_timeout,
                     stray_connections: strays_before + stray_connections,
                 });
@@ -73,8 +78,21 @@ impl Receiver {
                         .set_read_timeout(Some(self.config.idle_timeout));
                     accepted.push(PageStream { index, reader });
                 }
-                Ok(_) | Err(_) => {
+                Ok((other, _)) => {
                     stray_connections += 1;
+                    last_stray = Some(match other {
+                        ControlMsg::StreamHello { index, .. } => {
+                            format!(
+                                "its stream hello (index {index}) is not one this session awaits"
+                            )
+                        }
+                        other => format!("it opened with {}", other.name()),
+                    });
+                    reader.stream().shutdown();
+                }
+                Err(e) => {
+                    stray_connections += 1;
+                    last_stray = Some(e.to_string());
                     reader.stream().shutdown();
                 }
             }

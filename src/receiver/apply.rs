@@ -1,7 +1,7 @@
 //! Applying batch frames to destination memory (one thread per page stream).
 
 use std::io::IoSliceMut;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::gate::RoundGate;
@@ -21,6 +21,10 @@ pub struct ApplyShared {
     pub applied_hashes: Vec<AtomicU64>,
     /// Pages written at least once (untouched zero pages need no write).
     pub touched: DirtyBitmap,
+    /// Per page: the round in which a batch last claimed it, plus one (0: never).
+    /// A batch claims all its pages before writing any, so a page arrives at most
+    /// once per round across all streams (see [`claim_pages`]).
+    pub stamps: Vec<AtomicU32>,
     /// Round gate.
     pub gate: RoundGate,
     /// Pages applied.
@@ -38,13 +42,15 @@ pub struct ApplyShared {
 }
 
 impl ApplyShared {
-    /// Shared state for `streams` streams over `memory`.
-    pub fn new(memory: Arc<GuestMemory>, streams: usize) -> Self {
+    /// Shared state for `streams` streams over `memory`, accepting at most
+    /// `max_rounds` rounds.
+    pub fn new(memory: Arc<GuestMemory>, streams: usize, max_rounds: u32) -> Self {
         let n = memory.total_pages();
         Self {
             applied_hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
             touched: DirtyBitmap::new(n),
-            gate: RoundGate::new(streams),
+            stamps: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            gate: RoundGate::new(streams, max_rounds),
             memory,
             pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
@@ -142,8 +148,13 @@ pub fn apply_stream(
                 round += 1;
             }
             FrameKind::StreamEnd => {
-                if h.meta_len != 0 {
+                if h.meta_len != 0 || h.data_len != 0 {
                     break Err(format!("page stream {stream_index}: malformed stream end"));
+                }
+                // Valid only after the final round, with the same round count on
+                // every stream; waiters of a round that cannot finish now fail.
+                if let Err(e) = shared.gate.end(stream_index, round) {
+                    break Err(format!("page stream {stream_index}: {e}"));
                 }
                 break Ok(());
             }
@@ -181,6 +192,7 @@ fn apply_batch(
         }
         s.indexes.extend(first..first + e.count as u64);
     }
+    claim_pages(shared, &s.indexes, s.meta.round)?;
     let codec = s.meta.codec.ok_or("batch without codec")?;
     let racy = s.meta.flags & FLAG_RACY != 0;
     if s.meta.flags & FLAG_DELTA != 0 {
@@ -210,9 +222,24 @@ fn apply_batch(
         }
         let mut slices: Vec<IoSliceMut<'_>> = Vec::with_capacity(spans.len());
         for &(start, count) in &spans {
-            // SAFETY: the destination VM is not running; within a round each page
-            // appears in at most one batch (sender contract), and the round gate keeps
-            // other streams off pages of other rounds, so no one else touches them.
+            // SAFETY: `io_slice_mut` needs that no guest runs on these pages and that
+            // no other thread reads or writes them while the slice lives. This holds
+            // for any input, hostile included, because of checks made above in safe
+            // code, not because the sender behaves:
+            // - no guest: the receiver's memory runs no vCPU until `run` returns;
+            // - no alias within this batch: `BatchMeta::decode_from` refused extents
+            //   that are unsorted or overlap, and each extent was resolved inside one
+            //   region, so the spans built from them are disjoint;
+            // - no other stream in this round: `claim_pages` stamped every page of
+            //   this batch with this round (an atomic swap) before any slice was made,
+            //   and refuses a page already stamped with it, so any other batch of the
+            //   round naming one of these pages failed before touching it;
+            // - no stream in another round: a stream only moves to round r+1 through
+            //   the gate, after every stream (this one included, once this batch is
+            //   done and the slices dropped) reported round r, and the gate's mutex
+            //   orders those writes before the next round's;
+            // - not the prefault thread: it only asks the kernel to populate pages
+            //   (no userspace read or write of their bytes).
             slices.push(unsafe { mem.io_slice_mut(start, count) }.map_err(|e| e.to_string())?);
         }
         r.data_vectored(h, &mut slices).map_err(|e| e.to_string())?;
@@ -223,7 +250,8 @@ fn apply_batch(
                 apply_zero(shared, idx, s.meta.hashes[i])?;
                 continue;
             }
-            // SAFETY: as above, this thread is the only writer of the page.
+            // SAFETY: as above: this batch claimed the page for this round, so this
+            // thread is its only reader and writer until it passes the gate.
             let got = unsafe { mem.hash_page_exclusive(idx) }.map_err(|e| e.to_string())?;
             record(shared, idx, s.meta.hashes[i], got, racy)?;
         }
@@ -321,6 +349,27 @@ fn apply_delta_batch(
     rd.finish()
         .map_err(|e| format!("batch delta records: {e}"))?;
     shared.pages.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Claim `indexes` for `round`: stamp each page with `round + 1` and refuse a page
+/// already stamped with it (sent twice in one round, on this stream or another).
+/// All claims happen before any byte is written, so the refused batch touches
+/// nothing; the session then fails as a whole.
+pub fn claim_pages(shared: &ApplyShared, indexes: &[u64], round: u32) -> Result<(), String> {
+    // `round < max_rounds < u32::MAX` (the gate's bound), so `round + 1` fits.
+    let stamp = round.saturating_add(1);
+    for &idx in indexes {
+        let slot = shared
+            .stamps
+            .get(idx as usize)
+            .ok_or_else(|| format!("page at index {idx} is outside guest memory"))?;
+        if slot.swap(stamp, Ordering::AcqRel) == stamp {
+            return Err(format!(
+                "page at index {idx} arrives twice in round {round} (a page is sent at most once per round)"
+            ));
+        }
+    }
     Ok(())
 }
 

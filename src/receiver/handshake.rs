@@ -96,11 +96,15 @@ impl Receiver {
         strays: &mut u32,
     ) -> Result<Caller, ReceiveError> {
         let give_up = Instant::now() + self.config.accept_timeout;
+        let mut last_stray = None;
         loop {
             let Some(stream) = next_connection("accept", acceptor, give_up)? else {
                 return Err(ReceiveError::TimedOut {
                     phase: "accept",
-                    what: "no connection opened with a valid hello".into(),
+                    what: format!(
+                        "no connection opened with a valid hello{}",
+                        stray_note(last_stray.as_deref())
+                    ),
                     after: self.config.accept_timeout,
                     stray_connections: *strays,
                 });
@@ -155,8 +159,14 @@ impl Receiver {
                     return Err(refuse(&mut control, RefuseCode::Version, message));
                 }
                 // Closed, silent, garbage, or another message: not a migration.
-                Ok(_) | Err(_) => {
+                Ok((other, _)) => {
                     *strays += 1;
+                    last_stray = Some(format!("it opened with {}", other.name()));
+                    control.stream().shutdown();
+                }
+                Err(e) => {
+                    *strays += 1;
+                    last_stray = Some(e.to_string());
                     control.stream().shutdown();
                 }
             }
@@ -202,4 +212,10 @@ impl Receiver {
         }
         Ok(permit)
     }
+}
+
+/// `; the last stray connection was dropped because …` for a timeout message.
+pub(super) fn stray_note(last: Option<&str>) -> String {
+    last.map(|why| format!("; the last stray connection was dropped because {why}"))
+        .unwrap_or_default()
 }

@@ -27,6 +27,7 @@
 
 pub mod apply;
 pub mod gate;
+pub mod host_memory;
 pub mod limiter;
 pub mod setup_check;
 
@@ -51,7 +52,9 @@ use crate::wire::ControlMsg;
 use handshake::Handshake;
 pub use limiter::{HostLimiter, Permit};
 use setup::Skeleton;
-pub use setup_check::HostCaps;
+pub use setup_check::{
+    HostCaps, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
+};
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -86,6 +89,17 @@ pub struct ReceiverConfig {
     pub max_streams: u16,
     /// Host capabilities.
     pub host: HostCaps,
+    /// Most memory this receiver may commit for a skeleton VM (guest memory plus
+    /// receive tables), checked at setup before anything is mapped. `None`: what
+    /// the host can commit now (`MemAvailable` and the cgroup limit, see
+    /// [`host_memory`]).
+    pub max_memory: Option<u64>,
+    /// Most pre-copy rounds (final round included) a source may send.
+    pub max_rounds: u32,
+    /// Largest `Setup` attachment (VM config blob plus participants' setup info).
+    pub max_setup_attachment: usize,
+    /// Largest `DeviceState` attachment (the device-state envelope).
+    pub max_device_state: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -100,6 +114,10 @@ impl Default for ReceiverConfig {
             idle_timeout: Duration::from_secs(600),
             max_streams: 64,
             host: HostCaps::default(),
+            max_memory: None,
+            max_rounds: DEFAULT_MAX_ROUNDS,
+            max_setup_attachment: DEFAULT_MAX_SETUP_ATTACHMENT,
+            max_device_state: DEFAULT_MAX_DEVICE_STATE,
         }
     }
 }

@@ -46,7 +46,7 @@ impl Receiver {
         let _ = control
             .stream()
             .set_read_timeout(Some(self.config.idle_timeout));
-        let appliers = Appliers::start(memory.clone(), page_streams);
+        let appliers = Appliers::start(memory.clone(), page_streams, self.config.max_rounds);
         let prefault = if self.config.prefault && !self.config.prealloc && self.memory.is_none() {
             let m = memory.clone();
             Some(std::thread::spawn(move || m.prefault(1)))
@@ -55,7 +55,7 @@ impl Receiver {
         };
         let mut device_state = None;
         let commit = loop {
-            match control.control() {
+            match control.control_capped(&self.config.rounds_caps()) {
                 Ok((ControlMsg::Brownout { .. }, _)) => {}
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
                 Ok((
@@ -123,8 +123,8 @@ struct Appliers {
 }
 
 impl Appliers {
-    fn start(memory: Arc<GuestMemory>, page_streams: Vec<PageStream>) -> Self {
-        let shared = Arc::new(ApplyShared::new(memory, page_streams.len()));
+    fn start(memory: Arc<GuestMemory>, page_streams: Vec<PageStream>, max_rounds: u32) -> Self {
+        let shared = Arc::new(ApplyShared::new(memory, page_streams.len(), max_rounds));
         let shutdowns: Vec<_> = page_streams
             .iter()
             .map(|p| p.reader.stream().shutdown_handle())

@@ -36,7 +36,7 @@ impl Receiver {
         const PHASE: &str = "setup";
         let first_byte = deadline.first_byte_at().unwrap_or_else(Instant::now);
         deadline.arm(first_byte + self.config.setup_timeout);
-        let received = control.control();
+        let received = control.control_capped(&self.config.setup_caps());
         deadline.disarm();
         let (msg, attachment) = received.map_err(|e| {
             if is_timeout(&e) {

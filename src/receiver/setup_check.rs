@@ -8,11 +8,40 @@
 //! check: the veto point). Each refusal has its own [`RefuseCode`] and message; none
 //! panics and none costs a page transfer.
 
-use super::Receiver;
+use super::{host_memory, Receiver};
 use crate::device::Veto;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::wire::control::{CompatVector, RefuseCode};
+use crate::wire::frame::AttachmentCaps;
 use crate::wire::{PROTOCOL_MAJOR, PROTOCOL_MINOR};
+
+/// Default for `ReceiverConfig::max_rounds`: far more than any converging
+/// migration needs (the source's own default limit is in the tens), small enough
+/// that a source cannot keep a receiver busy forever.
+pub const DEFAULT_MAX_ROUNDS: u32 = 10_000;
+/// Default for `ReceiverConfig::max_setup_attachment` (1 MiB): a VM config blob and
+/// participants' setup info are small.
+pub const DEFAULT_MAX_SETUP_ATTACHMENT: usize = 1 << 20;
+/// Default for `ReceiverConfig::max_device_state` (64 MiB, the protocol's bound on
+/// a control attachment): vCPU and device state of a large VM fits.
+pub const DEFAULT_MAX_DEVICE_STATE: usize = crate::wire::MAX_CONTROL_DATA;
+
+impl super::ReceiverConfig {
+    /// Attachment caps while waiting for `Setup`.
+    pub fn setup_caps(&self) -> AttachmentCaps {
+        AttachmentCaps {
+            setup: self.max_setup_attachment,
+            device_state: 0,
+        }
+    }
+    /// Attachment caps during rounds, brownout and commit (only `DeviceState`).
+    pub fn rounds_caps(&self) -> AttachmentCaps {
+        AttachmentCaps {
+            setup: 0,
+            device_state: self.max_device_state,
+        }
+    }
+}
 
 /// What the destination host offers, checked against the source's setup.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +84,38 @@ pub fn check_version(magic: &str, major: u16, minor: u16) -> Result<(), String> 
     Ok(())
 }
 
+/// Bytes the receiver keeps per guest page besides the page itself: the applied
+/// hash (8), the round stamp (4) and a bit in the touched bitmap.
+pub const RECEIVE_TABLE_BYTES_PER_PAGE: u64 = 13;
+
+/// Refuse a skeleton VM this receiver cannot commit: the guest's memory plus the
+/// receive tables against `max_memory` or, when unset, what the host can commit
+/// ([`host_memory::committable`]). Checked before anything is mapped, so a guest
+/// too large is a refusal naming memory rather than an OOM kill mid-transfer.
+pub(super) fn check_memory_bound(guest_bytes: u64, max_memory: Option<u64>) -> Result<(), Refusal> {
+    let (available, source) = match max_memory {
+        Some(m) => (
+            m,
+            "the configured limit: max_memory, recv --max-memory".to_string(),
+        ),
+        None => match host_memory::committable() {
+            Some(c) => (c.bytes, c.source),
+            None => return Ok(()),
+        },
+    };
+    let tables = (guest_bytes / PAGE_SIZE as u64).saturating_mul(RECEIVE_TABLE_BYTES_PER_PAGE);
+    let needed = guest_bytes.saturating_add(tables);
+    if needed > available {
+        return Err(Refusal::Refuse(
+            RefuseCode::MemoryLayout,
+            format!(
+                "not enough memory on the destination: the guest needs {needed} bytes ({guest_bytes} of guest memory plus {tables} of receive tables), {available} bytes available ({source})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Receiver {
     pub(super) fn check_setup(
         &mut self,
@@ -64,18 +125,13 @@ impl Receiver {
         participants: &[(String, u64)],
         attachment: &[u8],
     ) -> Result<(), Refusal> {
-        // Memory layout.
-        if layout.regions.is_empty()
-            || layout
-                .regions
-                .iter()
-                .any(|&(g, l)| l == 0 || g % PAGE_SIZE as u64 != 0 || l % PAGE_SIZE as u64 != 0)
-        {
-            return Err(Refusal::Refuse(
+        // Memory layout: every size and address checked before any is used.
+        let total_bytes = layout.validate().map_err(|e| {
+            Refusal::Refuse(
                 RefuseCode::MemoryLayout,
-                "the source's memory layout is empty or not page aligned".into(),
-            ));
-        }
+                format!("the source's memory layout is invalid: {e}"),
+            )
+        })?;
         if let Some(m) = &self.memory {
             if m.layout() != *layout {
                 return Err(Refusal::Refuse(
@@ -91,15 +147,17 @@ impl Receiver {
             }
         }
         if let Some(max) = self.config.host.max_memory {
-            if layout.total_bytes() > max {
+            if total_bytes > max {
                 return Err(Refusal::Refuse(
                     RefuseCode::MemoryLayout,
                     format!(
-                        "guest memory of {} bytes exceeds this host's limit of {max} bytes",
-                        layout.total_bytes()
+                        "guest memory of {total_bytes} bytes exceeds this host's limit of {max} bytes"
                     ),
                 ));
             }
+        }
+        if self.memory.is_none() {
+            check_memory_bound(total_bytes, self.config.max_memory)?;
         }
         // CPU features: required ⊆ available.
         if let Some(have) = &self.config.host.cpu_features {

@@ -3,7 +3,7 @@
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 
 use super::{Direction, Stream, TransportError};
-use crate::wire::frame::RoundEnd;
+use crate::wire::frame::{AttachmentCaps, RoundEnd};
 use crate::wire::{ControlMsg, FrameHeader, FrameKind, FRAME_HEADER_LEN};
 
 /// Write all of `bufs` (vectored), retrying on short writes.
@@ -312,27 +312,69 @@ impl FrameReader {
         self.stream
     }
 
-    /// Read a whole control frame: message and attachment.
+    /// Read a whole control frame that carries no attachment (every message but
+    /// `Setup` and `DeviceState`); a frame declaring one is refused before its body
+    /// is read.
     pub fn control(&mut self) -> Result<(ControlMsg, Vec<u8>), TransportError> {
+        self.control_capped(&AttachmentCaps::NONE)
+    }
+
+    /// Read a whole control frame whose attachment may be as large as `caps`
+    /// allows for its message. The declared length is checked against the phase's
+    /// largest cap before anything is read or allocated, the buffers grow only as
+    /// bytes arrive, and the message's own cap is checked once it is known.
+    pub fn control_capped(
+        &mut self,
+        caps: &AttachmentCaps,
+    ) -> Result<(ControlMsg, Vec<u8>), TransportError> {
         let h = self.header()?;
         if h.kind != FrameKind::Control {
             return Err(self.wire(crate::wire::WireError::Invalid("expected a control frame")));
         }
-        self.control_body(&h)
+        self.control_body_capped(&h, caps)
     }
 
-    /// Read the body of a control frame whose header was already read.
+    /// Read the body of a control frame whose header was already read; it may
+    /// carry no attachment.
     pub fn control_body(
         &mut self,
         h: &FrameHeader,
     ) -> Result<(ControlMsg, Vec<u8>), TransportError> {
-        let mut meta = vec![0u8; h.meta_len as usize];
-        self.stream.read_exact(&mut meta).map_err(|e| self.io(e))?;
+        self.control_body_capped(h, &AttachmentCaps::NONE)
+    }
+
+    /// Read the body of a control frame whose header was already read, with its
+    /// attachment bounded as in [`FrameReader::control_capped`].
+    pub fn control_body_capped(
+        &mut self,
+        h: &FrameHeader,
+        caps: &AttachmentCaps,
+    ) -> Result<(ControlMsg, Vec<u8>), TransportError> {
+        caps.check_declared(h.data_len).map_err(|e| self.wire(e))?;
+        let mut meta = Vec::new();
+        read_growing(&mut *self.stream, h.meta_len as usize, &mut meta).map_err(|e| self.io(e))?;
         let mut data = Vec::new();
-        self.data_into(h, &mut data)?;
-        self.bytes += h.meta_len as u64;
+        read_growing(&mut *self.stream, h.data_len as usize, &mut data).map_err(|e| self.io(e))?;
+        self.bytes += h.meta_len as u64 + h.data_len as u64;
         h.verify(&meta, &data).map_err(|e| self.wire(e))?;
         let msg = ControlMsg::decode(&meta).map_err(|e| self.wire(e))?;
+        caps.check_message(&msg, data.len())
+            .map_err(|e| self.wire(e))?;
         Ok((msg, data))
     }
+}
+
+/// Read exactly `len` bytes into `buf` (cleared first), growing it in steps of at
+/// most 64 KiB as bytes arrive: a peer that declares a large section and sends
+/// little makes the reader hold only what it sent.
+fn read_growing(r: &mut dyn Read, len: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    const STEP: usize = 64 * 1024;
+    buf.clear();
+    while buf.len() < len {
+        let at = buf.len();
+        let n = (len - at).min(STEP);
+        buf.resize(at + n, 0);
+        r.read_exact(&mut buf[at..])?;
+    }
+    Ok(())
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! round u32 | codec u8 | flags u8 | npages u16 | nextents u16 | reserved u16 | payload_len u32
-//! extents:  nextents × (gfn u64, count u32)          sum(count) == npages
+//! extents:  nextents × (gfn u64, count u32)          sum(count) == npages,
+//!                                                     sorted by gfn, disjoint
 //! zero map: ceil(npages / 8) bytes                   bit i: page i is all zero (no payload)
 //! hashes:   npages × u64                             xxh3-64 of each page's content
 //! ```
@@ -120,6 +121,12 @@ impl BatchMeta {
         if self.flags & !KNOWN_FLAGS != 0 {
             return Err(WireError::Invalid("batch flags"));
         }
+        if self.flags & FLAG_DELTA != 0 && self.flags & FLAG_RACY != 0 {
+            return Err(WireError::Invalid("batch flags (delta with racy)"));
+        }
+        if u16at(10) != 0 {
+            return Err(WireError::Invalid("batch meta reserved field"));
+        }
         let npages = u16at(6) as usize;
         let nextents = u16at(8) as usize;
         self.payload_len = u32at(12);
@@ -147,16 +154,26 @@ impl BatchMeta {
         }
         let mut off = FIXED;
         let mut total = 0usize;
-        for _ in 0..nextents {
+        // End (exclusive) of the previous extent: extents must be sorted and
+        // disjoint, so no page appears twice in a batch (the receiver relies on it
+        // to hand out one mutable slice per page).
+        let mut prev_end = 0u64;
+        for i in 0..nextents {
             let gfn = u64::from_le_bytes(
                 b[off..off + 8]
                     .try_into()
                     .map_err(|_| WireError::Truncated("extent"))?,
             );
             let count = u32at(off + 8);
-            if count == 0 || gfn.checked_add(count as u64).is_none() {
-                return Err(WireError::Invalid("extent"));
+            let Some(end) = gfn.checked_add(count as u64).filter(|_| count != 0) else {
+                return Err(WireError::Invalid("extent (empty or past the last gfn)"));
+            };
+            if i > 0 && gfn < prev_end {
+                return Err(WireError::Invalid(
+                    "extents overlap or are not sorted by gfn",
+                ));
             }
+            prev_end = end;
             total += count as usize;
             if total > npages {
                 return Err(WireError::Invalid("extent counts exceed page count"));
@@ -233,5 +250,44 @@ mod tests {
         let mut bad = b.clone();
         bad[12] = 1; // payload length off by one
         assert!(d.decode_from(&bad).is_err());
+        let mut bad = b.clone();
+        bad[10] = 1; // reserved
+        assert_eq!(
+            d.decode_from(&bad),
+            Err(WireError::Invalid("batch meta reserved field"))
+        );
+        let mut bad = b.clone();
+        bad[5] = FLAG_DELTA | FLAG_RACY;
+        assert_eq!(
+            d.decode_from(&bad),
+            Err(WireError::Invalid("batch flags (delta with racy)"))
+        );
+        // Extents must be sorted and disjoint: (10, 2) then (11, 1) overlaps, and
+        // (100, 1) then (10, 2) is unsorted.
+        for extents in [
+            vec![Extent { gfn: 10, count: 2 }, Extent { gfn: 11, count: 1 }],
+            vec![Extent { gfn: 100, count: 1 }, Extent { gfn: 10, count: 2 }],
+        ] {
+            let mut e = Vec::new();
+            BatchMeta {
+                extents,
+                ..m.clone()
+            }
+            .encode_into(&mut e);
+            assert_eq!(
+                d.decode_from(&e),
+                Err(WireError::Invalid(
+                    "extents overlap or are not sorted by gfn"
+                ))
+            );
+        }
+        // Adjacent extents (two regions meeting at a gfn) are fine.
+        let mut e = Vec::new();
+        BatchMeta {
+            extents: vec![Extent { gfn: 10, count: 2 }, Extent { gfn: 12, count: 1 }],
+            ..m.clone()
+        }
+        .encode_into(&mut e);
+        assert_eq!(d.decode_from(&e), Ok(()));
     }
 }

@@ -43,6 +43,63 @@ impl FrameKind {
     }
 }
 
+/// How large a control frame's attachment may be, by message. The protocol bound
+/// ([`MAX_CONTROL_DATA`]) is the ceiling; a reader passes the caps of the phase it
+/// is in, and every message other than `Setup` and `DeviceState` carries none.
+/// The header's `data_len` is checked against [`AttachmentCaps::largest`] before a
+/// byte of the frame body is read or allocated, and against the message's own cap
+/// once the message is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttachmentCaps {
+    /// Largest `Setup` attachment (VM config blob plus participants' setup info).
+    pub setup: usize,
+    /// Largest `DeviceState` attachment (the device-state envelope).
+    pub device_state: usize,
+}
+
+impl AttachmentCaps {
+    /// No attachment at all (every control message but `Setup` and `DeviceState`).
+    pub const NONE: Self = Self {
+        setup: 0,
+        device_state: 0,
+    };
+
+    /// The largest attachment any message may carry under these caps.
+    pub fn largest(&self) -> usize {
+        self.setup.max(self.device_state).min(MAX_CONTROL_DATA)
+    }
+
+    /// The cap for `msg`, and a name for it in errors.
+    pub fn for_message(&self, msg: &super::ControlMsg) -> (usize, &'static str) {
+        match msg {
+            super::ControlMsg::Setup { .. } => (self.setup, "setup attachment"),
+            super::ControlMsg::DeviceState => (self.device_state, "device-state attachment"),
+            _ => (0, "control attachment"),
+        }
+    }
+
+    /// Check a declared attachment length against the phase's largest cap.
+    pub fn check_declared(&self, data_len: u32) -> Result<(), WireError> {
+        if data_len as usize > self.largest() {
+            return Err(WireError::TooLong {
+                what: "control attachment",
+                len: data_len as usize,
+                max: self.largest(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Check a received attachment against `msg`'s own cap.
+    pub fn check_message(&self, msg: &super::ControlMsg, len: usize) -> Result<(), WireError> {
+        let (max, what) = self.for_message(msg);
+        if len > max {
+            return Err(WireError::TooLong { what, len, max });
+        }
+        Ok(())
+    }
+}
+
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {

@@ -236,6 +236,10 @@ struct RecvArgs {
     /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
     #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
     peer_timeout: Duration,
+    /// Refuse a guest needing more than SIZE of memory here (e.g. 2G). Default:
+    /// what this host can commit (MemAvailable and the cgroup limit).
+    #[arg(long, value_name = "SIZE", value_parser = args::parse_size)]
+    max_memory: Option<u64>,
 }
 
 fn main() {
@@ -779,6 +783,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
     let received = Receiver::new()
         .config(ReceiverConfig {
             prealloc: a.prealloc,
+            max_memory: a.max_memory,
             ..ReceiverConfig::default()
         })
         .run(&acceptor)
