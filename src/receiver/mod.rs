@@ -8,7 +8,9 @@
 
 pub mod apply;
 pub mod gate;
+pub mod handoff;
 pub mod limiter;
+pub mod outcomes;
 pub mod setup_check;
 
 use std::sync::atomic::Ordering;
@@ -21,10 +23,12 @@ use crate::device::{envelope, ParticipantError, RestoreState, Veto};
 use crate::memory::{digest_of_table, GuestMemory, MemoryError, MemoryLayout};
 use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, TransportError};
-use crate::wire::control::{CompatVector, RefuseCode};
+use crate::wire::control::{CompatVector, RefuseCode, SessionOutcome};
 use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use apply::{apply_stream, ApplyShared};
+use handoff::{DestEvent, DestState};
 pub use limiter::{HostLimiter, Permit};
+pub use outcomes::OutcomeLog;
 pub use setup_check::HostCaps;
 use setup_check::Refusal;
 
@@ -53,6 +57,9 @@ pub struct ReceiverConfig {
     pub max_streams: u16,
     /// Host capabilities.
     pub host: HostCaps,
+    /// How long `livemig recv` keeps answering outcome queries after a migration
+    /// whose source may not know the outcome (see [`OutcomeLog::serve`]).
+    pub outcome_linger: Duration,
 }
 
 impl Default for ReceiverConfig {
@@ -65,6 +72,7 @@ impl Default for ReceiverConfig {
             idle_timeout: Duration::from_secs(600),
             max_streams: 64,
             host: HostCaps::default(),
+            outcome_linger: Duration::from_secs(60),
         }
     }
 }
@@ -114,6 +122,18 @@ pub enum ReceiveError {
     /// A participant failed to restore.
     #[error("restoring device state: {0}")]
     Participant(#[from] ParticipantError),
+    /// The source said nothing (not even a heartbeat) for too long.
+    #[error("timed out: no word from the source on the {what} stream for {after:?}")]
+    TimedOut {
+        /// Which stream.
+        what: &'static str,
+        /// The idle timeout.
+        after: Duration,
+    },
+    /// The outcome could not be recorded, so the destination discarded rather
+    /// than commit without a record.
+    #[error("recording the outcome: {0}")]
+    OutcomeLog(#[from] outcomes::OutcomeLogError),
 }
 
 /// What the destination reports.
@@ -149,6 +169,11 @@ pub struct ReceiveReport {
     pub participants: Vec<String>,
     /// Per participant restore time (ms), in restore order.
     pub participant_restore_ms: Vec<(String, f64)>,
+    /// The session id.
+    pub session: String,
+    /// The source confirmed it learned the outcome (`OutcomeKnown`); when false
+    /// it may be in doubt and ask (see [`OutcomeLog::serve`]).
+    pub outcome_known: bool,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -171,6 +196,9 @@ pub struct Receiver {
     config: ReceiverConfig,
     setup_check: Option<SetupCheck>,
     limiter: Option<Arc<HostLimiter>>,
+    outcomes: Arc<OutcomeLog>,
+    session: Option<crate::wire::control::SessionId>,
+    handoff: DestState,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -209,7 +237,20 @@ impl Receiver {
             config: ReceiverConfig::default(),
             setup_check: None,
             limiter: None,
+            outcomes: Arc::new(OutcomeLog::default()),
+            session: None,
+            handoff: DestState::Receiving,
         }
+    }
+    /// Record outcomes in `log` (shared with whatever answers outcome queries,
+    /// e.g. a file-backed log, or one shared by a host's receivers).
+    pub fn outcome_log(mut self, log: Arc<OutcomeLog>) -> Self {
+        self.outcomes = log;
+        self
+    }
+    /// The outcome record this receiver writes.
+    pub fn outcomes(&self) -> Arc<OutcomeLog> {
+        self.outcomes.clone()
     }
     /// Use caller-provided destination memory (e.g. a VMM's, registered with KVM);
     /// the source's layout must match it exactly.
@@ -246,8 +287,21 @@ impl Receiver {
             for p in self.participants.iter_mut() {
                 p.discard();
             }
+            self.handoff = self.handoff.on(DestEvent::Failed);
+            if let (Some(s), true) = (self.session, self.handoff != DestState::Receiving) {
+                let _ = self.outcomes.record(s, self.handoff.outcome());
+            }
         }
         r
+    }
+
+    /// Move the handoff state and record the outcome it implies.
+    fn handoff(&mut self, e: DestEvent) -> Result<(), outcomes::OutcomeLogError> {
+        self.handoff = self.handoff.on(e);
+        match self.session {
+            Some(s) => self.outcomes.record(s, self.handoff.outcome()),
+            None => Ok(()),
+        }
     }
 
     fn refuse(control: &mut FrameReader, code: RefuseCode, message: String) -> ReceiveError {
@@ -262,17 +316,25 @@ impl Receiver {
     }
 
     fn run_inner(&mut self, acceptor: &dyn Acceptor) -> Result<Received, ReceiveError> {
-        let stream = acceptor
-            .accept(self.config.accept_timeout)
-            .map_err(t("accept"))?;
+        // A connection that opens with an outcome query is answered and closed;
+        // the migration is the first one that opens with anything else.
+        let (mut control, first) = loop {
+            let stream = acceptor
+                .accept(self.config.accept_timeout)
+                .map_err(t("accept"))?;
+            let _ = stream.set_read_timeout(Some(self.config.accept_timeout));
+            let mut control = FrameReader::new(stream, "control");
+            match control.control().map_err(t("handshake"))?.0 {
+                ControlMsg::QueryOutcome { session } => self.outcomes.answer(&mut control, session),
+                first => break (control, first),
+            }
+        };
         let started = Instant::now();
-        let _ = stream.set_read_timeout(Some(self.config.accept_timeout));
-        let mut control = FrameReader::new(stream, "control");
 
         // Handshake: version, then this host's capacity (the permit is held until
         // `run` returns).
         let _permit: Option<Permit>;
-        let (session, streams) = match control.control().map_err(t("handshake"))?.0 {
+        let (session, streams) = match first {
             ControlMsg::Hello {
                 magic,
                 major,
@@ -310,6 +372,7 @@ impl Receiver {
                         ),
                     ));
                 }
+                self.session = Some(session);
                 (session, streams)
             }
             other => {
@@ -505,6 +568,17 @@ impl Receiver {
             let msg = control.control();
             let page_error = || shared.error.lock().expect("error lock").clone();
             match msg {
+                Ok((ControlMsg::Heartbeat { seq }, _)) => {
+                    if let Err(e) = handoff::answer_heartbeat(&mut control, seq) {
+                        shared.fail(e.to_string());
+                        let _ = join_all(handles);
+                        stop_watcher(watcher);
+                        return Err(ReceiveError::Transport {
+                            phase: "rounds",
+                            source: e,
+                        });
+                    }
+                }
                 Ok((ControlMsg::Brownout { .. }, _)) => {}
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
                 Ok((
@@ -540,10 +614,7 @@ impl Receiver {
                     stop_watcher(watcher);
                     return Err(match page_error() {
                         Some(pe) if pe != e.to_string() => ReceiveError::Pages(pe),
-                        _ => ReceiveError::Transport {
-                            phase: "rounds",
-                            source: e,
-                        },
+                        _ => handoff::control_silence(e, self.config.idle_timeout),
                     });
                 }
             }
@@ -619,8 +690,11 @@ impl Receiver {
                 &[],
             )
             .map_err(t("commit"))?;
+        // From here the source may send Released and be in doubt: the session is
+        // in the outcome record (in progress until committed or discarded).
+        self.handoff(DestEvent::PreparedSent)?;
         match control.control().map_err(t("commit"))?.0 {
-            ControlMsg::Released => {}
+            ControlMsg::Released => self.handoff(DestEvent::Released)?,
             ControlMsg::Abort { reason } => return Err(ReceiveError::Aborted(reason)),
             other => {
                 return Err(ReceiveError::Protocol {
@@ -641,17 +715,37 @@ impl Receiver {
             let r = p.restore(e.version, &e.blob);
             participants_us.push((e.id.clone(), t_p.elapsed().as_micros() as u64));
             if let Err(err) = r {
+                // Discarded (recorded) before the source hears of it.
+                let _ = self.handoff(DestEvent::RestoreFailed);
                 let _ = control.send_control(
                     &ControlMsg::Error {
                         message: err.to_string(),
                     },
                     &[],
                 );
+                self.outcomes
+                    .await_known(&mut control, session, outcomes::KNOWN_WAIT);
                 return Err(err.into());
             }
         }
         let restore_us = validate_us + t_restore.elapsed().as_micros() as u64;
-        control
+        // The commit point: recorded (on disk, with a file) before `Committed` is
+        // sent. Without a record the source could not learn the outcome if
+        // `Committed` were lost, so a failed record discards instead.
+        if let Err(e) = self.handoff(DestEvent::Restored) {
+            self.handoff = DestState::Restoring.on(DestEvent::RestoreFailed);
+            let _ = self.outcomes.record(session, SessionOutcome::Discarded);
+            let _ = control.send_control(
+                &ControlMsg::Error {
+                    message: format!("the destination could not record the commit: {e}"),
+                },
+                &[],
+            );
+            return Err(e.into());
+        }
+        // Committed: the VM is ours whether or not the source hears it (a source
+        // that does not is in doubt and asks).
+        let delivered = control
             .send_control(
                 &ControlMsg::Committed {
                     verify_us,
@@ -660,7 +754,12 @@ impl Receiver {
                 },
                 &[],
             )
-            .map_err(t("commit"))?;
+            .is_ok();
+        if delivered {
+            self.outcomes
+                .await_known(&mut control, session, outcomes::KNOWN_WAIT);
+        }
+        let outcome_known = self.outcomes.awaiting_query_for(session) == Some(false);
 
         let report = ReceiveReport {
             memory_bytes: memory.total_bytes(),
@@ -681,6 +780,8 @@ impl Receiver {
                 .into_iter()
                 .map(|(id, us)| (id, us as f64 / 1e3))
                 .collect(),
+            session: outcomes::session_to_string(session),
+            outcome_known,
         };
         Ok(Received { report, memory })
     }
