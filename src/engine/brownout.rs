@@ -166,6 +166,10 @@ pub(crate) fn run(
     );
     let timed_out = watchdog.disarm();
     run.deadline = None;
+    if r.is_err() && state != SourceState::InDoubt {
+        // Before `Released` this resumes; after it, the source is in doubt.
+        state = state.on(SourceEvent::Failed);
+    }
     let r = match r {
         Err(e) if state == SourceState::InDoubt => {
             // Released, then no answer: learn the outcome from the destination.
@@ -198,7 +202,6 @@ pub(crate) fn run(
             }
         }
         Err(e) => {
-            state = state.on(SourceEvent::Failed);
             // A deadline cut is the root cause of whatever error it provoked.
             Err(if timed_out && state == SourceState::Resumed {
                 MigrationError::BrownoutTimeout {
@@ -416,12 +419,13 @@ fn paused(
         }
     }
     sw.bd.release_ms = ms(t_release.elapsed());
+    // Ownership leaves the source as it starts writing `Released`: even a failed
+    // write may have delivered it, so from here no failure resumes the source
+    // without the destination's word (a refusal, or a "discarded" outcome).
+    *state = state.on(SourceEvent::ReleasedSent);
     run.control()?
         .send(&ControlMsg::Released, &[])
         .map_err(to_dest("commit"))?;
-    // Ownership has left the source: from here no failure resumes it without the
-    // destination's word (a refusal, or a "discarded" outcome).
-    *state = state.on(SourceEvent::ReleasedSent);
     let until = Instant::now() + run.m.config.reply_timeout;
     let reply = next_reply(run.control()?, until, None);
     match reply {

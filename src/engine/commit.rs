@@ -61,7 +61,8 @@ pub enum SourceEvent {
     CommitSent,
     /// `Prepared` arrived (within the brownout deadline).
     Prepared,
-    /// Every participant released and `Released` was sent.
+    /// Every participant released; `Released` is being written (a failed write
+    /// may still have delivered it).
     ReleasedSent,
     /// `Committed` arrived.
     Committed,

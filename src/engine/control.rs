@@ -167,7 +167,7 @@ impl Heartbeat {
             .name("livemig-heartbeat".into())
             .spawn(move || {
                 let mut seq = 0u64;
-                let mut next = Instant::now();
+                let mut next = Instant::now() + interval;
                 let mut heard = Instant::now();
                 let fail = |f: LinkFailure| {
                     *f2.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);

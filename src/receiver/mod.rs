@@ -695,7 +695,11 @@ impl Receiver {
         self.handoff(DestEvent::PreparedSent)?;
         match control.control().map_err(t("commit"))?.0 {
             ControlMsg::Released => self.handoff(DestEvent::Released)?,
-            ControlMsg::Abort { reason } => return Err(ReceiveError::Aborted(reason)),
+            ControlMsg::Abort { reason } => {
+                // A source that aborts has not released: it resumes, never asks.
+                self.outcomes.mark_known(session);
+                return Err(ReceiveError::Aborted(reason));
+            }
             other => {
                 return Err(ReceiveError::Protocol {
                     phase: "commit",

@@ -171,11 +171,11 @@ impl OutcomeLog {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Set `session`'s outcome; `known` applies to a new entry only.
     fn put(&self, session: SessionId, outcome: SessionOutcome, known: bool) {
         let mut es = self.lock();
         if let Some(e) = es.iter_mut().find(|e| e.session == session) {
             e.outcome = outcome;
-            e.known = known;
             return;
         }
         if es.len() == self.capacity {
