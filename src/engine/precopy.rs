@@ -481,7 +481,7 @@ pub(crate) fn run(
             p.on_event(&Event::Failed {
                 phase: "migration".into(),
                 error: e.to_string(),
-                source_running: !matches!(e, MigrationError::InDoubt { .. }),
+                source_running: e.source_running(),
             });
         }
     }

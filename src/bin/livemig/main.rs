@@ -706,6 +706,7 @@ fn bench_one(
         Value::Bool(report.verified && memory_equal),
     );
     obj.insert("memory_equal".into(), Value::Bool(memory_equal));
+    obj.insert("outcome".into(), json!("committed"));
     obj.insert("content".into(), json!(a.content.name()));
     obj.insert("dirty_rate_mb_s".into(), json!(a.dirty_rate));
     obj.insert("hot_set_bytes".into(), json!(a.hot_set));
@@ -799,6 +800,9 @@ fn send(a: SendArgs) -> Result<(), CliError> {
     let rss = rss.map(|s| s.finish());
     if a.opts.json {
         let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("outcome".into(), json!("committed"));
+        }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
             obj.insert("sender_anon_rss_peak_bytes".into(), json!(r.peak_bytes));
