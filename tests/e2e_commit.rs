@@ -124,6 +124,7 @@ impl SaveState for SrcDev {
 struct DstDev {
     tl: Timeline,
     restore_delay: Duration,
+    veto: bool,
 }
 
 impl RestoreState for DstDev {
@@ -134,6 +135,12 @@ impl RestoreState for DstDev {
         Ok(())
     }
     fn validate_state(&mut self, _version: u32, _blob: &[u8]) -> Result<(), Veto> {
+        if self.veto {
+            return Err(Veto {
+                participant: "dev0".into(),
+                reason: "test veto".into(),
+            });
+        }
         Ok(())
     }
     fn restore(&mut self, _version: u32, _blob: &[u8]) -> Result<(), ParticipantError> {
@@ -314,6 +321,8 @@ struct Setup {
     restore_delay: Duration,
     /// How long the destination answers outcome queries after it finished.
     serve: Duration,
+    /// The destination's device vetoes at commit (before `Prepared`).
+    veto: bool,
 }
 
 impl Default for Setup {
@@ -323,6 +332,7 @@ impl Default for Setup {
             outcome_timeout: Duration::from_secs(10),
             restore_delay: Duration::ZERO,
             serve: Duration::from_secs(10),
+            veto: false,
         }
     }
 }
@@ -360,6 +370,7 @@ fn run_with<C: Connector + 'static>(
         .participant(Box::new(DstDev {
             tl: tl.clone(),
             restore_delay: s.restore_delay,
+            veto: s.veto,
         }))
         .outcome_log(log.clone());
     let connector = connector(c);
@@ -584,4 +595,28 @@ fn released_lost_destination_discards_and_the_source_learns_it() {
     assert_eq!(run.tl.count("source rolled back"), 1, "{names:?}");
     assert_eq!(run.tl.count("source resume"), 1, "{names:?}");
     run.tl.assert_never_both_running(false);
+}
+
+#[test]
+fn a_veto_before_prepared_resumes_and_leaves_no_query_to_answer() {
+    let t = Instant::now();
+    let run = run_with(
+        Setup {
+            veto: true,
+            ..Default::default()
+        },
+        |c| c,
+    );
+    assert!(
+        matches!(run.source, Err(MigrationError::Vetoed(_))),
+        "{:?}",
+        run.source
+    );
+    assert_resumed_and_discarded(&run);
+    // Never prepared: the source cannot be in doubt, so nothing lingers.
+    assert_eq!(run.log.awaiting_query(), 0);
+    assert!(
+        t.elapsed() < Setup::default().serve,
+        "the destination did not wait for queries"
+    );
 }

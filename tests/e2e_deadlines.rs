@@ -105,11 +105,8 @@ fn cancel_during_rounds_returns_promptly_and_the_source_runs() {
         "cancel took {took:?} while the round had many seconds to go"
     );
     assert_eq!(log.count("pause"), 0);
-    assert!(
-        matches!(out.dest, Err(ReceiveError::Aborted(_))),
-        "{:?}",
-        out.dest.err()
-    );
+    // Aborted, or the cut page streams noticed first: discarded either way.
+    assert!(out.dest.is_err(), "the destination discards");
     assert_source_runs(&src, &log);
 }
 
@@ -278,23 +275,20 @@ fn a_failed_pause_resumes_what_was_paused() {
     assert_eq!(log.calls().iter().filter(|c| **c != "throttle").count(), 2);
     assert_eq!(log.count("pause"), 1);
     assert_eq!(log.count("resume"), 1);
-    assert!(
-        matches!(out.dest, Err(ReceiveError::Aborted(_))),
-        "{:?}",
-        out.dest.err()
-    );
+    // Aborted, or the cut page streams noticed first: discarded either way.
+    assert!(out.dest.is_err(), "the destination discards");
     assert_source_runs(&src, &log);
 }
 
 // ---- heartbeats -------------------------------------------------------------------
 
-/// A stopped 16 MiB guest sent at 64 Mbit/s: one round of about 2 s, several times
-/// the destination's 300 ms idle timeout.
+/// A stopped 16 MiB guest sent at 24 Mbit/s: one round of about 5.6 s, several
+/// times the destination's 1 s idle timeout.
 fn long_round(heartbeats: bool) -> (Outcome, Arc<livemig::GuestMemory>) {
     let mem = source_memory(16 * MIB, 5);
     let (c, a) = mem::pair();
     let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
-    cfg.bandwidth = Some(TokenBucket::new(64_000_000));
+    cfg.bandwidth = Some(TokenBucket::new(24_000_000));
     if heartbeats {
         cfg.heartbeat_interval = Duration::from_millis(50);
         cfg.peer_timeout = Duration::from_secs(5);
@@ -303,7 +297,7 @@ fn long_round(heartbeats: bool) -> (Outcome, Arc<livemig::GuestMemory>) {
         cfg.peer_timeout = Duration::from_secs(3600);
     }
     let rcfg = ReceiverConfig {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(1),
         ..receiver_config()
     };
     let m = Migration::new(mem.clone()).config(cfg);
@@ -316,7 +310,7 @@ fn heartbeats_keep_a_pre_copy_longer_than_the_idle_timeout_alive() {
     let report = out.source.expect("source");
     let received = out.dest.expect("destination");
     assert!(
-        report.round_table[0].duration_ms > 900.0,
+        report.round_table[0].duration_ms > 3000.0,
         "the premise: round 0 lasts several idle timeouts ({} ms)",
         report.round_table[0].duration_ms
     );
@@ -332,7 +326,7 @@ fn a_silent_source_fails_the_destination_with_a_control_timeout() {
     match out.dest {
         Err(ReceiveError::TimedOut { what, after }) => {
             assert_eq!(what, "control");
-            assert_eq!(after, Duration::from_millis(300));
+            assert_eq!(after, Duration::from_secs(1));
         }
         other => panic!("expected a control-stream timeout, got {:?}", other.err()),
     }

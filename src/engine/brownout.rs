@@ -395,10 +395,15 @@ fn paused(
     }
     match reply {
         Some(ControlMsg::Prepared { .. }) => *state = state.on(SourceEvent::Prepared),
+        None if run.deadline.is_some_and(|d| reply_until >= d) => {
+            return Err(MigrationError::BrownoutTimeout {
+                after: run.m.config.brownout_timeout,
+            })
+        }
         None => {
             return Err(MigrationError::TimedOut {
                 what: "the destination's prepared answer",
-                after: reply_until.saturating_duration_since(sw.t_commit),
+                after: run.m.config.reply_timeout,
             })
         }
         Some(other) => return Err(refusal(other)),

@@ -35,7 +35,8 @@ pub enum DestState {
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestEvent {
-    /// `Prepared` was sent.
+    /// Everything verified and validated; `Prepared` is sent right after the
+    /// record of this transition.
     PreparedSent,
     /// `Released` arrived.
     Released,

@@ -287,8 +287,10 @@ impl Receiver {
             for p in self.participants.iter_mut() {
                 p.discard();
             }
+            // Only a session that reached `Prepared` can have a source in doubt.
+            let recorded = self.handoff != DestState::Receiving;
             self.handoff = self.handoff.on(DestEvent::Failed);
-            if let (Some(s), true) = (self.session, self.handoff != DestState::Receiving) {
+            if let (Some(s), true) = (self.session, recorded) {
                 let _ = self.outcomes.record(s, self.handoff.outcome());
             }
         }
@@ -681,6 +683,10 @@ impl Receiver {
         // Everything is validated: let the source release its devices (switch-port
         // step 5) before restoring ours (steps 6–7). See `ControlMsg::Prepared`.
         let validate_us = t_restore.elapsed().as_micros() as u64;
+        // From `Prepared` on the source may send Released and be in doubt: the
+        // session enters the outcome record first (in progress until committed or
+        // discarded).
+        self.handoff(DestEvent::PreparedSent)?;
         control
             .send_control(
                 &ControlMsg::Prepared {
@@ -690,9 +696,6 @@ impl Receiver {
                 &[],
             )
             .map_err(t("commit"))?;
-        // From here the source may send Released and be in doubt: the session is
-        // in the outcome record (in progress until committed or discarded).
-        self.handoff(DestEvent::PreparedSent)?;
         match control.control().map_err(t("commit"))?.0 {
             ControlMsg::Released => self.handoff(DestEvent::Released)?,
             ControlMsg::Abort { reason } => {

@@ -840,16 +840,18 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         }
         None => livemig::receiver::OutcomeLog::default(),
     });
+    let config = ReceiverConfig {
+        prealloc: a.prealloc,
+        outcome_linger: Duration::from_secs(a.outcome_linger),
+        ..ReceiverConfig::default()
+    };
+    let linger = config.outcome_linger;
     let result = Receiver::new()
-        .config(ReceiverConfig {
-            prealloc: a.prealloc,
-            ..ReceiverConfig::default()
-        })
+        .config(config)
         .outcome_log(log.clone())
         .run(&acceptor);
     // A source that released the VM but may not know the outcome asks: answer it
     // (after reporting, so the report is not held up).
-    let linger = Duration::from_secs(a.outcome_linger);
     let serve = || {
         if log.awaiting_query() > 0 {
             if !a.json {
