@@ -36,7 +36,9 @@ pub use slots::{HostSlots, SlotGuard};
 
 /// Controls the source VM's execution. Implemented by the hypervisor.
 pub trait VmControl: Send {
-    /// Stop the guest's vCPUs (and device emulation that writes memory).
+    /// Stop the guest's vCPUs (and device emulation that writes memory). On an
+    /// error (even after stopping only some vCPUs) the engine calls
+    /// [`VmControl::resume`], so it must resume whatever did stop.
     fn pause(&mut self) -> Result<(), String>;
     /// Resume after a failed or cancelled migration.
     fn resume(&mut self) -> Result<(), String>;

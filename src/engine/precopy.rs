@@ -93,7 +93,10 @@ impl Run<'_> {
             return Some(MigrationError::Cancelled);
         }
         if self.heartbeat.as_ref().is_some_and(|h| h.has_failed()) {
-            return Some(self.control().err().unwrap_or(MigrationError::Cancelled));
+            return Some(self.control().err().unwrap_or(MigrationError::Protocol {
+                phase: "rounds",
+                message: "the heartbeat thread stopped without a reason".into(),
+            }));
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Some(MigrationError::BrownoutTimeout {
