@@ -27,6 +27,8 @@
 //! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
 //! `livemig bench` and the tests.
 
+#[cfg(feature = "tokio")]
+pub mod asyncapi;
 pub mod codec;
 pub mod compat;
 pub mod device;
@@ -39,6 +41,7 @@ pub mod kvm;
 pub mod limits;
 pub mod memory;
 pub mod receiver;
+pub mod session;
 pub mod stats;
 pub mod transport;
 pub mod wire;

@@ -39,7 +39,7 @@ fn a_restarted_recv_answers_from_its_outcome_log() {
     let log = temp_path("outcomes.log");
     std::fs::write(
         &log,
-        "00000000000000a1 committed\n00000000000000b2 in_progress\n",
+        "000000000000000000000000000000a1 committed\n000000000000000000000000000000b2 in_progress\n",
     )
     .unwrap();
     let port = free_port();
@@ -57,11 +57,11 @@ fn a_restarted_recv_answers_from_its_outcome_log() {
         .spawn()
         .expect("spawn recv");
     // resolve retries until recv listens.
-    let (code, v) = resolve(port, "a1", 10);
+    let (code, v) = resolve(port, "000000000000000000000000000000a1", 10);
     assert_eq!((code, v["outcome"].as_str()), (0, Some("committed")), "{v}");
-    let (code, v) = resolve(port, "b2", 10);
+    let (code, v) = resolve(port, "000000000000000000000000000000b2", 10);
     assert_eq!((code, v["outcome"].as_str()), (0, Some("discarded")), "{v}");
-    let (code, v) = resolve(port, "c3", 1);
+    let (code, v) = resolve(port, "000000000000000000000000000000c3", 1);
     assert_eq!(code, 3, "an unknown session stays in doubt: {v}");
     assert_eq!(v["outcome"], "unresolved");
     assert!(
@@ -77,7 +77,7 @@ fn a_restarted_recv_answers_from_its_outcome_log() {
 fn nobody_answering_exits_in_doubt() {
     let port = free_port();
     let t = Instant::now();
-    let (code, v) = resolve(port, "0123456789abcdef", 1);
+    let (code, v) = resolve(port, "0123456789abcdef0123456789abcdef", 1);
     assert_eq!(code, 3, "{v}");
     assert_eq!(v["outcome"], "unresolved");
     assert!(t.elapsed() < Duration::from_secs(30));

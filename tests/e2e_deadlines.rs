@@ -324,8 +324,8 @@ fn heartbeats_keep_a_pre_copy_longer_than_the_idle_timeout_alive() {
 fn a_silent_source_fails_the_destination_with_a_control_timeout() {
     let (out, _) = long_round(false);
     match out.dest {
-        Err(ReceiveError::TimedOut { what, after }) => {
-            assert_eq!(what, "control");
+        Err(ReceiveError::TimedOut { what, after, .. }) => {
+            assert!(what.contains("control stream"), "{what}");
             assert_eq!(after, Duration::from_secs(1));
         }
         other => panic!("expected a control-stream timeout, got {:?}", other.err()),

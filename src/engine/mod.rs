@@ -278,6 +278,9 @@ pub enum MigrationError {
         /// Why the outcome is unknown.
         reason: String,
     },
+    /// No session token could be drawn (the system random source failed).
+    #[error("{0}")]
+    SessionToken(#[from] crate::session::TokenError),
 }
 
 impl MigrationError {

@@ -8,9 +8,6 @@
 //! ask), and a failed restore discards and answers `Error`. Every transition is one
 //! arm of [`DestState::on`].
 
-use std::time::Duration;
-
-use super::ReceiveError;
 use crate::transport::framed::FrameReader;
 use crate::transport::TransportError;
 use crate::wire::control::SessionOutcome;
@@ -80,25 +77,6 @@ impl DestState {
 /// Answer a source heartbeat with the same sequence number.
 pub fn answer_heartbeat(control: &mut FrameReader, seq: u64) -> Result<(), TransportError> {
     control.send_control(&ControlMsg::Heartbeat { seq }, &[])
-}
-
-/// The error for a failed control read while rounds run: silence past the idle
-/// timeout is a typed timeout naming the control stream.
-pub fn control_silence(e: TransportError, idle: Duration) -> ReceiveError {
-    match &e {
-        TransportError::Io { what, source }
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            ReceiveError::TimedOut { what, after: idle }
-        }
-        _ => ReceiveError::Transport {
-            phase: "rounds",
-            source: e,
-        },
-    }
 }
 
 #[cfg(test)]

@@ -30,23 +30,19 @@ pub const KNOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// A session id as operators and JSON see it.
 pub fn session_to_string(s: SessionId) -> String {
-    format!("{s:016x}")
+    s.to_string()
 }
 
 /// Parse [`session_to_string`]'s form.
 pub fn parse_session(s: &str) -> Result<SessionId, OutcomeLogError> {
-    let t = s.trim();
-    if t.is_empty() || t.len() > 16 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(OutcomeLogError::BadSession(s.to_string()));
-    }
-    SessionId::from_str_radix(t, 16).map_err(|_| OutcomeLogError::BadSession(s.to_string()))
+    SessionId::parse(s.trim()).map_err(|_| OutcomeLogError::BadSession(s.to_string()))
 }
 
 /// Outcome-record failures.
 #[derive(Debug, thiserror::Error)]
 pub enum OutcomeLogError {
     /// Not a session id.
-    #[error("not a session id: {0:?} (expected up to 16 hex digits)")]
+    #[error("not a session id: {0:?} (expected 32 hex digits)")]
     BadSession(String),
     /// The file could not be read or written.
     #[error("outcome log {path}: {source}")]
@@ -303,18 +299,23 @@ impl OutcomeLog {
 mod tests {
     use super::*;
 
+    fn sid(n: u8) -> SessionId {
+        parse_session(&format!("{n:032x}")).unwrap()
+    }
+
     #[test]
     fn bounded_and_updated_in_place() {
         let log = OutcomeLog::new(2);
-        log.record(1, SessionOutcome::InProgress).unwrap();
-        log.record(1, SessionOutcome::Committed).unwrap();
-        log.record(2, SessionOutcome::Discarded).unwrap();
-        assert_eq!(log.get(1), SessionOutcome::Committed);
-        log.record(3, SessionOutcome::Committed).unwrap();
-        assert_eq!(log.get(1), SessionOutcome::Unknown, "oldest evicted");
-        assert_eq!(log.get(3), SessionOutcome::Committed);
+        let (s1, s2, s3) = (sid(1), sid(2), sid(3));
+        log.record(s1, SessionOutcome::InProgress).unwrap();
+        log.record(s1, SessionOutcome::Committed).unwrap();
+        log.record(s2, SessionOutcome::Discarded).unwrap();
+        assert_eq!(log.get(s1), SessionOutcome::Committed);
+        log.record(s3, SessionOutcome::Committed).unwrap();
+        assert_eq!(log.get(s1), SessionOutcome::Unknown, "oldest evicted");
+        assert_eq!(log.get(s3), SessionOutcome::Committed);
         assert_eq!(log.awaiting_query(), 2);
-        log.mark_known(3);
+        log.mark_known(s3);
         assert_eq!(log.awaiting_query(), 1);
     }
 
@@ -328,13 +329,13 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         {
             let log = OutcomeLog::open(&path, 8).unwrap();
-            log.record(0xabc, SessionOutcome::Committed).unwrap();
-            log.record(0xdef, SessionOutcome::InProgress).unwrap();
+            log.record(sid(0xab), SessionOutcome::Committed).unwrap();
+            log.record(sid(0xde), SessionOutcome::InProgress).unwrap();
         }
         let log = OutcomeLog::open(&path, 8).unwrap();
-        assert_eq!(log.get(0xabc), SessionOutcome::Committed);
-        assert_eq!(log.get(0xdef), SessionOutcome::Discarded);
-        assert_eq!(log.get(0x1), SessionOutcome::Unknown);
+        assert_eq!(log.get(sid(0xab)), SessionOutcome::Committed);
+        assert_eq!(log.get(sid(0xde)), SessionOutcome::Discarded);
+        assert_eq!(log.get(sid(0x1)), SessionOutcome::Unknown);
         std::fs::write(&path, "zz committed\n").unwrap();
         let e = OutcomeLog::open(&path, 8).unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
@@ -343,9 +344,9 @@ mod tests {
 
     #[test]
     fn session_ids_round_trip() {
-        let s = session_to_string(0x0123_4567_89ab_cdef);
-        assert_eq!(s, "0123456789abcdef");
-        assert_eq!(parse_session(&s).unwrap(), 0x0123_4567_89ab_cdef);
+        let s = session_to_string(sid(7));
+        assert_eq!(s.len(), 32);
+        assert_eq!(parse_session(&s).unwrap(), sid(7));
         assert!(parse_session("xyz").is_err());
         assert!(parse_session("").is_err());
     }
