@@ -194,7 +194,9 @@ impl Heartbeat {
                             break;
                         }
                     }
-                    if heard.elapsed() > silence {
+                    // Counted from the last heartbeat the destination should have
+                    // answered: at least `silence` passes after it stopped.
+                    if heard.elapsed() > silence + interval {
                         fail(LinkFailure::Silent(silence));
                         break;
                     }

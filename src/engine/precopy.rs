@@ -314,7 +314,7 @@ impl Run<'_> {
 pub(crate) fn link_error(f: LinkFailure) -> MigrationError {
     match f {
         LinkFailure::Silent(after) => MigrationError::TimedOut {
-            what: "the destination on the control stream (no heartbeat)",
+            what: "the peer (destination) on the control stream: no heartbeat answer",
             after,
         },
         LinkFailure::Transport(source) => MigrationError::Transport {
