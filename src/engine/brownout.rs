@@ -1,20 +1,114 @@
 //! Brownout: pause → final harvest → final pages → device state → digest → commit
 //! (`Commit` → `Prepared` → participants' `release` → `Released` → `Committed`).
-//! Any failure before the destination answers `Committed` resumes the source VM and
-//! rolls back every participant that saved (re-creating what `release` tore down).
+//!
+//! The handoff follows [`SourceState`] (docs/PROTOCOL.md, "Commit and ownership").
+//! Until `Released` is sent, any failure (a timeout, the brownout deadline, a
+//! cancel, a bad or missing `Prepared`) resumes the source VM and rolls back every
+//! participant that saved. After it, a `Veto`/`Error` answer means the destination
+//! discarded (roll back, resume); a lost, late or garbled answer puts the source in
+//! doubt: it asks the destination ([`commit::resolve`]) and, without a final
+//! answer, stays paused and reports [`MigrationError::InDoubt`].
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::commit::{self, SourceEvent, SourceState};
+use super::control::ControlLink;
 use super::precopy::Run;
 use super::{MigrationError, Verify};
 use crate::device::envelope;
 use crate::device::Veto;
 use crate::memory::{digest_of_table, PageSet};
 use crate::stats::{DowntimeBreakdown, Event, MigrationReport, RoundStats};
+use crate::wire::control::SessionOutcome;
 use crate::wire::ControlMsg;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// How long one read of the control stream waits before the cancel flag and the
+/// deadlines are looked at again (an arriving frame ends the wait at once).
+const SLICE: Duration = Duration::from_millis(20);
+
+/// Cuts the control and page streams at the brownout deadline unless disarmed
+/// first, so no write or read of the brownout can outlast it.
+struct Watchdog {
+    state: Arc<Mutex<(bool, bool)>>, // (disarmed, fired)
+    wake: Option<crossbeam_channel::Sender<()>>,
+}
+
+impl Watchdog {
+    fn arm(deadline: Instant, cut: Vec<Box<dyn Fn() + Send + Sync>>) -> Self {
+        let state = Arc::new(Mutex::new((false, false)));
+        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("livemig-brownout-deadline".into())
+            .spawn(move || {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = rx.recv_timeout(left) {
+                    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                    if !s.0 {
+                        s.1 = true;
+                        cut.iter().for_each(|c| c());
+                    }
+                }
+            })
+            .expect("spawn brownout deadline thread");
+        Self {
+            state,
+            wake: Some(tx),
+        }
+    }
+
+    /// Disarm; returns whether it had already fired (streams cut).
+    fn disarm(&mut self) -> bool {
+        let fired = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 = true;
+            s.1
+        };
+        if let Some(w) = self.wake.take() {
+            let _ = w.try_send(());
+        }
+        fired
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.disarm();
+    }
+}
+
+/// The next control message that is not a late heartbeat answer, waiting until
+/// `until`; `cancellable`: a cancel ends the wait. `Ok(None)`: the deadline passed.
+fn next_reply(
+    link: &mut ControlLink,
+    until: Instant,
+    cancel: Option<&super::CancelToken>,
+) -> Result<Option<ControlMsg>, MigrationError> {
+    loop {
+        if cancel.is_some_and(|c| c.is_cancelled()) {
+            return Err(MigrationError::Cancelled);
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        match link.poll(left.min(SLICE)) {
+            Ok(Some((ControlMsg::Heartbeat { .. }, _))) => {}
+            Ok(Some((m, _))) => return Ok(Some(m)),
+            Ok(None) => {}
+            Err(source) => {
+                return Err(MigrationError::Transport {
+                    phase: "commit",
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// Brown out and switch over. `set` holds the pages dirty at the last harvest.
@@ -25,34 +119,134 @@ pub(crate) fn run(
     predicted_s: f64,
     reason: String,
 ) -> Result<MigrationReport, MigrationError> {
+    // The heartbeat thread hands the control stream back before the pause, so its
+    // reaction time is not part of the downtime.
+    run.control()?;
+    let mut state = SourceState::Running;
     let mut bd = DowntimeBreakdown::default();
     let t_pause = Instant::now();
-    run.m.vm.pause().map_err(MigrationError::Vm)?;
+    if let Err(error) = run.m.vm.pause() {
+        // A partial pause (some vCPUs stopped) must not leave the VM half-stopped.
+        let resume_error = run.m.vm.resume().err();
+        return Err(MigrationError::PauseFailed {
+            error,
+            resume_error,
+        });
+    }
+    state = state.on(SourceEvent::Paused);
     bd.pause_ms = ms(t_pause.elapsed());
+    let deadline = t_pause + run.m.config.brownout_timeout;
+    run.deadline = Some(deadline);
+    let mut cut: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
+    if let Some(l) = &run.link {
+        cut.push(l.stream().shutdown_handle());
+    }
+    let pages = run.shutdowns.clone();
+    cut.push(Box::new(move || pages.iter().for_each(|c| c())));
+    let mut watchdog = Watchdog::arm(deadline, cut);
     let mut saved = 0usize;
+    let mut sw = Switchover {
+        bd,
+        tracker_misses: 0,
+        final_pages: 0,
+        digest: 0,
+        t_commit: Instant::now(),
+        resolved_by_query: false,
+    };
     let r = paused(
         run,
         &mut set,
         final_round,
         predicted_s,
-        reason,
-        &mut bd,
-        t_pause,
+        &reason,
+        &mut sw,
         &mut saved,
+        &mut state,
+        &mut watchdog,
     );
-    if r.is_err() {
-        // The source VM must survive: undo device saves, resume.
-        for p in run.m.participants.iter_mut().take(saved) {
-            p.rolled_back();
-        }
-        if let Err(e) = run.m.vm.resume() {
-            return Err(MigrationError::Vm(format!(
-                "{e} (after a failed switchover: {})",
-                r.expect_err("the switchover failed")
-            )));
-        }
+    let timed_out = watchdog.disarm();
+    run.deadline = None;
+    if r.is_err() && state != SourceState::InDoubt {
+        // Before `Released` this resumes; after it, the source is in doubt.
+        state = state.on(SourceEvent::Failed);
     }
-    r
+    let r = match r {
+        Err(e) if state == SourceState::InDoubt => {
+            // Released, then no answer: learn the outcome from the destination.
+            let cfg = &run.m.config;
+            let learned = commit::resolve(
+                run.connector,
+                run.session_id,
+                cfg.reply_timeout,
+                Instant::now() + cfg.outcome_timeout,
+            );
+            match learned {
+                Ok(o) => {
+                    state = state.on(SourceEvent::Learned(o));
+                    if o == SessionOutcome::Committed {
+                        sw.resolved_by_query = true;
+                        Ok(())
+                    } else {
+                        Err(MigrationError::Remote(format!(
+                            "the destination discarded the migration after the channel broke ({e})"
+                        )))
+                    }
+                }
+                Err(why) => {
+                    state = state.on(SourceEvent::GaveUp);
+                    Err(MigrationError::InDoubt {
+                        session: run.session_id,
+                        reason: format!("{e}; then asking the destination: {why}"),
+                    })
+                }
+            }
+        }
+        Err(e) => {
+            // A deadline cut is the root cause of whatever error it provoked.
+            Err(if timed_out && state == SourceState::Resumed {
+                MigrationError::BrownoutTimeout {
+                    after: run.m.config.brownout_timeout,
+                }
+            } else {
+                e
+            })
+        }
+        Ok(()) => Ok(()),
+    };
+    match state {
+        SourceState::Committed => Ok(finish(run, sw, final_round, predicted_s, reason, t_pause)),
+        SourceState::Resumed => {
+            let e = r.err().unwrap_or(MigrationError::Protocol {
+                phase: "commit",
+                message: "switchover ended without an outcome".into(),
+            });
+            // The source VM must survive: undo device saves, resume.
+            for p in run.m.participants.iter_mut().take(saved) {
+                p.rolled_back();
+            }
+            if let Err(re) = run.m.vm.resume() {
+                return Err(MigrationError::Vm(format!(
+                    "{re} (after a failed switchover: {e})"
+                )));
+            }
+            Err(e)
+        }
+        // Unresolved (or, defensively, any non-terminal state): stay paused.
+        _ => Err(r.err().unwrap_or(MigrationError::InDoubt {
+            session: run.session_id,
+            reason: format!("switchover stopped in state {state:?}"),
+        })),
+    }
+}
+
+/// What the switchover measured, for the report.
+struct Switchover {
+    bd: DowntimeBreakdown,
+    tracker_misses: u64,
+    final_pages: u64,
+    digest: u64,
+    t_commit: Instant,
+    resolved_by_query: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -61,11 +255,13 @@ fn paused(
     set: &mut PageSet,
     final_round: u32,
     predicted_s: f64,
-    reason: String,
-    bd: &mut DowntimeBreakdown,
-    t_pause: Instant,
+    reason: &str,
+    sw: &mut Switchover,
     saved: &mut usize,
-) -> Result<MigrationReport, MigrationError> {
+    state: &mut SourceState,
+    watchdog: &mut Watchdog,
+) -> Result<(), MigrationError> {
+    let bd = &mut sw.bd;
     let mem = run.m.memory.clone();
     let t_harvest = Instant::now();
     if let Some(t) = run.m.tracker.as_mut() {
@@ -82,18 +278,19 @@ fn paused(
             }
         }
     }
+    sw.tracker_misses = tracker_misses;
     bd.final_harvest_ms = ms(t_harvest.elapsed());
     let final_pages = set.count();
+    sw.final_pages = final_pages;
     run.emit(Event::Brownout {
         round: final_round,
         pages: final_pages,
         predicted_downtime_ms: predicted_s * 1e3,
-        reason: reason.clone(),
+        reason: reason.to_string(),
     });
     let to_dest = |phase| move |source| MigrationError::Transport { phase, source };
-    run.session
-        .control
-        .send_control(&ControlMsg::Brownout { final_round }, &[])
+    run.control()?
+        .send(&ControlMsg::Brownout { final_round }, &[])
         .map_err(to_dest("brownout"))?;
 
     // Final pages, then close the page streams.
@@ -110,9 +307,13 @@ fn paused(
     );
     run.send_round(set, final_round, true)?;
     run.finish_workers();
-    run.stop_workers(false);
+    let deadline = run.deadline.unwrap_or_else(Instant::now);
+    run.stop_workers(false, deadline)?;
     run.check_workers()?;
-    bd.final_pages_ms = ms(t_pages.elapsed());
+    if run.m.cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    sw.bd.final_pages_ms = ms(t_pages.elapsed());
     let wire_final = run
         .shared
         .counters
@@ -129,7 +330,7 @@ fn paused(
         round: final_round,
         pages: pages_final,
         wire_bytes: wire_final,
-        duration_ms: bd.final_pages_ms,
+        duration_ms: sw.bd.final_pages_ms,
         bandwidth_bps: wire_final as f64 / t_pages.elapsed().as_secs_f64().max(1e-9),
         throttle_percent: run.throttle,
         ..Default::default()
@@ -143,7 +344,8 @@ fn paused(
         let mut blob = Vec::new();
         *saved += 1;
         p.save(&mut blob)?;
-        bd.participants
+        sw.bd
+            .participants
             .push((p.id().to_string(), ms(t.elapsed()), blob.len() as u64));
         entries.push(envelope::Entry {
             id: p.id().to_string(),
@@ -152,12 +354,11 @@ fn paused(
         });
     }
     let env = envelope::encode(&entries);
-    bd.device_state_bytes = env.len() as u64;
-    run.session
-        .control
-        .send_control(&ControlMsg::DeviceState, &env)
+    sw.bd.device_state_bytes = env.len() as u64;
+    run.control()?
+        .send(&ControlMsg::DeviceState, &env)
         .map_err(to_dest("device state"))?;
-    bd.device_state_ms = ms(t_dev.elapsed());
+    sw.bd.device_state_ms = ms(t_dev.elapsed());
     run.emit(Event::DeviceState {
         participants: entries.len(),
         bytes: env.len() as u64,
@@ -166,75 +367,158 @@ fn paused(
     // Digest of everything sent, then commit.
     let t_digest = Instant::now();
     let digest = digest_of_table(&run.shared.hash_table());
-    bd.digest_ms = ms(t_digest.elapsed());
-    let t_commit = Instant::now();
+    sw.digest = digest;
+    sw.bd.digest_ms = ms(t_digest.elapsed());
+    sw.t_commit = Instant::now();
     let commit = ControlMsg::Commit {
         digest,
         pages: mem.total_pages(),
         rounds: final_round + 1,
     };
-    run.session
-        .control
-        .send_control(&commit, &[])
+    run.control()?
+        .send(&commit, &[])
         .map_err(to_dest("commit"))?;
+    *state = state.on(SourceEvent::CommitSent);
     // Two-step commit (see `ControlMsg::Prepared`): the destination validates
     // everything and answers `Prepared`; only then do the source's devices let go
     // (switch-port step 5), and the destination restores after `Released`.
-    let reply = run.session.control.control().map_err(to_dest("commit"))?.0;
-    let reply = match reply {
-        ControlMsg::Prepared { .. } => {
-            let t_release = Instant::now();
-            for p in run.m.participants.iter_mut() {
-                if let Err(e) = p.release() {
-                    let _ = run.session.control.send_control(
-                        &ControlMsg::Abort {
-                            reason: format!("source device release failed: {e}"),
-                        },
-                        &[],
-                    );
-                    return Err(e.into());
-                }
-            }
-            bd.release_ms = ms(t_release.elapsed());
-            run.session
-                .control
-                .send_control(&ControlMsg::Released, &[])
-                .map_err(to_dest("commit"))?;
-            run.session.control.control().map_err(to_dest("commit"))?.0
-        }
-        other => other,
-    };
+    let reply_until = (Instant::now() + run.m.config.reply_timeout)
+        .min(run.deadline.unwrap_or_else(Instant::now));
+    let cancel = run.m.cancel.clone();
+    let reply = next_reply(run.control()?, reply_until, Some(&cancel))?;
+    // The brownout deadline covers pause → Prepared: a Prepared that arrives
+    // after the streams were cut does not count.
+    if watchdog.disarm() {
+        return Err(MigrationError::BrownoutTimeout {
+            after: run.m.config.brownout_timeout,
+        });
+    }
     match reply {
-        ControlMsg::Committed {
+        Some(ControlMsg::Prepared { .. }) => *state = state.on(SourceEvent::Prepared),
+        None if run.deadline.is_some_and(|d| reply_until >= d) => {
+            return Err(MigrationError::BrownoutTimeout {
+                after: run.m.config.brownout_timeout,
+            })
+        }
+        None => {
+            return Err(MigrationError::TimedOut {
+                what: "the destination's prepared answer",
+                after: run.m.config.reply_timeout,
+            })
+        }
+        Some(other) => return Err(refusal(other)),
+    }
+    if cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    let t_release = Instant::now();
+    for p in run.m.participants.iter_mut() {
+        if let Err(e) = p.release() {
+            let _ = run.control()?.send(
+                &ControlMsg::Abort {
+                    reason: format!("source device release failed: {e}"),
+                },
+                &[],
+            );
+            return Err(e.into());
+        }
+    }
+    sw.bd.release_ms = ms(t_release.elapsed());
+    // Ownership leaves the source as it starts writing `Released`: even a failed
+    // write may have delivered it, so from here no failure resumes the source
+    // without the destination's word (a refusal, or a "discarded" outcome).
+    *state = state.on(SourceEvent::ReleasedSent);
+    run.control()?
+        .send(&ControlMsg::Released, &[])
+        .map_err(to_dest("commit"))?;
+    let until = Instant::now() + run.m.config.reply_timeout;
+    let reply = next_reply(run.control()?, until, None);
+    match reply {
+        Ok(Some(ControlMsg::Committed {
             verify_us,
             restore_us,
             participants_us,
-        } => {
-            bd.commit_ms = ms(t_commit.elapsed());
-            bd.dest_verify_ms = verify_us as f64 / 1e3;
-            bd.dest_restore_ms = restore_us as f64 / 1e3;
-            bd.dest_participants = participants_us
+        })) => {
+            *state = state.on(SourceEvent::Committed);
+            let session = run.session_id;
+            let _ = run
+                .control()?
+                .send(&ControlMsg::OutcomeKnown { session }, &[]);
+            sw.bd.commit_ms = ms(sw.t_commit.elapsed());
+            sw.bd.dest_verify_ms = verify_us as f64 / 1e3;
+            sw.bd.dest_restore_ms = restore_us as f64 / 1e3;
+            sw.bd.dest_participants = participants_us
                 .into_iter()
                 .map(|(id, us)| (id, us as f64 / 1e3))
                 .collect();
+            Ok(())
         }
+        Ok(Some(m @ (ControlMsg::Veto { .. } | ControlMsg::Error { .. }))) => {
+            // The destination discarded after a failed restore: tell it we know.
+            *state = state.on(SourceEvent::Refused);
+            let session = run.session_id;
+            let _ = run
+                .control()?
+                .send(&ControlMsg::OutcomeKnown { session }, &[]);
+            Err(refusal(m))
+        }
+        Ok(Some(other)) => {
+            *state = state.on(SourceEvent::Failed);
+            Err(MigrationError::Protocol {
+                phase: "commit",
+                message: format!("unexpected {} after released", other.name()),
+            })
+        }
+        Ok(None) => {
+            *state = state.on(SourceEvent::Failed);
+            Err(MigrationError::TimedOut {
+                what: "the destination's committed answer",
+                after: run.m.config.reply_timeout,
+            })
+        }
+        Err(e) => {
+            *state = state.on(SourceEvent::Failed);
+            Err(e)
+        }
+    }
+}
+
+/// The error for a destination's answer other than the expected one.
+fn refusal(m: ControlMsg) -> MigrationError {
+    match m {
         ControlMsg::Veto {
             participant,
             reason,
-        } => {
-            return Err(MigrationError::Vetoed(Veto {
-                participant,
-                reason,
-            }))
-        }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
-        other => {
-            return Err(MigrationError::Protocol {
-                phase: "commit",
-                message: format!("unexpected {}", other.name()),
-            })
-        }
+        } => MigrationError::Vetoed(Veto {
+            participant,
+            reason,
+        }),
+        ControlMsg::Error { message } => MigrationError::Remote(message),
+        other => MigrationError::Protocol {
+            phase: "commit",
+            message: format!("unexpected {}", other.name()),
+        },
     }
+}
+
+/// The destination runs the VM: finish the source's side and report.
+fn finish(
+    run: &mut Run<'_>,
+    sw: Switchover,
+    final_round: u32,
+    predicted_s: f64,
+    reason: String,
+    t_pause: Instant,
+) -> MigrationReport {
+    let mem = run.m.memory.clone();
+    let Switchover {
+        bd,
+        tracker_misses,
+        final_pages,
+        digest,
+        resolved_by_query,
+        ..
+    } = sw;
     let downtime = t_pause.elapsed();
     // Committed: the VM now runs on the destination.
     for p in run.m.participants.iter_mut() {
@@ -296,7 +580,9 @@ fn paused(
         digest: format!("{digest:016x}"),
         round_table: run.history.clone(),
         auto_decisions: run.shared.tuner.decisions(),
+        session: crate::receiver::outcomes::session_to_string(run.session_id),
+        resolved_by_query,
     };
     run.emit(Event::Completed(Box::new(report.clone())));
-    Ok(report)
+    report
 }

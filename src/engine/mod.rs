@@ -3,17 +3,21 @@
 //! [`Migration`] wires the pieces: setup handshake ([`setup`]) → round loop
 //! ([`precopy`], mechanism only) asking a [`policy::ConvergencePolicy`] after each
 //! round → brownout ([`brownout`]: pause, final pages, device state, digest, commit).
-//! Any failure before the destination commits resumes the source VM.
+//! Any failure before the source releases the VM resumes it; after `Released` the
+//! source learns the outcome or stays paused, in doubt ([`commit`]).
 
 pub mod auto;
 pub mod brownout;
+pub mod cancel;
+pub mod commit;
+pub mod control;
+pub mod gate;
 pub mod pipeline;
 pub mod policy;
 pub mod precopy;
 pub mod setup;
 pub mod slots;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,14 +27,18 @@ use crate::dirty::{DirtyTracker, TrackError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::stats::{MigrationReport, ProgressSink};
 use crate::transport::{Connector, TransportError};
-use crate::wire::control::{CompatVector, RefuseCode};
+use crate::wire::control::{CompatVector, RefuseCode, SessionId};
 
+pub use cancel::CancelToken;
+pub use commit::SourceState;
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
 pub use slots::{HostSlots, SlotGuard};
 
 /// Controls the source VM's execution. Implemented by the hypervisor.
 pub trait VmControl: Send {
-    /// Stop the guest's vCPUs (and device emulation that writes memory).
+    /// Stop the guest's vCPUs (and device emulation that writes memory). On an
+    /// error (even after stopping only some vCPUs) the engine calls
+    /// [`VmControl::resume`], so it must resume whatever did stop.
     fn pause(&mut self) -> Result<(), String>;
     /// Resume after a failed or cancelled migration.
     fn resume(&mut self) -> Result<(), String>;
@@ -134,6 +142,20 @@ pub struct MigrationConfig {
     /// the migration was 10–25 % slower here (docs/BENCHMARKS.md); the saving is
     /// meant for real NICs, where the sender's copy is pure overhead.
     pub splice: bool,
+    /// Longest time from the pause to the destination's `Prepared` (the brownout
+    /// as a whole). Past it the source aborts and resumes the VM.
+    pub brownout_timeout: Duration,
+    /// Interval between heartbeats on the control stream while rounds run
+    /// (capped at a quarter of `peer_timeout`).
+    pub heartbeat_interval: Duration,
+    /// Longest silence tolerated from the destination while rounds run (no answer
+    /// to heartbeats); page streams that complete no batch for four times this
+    /// long are failed as stalled.
+    pub peer_timeout: Duration,
+    /// How long a source in doubt (it released the VM, then lost the channel
+    /// before learning the outcome) keeps asking the destination before it gives
+    /// up and reports [`MigrationError::InDoubt`], VM still paused.
+    pub outcome_timeout: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -153,30 +175,16 @@ impl Default for MigrationConfig {
             delta: false,
             delta_cache_bytes: 0,
             splice: false,
+            brownout_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(30),
+            outcome_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// Cancels a running migration from another thread (API and Ctrl-C).
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// A fresh token.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Request cancellation.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst)
-    }
-    /// Was cancellation requested?
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Why a migration failed. In every case the source VM keeps (or resumes) running.
+/// Why a migration failed. In every case but [`MigrationError::InDoubt`] the source
+/// VM keeps (or resumes) running.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// The destination refused at handshake or setup.
@@ -230,9 +238,64 @@ pub enum MigrationError {
     /// The destination reported an error.
     #[error("destination failed: {0}")]
     Remote(String),
+    /// A page worker panicked.
+    #[error("page stream {stream}'s worker panicked: {message}")]
+    WorkerPanicked {
+        /// Page stream index.
+        stream: usize,
+        /// Panic message.
+        message: String,
+    },
+    /// A peer or a stream made no progress within its deadline.
+    #[error("timed out waiting for {what} after {after:?}")]
+    TimedOut {
+        /// What was waited for.
+        what: &'static str,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The brownout (pause to `Prepared`) outlasted `brownout_timeout`.
+    #[error("the brownout exceeded its {after:?} deadline before the destination was prepared")]
+    BrownoutTimeout {
+        /// The deadline.
+        after: Duration,
+    },
+    /// `VmControl::pause` failed; `resume` was called on whatever had paused.
+    #[error("pausing the VM failed: {error}{}", resume_error.as_ref().map(|r| format!("; resuming it failed too: {r}")).unwrap_or_default())]
+    PauseFailed {
+        /// The pause error.
+        error: String,
+        /// The error of the resume that followed, if it failed.
+        resume_error: Option<String>,
+    },
+    /// The source released the VM and could not learn whether the destination
+    /// committed. The source VM stays **paused**: resuming it could run the VM
+    /// twice. Ask the destination (`livemig resolve`), then resume or discard.
+    #[error("outcome in doubt for session {}: {reason}; the source VM stays paused (resolve with `livemig resolve --session {}`)", crate::receiver::outcomes::session_to_string(*session), crate::receiver::outcomes::session_to_string(*session))]
+    InDoubt {
+        /// The session to ask about.
+        session: SessionId,
+        /// Why the outcome is unknown.
+        reason: String,
+    },
     /// No session token could be drawn (the system random source failed).
     #[error("{0}")]
     SessionToken(#[from] crate::session::TokenError),
+}
+
+impl MigrationError {
+    /// Whether the source VM runs (or was resumed) after this error: false only
+    /// in doubt, and when the VM could not be resumed.
+    pub fn source_running(&self) -> bool {
+        !matches!(
+            self,
+            Self::InDoubt { .. }
+                | Self::PauseFailed {
+                    resume_error: Some(_),
+                    ..
+                }
+        )
+    }
 }
 
 /// A migration being configured.

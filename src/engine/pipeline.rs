@@ -8,17 +8,20 @@
 //! chosen codec and writes one frame.
 //!
 //! Rounds are gated: at the end of a round the loop sends [`Ctl::RoundEnd`] on every
-//! worker's own control channel and waits on a barrier that every worker reaches
-//! after draining the batch queue and writing its RoundEnd frame, so no page of
-//! round r+1 is sent before every stream finished round r. (Per-worker control
-//! channels let `auto` mode leave workers idle without stalling the gate.) The receiver mirrors the
-//! gate, so a later copy of a page can never be overwritten by an earlier one.
+//! worker's own control channel and waits at a [`SendGate`] that every worker
+//! passes after draining the batch queue and writing its RoundEnd frame, so no page
+//! of round r+1 is sent before every stream finished round r. (Per-worker control
+//! channels let `auto` mode leave workers idle without stalling the gate.) The
+//! receiver mirrors the gate, so a later copy of a page can never be overwritten by
+//! an earlier one. The gate never blocks a worker, and a worker that fails or
+//! panics aborts it ([`run_worker`]), so the loop never waits for a dead party.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Receiver;
 
+use super::gate::SendGate;
 use crate::codec::cache::DeltaCache;
 use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, GuestMemory, PAGE_SIZE};
@@ -56,7 +59,7 @@ impl Batch {
 #[derive(Debug)]
 pub enum Ctl {
     /// End of round: all its batches are queued. Drain the queue, send RoundEnd,
-    /// then wait on the barrier.
+    /// then pass the gate.
     RoundEnd(u32),
     /// Last message: send StreamEnd and exit.
     Finish,
@@ -86,12 +89,12 @@ pub struct Shared {
     pub sent_hashes: Vec<AtomicU64>,
     /// Counters.
     pub counters: Counters,
-    /// Set when a worker fails; the round loop checks it after each barrier.
+    /// Set when a worker fails; the round loop checks it after each round.
     pub failed: AtomicBool,
-    /// The first worker error.
-    pub error: Mutex<Option<String>>,
+    /// The first worker failure.
+    pub error: Mutex<Option<WorkerFailure>>,
     /// Round gate.
-    pub barrier: Barrier,
+    pub gate: SendGate,
     /// Codec for batch payloads.
     pub codec: CodecId,
     /// zstd level.
@@ -120,7 +123,7 @@ impl Shared {
             counters: Counters::default(),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
-            barrier: Barrier::new(workers + 1),
+            gate: SendGate::new(workers),
             codec,
             zstd_level,
             tuner: super::auto::AutoTuner::new(auto, workers, codec),
@@ -148,12 +151,23 @@ impl Shared {
         self
     }
 
-    fn fail(&self, e: String) {
-        let mut slot = self.error.lock().expect("error lock");
+    /// Record a worker failure (the first one wins) and abort the round gate.
+    pub fn fail(&self, f: WorkerFailure) {
+        let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
-            *slot = Some(e);
+            *slot = Some(f);
         }
         self.failed.store(true, Ordering::Release);
+        drop(slot);
+        self.gate.abort();
+    }
+
+    /// The first worker failure, if any.
+    pub fn failure(&self) -> Option<WorkerFailure> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The per-page hash table as plain values.
@@ -162,6 +176,54 @@ impl Shared {
             .iter()
             .map(|h| h.load(Ordering::Acquire))
             .collect()
+    }
+}
+
+/// Why a page-stream worker stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerFailure {
+    /// Encoding or writing failed.
+    Failed {
+        /// Page stream index.
+        stream: usize,
+        /// The error.
+        message: String,
+    },
+    /// The worker panicked (a bug, or a stream implementation that panicked).
+    Panicked {
+        /// Page stream index.
+        stream: usize,
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-text payload".into())
+}
+
+/// [`worker`] with its panics caught: a panic becomes
+/// [`WorkerFailure::Panicked`], which aborts the round gate, so the round loop
+/// sees a typed failure instead of waiting for the worker forever.
+pub fn run_worker(
+    shared: &Shared,
+    index: usize,
+    batches: Receiver<Batch>,
+    ctl: Receiver<Ctl>,
+    out: FrameWriter,
+) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        worker(shared, index, batches, ctl, out)
+    }));
+    if let Err(p) = r {
+        shared.fail(WorkerFailure::Panicked {
+            stream: index,
+            message: panic_message(&*p),
+        });
     }
 }
 
@@ -211,13 +273,13 @@ pub fn worker(
     loop {
         let msg = if shared.tuner.is_active(index) {
             if let Ok(b) = batches.try_recv() {
-                handle_batch(shared, &b, &mut s, &mut out, &mut st);
+                handle_batch(shared, index, &b, &mut s, &mut out, &mut st);
                 continue;
             }
             crossbeam_channel::select! {
                 recv(batches) -> b => {
                     if let Ok(b) = b {
-                        handle_batch(shared, &b, &mut s, &mut out, &mut st);
+                        handle_batch(shared, index, &b, &mut s, &mut out, &mut st);
                     }
                     continue;
                 }
@@ -233,7 +295,7 @@ pub fn worker(
         let Ok(msg) = msg else { return };
         // Every batch of the round was queued before this marker: take what is left.
         while let Ok(b) = batches.try_recv() {
-            handle_batch(shared, &b, &mut s, &mut out, &mut st);
+            handle_batch(shared, index, &b, &mut s, &mut out, &mut st);
         }
         match msg {
             Ctl::RoundEnd(round) => {
@@ -253,13 +315,16 @@ pub fn worker(
                         }
                         Err(e) => {
                             st.broken = true;
-                            shared.fail(e.to_string());
+                            shared.fail(WorkerFailure::Failed {
+                                stream: index,
+                                message: e.to_string(),
+                            });
                         }
                     }
                 }
                 st.round_batches = 0;
                 st.round_pages = 0;
-                shared.barrier.wait();
+                shared.gate.arrive();
             }
             Ctl::Finish => {
                 if !st.broken {
@@ -267,7 +332,10 @@ pub fn worker(
                         .send(FrameKind::StreamEnd, 0, &[], &[])
                         .and_then(|_| out.flush())
                     {
-                        shared.fail(e.to_string());
+                        shared.fail(WorkerFailure::Failed {
+                            stream: index,
+                            message: e.to_string(),
+                        });
                     }
                 }
                 return;
@@ -284,13 +352,14 @@ struct WorkerState {
 
 fn handle_batch(
     shared: &Shared,
+    index: usize,
     b: &Batch,
     s: &mut Scratch,
     out: &mut FrameWriter,
     st: &mut WorkerState,
 ) {
     if st.broken || shared.failed.load(Ordering::Relaxed) {
-        return; // drain, keep reaching barriers
+        return; // drain, keep passing the gate
     }
     let before = out.bytes();
     let codec = shared.tuner.codec();
@@ -347,9 +416,12 @@ fn handle_batch(
                 );
             }
         }
-        Err(e) => {
+        Err(message) => {
             st.broken = true;
-            shared.fail(e);
+            shared.fail(WorkerFailure::Failed {
+                stream: index,
+                message,
+            });
         }
     }
 }

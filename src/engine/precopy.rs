@@ -7,7 +7,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use super::pipeline::{batches_of, worker, Batch, Ctl, Shared, QUEUE_DEPTH_PER_WORKER};
+use super::cancel::CancelConnector;
+use super::control::{ControlLink, Heartbeat, LinkFailure};
+use super::gate::GateError;
+use super::pipeline::{
+    batches_of, run_worker, Batch, Ctl, Shared, WorkerFailure, QUEUE_DEPTH_PER_WORKER,
+};
 use super::policy::{Decision, PolicySnapshot};
 use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
@@ -15,17 +20,33 @@ use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::Connector;
+use crate::wire::control::SessionId;
 use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
+
+/// How long workers get to exit after their streams were cut.
+const JOIN_GRACE: Duration = Duration::from_secs(2);
+/// The gate gives up when no batch completed for this many peer timeouts (a
+/// stalled peer is normally caught sooner, by the streams' own deadlines).
+const STALL_PEER_TIMEOUTS: u32 = 4;
 
 /// Everything the loop and brownout share.
 pub(crate) struct Run<'a> {
     pub m: &'a mut Migration,
-    pub session: setup::Session,
+    /// Where the destination is (outcome queries reconnect through it).
+    pub connector: &'a dyn Connector,
+    /// Session id.
+    pub session_id: SessionId,
+    /// The control stream, when no heartbeat thread holds it.
+    pub link: Option<ControlLink>,
+    /// The heartbeat thread (it holds the control stream while rounds run).
+    pub heartbeat: Option<Heartbeat>,
+    /// Every wait gives up at this instant (set at pause: the brownout deadline).
+    pub deadline: Option<Instant>,
     pub shared: Arc<Shared>,
     pub tx: Option<Sender<Batch>>,
     pub ctl: Vec<Sender<Ctl>>,
     pub handles: Vec<JoinHandle<()>>,
-    pub shutdowns: Vec<Box<dyn Fn() + Send + Sync>>,
+    pub shutdowns: Arc<Vec<Box<dyn Fn() + Send + Sync>>>,
     pub history: Vec<RoundStats>,
     pub est: Estimator,
     pub started: Instant,
@@ -48,6 +69,40 @@ impl Run<'_> {
         }
     }
 
+    /// Stop the heartbeat thread (if running) and take the control stream back.
+    pub(crate) fn control(&mut self) -> Result<&mut ControlLink, MigrationError> {
+        if let Some(hb) = self.heartbeat.take() {
+            let (link, failure) = hb.stop();
+            self.link = link;
+            if let Some(f) = failure {
+                return Err(link_error(f));
+            }
+        }
+        self.link.as_mut().ok_or(MigrationError::Protocol {
+            phase: "control",
+            message: "the control stream was lost (heartbeat thread died)".into(),
+        })
+    }
+
+    /// Why waiting stopped: cancel, heartbeat failure or the brownout deadline.
+    fn stop_reason(&mut self) -> Option<MigrationError> {
+        if self.m.cancel.is_cancelled() {
+            return Some(MigrationError::Cancelled);
+        }
+        if self.heartbeat.as_ref().is_some_and(|h| h.has_failed()) {
+            return Some(self.control().err().unwrap_or(MigrationError::Protocol {
+                phase: "rounds",
+                message: "the heartbeat thread stopped without a reason".into(),
+            }));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(MigrationError::BrownoutTimeout {
+                after: self.m.config.brownout_timeout,
+            });
+        }
+        None
+    }
+
     /// Queue every page of `set` for round `round`, then gate the round.
     pub(crate) fn send_round(
         &mut self,
@@ -56,11 +111,15 @@ impl Run<'_> {
         quiescent: bool,
     ) -> Result<(), MigrationError> {
         let total = set.count();
-        let tx = self.tx.as_ref().expect("workers running");
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(MigrationError::Send("the page workers were stopped".into()));
+        };
         let mut sent = 0u64;
         let mut since_event = 0u64;
         let shared = &self.shared;
         let cancel = &self.m.cancel;
+        let hb = &self.heartbeat;
+        let deadline = self.deadline;
         let progress = &self.m.progress;
         let meter = &mut self.meter;
         let (sent_before, held_back, started) = (self.sent_total, self.held_back, self.started);
@@ -81,8 +140,24 @@ impl Run<'_> {
                 }
                 let n = b.pages();
                 shared.tuner.tick();
-                if tx.send(b).is_err() {
-                    return false;
+                // Queue with a bounded wait: a stuck worker, a cancel or a silent
+                // peer must not leave the loop blocked on a full queue.
+                let mut b = b;
+                loop {
+                    match tx.send_timeout(b, Duration::from_millis(20)) {
+                        Ok(()) => break,
+                        Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                            if cancel.is_cancelled()
+                                || shared.failed.load(Ordering::Relaxed)
+                                || hb.as_ref().is_some_and(|h| h.has_failed())
+                                || deadline.is_some_and(|d| Instant::now() >= d)
+                            {
+                                return false;
+                            }
+                            b = back;
+                        }
+                        Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+                    }
                 }
                 sent += n;
                 since_event += n;
@@ -107,14 +182,41 @@ impl Run<'_> {
             },
         );
         self.sent_total += sent;
-        for c in &self.ctl {
-            let _ = c.send(Ctl::RoundEnd(round));
-        }
-        self.shared.barrier.wait();
         if let Some(e) = stop {
             return Err(e);
         }
-        self.check_workers()
+        self.check_workers()?;
+        if let Some(e) = self.stop_reason() {
+            return Err(e);
+        }
+        for c in &self.ctl {
+            // A healthy worker has taken the previous marker before passing the
+            // gate, so there is always room; a stuck one shows up at the gate.
+            let _ = c.try_send(Ctl::RoundEnd(round));
+        }
+        let stall = self.m.config.peer_timeout * STALL_PEER_TIMEOUTS;
+        let shared = self.shared.clone();
+        let mut stopped = None;
+        let r = shared.gate.wait(
+            stall,
+            || {
+                stopped = self.stop_reason();
+                stopped.is_some()
+            },
+            || shared.counters.wire_bytes.load(Ordering::Relaxed),
+        );
+        match r {
+            Ok(()) => self.check_workers(),
+            Err(GateError::Aborted) => {
+                self.check_workers()?;
+                Err(MigrationError::Send("the round gate was aborted".into()))
+            }
+            Err(GateError::Stopped) => Err(stopped.unwrap_or(MigrationError::Cancelled)),
+            Err(GateError::Stalled(after)) => Err(MigrationError::TimedOut {
+                what: "page streams (no batch completed)",
+                after,
+            }),
+        }
     }
 
     /// Emit a progress event after a harvest: `owed` pages are still to be sent.
@@ -133,17 +235,15 @@ impl Run<'_> {
     }
 
     pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
-        if self.shared.failed.load(Ordering::Acquire) {
-            let msg = self
-                .shared
-                .error
-                .lock()
-                .expect("error lock")
-                .clone()
-                .unwrap_or_default();
-            return Err(MigrationError::Send(msg));
+        match self.shared.failure() {
+            None => Ok(()),
+            Some(WorkerFailure::Failed { stream, message }) => Err(MigrationError::Send(format!(
+                "page stream {stream}: {message}"
+            ))),
+            Some(WorkerFailure::Panicked { stream, message }) => {
+                Err(MigrationError::WorkerPanicked { stream, message })
+            }
         }
-        Ok(())
     }
 
     /// Ask every worker to end its stream (after the final round).
@@ -153,18 +253,79 @@ impl Run<'_> {
         }
     }
 
-    /// Stop workers: ask them to finish, or on failure cut their streams.
-    pub(crate) fn stop_workers(&mut self, abort: bool) {
+    /// Stop workers: on failure cut their streams first. Waits for them until
+    /// `deadline` (then cuts the streams) plus a short grace; a worker still
+    /// running after that is left behind (it holds only shared references) and
+    /// reported.
+    pub(crate) fn stop_workers(
+        &mut self,
+        abort: bool,
+        deadline: Instant,
+    ) -> Result<(), MigrationError> {
         if abort {
-            for s in &self.shutdowns {
-                s();
-            }
+            self.cut_streams();
         }
         self.tx.take();
         self.ctl.clear();
+        let mut cut = abort;
+        let mut limit = if abort {
+            Instant::now() + JOIN_GRACE
+        } else {
+            deadline
+        };
+        loop {
+            if self.handles.iter().all(|h| h.is_finished()) {
+                break;
+            }
+            if Instant::now() >= limit {
+                if cut {
+                    let stuck = self.handles.iter().filter(|h| !h.is_finished()).count();
+                    self.handles.clear();
+                    return Err(MigrationError::TimedOut {
+                        what: if stuck == 1 {
+                            "a page worker's exit"
+                        } else {
+                            "the page workers' exit"
+                        },
+                        after: JOIN_GRACE,
+                    });
+                }
+                self.cut_streams();
+                cut = true;
+                limit = Instant::now() + JOIN_GRACE;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+        Ok(())
+    }
+
+    /// Shut every page stream down (unblocks their writers).
+    pub(crate) fn cut_streams(&self) {
+        for s in self.shutdowns.iter() {
+            s();
+        }
+    }
+}
+
+/// The migration error for a heartbeat failure.
+pub(crate) fn link_error(f: LinkFailure) -> MigrationError {
+    match f {
+        LinkFailure::Silent(after) => MigrationError::TimedOut {
+            what: "the peer (destination) on the control stream: no heartbeat answer",
+            after,
+        },
+        LinkFailure::Transport(source) => MigrationError::Transport {
+            phase: "rounds",
+            source,
+        },
+        LinkFailure::Unexpected(ControlMsg::Error { message }) => MigrationError::Remote(message),
+        LinkFailure::Unexpected(other) => MigrationError::Protocol {
+            phase: "rounds",
+            message: format!("unexpected {} on the control stream", other.name()),
+        },
     }
 }
 
@@ -180,9 +341,37 @@ pub(crate) fn run(
             Some(s) => Some(s.acquire(&m.cancel)?),
             None => None,
         };
-        let session = setup::connect(&m, connector)?;
-        let streams = session.pages.len();
-        let spliced = session.pages.iter().filter(|w| w.splices()).count() as u16;
+        // Setup under cancel: a cancel cuts the streams opened so far, which ends
+        // a blocking handshake read at once.
+        let session = {
+            let cancellable = CancelConnector::new(connector, m.cancel.clone());
+            setup::connect(&m, &cancellable).map_err(|e| {
+                if m.cancel.is_cancelled() {
+                    MigrationError::Cancelled
+                } else {
+                    e
+                }
+            })?
+        };
+        let setup::Session {
+            control,
+            pages: page_writers,
+            session: session_id,
+            rtt,
+            ..
+        } = session;
+        let mut link = ControlLink::new(control.into_stream());
+        if m.cancel.is_cancelled() {
+            let _ = link.send(
+                &ControlMsg::Abort {
+                    reason: "cancelled by the operator".into(),
+                },
+                &[],
+            );
+            return Err(MigrationError::Cancelled);
+        }
+        let streams = page_writers.len();
+        let spliced = page_writers.iter().filter(|w| w.splices()).count() as u16;
         let shared = Arc::new(
             Shared::new(
                 m.memory.clone(),
@@ -195,16 +384,15 @@ pub(crate) fn run(
             .with_spliced_streams(spliced),
         );
         let (tx, rx) = crossbeam_channel::bounded(streams * QUEUE_DEPTH_PER_WORKER);
-        let mut session = session;
-        let shutdowns = session
-            .pages
-            .iter()
-            .map(|w| w.stream().shutdown_handle())
-            .collect();
+        let shutdowns = Arc::new(
+            page_writers
+                .iter()
+                .map(|w| w.stream().shutdown_handle())
+                .collect::<Vec<_>>(),
+        );
         let mut ctl = Vec::with_capacity(streams);
-        let handles = session
-            .pages
-            .drain(..)
+        let handles = page_writers
+            .into_iter()
             .enumerate()
             .map(|(i, w)| {
                 let sh = shared.clone();
@@ -213,7 +401,7 @@ pub(crate) fn run(
                 ctl.push(ctx);
                 std::thread::Builder::new()
                     .name(format!("livemig-send{i}"))
-                    .spawn(move || worker(&sh, i, rx, crx, w))
+                    .spawn(move || run_worker(&sh, i, rx, crx, w))
                     .expect("spawn sender thread")
             })
             .collect();
@@ -223,13 +411,25 @@ pub(crate) fn run(
         est.fixed = FixedCosts::calibrated(
             m.memory.total_pages(),
             m.memory.total_bytes(),
-            session.rtt.as_secs_f64(),
+            rtt.as_secs_f64(),
             m.config.verify == super::Verify::Full,
             m.config.expected_device_state.as_secs_f64(),
         );
+        // Heartbeats in both directions while rounds run (at least four per peer
+        // timeout, so one late answer is never taken for silence).
+        let interval = m
+            .config
+            .heartbeat_interval
+            .min(m.config.peer_timeout / 4)
+            .max(Duration::from_millis(1));
+        let heartbeat = Heartbeat::start(link, interval, m.config.peer_timeout);
         let mut run = Run {
             m: &mut m,
-            session,
+            connector,
+            session_id,
+            link: None,
+            heartbeat: Some(heartbeat),
+            deadline: None,
             shared,
             tx: Some(tx),
             ctl,
@@ -246,17 +446,22 @@ pub(crate) fn run(
             prediction: (Prediction::default(), 1.0),
         };
         let r = precopy(&mut run);
-        if r.is_err() {
-            let reason = match &r {
-                Err(MigrationError::Cancelled) => "cancelled by the operator".to_string(),
-                Err(e) => e.to_string(),
-                Ok(_) => unreachable!(),
-            };
-            let _ = run
-                .session
-                .control
-                .send_control(&ControlMsg::Abort { reason }, &[]);
-            run.stop_workers(true);
+        if let Err(e) = &r {
+            // Released and in doubt: the destination may run the VM, so it is
+            // told nothing (an Abort would mean "discard") and the VM stays paused.
+            if !matches!(e, MigrationError::InDoubt { .. }) {
+                let reason = match e {
+                    MigrationError::Cancelled => "cancelled by the operator".to_string(),
+                    e => e.to_string(),
+                };
+                if let Ok(link) = run.control() {
+                    let _ = link.send(&ControlMsg::Abort { reason }, &[]);
+                }
+            }
+            if let Some(hb) = run.heartbeat.take() {
+                let _ = hb.stop();
+            }
+            let _ = run.stop_workers(true, Instant::now());
             if let Some(t) = run.m.tracker.as_mut() {
                 let _ = t.stop(&run.m.memory);
             }
@@ -271,7 +476,7 @@ pub(crate) fn run(
             p.on_event(&Event::Failed {
                 phase: "migration".into(),
                 error: e.to_string(),
-                source_running: true,
+                source_running: e.source_running(),
             });
         }
     }

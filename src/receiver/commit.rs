@@ -4,11 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::handoff::{DestEvent, DestState};
+use super::outcomes;
 use super::rounds::{CommitRequest, RoundsDone};
 use super::{protocol_error, read_error, send_veto, transport_error, ReceiveError, Receiver};
 use crate::device::{envelope, Veto};
 use crate::memory::{digest_of_table, GuestMemory};
 use crate::transport::framed::FrameReader;
+use crate::wire::control::SessionOutcome;
 use crate::wire::ControlMsg;
 
 const PHASE: &str = "commit";
@@ -23,6 +26,8 @@ pub(super) struct Committed {
     pub restore_us: u64,
     /// Per participant, in restore order: (id, restore time in µs).
     pub participants_us: Vec<(String, u64)>,
+    /// The source said it learned the outcome.
+    pub outcome_known: bool,
 }
 
 impl Receiver {
@@ -44,6 +49,13 @@ impl Receiver {
         let validate_us = t_validate.elapsed().as_micros() as u64;
         // Everything is validated: let the source release its devices (switch-port
         // step 5) before restoring ours (steps 6–7). See `ControlMsg::Prepared`.
+        // From `Prepared` on the source may send Released and be in doubt: the
+        // session enters the outcome record first (in progress until committed or
+        // discarded).
+        let session = self
+            .session
+            .ok_or_else(|| protocol_error(PHASE, "no session".to_string()))?;
+        self.handoff(DestEvent::PreparedSent)?;
         control
             .send_control(
                 &ControlMsg::Prepared {
@@ -53,12 +65,45 @@ impl Receiver {
                 &[],
             )
             .map_err(transport_error(PHASE))?;
-        await_release(control, self.config.idle_timeout)?;
+        if let Err(e) = await_release(control, self.config.idle_timeout) {
+            if matches!(e, ReceiveError::Aborted(_)) {
+                // A source that aborts has not released: it resumes, never asks.
+                self.outcomes.mark_known(session);
+            }
+            return Err(e);
+        }
+        self.handoff(DestEvent::Released)?;
 
         let t_restore = Instant::now();
-        let participants_us = self.restore_all(control, &entries)?;
+        let participants_us = match self.restore_all(control, &entries) {
+            Ok(p) => p,
+            Err(e) => {
+                // Discarded (recorded) before the source hears of it (restore_all
+                // sent the Error); wait for its acknowledgement.
+                let _ = self.handoff(DestEvent::RestoreFailed);
+                self.outcomes
+                    .await_known(control, session, outcomes::KNOWN_WAIT);
+                return Err(e);
+            }
+        };
         let restore_us = validate_us + t_restore.elapsed().as_micros() as u64;
-        control
+        // The commit point: recorded (on disk, with a file) before `Committed` is
+        // sent. Without a record the source could not learn the outcome if
+        // `Committed` were lost, so a failed record discards instead.
+        if let Err(e) = self.handoff(DestEvent::Restored) {
+            self.handoff = DestState::Restoring.on(DestEvent::RestoreFailed);
+            let _ = self.outcomes.record(session, SessionOutcome::Discarded);
+            let _ = control.send_control(
+                &ControlMsg::Error {
+                    message: format!("the destination could not record the commit: {e}"),
+                },
+                &[],
+            );
+            return Err(e.into());
+        }
+        // Committed: the VM is ours whether or not the source hears it (a source
+        // that does not is in doubt and asks).
+        let delivered = control
             .send_control(
                 &ControlMsg::Committed {
                     verify_us,
@@ -67,12 +112,17 @@ impl Receiver {
                 },
                 &[],
             )
-            .map_err(transport_error(PHASE))?;
+            .is_ok();
+        if delivered {
+            self.outcomes
+                .await_known(control, session, outcomes::KNOWN_WAIT);
+        }
         Ok(Committed {
             digest,
             verify_us,
             restore_us,
             participants_us,
+            outcome_known: self.outcomes.awaiting_query_for(session) == Some(false),
         })
     }
 

@@ -158,6 +158,11 @@ impl Receiver {
                         .unwrap_or_else(|| format!("unreadable hello of version {major}.{minor}"));
                     return Err(refuse(&mut control, RefuseCode::Version, message));
                 }
+                // A source in doubt (or `livemig resolve`) asking for an outcome.
+                Ok((ControlMsg::QueryOutcome { session }, _)) => {
+                    self.outcomes.answer(&mut control, session);
+                    control.stream().shutdown();
+                }
                 // Closed, silent, garbage, or another message: not a migration.
                 Ok((other, _)) => {
                     *strays += 1;

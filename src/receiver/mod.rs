@@ -33,7 +33,9 @@ pub mod setup_check;
 
 mod accept;
 mod commit;
+pub mod handoff;
 mod handshake;
+pub mod outcomes;
 mod rounds;
 mod setup;
 
@@ -49,8 +51,10 @@ use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::ControlMsg;
+use handoff::{DestEvent, DestState};
 use handshake::Handshake;
 pub use limiter::{HostLimiter, Permit};
+pub use outcomes::OutcomeLog;
 use setup::Skeleton;
 pub use setup_check::{
     HostCaps, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
@@ -100,6 +104,9 @@ pub struct ReceiverConfig {
     pub max_setup_attachment: usize,
     /// Largest `DeviceState` attachment (the device-state envelope).
     pub max_device_state: usize,
+    /// How long `livemig recv` keeps answering outcome queries after a migration
+    /// whose source may not know the outcome (see [`OutcomeLog::serve`]).
+    pub outcome_linger: Duration,
 }
 
 impl Default for ReceiverConfig {
@@ -118,6 +125,7 @@ impl Default for ReceiverConfig {
             max_rounds: DEFAULT_MAX_ROUNDS,
             max_setup_attachment: DEFAULT_MAX_SETUP_ATTACHMENT,
             max_device_state: DEFAULT_MAX_DEVICE_STATE,
+            outcome_linger: Duration::from_secs(60),
         }
     }
 }
@@ -176,6 +184,10 @@ pub enum ReceiveError {
     /// Allocating the skeleton VM failed.
     #[error("allocating destination memory: {0}")]
     Memory(#[from] MemoryError),
+    /// The outcome could not be recorded, so the destination discarded rather
+    /// than commit without a record.
+    #[error("recording the outcome: {0}")]
+    OutcomeLog(#[from] outcomes::OutcomeLogError),
     /// A participant failed to restore.
     #[error("restoring device state: {0}")]
     Participant(#[from] ParticipantError),
@@ -219,6 +231,9 @@ pub struct ReceiveReport {
     /// Connections dropped as stray: closed, silent or garbage before the `Hello`,
     /// or not a valid `StreamHello` of this session while accepting page streams.
     pub stray_connections: u32,
+    /// The source confirmed it learned the outcome (`OutcomeKnown`); when false
+    /// it may be in doubt and ask (see [`OutcomeLog::serve`]).
+    pub outcome_known: bool,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -241,6 +256,9 @@ pub struct Receiver {
     config: ReceiverConfig,
     setup_check: Option<SetupCheck>,
     limiter: Option<Arc<HostLimiter>>,
+    outcomes: Arc<OutcomeLog>,
+    session: Option<crate::session::SessionToken>,
+    handoff: DestState,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -275,7 +293,20 @@ impl Receiver {
             config: ReceiverConfig::default(),
             setup_check: None,
             limiter: None,
+            outcomes: Arc::new(OutcomeLog::default()),
+            session: None,
+            handoff: DestState::Receiving,
         }
+    }
+    /// Record outcomes in `log` (shared with whatever answers outcome queries,
+    /// e.g. a file-backed log, or one shared by a host's receivers).
+    pub fn outcome_log(mut self, log: Arc<OutcomeLog>) -> Self {
+        self.outcomes = log;
+        self
+    }
+    /// The outcome record this receiver writes.
+    pub fn outcomes(&self) -> Arc<OutcomeLog> {
+        self.outcomes.clone()
     }
     /// Use caller-provided destination memory (e.g. a VMM's, registered with KVM);
     /// the source's layout must match it exactly.
@@ -312,8 +343,23 @@ impl Receiver {
             for p in self.participants.iter_mut() {
                 p.discard();
             }
+            // Only a session that reached `Prepared` can have a source in doubt.
+            let recorded = self.handoff != DestState::Receiving;
+            self.handoff = self.handoff.on(DestEvent::Failed);
+            if let (Some(s), true) = (self.session, recorded) {
+                let _ = self.outcomes.record(s, self.handoff.outcome());
+            }
         }
         r
+    }
+
+    /// Move the handoff state and record the outcome it implies.
+    fn handoff(&mut self, e: DestEvent) -> Result<(), outcomes::OutcomeLogError> {
+        self.handoff = self.handoff.on(e);
+        match self.session {
+            Some(s) => self.outcomes.record(s, self.handoff.outcome()),
+            None => Ok(()),
+        }
     }
 
     /// The phases in order; each hands the next what it needs.
@@ -327,6 +373,7 @@ impl Receiver {
             started,
             stray_connections,
         } = self.handshake(acceptor)?;
+        self.session = Some(session);
         let Skeleton { memory, setup_ms } = self.setup(&mut control, &deadline)?;
         let page_streams =
             self.accept_page_streams(acceptor, &session, streams, stray_connections)?;
@@ -361,6 +408,7 @@ impl Receiver {
                 .collect(),
             session: session.to_string(),
             stray_connections,
+            outcome_known: committed.outcome_known,
         };
         Ok(Received { report, memory })
     }

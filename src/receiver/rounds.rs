@@ -56,6 +56,15 @@ impl Receiver {
         let mut device_state = None;
         let commit = loop {
             match control.control_capped(&self.config.rounds_caps()) {
+                Ok((ControlMsg::Heartbeat { seq }, _)) => {
+                    if let Err(e) = super::handoff::answer_heartbeat(control, seq) {
+                        appliers.fail(e.to_string());
+                        return Err(ReceiveError::Transport {
+                            phase: PHASE,
+                            source: e,
+                        });
+                    }
+                }
                 Ok((ControlMsg::Brownout { .. }, _)) => {}
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
                 Ok((

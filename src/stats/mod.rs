@@ -150,6 +150,11 @@ pub struct MigrationReport {
     pub round_table: Vec<RoundStats>,
     /// What `auto` mode decided, and why (empty in fixed modes).
     pub auto_decisions: Vec<String>,
+    /// The migration's session id (what `livemig resolve --session` takes).
+    pub session: String,
+    /// The `Committed` answer was lost and the outcome was learned by asking the
+    /// destination afterwards (see docs/PROTOCOL.md, "Commit and ownership").
+    pub resolved_by_query: bool,
 }
 
 /// A progress event.

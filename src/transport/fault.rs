@@ -14,6 +14,9 @@ pub enum Fault {
     FlipByteAt(u64),
     /// Close the stream after this many bytes (truncation).
     CutAfter(u64),
+    /// Panic in `write` once this many bytes were written (a buggy stream or
+    /// worker: the engine must turn it into a clean failure).
+    PanicAfter(u64),
 }
 
 /// A connector whose `nth` stream (0 = control, 1.. = page streams) gets `fault`.
@@ -80,6 +83,15 @@ impl Write for FaultyStream {
                         std::io::ErrorKind::BrokenPipe,
                         "fault: stream cut",
                     ));
+                }
+                let n = buf.len().min((limit - start) as usize);
+                let n = self.inner.write(&buf[..n])?;
+                self.written.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+            Fault::PanicAfter(limit) => {
+                if start >= limit {
+                    panic!("fault: stream panicked after {limit} bytes");
                 }
                 let n = buf.len().min((limit - start) as usize);
                 let n = self.inner.write(&buf[..n])?;

@@ -29,6 +29,41 @@ pub enum RefuseCode {
     Other,
 }
 
+/// How a session is named on the wire (`Hello.session`, `StreamHello.session`,
+/// outcome queries).
+pub type SessionId = SessionToken;
+
+/// What became of a session, as the destination records it (see
+/// [`ControlMsg::Outcome`] and docs/PROTOCOL.md, "Commit and ownership").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionOutcome {
+    /// The destination restored the VM and runs it: the source must never resume.
+    Committed,
+    /// The destination dropped everything: the source may resume.
+    Discarded,
+    /// The destination has no record of this session.
+    Unknown,
+    /// The destination received `Released` and is still restoring.
+    InProgress,
+}
+
+impl SessionOutcome {
+    /// Name as on the wire and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Committed => "committed",
+            Self::Discarded => "discarded",
+            Self::Unknown => "unknown",
+            Self::InProgress => "in_progress",
+        }
+    }
+    /// Committed or discarded: nothing will change it any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Committed | Self::Discarded)
+    }
+}
+
 /// Compatibility vector sent at setup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompatVector {
@@ -155,6 +190,34 @@ pub enum ControlMsg {
         /// What happened.
         message: String,
     },
+    /// Either side, on the control stream while rounds run: "still here". The
+    /// destination answers each with the same `seq`. Silence longer than the
+    /// peer's timeout ends the migration.
+    Heartbeat {
+        /// Sender's counter.
+        seq: u64,
+    },
+    /// Source → destination, first (and only) message of a new control connection:
+    /// what became of `session`? Sent by a source that released its VM and lost the
+    /// channel before learning the outcome (in doubt), or by `livemig resolve`.
+    QueryOutcome {
+        /// Session asked about.
+        session: SessionId,
+    },
+    /// Destination → source: answer to [`ControlMsg::QueryOutcome`].
+    Outcome {
+        /// Session asked about.
+        session: SessionId,
+        /// What the destination recorded.
+        outcome: SessionOutcome,
+    },
+    /// Source → destination, after `Committed` (or after a final answer to a
+    /// query): the source knows the outcome, so the destination need not keep
+    /// answering queries about `session`.
+    OutcomeKnown {
+        /// Session.
+        session: SessionId,
+    },
 }
 
 impl ControlMsg {
@@ -216,6 +279,10 @@ impl ControlMsg {
             Self::Veto { .. } => "veto",
             Self::Abort { .. } => "abort",
             Self::Error { .. } => "error",
+            Self::Heartbeat { .. } => "heartbeat",
+            Self::QueryOutcome { .. } => "query_outcome",
+            Self::Outcome { .. } => "outcome",
+            Self::OutcomeKnown { .. } => "outcome_known",
         }
     }
 }

@@ -45,6 +45,11 @@ enum Cmd {
     Recv(RecvArgs),
     /// Run a matrix of benches and write CSV, JSON and an SVG plot.
     Sweep(sweep::SweepArgs),
+    /// Ask a destination what became of a migration whose source is in doubt
+    /// (exit status 3 from `send`/`bench`): prints committed (the VM runs on the
+    /// destination: discard the paused source), discarded (resume the source),
+    /// in_progress or unknown.
+    Resolve(ResolveArgs),
     /// Measure this machine's limits: memcpy and raw loopback TCP.
     Limits {
         /// TCP streams.
@@ -218,6 +223,65 @@ struct SendArgs {
 }
 
 #[derive(Args, Debug)]
+struct ResolveArgs {
+    /// Destination address (host:port), as given to `send --to`.
+    #[arg(long)]
+    to: String,
+    /// Session id, as reported by `send --json` / `bench --json` (`session`).
+    #[arg(long)]
+    session: String,
+    /// Keep asking while the answer is in_progress or the destination does not
+    /// answer, up to this many seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit status when the outcome is in doubt: the source VM is paused and only
+/// `livemig resolve` can tell whether to resume or discard it.
+const EXIT_IN_DOUBT: i32 = 3;
+
+/// A command's failure and its exit status.
+#[derive(Debug)]
+struct CliError {
+    message: String,
+    code: i32,
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> Self {
+        Self { message, code: 1 }
+    }
+}
+
+impl CliError {
+    fn of(e: &MigrationError) -> Self {
+        Self {
+            message: e.to_string(),
+            code: if matches!(e, MigrationError::InDoubt { .. }) {
+                EXIT_IN_DOUBT
+            } else {
+                1
+            },
+        }
+    }
+}
+
+/// The `outcome` / `session` keys of a failed migration's JSON.
+fn failure_json(e: &MigrationError) -> Value {
+    match e {
+        MigrationError::InDoubt { session, reason } => json!({
+            "outcome": "in_doubt",
+            "session": livemig::receiver::outcomes::session_to_string(*session),
+            "in_doubt_reason": reason,
+        }),
+        _ => json!({ "outcome": "failed" }),
+    }
+}
+
+#[derive(Args, Debug)]
 struct RecvArgs {
     /// Address to listen on (host:port).
     #[arg(long)]
@@ -232,6 +296,14 @@ struct RecvArgs {
     /// migration if this host cannot.
     #[arg(long)]
     prealloc: bool,
+    /// Keep the record of sessions' outcomes in this file too, so that a source in
+    /// doubt (or `livemig resolve`) can still learn them from a restarted `recv`.
+    #[arg(long)]
+    outcome_log: Option<PathBuf>,
+    /// After a migration whose source may not know the outcome, keep answering
+    /// its outcome queries for up to this many seconds.
+    #[arg(long, default_value_t = 60)]
+    outcome_linger: u64,
     /// Give up on a source that takes no data or stops answering for this long
     /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
     #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
@@ -247,18 +319,20 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Bench(a) => bench(a),
         Cmd::Send(a) => send(a),
-        Cmd::Recv(a) => recv(a),
-        Cmd::Sweep(a) => sweep::run(a),
+        Cmd::Recv(a) => recv(a).map_err(CliError::from),
+        Cmd::Resolve(a) => resolve(a),
+        Cmd::Sweep(a) => sweep::run(a).map_err(CliError::from),
         Cmd::Limits { streams } => livemig::limits::measure(streams)
             .map_err(|e| e.to_string())
             .and_then(|l| {
                 println!("{}", serde_json::to_string(&l).map_err(|e| e.to_string())?);
                 Ok(())
-            }),
+            })
+            .map_err(CliError::from),
     };
     if let Err(e) = r {
-        eprintln!("livemig: error: {e}");
-        std::process::exit(1);
+        eprintln!("livemig: error: {}", e.message);
+        std::process::exit(e.code);
     }
 }
 
@@ -304,6 +378,8 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
         delta: o.delta,
         delta_cache_bytes: o.delta_cache.unwrap_or(0),
         splice: o.splice,
+        // Heartbeat silence uses the same limit as the streams' deadlines.
+        peer_timeout: o.peer_timeout,
         ..Default::default()
     })
 }
@@ -435,7 +511,7 @@ fn summary(r: &MigrationReport) {
     }
 }
 
-fn bench(a: BenchArgs) -> Result<(), String> {
+fn bench(a: BenchArgs) -> Result<(), CliError> {
     let n = a.concurrent.max(1);
     let slots = Arc::new(HostSlots::new(a.slots));
     let tokens: Vec<CancelToken> = (0..n).map(|_| CancelToken::new()).collect();
@@ -458,7 +534,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         .into_iter()
         .map(|h| {
             h.join()
-                .unwrap_or_else(|_| Err("bench thread panicked".into()))
+                .unwrap_or_else(|_| Err(CliError::from("bench thread panicked".to_string())))
         })
         .collect();
     let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -479,7 +555,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
             .iter()
             .map(|r| match r {
                 Ok(v) => v.clone(),
-                Err(e) => json!({ "error": e }),
+                Err(e) => json!({ "error": e.message }),
             })
             .collect();
         println!(
@@ -506,7 +582,7 @@ fn bench_one(
     slots: Arc<HostSlots>,
     cancel: CancelToken,
     events: Option<EventFile>,
-) -> Result<Value, String> {
+) -> Result<Value, CliError> {
     let o = &a.opts;
     let tag = if a.concurrent > 1 {
         format!("[{index}] ")
@@ -565,7 +641,9 @@ fn bench_one(
     let (rtx, rrx) = crossbeam_channel::bounded(1);
     let (prefault, prealloc, huge_pages) = (!a.no_prefault, a.prealloc, !a.no_huge_pages);
     let receiver = std::thread::spawn(move || {
+        let log = Arc::new(livemig::receiver::OutcomeLog::default());
         let r = Receiver::new()
+            .outcome_log(log.clone())
             .config(ReceiverConfig {
                 // Queued migrations connect late: wait as long as the slot queue may.
                 accept_timeout: Duration::from_secs(600),
@@ -576,6 +654,8 @@ fn bench_one(
             })
             .run(&acceptor);
         let _ = rtx.send(r);
+        // A source in doubt asks here before it gives up.
+        log.serve(&acceptor, Duration::from_secs(60));
     });
     let vm = dirtier.control();
     let mut mig = Migration::new(mem.clone())
@@ -609,20 +689,24 @@ fn bench_one(
             let cancelled = matches!(e, MigrationError::Cancelled);
             let aborted = matches!(e, MigrationError::PolicyAbort(_));
             if o.json {
-                println!(
-                    "{}",
-                    json!({ "error": e.to_string(), "cancelled": cancelled,
+                let mut v = json!({ "error": e.to_string(), "cancelled": cancelled,
                             "policy_abort": aborted, "source_running": source_running,
                             "destination": dest, "converged": false, "verified": false,
                             "dirty_rate_mb_s": a.dirty_rate as f64 / 1e6, "hot_set_bytes": a.hot_set,
                             "skew": format!("{:?}", a.skew),
-                            "guest_writes": writes, "migration": index })
-                );
+                            "guest_writes": writes, "migration": index });
+                if let (Some(obj), Value::Object(f)) = (v.as_object_mut(), failure_json(&e)) {
+                    obj.extend(f);
+                }
+                println!("{v}");
             }
-            return Err(format!(
-                "{tag}{e} (source {}; destination {dest})",
-                if source_running { "running" } else { "PAUSED" }
-            ));
+            return Err(CliError {
+                message: format!(
+                    "{tag}{e} (source {}; destination {dest})",
+                    if source_running { "running" } else { "PAUSED" }
+                ),
+                code: CliError::of(&e).code,
+            });
         }
     };
     let received = rrx
@@ -658,6 +742,7 @@ fn bench_one(
         Value::Bool(report.verified && memory_equal),
     );
     obj.insert("memory_equal".into(), Value::Bool(memory_equal));
+    obj.insert("outcome".into(), json!("committed"));
     obj.insert("content".into(), json!(a.content.name()));
     obj.insert("dirty_rate_mb_s".into(), json!(a.dirty_rate as f64 / 1e6));
     obj.insert("hot_set_bytes".into(), json!(a.hot_set));
@@ -702,7 +787,7 @@ fn bench_one(
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     }
     if !memory_equal {
-        return Err(format!("{tag}destination memory differs from the source"));
+        return Err(format!("{tag}destination memory differs from the source").into());
     }
     Ok(v)
 }
@@ -719,7 +804,7 @@ fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
     Err("this build has no userfaultfd support (feature `uffd`)".into())
 }
 
-fn send(a: SendArgs) -> Result<(), String> {
+fn send(a: SendArgs) -> Result<(), CliError> {
     let region = GuestRegion::image_file(0, &a.image).map_err(|e| e.to_string())?;
     let mem = Arc::new(GuestMemory::new(vec![region]).map_err(|e| e.to_string())?);
     let guest_bytes = mem.total_bytes();
@@ -737,14 +822,28 @@ fn send(a: SendArgs) -> Result<(), String> {
     let connector =
         TcpConnector::with_addrs(a.to.iter().map(|s| s.trim()).filter(|s| !s.is_empty()))
             .peer_timeout(a.opts.peer_timeout);
-    let report = mig
-        .run(&connector)
-        .map_err(|e| format!("migration to {} failed: {e}", connector.describe()))?;
+    let report = match mig.run(&connector) {
+        Ok(r) => r,
+        Err(e) => {
+            if a.opts.json {
+                let mut v = json!({ "error": e.to_string(),
+                                    "source_running": e.source_running() });
+                if let (Some(obj), Value::Object(f)) = (v.as_object_mut(), failure_json(&e)) {
+                    obj.extend(f);
+                }
+                println!("{v}");
+            }
+            let mut err = CliError::of(&e);
+            err.message = format!("migration to {} failed: {e}", connector.describe());
+            return Err(err);
+        }
+    };
     let connected_to = connector.active_addr().unwrap_or_default().to_string();
     let rss = rss.map(|s| s.finish());
     if a.opts.json {
         let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
         if let Some(obj) = v.as_object_mut() {
+            obj.insert("outcome".into(), json!("committed"));
             obj.insert("connected_to".into(), json!(connected_to));
         }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
@@ -780,14 +879,45 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             acceptor.local_addr().map_err(|e| e.to_string())?
         );
     }
-    let received = Receiver::new()
-        .config(ReceiverConfig {
-            prealloc: a.prealloc,
-            max_memory: a.max_memory,
-            ..ReceiverConfig::default()
-        })
-        .run(&acceptor)
-        .map_err(|e| e.to_string())?;
+    let log = Arc::new(match &a.outcome_log {
+        Some(p) => {
+            livemig::receiver::OutcomeLog::open(p, livemig::receiver::outcomes::DEFAULT_CAPACITY)
+                .map_err(|e| e.to_string())?
+        }
+        None => livemig::receiver::OutcomeLog::default(),
+    });
+    let config = ReceiverConfig {
+        prealloc: a.prealloc,
+        max_memory: a.max_memory,
+        outcome_linger: Duration::from_secs(a.outcome_linger),
+        ..ReceiverConfig::default()
+    };
+    let linger = config.outcome_linger;
+    let result = Receiver::new()
+        .config(config)
+        .outcome_log(log.clone())
+        .run(&acceptor);
+    // A source that released the VM but may not know the outcome asks: answer it
+    // (after reporting, so the report is not held up).
+    let serve = || {
+        if log.awaiting_query() > 0 {
+            if !a.json {
+                eprintln!(
+                    "answering outcome queries for up to {}s (the source may be in doubt)",
+                    a.outcome_linger
+                );
+            }
+            log.serve(&acceptor, linger);
+        }
+    };
+    let received = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("livemig: error: {e}");
+            serve();
+            return Err(e.to_string());
+        }
+    };
     if let Some(path) = &a.out {
         write_image(&received.memory, path)?;
     }
@@ -806,7 +936,50 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             r.memory_bytes, r.total_ms, r.streams, r.rounds, r.digest
         );
     }
+    serve();
     Ok(())
+}
+
+fn resolve(a: ResolveArgs) -> Result<(), CliError> {
+    let session =
+        livemig::receiver::outcomes::parse_session(&a.session).map_err(|e| e.to_string())?;
+    let connector = TcpConnector::new(a.to.clone());
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    let r = livemig::engine::commit::resolve(&connector, session, Duration::from_secs(5), deadline);
+    let (outcome, detail) = match &r {
+        Ok(o) => (o.name(), None),
+        Err(why) => ("unresolved", Some(why.clone())),
+    };
+    let advice = match r {
+        Ok(livemig::wire::control::SessionOutcome::Committed) => {
+            "the VM runs on the destination: discard the paused source"
+        }
+        Ok(livemig::wire::control::SessionOutcome::Discarded) => {
+            "the destination dropped the VM: resume the source"
+        }
+        _ => "still unknown: keep the source paused and ask again",
+    };
+    if a.json {
+        println!(
+            "{}",
+            json!({ "session": a.session, "outcome": outcome, "detail": detail,
+                    "advice": advice })
+        );
+    } else {
+        println!("{outcome}");
+        eprintln!(
+            "{advice}{}",
+            detail.map(|d| format!(" ({d})")).unwrap_or_default()
+        );
+    }
+    if r.is_ok() {
+        Ok(())
+    } else {
+        Err(CliError {
+            message: format!("session {} is still in doubt", a.session),
+            code: EXIT_IN_DOUBT,
+        })
+    }
 }
 
 fn write_image(mem: &GuestMemory, path: &PathBuf) -> Result<(), String> {

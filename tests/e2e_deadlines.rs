@@ -1,0 +1,432 @@
+//! Deadlines on the source side: a panicked worker, cancel in every phase, the
+//! brownout deadline, a failed pause, and heartbeats that keep a long pre-copy
+//! alive while silence on either side is detected.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use livemig::codec::CodecId;
+use livemig::device::{ParticipantError, RestoreState, SaveState, Veto};
+use livemig::engine::{
+    CancelToken, Migration, MigrationConfig, MigrationError, Mode, Verify, VmControl,
+};
+use livemig::receiver::{ReceiveError, Receiver, ReceiverConfig};
+use livemig::stats::Event;
+use livemig::transport::fault::{Fault, FaultyConnector};
+use livemig::transport::framed::FrameReader;
+use livemig::transport::shaped::TokenBucket;
+use livemig::transport::{mem, Acceptor};
+use livemig::wire::ControlMsg;
+
+fn running_migration(src: &Source, log: &VmLog, cfg: MigrationConfig) -> Migration {
+    Migration::new(src.mem.clone())
+        .tracker(src.tracker())
+        .vm_control(Box::new(RecordingVm {
+            inner: src.dirtier.control(),
+            log: log.clone(),
+        }))
+        .policy(Box::new(test_policy()))
+        .config(cfg)
+}
+
+/// The source VM runs (and really does: the guest keeps writing).
+fn assert_source_runs(src: &Source, log: &VmLog) {
+    log.assert_resumed_if_paused();
+    assert!(!src.dirtier.control().is_paused(), "{:?}", log.calls());
+    let w0 = src.dirtier.writes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while src.dirtier.writes() == w0 {
+        assert!(Instant::now() < deadline, "source guest is not running");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_panicking_worker_ends_the_migration_cleanly_and_the_source_runs() {
+    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let (c, a) = mem::pair();
+    let cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+    let out = migrate(
+        running_migration(&src, &log, cfg),
+        // Connection 1 is page stream 0: its writes panic 2 MB in (round 0).
+        FaultyConnector::new(c, 1, Fault::PanicAfter(2_000_000)),
+        Receiver::new().config(receiver_config()),
+        a,
+    );
+    match &out.source {
+        Err(MigrationError::WorkerPanicked { stream, message }) => {
+            assert_eq!(*stream, 0);
+            assert!(message.contains("fault: stream panicked"), "{message}");
+        }
+        other => panic!("expected a worker panic, got {other:?}"),
+    }
+    assert!(out.dest.is_err(), "the destination discards");
+    assert_source_runs(&src, &log);
+}
+
+/// A cancel from another thread after `after`.
+fn cancel_after(token: &CancelToken, after: Duration) -> Arc<std::sync::Mutex<Option<Instant>>> {
+    let at = Arc::new(std::sync::Mutex::new(None));
+    let (t, a2) = (token.clone(), at.clone());
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        *a2.lock().unwrap() = Some(Instant::now());
+        t.cancel();
+    });
+    at
+}
+
+#[test]
+fn cancel_during_rounds_returns_promptly_and_the_source_runs() {
+    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let (c, a) = mem::pair();
+    // 16 MiB at 8 Mbit/s: round 0 alone takes about 17 s.
+    let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+    cfg.bandwidth = Some(TokenBucket::new(8_000_000));
+    let token = CancelToken::new();
+    let at = cancel_after(&token, Duration::from_millis(300));
+    let m = running_migration(&src, &log, cfg).cancel_token(token);
+    let out = migrate(m, c, Receiver::new().config(receiver_config()), a);
+    let done = Instant::now();
+    assert!(
+        matches!(out.source, Err(MigrationError::Cancelled)),
+        "{:?}",
+        out.source.err()
+    );
+    let took = done - at.lock().unwrap().expect("cancelled");
+    assert!(
+        took < Duration::from_secs(5),
+        "cancel took {took:?} while the round had many seconds to go"
+    );
+    assert_eq!(log.count("pause"), 0);
+    // Aborted, or the cut page streams noticed first: discarded either way.
+    assert!(out.dest.is_err(), "the destination discards");
+    assert_source_runs(&src, &log);
+}
+
+/// A destination device whose validation takes `delay` (the source then waits
+/// for `Prepared` that long).
+struct SlowValidate {
+    delay: Duration,
+}
+
+impl RestoreState for SlowValidate {
+    fn id(&self) -> &str {
+        "dev0"
+    }
+    fn validate_setup(&mut self, _info: &[u8]) -> Result<(), Veto> {
+        Ok(())
+    }
+    fn validate_state(&mut self, _version: u32, _blob: &[u8]) -> Result<(), Veto> {
+        std::thread::sleep(self.delay);
+        Ok(())
+    }
+    fn restore(&mut self, _version: u32, _blob: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn discard(&mut self) {}
+}
+
+struct Dev;
+
+impl SaveState for Dev {
+    fn id(&self) -> &str {
+        "dev0"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn setup_info(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn save(&mut self, out: &mut Vec<u8>) -> Result<(), ParticipantError> {
+        out.push(1);
+        Ok(())
+    }
+    fn release(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn committed(&mut self) {}
+    fn rolled_back(&mut self) {}
+}
+
+#[test]
+fn cancel_during_brownout_returns_promptly_and_resumes() {
+    let src = Source::default_running(8 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let (c, a) = mem::pair();
+    let cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+    let token = CancelToken::new();
+    let at = Arc::new(std::sync::Mutex::new(None));
+    let failed_at = Arc::new(std::sync::Mutex::new(None));
+    let (t2, at2, f2) = (token.clone(), at.clone(), failed_at.clone());
+    let sink = move |e: &Event| match e {
+        Event::Brownout { .. } => {
+            // Cancel while the source waits for Prepared.
+            let (t, at) = (t2.clone(), at2.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                *at.lock().unwrap() = Some(Instant::now());
+                t.cancel();
+            });
+        }
+        Event::Failed { .. } => *f2.lock().unwrap() = Some(Instant::now()),
+        _ => {}
+    };
+    let m = running_migration(&src, &log, cfg)
+        .participant(Box::new(Dev))
+        .progress(Arc::new(sink))
+        .cancel_token(token);
+    let r = Receiver::new()
+        .config(receiver_config())
+        .participant(Box::new(SlowValidate {
+            delay: Duration::from_secs(4),
+        }));
+    let out = migrate(m, c, r, a);
+    assert!(
+        matches!(out.source, Err(MigrationError::Cancelled)),
+        "{:?}",
+        out.source.err()
+    );
+    let source_done = failed_at.lock().unwrap().expect("failure reported");
+    let took = source_done - at.lock().unwrap().expect("cancelled in brownout");
+    assert!(
+        took < Duration::from_secs(2),
+        "cancel took {took:?}; the destination validates for 4 s"
+    );
+    assert_eq!(log.count("pause"), 1, "{:?}", log.calls());
+    assert!(out.dest.is_err(), "the destination discards");
+    assert_source_runs(&src, &log);
+}
+
+#[test]
+fn the_brownout_deadline_resumes_the_source() {
+    let src = Source::default_running(8 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let (c, a) = mem::pair();
+    let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+    cfg.brownout_timeout = Duration::from_millis(500);
+    let m = running_migration(&src, &log, cfg).participant(Box::new(Dev));
+    let r = Receiver::new()
+        .config(receiver_config())
+        .participant(Box::new(SlowValidate {
+            delay: Duration::from_secs(2),
+        }));
+    let out = migrate(m, c, r, a);
+    assert!(
+        matches!(out.source, Err(MigrationError::BrownoutTimeout { .. })),
+        "{:?}",
+        out.source.err()
+    );
+    assert_eq!(log.count("pause"), 1, "{:?}", log.calls());
+    assert!(out.dest.is_err(), "the destination discards");
+    assert_source_runs(&src, &log);
+}
+
+/// Pauses (part of) the VM, then reports failure.
+struct FailingPause<V>(RecordingVm<V>);
+
+impl<V: VmControl> VmControl for FailingPause<V> {
+    fn pause(&mut self) -> Result<(), String> {
+        self.0.pause()?;
+        Err("vCPU 1 did not stop".into())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.0.resume()
+    }
+    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+        self.0.throttle(percent)
+    }
+}
+
+#[test]
+fn a_failed_pause_resumes_what_was_paused() {
+    let src = Source::default_running(8 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let (c, a) = mem::pair();
+    let m = Migration::new(src.mem.clone())
+        .tracker(src.tracker())
+        .vm_control(Box::new(FailingPause(RecordingVm {
+            inner: src.dirtier.control(),
+            log: log.clone(),
+        })))
+        .policy(Box::new(test_policy()))
+        .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest));
+    let out = migrate(m, c, Receiver::new().config(receiver_config()), a);
+    match &out.source {
+        Err(
+            e @ MigrationError::PauseFailed {
+                error,
+                resume_error,
+            },
+        ) => {
+            assert!(error.contains("vCPU 1"), "{error}");
+            assert!(resume_error.is_none());
+            assert!(e.source_running());
+        }
+        other => panic!("expected a pause failure, got {other:?}"),
+    }
+    assert_eq!(log.calls().iter().filter(|c| **c != "throttle").count(), 2);
+    assert_eq!(log.count("pause"), 1);
+    assert_eq!(log.count("resume"), 1);
+    // Aborted, or the cut page streams noticed first: discarded either way.
+    assert!(out.dest.is_err(), "the destination discards");
+    assert_source_runs(&src, &log);
+}
+
+// ---- heartbeats -------------------------------------------------------------------
+
+/// A stopped 16 MiB guest sent at 24 Mbit/s: one round of about 5.6 s, several
+/// times the destination's 1 s idle timeout.
+fn long_round(heartbeats: bool) -> (Outcome, Arc<livemig::GuestMemory>) {
+    let mem = source_memory(16 * MIB, 5);
+    let (c, a) = mem::pair();
+    let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+    cfg.bandwidth = Some(TokenBucket::new(24_000_000));
+    if heartbeats {
+        cfg.heartbeat_interval = Duration::from_millis(50);
+        cfg.peer_timeout = Duration::from_secs(5);
+    } else {
+        cfg.heartbeat_interval = Duration::from_secs(3600);
+        cfg.peer_timeout = Duration::from_secs(3600);
+    }
+    let rcfg = ReceiverConfig {
+        idle_timeout: Duration::from_secs(1),
+        ..receiver_config()
+    };
+    let m = Migration::new(mem.clone()).config(cfg);
+    (migrate(m, c, Receiver::new().config(rcfg), a), mem)
+}
+
+#[test]
+fn heartbeats_keep_a_pre_copy_longer_than_the_idle_timeout_alive() {
+    let (out, mem) = long_round(true);
+    let report = out.source.expect("source");
+    let received = out.dest.expect("destination");
+    assert!(
+        report.round_table[0].duration_ms > 3000.0,
+        "the premise: round 0 lasts several idle timeouts ({} ms)",
+        report.round_table[0].duration_ms
+    );
+    assert_eq!(
+        mem.full_digest(2).unwrap(),
+        received.memory.full_digest(2).unwrap()
+    );
+}
+
+#[test]
+fn a_silent_source_fails_the_destination_with_a_control_timeout() {
+    let (out, _) = long_round(false);
+    match out.dest {
+        Err(ReceiveError::TimedOut { what, after, .. }) => {
+            assert!(what.contains("control stream"), "{what}");
+            assert_eq!(after, Duration::from_secs(1));
+        }
+        other => panic!("expected a control-stream timeout, got {:?}", other.err()),
+    }
+    assert!(out.source.is_err());
+}
+
+/// A destination that completes setup, drains every stream and never answers
+/// another control message (a stalled peer), until `stop`.
+fn silent_destination(
+    a: mem::MemAcceptor,
+    answer_setup: bool,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(s) = a.accept(Duration::from_secs(10)) else {
+            return;
+        };
+        let mut control = FrameReader::new(s, "control");
+        let streams = match control.control() {
+            Ok((ControlMsg::Hello { streams, .. }, _)) => streams,
+            _ => return,
+        };
+        if answer_setup {
+            let _ = control.send_control(
+                &ControlMsg::Welcome {
+                    major: livemig::wire::PROTOCOL_MAJOR,
+                    minor: livemig::wire::PROTOCOL_MINOR,
+                    capabilities: vec![],
+                },
+                &[],
+            );
+            let _ = control.control();
+            let _ = control.send_control(&ControlMsg::SetupOk, &[]);
+            for _ in 0..streams {
+                if let Ok(s) = a.accept(Duration::from_secs(10)) {
+                    std::thread::spawn(move || {
+                        let mut s = s;
+                        let mut buf = vec![0u8; 1 << 16];
+                        while std::io::Read::read(&mut s, &mut buf).is_ok_and(|n| n > 0) {}
+                    });
+                }
+            }
+        }
+        let _ = control
+            .stream()
+            .set_read_timeout(Some(Duration::from_millis(50)));
+        while !stop.load(Ordering::Acquire) {
+            let _ = control.control();
+        }
+    })
+}
+
+#[test]
+fn a_destination_that_stops_answering_is_detected_within_the_peer_timeout() {
+    let mem = source_memory(16 * MIB, 5);
+    let (c, a) = mem::pair();
+    let stop = Arc::new(AtomicBool::new(false));
+    let dest = silent_destination(a, true, stop.clone());
+    let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+    // Round 0 would take about 17 s at 8 Mbit/s.
+    cfg.bandwidth = Some(TokenBucket::new(8_000_000));
+    cfg.peer_timeout = Duration::from_millis(400);
+    let m = Migration::new(mem).config(cfg);
+    let t = Instant::now();
+    let r = with_timeout(GUARD, "migration", move || m.run(&c));
+    let took = t.elapsed();
+    stop.store(true, Ordering::Release);
+    let _ = dest.join();
+    match r {
+        Err(MigrationError::TimedOut { what, after }) => {
+            assert!(what.contains("control stream"), "{what}");
+            assert_eq!(after, Duration::from_millis(400));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(10), "detected after {took:?}");
+}
+
+#[test]
+fn cancel_during_setup_returns_promptly() {
+    let mem = source_memory(4 * MIB, 5);
+    let (c, a) = mem::pair();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The destination reads Hello and never answers.
+    let dest = silent_destination(a, false, stop.clone());
+    let cfg = MigrationConfig {
+        reply_timeout: Duration::from_secs(30),
+        ..config(Mode::Multichannel, 1, CodecId::Raw, Verify::Digest)
+    };
+    let token = CancelToken::new();
+    let at = cancel_after(&token, Duration::from_millis(200));
+    let m = Migration::new(mem).config(cfg).cancel_token(token);
+    let r = with_timeout(GUARD, "migration", move || m.run(&c));
+    let done = Instant::now();
+    stop.store(true, Ordering::Release);
+    let _ = dest.join();
+    assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
+    let took = done - at.lock().unwrap().expect("cancelled");
+    assert!(
+        took < Duration::from_secs(5),
+        "cancel took {took:?}; the reply timeout is 30 s"
+    );
+}
