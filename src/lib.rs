@@ -38,6 +38,7 @@ pub mod fuzz;
 pub mod kvm;
 pub mod limits;
 pub mod memory;
+pub mod proof;
 pub mod receiver;
 pub mod stats;
 pub mod transport;

@@ -11,16 +11,18 @@ use super::pipeline::{batches_of, worker, Batch, Ctl, Shared, QUEUE_DEPTH_PER_WO
 use super::policy::{Decision, PolicySnapshot};
 use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
+use crate::proof::SampledAudit;
 use crate::stats::estimator::Estimator;
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::Connector;
 use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
 
-/// Source digest cost per guest page (s): table collection + xxh3 of 8 B entries.
-const DIGEST_S_PER_PAGE: f64 = 7e-9;
-/// Destination verify cost per guest page (s), measured 1.1-1.6x the source's.
-const VERIFY_S_PER_PAGE: f64 = 10e-9;
+/// Source digest cost at brownout (s): reading two atomic lanes of the running
+/// digest, whatever the guest size (measured in µs; 20 µs covers a preempted read).
+const DIGEST_S: f64 = 20e-6;
+/// Destination verify cost (s): the same read and a 16-byte comparison.
+const VERIFY_S: f64 = 20e-6;
 
 /// Everything the loop and brownout share.
 pub(crate) struct Run<'a> {
@@ -42,6 +44,10 @@ pub(crate) struct Run<'a> {
     pub sent_total: u64,
     /// Pages owed besides the round being sent (deferred hot pages).
     pub held_back: u64,
+    /// The sampled audit of clean pages against what was sent.
+    pub audit: SampledAudit,
+    /// The tracker was replaced by a safe one after the audit caught a miss.
+    pub tracker_fallback: bool,
 }
 
 impl Run<'_> {
@@ -129,6 +135,34 @@ impl Run<'_> {
             remaining: owed,
             fraction,
         });
+    }
+
+    /// The audit confirmed tracker misses (`pages`, already re-sent): report them
+    /// and continue with a tracker that compares every page with what was sent.
+    pub(crate) fn fall_back(&mut self, round: u32, pages: &[u64]) -> Result<(), MigrationError> {
+        let mem = self.m.memory.clone();
+        let gfns = pages
+            .iter()
+            .take(16)
+            .map(|&p| mem.gfn_of(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut to = String::new();
+        if !self.tracker_fallback {
+            if let Some(old) = self.m.tracker.take() {
+                to = format!("{} + hash scan against what was sent", old.name());
+                let safe = crate::proof::safe_tracker(old, &self.shared.sent, &mem, 2)?;
+                self.m.tracker = Some(safe);
+            }
+            self.tracker_fallback = true;
+            self.audit.disable();
+        }
+        self.emit(Event::TrackerMiss {
+            round,
+            pages: pages.len() as u64,
+            gfns,
+            fallback: to,
+        });
+        Ok(())
     }
 
     pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
@@ -224,17 +258,21 @@ pub(crate) fn run(
         // kind of link is a scheduling stall of one of the two ends (2 shared
         // cores), not the path, and would pin every prediction above the target.
         est.fixed.rtt_s = session.rtt.as_secs_f64().min(0.010);
-        // Digest and destination verify: collecting the page-hash table (a fresh
-        // allocation, page faults included) and hashing it. Calibrated on this
-        // machine at 2 GiB (3.3 ms source, 3.7-5.1 ms destination); a timed sample
-        // at setup proved too noisy under load to use directly.
-        let pages = m.memory.total_pages() as f64;
-        est.fixed.digest_s = pages * DIGEST_S_PER_PAGE;
-        est.fixed.dest_verify_s = pages * VERIFY_S_PER_PAGE;
+        // Digest and destination verify: both read a running digest (src/proof).
+        est.fixed.digest_s = DIGEST_S;
+        est.fixed.dest_verify_s = VERIFY_S;
         est.fixed.device_state_s = m.config.expected_device_state.as_secs_f64();
         if m.config.verify == super::Verify::Full {
             // Full rescan: xxh3 over all memory on 2 threads, ~8 GB/s here.
             est.fixed.rescan_s = m.memory.total_bytes() as f64 / 8e9;
+        }
+        let mut audit = SampledAudit::new(m.memory.total_pages(), m.config.audit);
+        if let Some(t) = m.tracker.as_mut() {
+            // A tracker comparing contents with what was sent audits every page at
+            // every harvest: sampling on top of it would find nothing more.
+            if t.follow_sent(&shared.sent) {
+                audit.disable();
+            }
         }
         let mut run = Run {
             m: &mut m,
@@ -252,6 +290,8 @@ pub(crate) fn run(
             meter: ProgressMeter::new(),
             sent_total: 0,
             held_back: 0,
+            audit,
+            tracker_fallback: false,
         };
         let r = precopy(&mut run);
         if r.is_err() {
@@ -379,6 +419,10 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             t.harvest(&mem, &mut dirty)?;
         }
         let harvest_s = harvest_start.elapsed().as_secs_f64();
+        let missed = run.audit.confirm(&dirty);
+        if !missed.is_empty() {
+            run.fall_back(round, &missed)?;
+        }
         let since_last = secs + harvest_s;
         let dirty_count = dirty.count();
         // Writable working set: dirtied again right after the previous harvest.
@@ -404,6 +448,14 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             // (throttle or brownout) on the prediction, which counts them anyway.
             deferred.clear();
             to_send.union_with(&owed);
+        }
+        // Audit a sample of the clean pages; any that differ from what was sent
+        // are re-sent now (and confirmed as misses, or not, by the next harvest).
+        if run.m.tracker.is_some() {
+            for &p in run.audit.sample(&mem, &run.shared.sent, &owed, sent_pages)? {
+                owed.insert(p);
+                to_send.insert(p);
+            }
         }
         let owed_count = owed.count();
         let deferred_count = deferred.count();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::device::{envelope, ParticipantError, RestoreState, Veto};
-use crate::memory::{digest_of_table, GuestMemory, MemoryError, MemoryLayout};
+use crate::memory::{GuestMemory, MemoryError, MemoryLayout};
 use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
@@ -213,6 +213,13 @@ impl Receiver {
     }
     /// Use caller-provided destination memory (e.g. a VMM's, registered with KVM);
     /// the source's layout must match it exactly.
+    ///
+    /// Contract: the memory may hold anything when the migration starts (it need not
+    /// be zeroed). When the receiver returns `Ok`, every page equals the source's:
+    /// pages the source sends with content are written, and pages it sends as zero
+    /// pages are read and written with zeros unless they already read as zero (a
+    /// read commits no memory). On error the contents are unspecified. The receiver
+    /// writes the memory only from its apply threads, before it answers `Committed`.
     pub fn memory(mut self, m: Arc<GuestMemory>) -> Self {
         self.memory = Some(m);
         self
@@ -430,7 +437,9 @@ impl Receiver {
         let _ = control
             .stream()
             .set_read_timeout(Some(self.config.idle_timeout));
-        let shared = Arc::new(ApplyShared::new(memory.clone(), streams as usize));
+        let shared = Arc::new(
+            ApplyShared::new(memory.clone(), streams as usize).caller_memory(self.memory.is_some()),
+        );
         let shutdowns: Vec<_> = readers
             .iter()
             .map(|(_, r)| r.stream().shutdown_handle())
@@ -558,14 +567,15 @@ impl Receiver {
             return Err(ReceiveError::Pages(e));
         }
 
-        // Verify: one digest over the per-page hashes of everything applied.
+        // Verify: the running digest of everything applied against the source's
+        // digest of everything sent (two fixed-size values; see `proof::digest`).
         let (digest, pages, rounds) = commit;
         let t_verify = Instant::now();
-        let ours = digest_of_table(&shared.hash_table());
+        let ours = shared.applied.digest();
         let verify_us = t_verify.elapsed().as_micros() as u64;
         if pages != memory.total_pages() || ours != digest {
             let reason = format!(
-                "memory digest mismatch: source {digest:016x} over {pages} pages, destination {ours:016x} over {} pages",
+                "memory digest mismatch: source {digest} over {pages} pages, destination {ours} over {} pages",
                 memory.total_pages()
             );
             let _ = control.send_control(
@@ -674,7 +684,7 @@ impl Receiver {
             setup_ms,
             verify_ms: verify_us as f64 / 1e3,
             restore_ms: restore_us as f64 / 1e3,
-            digest: format!("{ours:016x}"),
+            digest: ours.to_string(),
             verified: true,
             participants: entries.iter().map(|e| e.id.clone()).collect(),
             participant_restore_ms: participants_us
