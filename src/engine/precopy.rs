@@ -452,7 +452,10 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         // Audit a sample of the clean pages; any that differ from what was sent
         // are re-sent now (and confirmed as misses, or not, by the next harvest).
         if run.m.tracker.is_some() {
-            for &p in run.audit.sample(&mem, &run.shared.sent, &owed, sent_pages)? {
+            for &p in run
+                .audit
+                .sample(&mem, &run.shared.sent, &owed, sent_pages)?
+            {
                 owed.insert(p);
                 to_send.insert(p);
             }

@@ -198,8 +198,7 @@ impl GuestRegion {
                 let entry = first + done + i as u64;
                 let lo = (entry * host_page).max(vaddr);
                 let hi = ((entry + 1) * host_page).min(vaddr + count * PAGE_SIZE as u64);
-                for g in (lo - vaddr) / PAGE_SIZE as u64..(hi - vaddr).div_ceil(PAGE_SIZE as u64)
-                {
+                for g in (lo - vaddr) / PAGE_SIZE as u64..(hi - vaddr).div_ceil(PAGE_SIZE as u64) {
                     out[g as usize] = present;
                 }
             }

@@ -259,7 +259,12 @@ mod tests {
         let json = serde_json::to_string(&d).unwrap();
         assert_eq!(json, "\"0123456789abcdeffedcba9876543210\"");
         assert_eq!(serde_json::from_str::<MemoryDigest>(&json).unwrap(), d);
-        for bad in ["\"\"", "\"0123\"", "\"0123456789abcdeffedcba987654321g\"", "17"] {
+        for bad in [
+            "\"\"",
+            "\"0123\"",
+            "\"0123456789abcdeffedcba987654321g\"",
+            "17",
+        ] {
             assert!(
                 serde_json::from_str::<MemoryDigest>(bad).is_err(),
                 "{bad} must not parse"
