@@ -196,8 +196,8 @@ fn pick(set: &PageSet, k: u64, rng: &mut u64, out: &mut Vec<u64>) {
     let mut before = 0u64; // members in earlier words
     let mut wi = 0usize;
     let words = set.words();
-    for slot in start..out.len() {
-        let rank = out[slot];
+    for slot in out[start..].iter_mut() {
+        let rank = *slot;
         while before + words[wi].count_ones() as u64 <= rank {
             before += words[wi].count_ones() as u64;
             wi += 1;
@@ -206,7 +206,7 @@ fn pick(set: &PageSet, k: u64, rng: &mut u64, out: &mut Vec<u64>) {
         for _ in 0..rank - before {
             w &= w - 1;
         }
-        out[slot] = wi as u64 * 64 + w.trailing_zeros() as u64;
+        *slot = wi as u64 * 64 + w.trailing_zeros() as u64;
     }
 }
 

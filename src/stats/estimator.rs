@@ -8,8 +8,8 @@
 //! | final harvest | median pre-copy harvest time (+ full rescan if `verify=full`) |
 //! | final pages | `(bytes + min(bytes, DRAIN_BYTES)) ÷ final_bandwidth + round_overhead` |
 //! | device state | `FixedCosts::device_state_s` (participants/config give it) |
-//! | digest | measured once at setup on a table of the real size (`digest_s`) |
-//! | commit | handshake RTT + destination verify (≈ the digest cost) + drain slack |
+//! | digest | reading the running digest: a fixed 20 µs (`digest_s`) |
+//! | commit | handshake RTT + destination verify (the same read and compare) + drain slack |
 //!
 //! `final_bandwidth` is the EWMA of the rounds after round 0 when there are any:
 //! round 0 runs into the destination's first-touch page faults and is slower than
@@ -57,9 +57,9 @@ pub struct FixedCosts {
     pub pause_s: f64,
     /// Control round trip measured at the handshake.
     pub rtt_s: f64,
-    /// Source digest over the page-hash table (measured at setup).
+    /// Reading the source's running digest.
     pub digest_s: f64,
-    /// Destination digest verification (assumed equal to the source's digest cost).
+    /// Destination digest verification (a read and a 16-byte comparison).
     pub dest_verify_s: f64,
     /// Expected device-state save + transfer + restore (from participants or config).
     pub device_state_s: f64,
