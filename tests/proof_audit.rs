@@ -385,6 +385,10 @@ fn caller_memory_full_of_garbage_ends_equal_to_the_source() {
         report.zero_pages > 0,
         "the source must have zero pages to test this"
     );
+    assert!(
+        report.post_audit.is_none(),
+        "a stopped VM (no tracker) cannot change: no audit after switchover"
+    );
     assert!(Arc::ptr_eq(&received.memory, &dst));
     assert_eq!(differing(&src, &dst), Vec::<u64>::new());
 }

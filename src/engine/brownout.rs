@@ -260,8 +260,9 @@ fn paused(
     }
     let total = run.started.elapsed();
     // The audit after switchover, outside the downtime: the paused source against
-    // what was sent. The source VM stays paused until `run` returns.
-    let (post_audit, audit_ok) = if run.m.config.post_audit {
+    // what was sent. The source VM stays paused until `run` returns. Without a
+    // tracker the VM was stopped throughout: its memory cannot have changed.
+    let (post_audit, audit_ok) = if run.m.config.post_audit && run.m.tracker.is_some() {
         match post_switchover_audit(run) {
             Ok(a) => {
                 let ok = a.mismatches == 0;

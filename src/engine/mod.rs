@@ -141,7 +141,8 @@ pub struct MigrationConfig {
     pub audit: crate::proof::AuditConfig,
     /// After the destination committed, audit all of the paused source's memory
     /// against what was sent (outside the downtime; the report's `post_audit`).
-    /// Stale pages go to the [`Migration::on_stale_pages`] hook.
+    /// Stale pages go to the [`Migration::on_stale_pages`] hook. Skipped without a
+    /// tracker (the VM was stopped throughout).
     pub post_audit: bool,
 }
 
