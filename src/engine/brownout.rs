@@ -334,6 +334,7 @@ fn paused(
         auto_decisions: run.shared.tuner.decisions(),
         audit_pages_checked: run.audit.checked,
         audit_misses: run.audit.misses,
+        audit_ms: ms(run.audit.elapsed),
         tracker_fallback: run.tracker_fallback,
         post_audit,
     };

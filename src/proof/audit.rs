@@ -77,6 +77,8 @@ pub struct SampledAudit {
     pub checked: u64,
     /// Tracker misses confirmed so far.
     pub misses: u64,
+    /// Time spent sampling and re-hashing so far.
+    pub elapsed: std::time::Duration,
 }
 
 impl SampledAudit {
@@ -101,6 +103,7 @@ impl SampledAudit {
             buf: Box::new([0u8; PAGE_SIZE]),
             checked: 0,
             misses: 0,
+            elapsed: std::time::Duration::ZERO,
         }
     }
 
@@ -142,6 +145,7 @@ impl SampledAudit {
         if !self.enabled {
             return Ok(&[]);
         }
+        let started = std::time::Instant::now();
         let k = self.cfg.sample_size(round_pages);
         self.picks.clear();
         // Half among pages some harvest reported, the rest among all clean pages.
@@ -170,6 +174,7 @@ impl SampledAudit {
             }
         }
         self.checked += self.picks.len() as u64;
+        self.elapsed += started.elapsed();
         Ok(&self.suspects)
     }
 }

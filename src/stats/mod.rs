@@ -143,6 +143,9 @@ pub struct MigrationReport {
     /// Pages the sampled audit found stale that no later harvest reported: writes
     /// the tracker missed (each was re-sent).
     pub audit_misses: u64,
+    /// Time the sampled audit took, all rounds (ms; between rounds, so it adds to
+    /// the total time).
+    pub audit_ms: f64,
     /// The tracker was replaced by a safe one (∪ hash scan against what was sent)
     /// after the sampled audit caught a miss.
     pub tracker_fallback: bool,

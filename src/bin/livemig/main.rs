@@ -405,8 +405,9 @@ fn summary(r: &MigrationReport) {
         None => "after switchover off".into(),
     };
     println!(
-        "audit: {} clean pages sampled, {} tracker misses{}; {post}",
+        "audit: {} clean pages sampled ({:.1} ms), {} tracker misses{}; {post}",
         r.audit_pages_checked,
+        r.audit_ms,
         r.audit_misses,
         if r.tracker_fallback {
             " (fell back to a hash scan against what was sent)"
