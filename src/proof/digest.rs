@@ -1,19 +1,20 @@
 //! The incremental memory digest: a multiset hash over (page index, page hash).
 //!
 //! Each side keeps a [`PageLedger`]: the per-page table of the last hash it sent (or
-//! applied) and a running [`MemoryDigest`]. Recording page `i` with hash `h` replaces
-//! the table entry `old` and adds `E(i, h) − E(i, old)` to the digest, so at any time
+//! applied), 0 meaning "nothing recorded", and a running [`MemoryDigest`]. Recording
+//! page `i` with hash `h` replaces the table entry `old` and adds `E(i, h) − E(i, old)`
+//! to the digest (a 0 contributes nothing), so at any time
 //!
 //! ```text
-//! digest = Σ_i E(i, table[i]) − Σ_i E(i, 0)        (per 64-bit lane, mod 2^64)
+//! digest = Σ_{i : table[i] ≠ 0} E(i, table[i])        (per 64-bit lane, mod 2^64)
 //! ```
 //!
 //! where `E` is XXH3-128 of the 16 bytes `index_le ‖ hash_le` under a fixed seed, its
-//! two halves being two independent lanes. Both tables start at 0 on both sides, so the
-//! offset `Σ E(i, 0)` is the same on both and never needs computing: the source's and
-//! the destination's digests are equal exactly when `Σ E(i, sent[i]) = Σ E(i,
-//! applied[i])` in both lanes. Brownout compares two 16-byte values whatever the guest
-//! size. docs/PROTOCOL.md gives the construction and its collision bound.
+//! two halves being two independent lanes. The source's and the destination's
+//! digests are equal exactly when these sums over what was sent and what was applied
+//! are equal in both lanes. Brownout compares two 16-byte values whatever the guest
+//! size. docs/PROTOCOL.md gives the construction and its collision bound. (A page
+//! whose xxh3-64 is 0, probability 2^−64, counts as not recorded on both sides.)
 //!
 //! The hot path is per page and lock-free: a worker swaps the table entry (one atomic
 //! exchange on the page's own slot) and adds the difference to its own
@@ -102,15 +103,23 @@ pub struct DigestDelta {
 }
 
 impl DigestDelta {
-    /// Account for page `index` changing from hash `old` to hash `new`.
+    /// Account for page `index` changing from hash `old` to hash `new` (0: not
+    /// recorded; round 0 pays for one entry per page, a re-send for two).
     #[inline]
     pub fn replace(&mut self, index: u64, old: u64, new: u64) {
         if old == new {
             return;
         }
-        let (a, b) = (entry(index, new), entry(index, old));
-        self.lanes[0] = self.lanes[0].wrapping_add(a[0]).wrapping_sub(b[0]);
-        self.lanes[1] = self.lanes[1].wrapping_add(a[1]).wrapping_sub(b[1]);
+        if new != 0 {
+            let a = entry(index, new);
+            self.lanes[0] = self.lanes[0].wrapping_add(a[0]);
+            self.lanes[1] = self.lanes[1].wrapping_add(a[1]);
+        }
+        if old != 0 {
+            let b = entry(index, old);
+            self.lanes[0] = self.lanes[0].wrapping_sub(b[0]);
+            self.lanes[1] = self.lanes[1].wrapping_sub(b[1]);
+        }
     }
 }
 
@@ -202,7 +211,16 @@ mod tests {
         let d = MemoryDigest::of_table(&[1, 2, 3]);
         assert_eq!(d.to_string(), PINNED_123);
     }
-    const PINNED_123: &str = "f76623907bb941b837d84bdc14374b45";
+    const PINNED_123: &str = "eff30b00c0d430c59db936ac0af694f2";
+    // Recording a hash and then 0 leaves nothing behind.
+    #[test]
+    fn zero_means_not_recorded() {
+        let mut d = DigestDelta::default();
+        d.replace(5, 0, 99);
+        d.replace(5, 99, 0);
+        assert_eq!(d, DigestDelta::default());
+        assert_eq!(MemoryDigest::of_table(&[0, 0]), MemoryDigest::default());
+    }
 
     #[test]
     fn any_order_and_any_thread_give_the_table_digest() {
