@@ -94,6 +94,12 @@ impl Stream for Scripted {
     fn set_read_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
         Ok(())
     }
+    fn set_write_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn deadlines(&self) -> crate::transport::Deadlines {
+        crate::transport::Deadlines::default()
+    }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         let c = self.closed.clone();
         Box::new(move || c.store(true, Ordering::Release))
@@ -167,7 +173,9 @@ pub fn receiver_stream(bytes: &[u8]) -> Result<(), String> {
         .config(ReceiverConfig {
             huge_pages: false,
             prefault: false,
-            accept_timeout: Duration::from_millis(10),
+            // The scripted acceptor never waits; a short overall accept deadline
+            // would only make a loaded machine fail complete sessions.
+            accept_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(2),
             max_streams: 4,
             ..Default::default()

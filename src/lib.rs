@@ -28,6 +28,8 @@
 //! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
 //! `livemig bench` and the tests.
 
+#[cfg(feature = "tokio")]
+pub mod asyncapi;
 pub mod codec;
 pub mod compat;
 pub mod device;
@@ -41,6 +43,7 @@ pub mod limits;
 pub mod memory;
 pub mod proof;
 pub mod receiver;
+pub mod session;
 pub mod stats;
 pub mod transport;
 pub mod wire;

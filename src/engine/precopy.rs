@@ -12,17 +12,11 @@ use super::policy::{Decision, PolicySnapshot};
 use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
 use crate::proof::SampledAudit;
-use crate::stats::estimator::Estimator;
+use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::Connector;
 use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
-
-/// Source digest cost at brownout (s): reading two atomic lanes of the running
-/// digest, whatever the guest size (measured in µs; 20 µs covers a preempted read).
-const DIGEST_S: f64 = 20e-6;
-/// Destination verify cost (s): the same read and a 16-byte comparison.
-const VERIFY_S: f64 = 20e-6;
 
 /// Everything the loop and brownout share.
 pub(crate) struct Run<'a> {
@@ -44,6 +38,8 @@ pub(crate) struct Run<'a> {
     pub sent_total: u64,
     /// Pages owed besides the round being sent (deferred hot pages).
     pub held_back: u64,
+    /// The last prediction before its margin, and the margin the policy judged it with.
+    pub prediction: (Prediction, f64),
     /// The sampled audit of clean pages against what was sent.
     pub audit: SampledAudit,
     /// The tracker was replaced by a safe one after the audit caught a miss.
@@ -72,7 +68,7 @@ impl Run<'_> {
         let cancel = &self.m.cancel;
         let progress = &self.m.progress;
         let meter = &mut self.meter;
-        let (sent_before, held_back) = (self.sent_total, self.held_back);
+        let (sent_before, held_back, started) = (self.sent_total, self.held_back, self.started);
         let mut stop = None;
         batches_of(
             &shared.memory,
@@ -107,6 +103,8 @@ impl Run<'_> {
                             sent_total,
                             remaining,
                             fraction: meter.update(sent_total, remaining),
+                            wire_bytes: shared.counters.wire_bytes.load(Ordering::Relaxed),
+                            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                         });
                     }
                 }
@@ -134,6 +132,8 @@ impl Run<'_> {
             sent_total: self.sent_total,
             remaining: owed,
             fraction,
+            wire_bytes: self.shared.counters.wire_bytes.load(Ordering::Relaxed),
+            elapsed_ms: self.started.elapsed().as_secs_f64() * 1e3,
         });
     }
 
@@ -250,22 +250,15 @@ pub(crate) fn run(
                     .expect("spawn sender thread")
             })
             .collect();
+        // The brownout's fixed costs from the model's calibration; the handshake
+        // RTT stands for the commit round trip.
         let mut est = Estimator::default();
-        // The fixed brownout costs, measured where they can be: the handshake RTT
-        // stands for the commit round trip, and the digest over a table of the real
-        // size is timed once (the destination's verify does the same work).
-        // The commit round trip: the handshake RTT. A sample above 10 ms on this
-        // kind of link is a scheduling stall of one of the two ends (2 shared
-        // cores), not the path, and would pin every prediction above the target.
-        est.fixed.rtt_s = session.rtt.as_secs_f64().min(0.010);
-        // Digest and destination verify: both read a running digest (src/proof).
-        est.fixed.digest_s = DIGEST_S;
-        est.fixed.dest_verify_s = VERIFY_S;
-        est.fixed.device_state_s = m.config.expected_device_state.as_secs_f64();
-        if m.config.verify == super::Verify::Full {
-            // Full rescan: xxh3 over all memory on 2 threads, ~8 GB/s here.
-            est.fixed.rescan_s = m.memory.total_bytes() as f64 / 8e9;
-        }
+        est.fixed = FixedCosts::calibrated(
+            m.memory.total_bytes(),
+            session.rtt.as_secs_f64(),
+            m.config.verify == super::Verify::Full,
+            m.config.expected_device_state.as_secs_f64(),
+        );
         let mut audit = SampledAudit::new(m.memory.total_pages(), m.config.audit);
         if let Some(t) = m.tracker.as_mut() {
             // A tracker comparing contents with what was sent audits every page at
@@ -290,6 +283,7 @@ pub(crate) fn run(
             meter: ProgressMeter::new(),
             sent_total: 0,
             held_back: 0,
+            prediction: (Prediction::default(), 1.0),
             audit,
             tracker_fallback: false,
         };
@@ -401,6 +395,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         let t0 = Instant::now();
         // Without a tracker the VM is stopped: its memory cannot change.
         let quiescent = run.m.tracker.is_none();
+        run.est.expect_round(to_send.count());
         run.send_round(&to_send, round, quiescent)?;
         let dur = t0.elapsed().max(Duration::from_micros(1));
         let c = &run.shared.counters;
@@ -464,8 +459,13 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         let deferred_count = deferred.count();
         run.est
             .record_round(sent_pages, wire, secs, dirty_count, since_last, harvest_s);
-        let prediction = run.est.predict(owed_count);
+        // The policy judges the prediction with the margin the model's own recent
+        // error calls for (see `stats::estimator`).
+        let raw = run.est.predict(owed_count);
+        let margin = run.est.margin();
+        let prediction = raw.with_margin(margin);
         let predicted = prediction.total();
+        run.prediction = (raw, margin);
         let stats = RoundStats {
             round,
             pages: sent_pages,
@@ -483,6 +483,9 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             ewma_bandwidth_bps: run.est.final_bandwidth(),
             harvest_ms: harvest_s * 1e3,
             predicted_fixed_ms: (prediction.fixed_s + prediction.harvest_s) * 1e3,
+            predicted_downtime_raw_ms: raw.total() * 1e3,
+            prediction_margin: margin,
+            prediction_error: run.est.last_error().unwrap_or(0.0),
         };
         run.emit(Event::RoundFinished(stats.clone()));
         run.progress_after_round(round, sent_pages, owed_count);
@@ -500,6 +503,8 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
                 bandwidth_bps: run.est.final_bandwidth(),
                 dirty_bytes_per_s: run.est.dirty_bytes_per_s(),
                 deferred_pages: deferred_count,
+                predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
+                prediction_margin: margin,
             };
             run.m.policy.decide(&snap)
         };

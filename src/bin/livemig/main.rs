@@ -21,6 +21,7 @@ use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
 use livemig::receiver::{Receiver, ReceiverConfig};
 use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
+use livemig::transport::Connector;
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 
 #[derive(Parser, Debug)]
@@ -107,15 +108,15 @@ struct MigrateOpts {
     /// Skip the audit of the paused source after switchover.
     #[arg(long)]
     no_post_audit: bool,
-    /// Downtime target in milliseconds.
-    #[arg(long, default_value_t = 50)]
-    downtime_target: u64,
+    /// Downtime target (e.g. 50ms, 0.05s; a plain number is milliseconds).
+    #[arg(long, default_value = "50ms", value_parser = args::parse_ms)]
+    downtime_target: Duration,
     /// Maximum pre-copy rounds.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
-    /// Maximum pre-copy time in seconds.
-    #[arg(long, default_value_t = 300)]
-    max_time: u64,
+    /// Maximum pre-copy time (e.g. 10m, 90s; a plain number is seconds).
+    #[arg(long, default_value = "300s", value_parser = args::parse_secs)]
+    max_time: Duration,
     /// At a round/time limit: force brownout or cancel.
     #[arg(long, value_enum, default_value = "force")]
     on_limit: OnLimitArg,
@@ -131,9 +132,10 @@ struct MigrateOpts {
     /// Defer pages dirtied in this many consecutive rounds to the final round (0: off).
     #[arg(long, default_value_t = 3)]
     hot_page_rounds: u32,
-    /// Expected device-state save/transfer/restore time (ms), counted in the prediction.
-    #[arg(long, default_value_t = 0.0)]
-    device_state_ms: f64,
+    /// Expected device-state save/transfer/restore time, counted in the prediction
+    /// (e.g. 5ms; a plain number is milliseconds).
+    #[arg(long, default_value = "0ms", value_parser = args::parse_ms)]
+    device_state_ms: Duration,
     /// Write the event stream to this file as JSON lines.
     #[arg(long)]
     events: Option<PathBuf>,
@@ -147,6 +149,10 @@ struct MigrateOpts {
     /// TCP page streams. Slower over loopback here; meant for real NICs.
     #[arg(long)]
     splice: bool,
+    /// Give up on a destination that takes no data or stops answering for this long
+    /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
+    #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
+    peer_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -163,24 +169,25 @@ struct BenchArgs {
     /// Do not ask for transparent huge pages on the destination.
     #[arg(long)]
     no_huge_pages: bool,
-    /// Guest memory size.
+    /// Guest memory size (e.g. 2GiB, 2G, 512MiB; K/M/G/T are powers of 1024).
     #[arg(long, default_value = "1G", value_parser = args::parse_size)]
     memory: u64,
     /// Page content: mix, zero, random, text.
     #[arg(long, default_value = "mix")]
     content: Content,
-    /// Dirtier rate in MB/s (0: idle guest).
-    #[arg(long, default_value_t = 100.0)]
-    dirty_rate: f64,
-    /// Hot-set size the dirtier writes over.
+    /// Guest write rate (e.g. 400MB/s, 1GB/s; a plain number is MB/s; 0: idle guest).
+    #[arg(long, default_value = "100MB/s", value_parser = args::parse_rate_mb_s)]
+    dirty_rate: u64,
+    /// Hot-set size the dirtier writes over (e.g. 64M).
     #[arg(long, default_value = "64M", value_parser = args::parse_size)]
     hot_set: u64,
     /// Write spread over the hot set.
     #[arg(long, value_enum, default_value = "uniform")]
     skew: SkewArg,
-    /// Move the hot set after this many milliseconds (phase change).
-    #[arg(long)]
-    phase_change_ms: Option<u64>,
+    /// Move the hot set after this long (phase change; e.g. 2s; a plain number is
+    /// milliseconds).
+    #[arg(long, value_parser = args::parse_ms)]
+    phase_change_ms: Option<Duration>,
     /// Dirty tracker.
     #[arg(long, value_enum, default_value = "explicit")]
     tracker: TrackerArg,
@@ -204,9 +211,11 @@ struct BenchArgs {
 
 #[derive(Args, Debug)]
 struct SendArgs {
-    /// Destination address (host:port).
-    #[arg(long)]
-    to: String,
+    /// Destination address (host:port), or several comma-separated addresses of the
+    /// same destination (one per migration network) in priority order: streams go to
+    /// the first that answers.
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<String>,
     /// Memory image of the stopped guest.
     #[arg(long)]
     image: PathBuf,
@@ -229,6 +238,10 @@ struct RecvArgs {
     /// migration if this host cannot.
     #[arg(long)]
     prealloc: bool,
+    /// Give up on a source that takes no data or stops answering for this long
+    /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
+    #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
+    peer_timeout: Duration,
 }
 
 fn main() {
@@ -289,7 +302,7 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
         bandwidth: o
             .bandwidth
             .map(livemig::transport::shaped::TokenBucket::new),
-        expected_device_state: Duration::from_secs_f64(o.device_state_ms.max(0.0) / 1e3),
+        expected_device_state: o.device_state_ms,
         delta: o.delta,
         delta_cache_bytes: o.delta_cache.unwrap_or(0),
         splice: o.splice,
@@ -303,9 +316,9 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
 }
 
 fn policy_of(o: &MigrateOpts) -> DowntimePolicy {
-    let mut p = DowntimePolicy::with_target(Duration::from_millis(o.downtime_target));
+    let mut p = DowntimePolicy::with_target(o.downtime_target);
     p.max_rounds = o.max_rounds;
-    p.max_time = Duration::from_secs(o.max_time);
+    p.max_time = o.max_time;
     p.on_limit = match o.on_limit {
         OnLimitArg::Cancel => OnLimit::Cancel,
         OnLimitArg::Force => OnLimit::ForceBrownout,
@@ -384,9 +397,11 @@ fn summary(r: &MigrationReport) {
     );
     let b = &r.downtime_breakdown;
     println!(
-        "downtime {:.2} ms (predicted {:.2} ms): pause {:.2}, final harvest {:.2}, final pages {:.2}, device state {:.2}, digest {:.2}, commit {:.2} (dest verify {:.2}, restore {:.2})",
+        "downtime {:.2} ms (predicted {:.2} ms = {:.2} ms x margin {:.2} on its time-dependent part): pause {:.2}, final harvest {:.2}, final pages {:.2}, device state {:.2}, digest {:.2}, commit {:.2} (dest verify {:.2}, restore {:.2})",
         r.downtime_ms,
         r.predicted_downtime_ms,
+        r.predicted_downtime_raw_ms,
+        r.prediction_margin,
         b.pause_ms,
         b.final_harvest_ms,
         b.final_pages_ms,
@@ -420,14 +435,27 @@ fn summary(r: &MigrationReport) {
     }
     for rs in &r.round_table {
         println!(
-            "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}, predicted downtime {:.2} ms",
+            "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}{}",
             rs.round,
             rs.pages,
             rs.zero_pages,
             rs.duration_ms,
             rs.bandwidth_bps * 8.0 / 1e9,
             rs.dirty_after,
-            rs.predicted_downtime_ms
+            if rs.prediction_margin > 0.0 {
+                format!(
+                    ", predicted downtime {:.2} ms (margin {:.2}){}",
+                    rs.predicted_downtime_ms,
+                    rs.prediction_margin,
+                    if rs.prediction_error > 0.0 {
+                        format!(", round took {:.2}x its prediction", rs.prediction_error)
+                    } else {
+                        String::new()
+                    }
+                )
+            } else {
+                " (final round)".to_string()
+            }
         );
     }
 }
@@ -533,13 +561,13 @@ fn bench_one(
         mem.clone(),
         (a.tracker == TrackerArg::Explicit).then(|| bitmap.clone()),
         DirtierConfig {
-            rate_bytes_per_s: (a.dirty_rate * 1e6) as u64,
+            rate_bytes_per_s: a.dirty_rate,
             hot_set_bytes: a.hot_set,
             skew: match a.skew {
                 SkewArg::Uniform => Skew::Uniform,
                 SkewArg::Hot8020 => Skew::Hot80_20,
             },
-            phase_change_after: a.phase_change_ms.map(Duration::from_millis),
+            phase_change_after: a.phase_change_ms,
             seed: a.seed + index as u64,
             ..Default::default()
         },
@@ -552,7 +580,9 @@ fn bench_one(
     } else {
         None
     };
-    let acceptor = TcpAcceptor::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let acceptor = TcpAcceptor::bind("127.0.0.1:0")
+        .map_err(|e| e.to_string())?
+        .peer_timeout(o.peer_timeout);
     let addr = acceptor
         .local_addr()
         .map_err(|e| e.to_string())?
@@ -583,7 +613,7 @@ fn bench_one(
     if let Some(s) = sinks_of(o, index, events, a.concurrent == 1) {
         mig = mig.progress(s);
     }
-    let result = mig.run(&TcpConnector::new(addr));
+    let result = mig.run(&TcpConnector::new(addr).peer_timeout(o.peer_timeout));
     let writes = dirtier.writes();
     let report = match result {
         Ok(r) => r,
@@ -609,7 +639,7 @@ fn bench_one(
                     json!({ "error": e.to_string(), "cancelled": cancelled,
                             "policy_abort": aborted, "source_running": source_running,
                             "destination": dest, "converged": false, "verified": false,
-                            "dirty_rate_mb_s": a.dirty_rate, "hot_set_bytes": a.hot_set,
+                            "dirty_rate_mb_s": a.dirty_rate as f64 / 1e6, "hot_set_bytes": a.hot_set,
                             "skew": format!("{:?}", a.skew),
                             "guest_writes": writes, "migration": index })
                 );
@@ -654,7 +684,7 @@ fn bench_one(
     );
     obj.insert("memory_equal".into(), Value::Bool(memory_equal));
     obj.insert("content".into(), json!(a.content.name()));
-    obj.insert("dirty_rate_mb_s".into(), json!(a.dirty_rate));
+    obj.insert("dirty_rate_mb_s".into(), json!(a.dirty_rate as f64 / 1e6));
     obj.insert("hot_set_bytes".into(), json!(a.hot_set));
     obj.insert("guest_writes".into(), json!(writes));
     obj.insert("migration".into(), json!(index));
@@ -729,12 +759,19 @@ fn send(a: SendArgs) -> Result<(), String> {
     if let Some(s) = sinks_of(&a.opts, 0, open_events(&a.opts)?, true) {
         mig = mig.progress(s);
     }
+    let connector =
+        TcpConnector::with_addrs(a.to.iter().map(|s| s.trim()).filter(|s| !s.is_empty()))
+            .peer_timeout(a.opts.peer_timeout);
     let report = mig
-        .run(&TcpConnector::new(a.to.clone()))
-        .map_err(|e| e.to_string())?;
+        .run(&connector)
+        .map_err(|e| format!("migration to {} failed: {e}", connector.describe()))?;
+    let connected_to = connector.active_addr().unwrap_or_default().to_string();
     let rss = rss.map(|s| s.finish());
     if a.opts.json {
         let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("connected_to".into(), json!(connected_to));
+        }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
             obj.insert("sender_anon_rss_peak_bytes".into(), json!(r.peak_bytes));
@@ -746,6 +783,7 @@ fn send(a: SendArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     } else {
         summary(&report);
+        println!("destination: {connected_to} (of {})", a.to.join(","));
         if let Some(r) = rss {
             println!(
                 "sender memory: peak anonymous RSS {:.1} MiB = {:.2} % of the guest",
@@ -758,7 +796,9 @@ fn send(a: SendArgs) -> Result<(), String> {
 }
 
 fn recv(a: RecvArgs) -> Result<(), String> {
-    let acceptor = TcpAcceptor::bind(&a.listen).map_err(|e| e.to_string())?;
+    let acceptor = TcpAcceptor::bind(&a.listen)
+        .map_err(|e| e.to_string())?
+        .peer_timeout(a.peer_timeout);
     if !a.json {
         eprintln!(
             "listening on {}",
