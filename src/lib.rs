@@ -10,9 +10,10 @@
 //! 5. [`transport`] — the frame goes out on one of N streams (TCP, Unix, in-memory);
 //! 6. [`receiver`] — the destination decodes the frame, applies the pages into its
 //!    pre-allocated guest memory and records each page's hash;
-//! 7. at brownout both sides compare one digest of all page hashes: the destination's
-//!    memory is proven equal to the source's, or the migration fails and the source
-//!    VM resumes.
+//! 7. at brownout both sides compare the running digests of all page hashes sent and
+//!    applied ([`proof`]): the destination's memory is proven equal to what the source
+//!    sent, or the migration fails and the source VM resumes; audits of the source's
+//!    memory against what was sent catch a tracker that missed a write.
 //!
 //! Before any page moves, the setup stage lets the destination refuse (protocol
 //! version, host busy, memory layout, CPU features — see [`compat`] for processor
@@ -40,6 +41,7 @@ pub mod fuzz;
 pub mod kvm;
 pub mod limits;
 pub mod memory;
+pub mod proof;
 pub mod receiver;
 pub mod session;
 pub mod stats;

@@ -114,7 +114,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let device = control(&ControlMsg::DeviceState, &env);
     let commit = control(
         &ControlMsg::Commit {
-            digest: 1,
+            digest: livemig::proof::MemoryDigest([1, 2]),
             pages: 256,
             rounds: 2,
         },
@@ -306,7 +306,7 @@ fn control_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "commit",
             ControlMsg::Commit {
-                digest: u64::MAX,
+                digest: livemig::proof::MemoryDigest([u64::MAX; 2]),
                 pages: 256,
                 rounds: 3,
             }

@@ -14,7 +14,7 @@ use livemig::codec::CodecId;
 use livemig::device::envelope;
 use livemig::device::{ParticipantError, RestoreState, Veto};
 use livemig::engine::{Migration, MigrationConfig, MigrationError};
-use livemig::memory::{digest_of_table, zero_page_hash, GuestMemory, MemoryLayout, PAGE_SIZE};
+use livemig::memory::{zero_page_hash, GuestMemory, MemoryLayout, PAGE_SIZE};
 use livemig::receiver::{ReceiveError, Received, Receiver, ReceiverConfig};
 use livemig::transport::framed::{write_frame, FrameReader};
 use livemig::transport::{mem, Acceptor, Connector, Stream};
@@ -333,7 +333,7 @@ fn commit_with_an_attachment() {
     let t = Instant::now();
     let (mut c, _pages) = session(&dest, 1);
     let commit = ControlMsg::Commit {
-        digest: 0,
+        digest: livemig::proof::MemoryDigest::default(),
         pages: GUEST_PAGES,
         rounds: 1,
     };
@@ -662,7 +662,8 @@ fn envelope_veto(env: Vec<u8>) -> String {
     send(&mut *p, FrameKind::StreamEnd, &[], &[]);
     send_control(&mut *c, &ControlMsg::Brownout { final_round: 0 }, &[]);
     send_control(&mut *c, &ControlMsg::DeviceState, &env);
-    let digest = digest_of_table(&vec![zero_page_hash(); GUEST_PAGES as usize]);
+    let digest =
+        livemig::proof::MemoryDigest::of_table(&vec![zero_page_hash(); GUEST_PAGES as usize]);
     let commit = ControlMsg::Commit {
         digest,
         pages: GUEST_PAGES,
@@ -758,7 +759,8 @@ fn a_valid_hostile_session_still_commits() {
     send(&mut *p, FrameKind::StreamEnd, &[], &[]);
     send_control(&mut *c, &ControlMsg::Brownout { final_round: 0 }, &[]);
     send_control(&mut *c, &ControlMsg::DeviceState, &good_envelope());
-    let digest = digest_of_table(&vec![zero_page_hash(); GUEST_PAGES as usize]);
+    let digest =
+        livemig::proof::MemoryDigest::of_table(&vec![zero_page_hash(); GUEST_PAGES as usize]);
     let commit = ControlMsg::Commit {
         digest,
         pages: GUEST_PAGES,

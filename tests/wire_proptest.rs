@@ -153,9 +153,9 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             }
         }),
         any::<u32>().prop_map(|final_round| ControlMsg::Brownout { final_round }),
-        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(digest, pages, rounds)| {
+        (any::<[u64; 2]>(), any::<u64>(), any::<u32>()).prop_map(|(digest, pages, rounds)| {
             ControlMsg::Commit {
-                digest,
+                digest: livemig::proof::MemoryDigest(digest),
                 pages,
                 rounds,
             }

@@ -10,8 +10,9 @@
 //! Backends:
 //! - [`ExplicitTracker`]: an atomic bitmap the hypervisor (or the workload simulator)
 //!   marks after each write;
-//! - [`HashScanTracker`]: re-hashes every page (xxh3) and reports changed ones; works
-//!   on any memory and is the test oracle;
+//! - [`HashScanTracker`]: re-hashes every page (xxh3) and reports those that differ
+//!   from what the engine sent (or, used alone, from its previous scan); works on any
+//!   memory, is the test oracle and the engine's safe fallback;
 //! - `UffdTracker` (feature `uffd`): userfaultfd write-protect, asynchronous
 //!   (`UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`) when the kernel has it, else
 //!   synchronous with a fault-handler thread;
@@ -35,7 +36,10 @@ pub use kvm::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
 #[cfg(feature = "uffd")]
 pub use uffd::{UffdMode, UffdTracker};
 
+use std::sync::Arc;
+
 use crate::memory::{GuestMemory, MemoryError, PageSet};
+use crate::proof::PageLedger;
 
 /// Errors from a tracker backend.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,14 @@ pub trait DirtyTracker: Send {
     fn harvest(&mut self, mem: &GuestMemory, into: &mut PageSet) -> Result<(), TrackError>;
     /// Disarm tracking and release kernel resources.
     fn stop(&mut self, mem: &GuestMemory) -> Result<(), TrackError>;
+    /// The engine's ledger of what it sent, given before `start`. A tracker that
+    /// compares page contents takes it as its baseline and returns true: it then
+    /// reports every page whose content differs from what was sent, which audits
+    /// all of memory at each harvest, and the engine's sampled audit stays off.
+    /// Trackers that observe writes have no use for it and keep this default.
+    fn follow_sent(&mut self, _sent: &Arc<PageLedger>) -> bool {
+        false
+    }
 }
 
 /// OR-combines several trackers (e.g. KVM's log of guest writes with an explicit
@@ -142,5 +154,11 @@ impl DirtyTracker for UnionTracker {
     }
     fn stop(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
         self.parts.iter_mut().try_for_each(|p| p.stop(mem))
+    }
+    fn follow_sent(&mut self, sent: &Arc<PageLedger>) -> bool {
+        // Every part gets the ledger; one content-comparing part audits everything.
+        self.parts
+            .iter_mut()
+            .fold(false, |any, p| p.follow_sent(sent) | any)
     }
 }

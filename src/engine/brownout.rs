@@ -18,8 +18,9 @@ use super::precopy::Run;
 use super::{MigrationError, Verify};
 use crate::device::envelope;
 use crate::device::Veto;
-use crate::memory::{digest_of_table, PageSet};
-use crate::stats::{DowntimeBreakdown, Event, MigrationReport, RoundStats};
+use crate::memory::PageSet;
+use crate::proof::MemoryDigest;
+use crate::stats::{DowntimeBreakdown, Event, MigrationReport, PostAudit, RoundStats};
 use crate::wire::control::SessionOutcome;
 use crate::wire::ControlMsg;
 
@@ -149,7 +150,7 @@ pub(crate) fn run(
         bd,
         tracker_misses: 0,
         final_pages: 0,
-        digest: 0,
+        digest: MemoryDigest::default(),
         t_commit: Instant::now(),
         resolved_by_query: false,
     };
@@ -244,7 +245,7 @@ struct Switchover {
     bd: DowntimeBreakdown,
     tracker_misses: u64,
     final_pages: u64,
-    digest: u64,
+    digest: MemoryDigest,
     t_commit: Instant,
     resolved_by_query: bool,
 }
@@ -265,16 +266,31 @@ fn paused(
     let mem = run.m.memory.clone();
     let t_harvest = Instant::now();
     if let Some(t) = run.m.tracker.as_mut() {
-        t.harvest(&mem, set)?;
+        // Harvest apart from the owed pages: the audit's suspects (owed already)
+        // are confirmed against what this harvest reports.
+        let mut fresh = PageSet::new(mem.total_pages());
+        t.harvest(&mem, &mut fresh)?;
+        let missed = run.audit.confirm(&fresh);
+        if !missed.is_empty() {
+            run.emit(Event::TrackerMiss {
+                round: final_round,
+                pages: missed.len() as u64,
+                gfns: missed
+                    .iter()
+                    .take(16)
+                    .map(|&p| mem.gfn_of(p))
+                    .collect::<Result<_, _>>()?,
+                fallback: String::new(),
+            });
+        }
+        set.union_with(&fresh);
     }
     let mut tracker_misses = 0;
     if run.m.config.verify == Verify::Full {
-        let now = mem.page_hash_table(2)?;
-        let sent = run.shared.hash_table();
-        for (i, (a, b)) in now.iter().zip(&sent).enumerate() {
-            if a != b && !set.contains(i as u64) {
+        for p in crate::proof::stale_pages(&mem, &run.shared.sent, 2)? {
+            if !set.contains(p) {
                 tracker_misses += 1;
-                set.insert(i as u64);
+                set.insert(p);
             }
         }
     }
@@ -364,9 +380,9 @@ fn paused(
         bytes: env.len() as u64,
     });
 
-    // Digest of everything sent, then commit.
+    // The running digest of everything sent (the workers have stopped), then commit.
     let t_digest = Instant::now();
-    let digest = digest_of_table(&run.shared.hash_table());
+    let digest = run.shared.sent.digest();
     sw.digest = digest;
     sw.bd.digest_ms = ms(t_digest.elapsed());
     sw.t_commit = Instant::now();
@@ -528,6 +544,29 @@ fn finish(
         let _ = t.stop(&mem);
     }
     let total = run.started.elapsed();
+    // The audit after switchover, outside the downtime: the paused source against
+    // what was sent. The source VM stays paused until `run` returns. Without a
+    // tracker the VM was stopped throughout: its memory cannot have changed.
+    let (post_audit, audit_ok) = if run.m.config.post_audit && run.m.tracker.is_some() {
+        match post_switchover_audit(run) {
+            Ok(a) => {
+                let ok = a.mismatches == 0;
+                (Some(a), ok)
+            }
+            Err(e) => {
+                // Committed already: an audit that cannot run is reported, not a
+                // reason to undo the switchover.
+                run.emit(Event::Failed {
+                    phase: "post-switchover audit".into(),
+                    error: e.to_string(),
+                    source_running: false,
+                });
+                (None, false)
+            }
+        }
+    } else {
+        (None, true)
+    };
     let c = &run.shared.counters;
     let wire = c.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
     let cfg = &run.m.config;
@@ -569,7 +608,7 @@ fn finish(
             }
         },
         converged: reason.starts_with("converged") || reason.starts_with("the VM is stopped"),
-        verified: true,
+        verified: audit_ok,
         verify: match cfg.verify {
             Verify::Digest => "digest".into(),
             Verify::Full => "full".into(),
@@ -577,12 +616,41 @@ fn finish(
         tracker_misses,
         throttle_max_percent: run.throttle_max,
         brownout_reason: reason,
-        digest: format!("{digest:016x}"),
+        digest: digest.to_string(),
         round_table: run.history.clone(),
         auto_decisions: run.shared.tuner.decisions(),
         session: crate::receiver::outcomes::session_to_string(run.session_id),
         resolved_by_query,
+        audit_pages_checked: run.audit.checked,
+        audit_misses: run.audit.misses,
+        audit_ms: ms(run.audit.elapsed),
+        tracker_fallback: run.tracker_fallback,
+        post_audit,
     };
     run.emit(Event::Completed(Box::new(report.clone())));
     report
+}
+
+/// Hash every page of the paused source and compare it with what was sent; hand
+/// stale pages (as gfns) to the VMM's hook.
+fn post_switchover_audit(run: &mut Run<'_>) -> Result<PostAudit, MigrationError> {
+    let mem = run.m.memory.clone();
+    let t_audit = Instant::now();
+    let stale = crate::proof::stale_pages(&mem, &run.shared.sent, 2)?;
+    let audit = PostAudit {
+        pages: mem.total_pages(),
+        mismatches: stale.len() as u64,
+        ms: ms(t_audit.elapsed()),
+    };
+    run.emit(Event::PostAudit(audit.clone()));
+    if !stale.is_empty() {
+        if let Some(hook) = run.m.stale_pages_hook.as_mut() {
+            let gfns = stale
+                .iter()
+                .map(|&p| mem.gfn_of(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            hook(&gfns);
+        }
+    }
+    Ok(audit)
 }

@@ -91,8 +91,10 @@ impl Mode {
 /// How the destination's memory is proven equal to the source's at brownout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verify {
-    /// Compare one digest of the per-page hashes sent and applied (≈0.2 ms per GiB).
-    /// Catches lost, reordered, corrupted or misapplied pages.
+    /// Compare the running digests of the per-page hashes sent and applied (two
+    /// 16-byte values, µs at any guest size). Catches lost, reordered, corrupted or
+    /// misapplied pages; tracker misses are the audits' job
+    /// ([`MigrationConfig::audit`], [`MigrationConfig::post_audit`]).
     Digest,
     /// Also rescan all source memory while paused and re-send any page whose content
     /// differs from what was sent, so a tracker that missed a write cannot cause a
@@ -156,6 +158,14 @@ pub struct MigrationConfig {
     /// before learning the outcome) keeps asking the destination before it gives
     /// up and reports [`MigrationError::InDoubt`], VM still paused.
     pub outcome_timeout: Duration,
+    /// The sampled audit of clean pages after each harvest (sample size, seed);
+    /// `sample_pages: 0` turns it off. See [`crate::proof::audit`].
+    pub audit: crate::proof::AuditConfig,
+    /// After the destination committed, audit all of the paused source's memory
+    /// against what was sent (outside the downtime; the report's `post_audit`).
+    /// Stale pages go to the [`Migration::on_stale_pages`] hook. Skipped without a
+    /// tracker (the VM was stopped throughout).
+    pub post_audit: bool,
 }
 
 impl Default for MigrationConfig {
@@ -179,6 +189,8 @@ impl Default for MigrationConfig {
             heartbeat_interval: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(30),
             outcome_timeout: Duration::from_secs(60),
+            audit: crate::proof::AuditConfig::default(),
+            post_audit: true,
         }
     }
 }
@@ -309,7 +321,13 @@ pub struct Migration {
     pub(crate) cancel: CancelToken,
     pub(crate) config: MigrationConfig,
     pub(crate) slots: Option<Arc<HostSlots>>,
+    pub(crate) stale_pages_hook: Option<StalePagesHook>,
 }
+
+/// Called when the audit after switchover finds pages of the paused source that
+/// differ from what the destination holds, with their guest frame numbers
+/// (ascending). See [`Migration::on_stale_pages`].
+pub type StalePagesHook = Box<dyn FnMut(&[u64]) + Send>;
 
 impl std::fmt::Debug for Migration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -343,6 +361,7 @@ impl Migration {
             cancel: CancelToken::new(),
             config: MigrationConfig::default(),
             slots: None,
+            stale_pages_hook: None,
         }
     }
     /// Dirty tracker (required for a running VM).
@@ -383,6 +402,25 @@ impl Migration {
     /// Take one of the host's migration slots before starting (FIFO wait).
     pub fn slots(mut self, s: Arc<HostSlots>) -> Self {
         self.slots = Some(s);
+        self
+    }
+    /// What to do when the audit after switchover fails.
+    ///
+    /// After the destination answered `Committed`, the engine hashes every page of
+    /// the paused source (`MigrationConfig::post_audit`) and compares it with what it
+    /// sent. A page that differs is one the tracker missed and the sampled audit did
+    /// not catch: the destination, already running, holds an older version of it.
+    /// The engine cannot repair that itself (its page streams are closed and the
+    /// guest now runs on the destination), so it calls `hook` with the stale pages'
+    /// guest frame numbers, before `run` returns. The source VM is still paused and
+    /// its memory intact, so the hook can have the destination VMM re-apply those
+    /// pages (safe only if the destination guest is stopped first), or escalate
+    /// (stop the destination guest and report the VM as damaged). Without a hook,
+    /// the failure shows only in the report (`post_audit.mismatches`, `verified:
+    /// false`) and the [`crate::stats::Event::PostAudit`] event. The source must not
+    /// discard the paused VM before `run` has returned.
+    pub fn on_stale_pages(mut self, hook: StalePagesHook) -> Self {
+        self.stale_pages_hook = Some(hook);
         self
     }
     /// Number of page streams.

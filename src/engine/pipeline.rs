@@ -4,8 +4,8 @@
 //! (back-pressure: the loop never runs more than `QUEUE_DEPTH` batches ahead). A
 //! worker copies the batch's pages out of guest memory, elides zero pages, hashes
 //! every page (xxh3-64; the hash is both the end-to-end check the receiver verifies
-//! and the entry of the brownout digest), encodes the non-zero pages with the
-//! chosen codec and writes one frame.
+//! and, recorded in the sent [`PageLedger`], an entry of the brownout digest),
+//! encodes the non-zero pages with the chosen codec and writes one frame.
 //!
 //! Rounds are gated: at the end of a round the loop sends [`Ctl::RoundEnd`] on every
 //! worker's own control channel and waits at a [`SendGate`] that every worker
@@ -25,6 +25,7 @@ use super::gate::SendGate;
 use crate::codec::cache::DeltaCache;
 use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, GuestMemory, PAGE_SIZE};
+use crate::proof::{DigestDelta, PageLedger};
 use crate::transport::framed::FrameWriter;
 use crate::wire::batch::BatchMeta;
 use crate::wire::frame::RoundEnd;
@@ -85,8 +86,9 @@ pub struct Counters {
 pub struct Shared {
     /// Guest memory being migrated.
     pub memory: Arc<GuestMemory>,
-    /// xxh3 of the last version of each page put on the wire.
-    pub sent_hashes: Vec<AtomicU64>,
+    /// xxh3 of the last version of each page put on the wire, and the running
+    /// digest over them (the source side of the brownout proof).
+    pub sent: Arc<PageLedger>,
     /// Counters.
     pub counters: Counters,
     /// Set when a worker fails; the round loop checks it after each round.
@@ -119,7 +121,7 @@ impl Shared {
         let pages = memory.total_pages() as usize;
         Self {
             memory,
-            sent_hashes: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            sent: Arc::new(PageLedger::new(pages as u64)),
             counters: Counters::default(),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
@@ -168,14 +170,6 @@ impl Shared {
             return None;
         }
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The per-page hash table as plain values.
-    pub fn hash_table(&self) -> Vec<u64> {
-        self.sent_hashes
-            .iter()
-            .map(|h| h.load(Ordering::Acquire))
-            .collect()
     }
 }
 
@@ -237,6 +231,8 @@ struct Scratch {
     present: Vec<bool>,
     indexes: Vec<u64>,
     records: Vec<u8>,
+    /// This worker's digest updates, merged into the ledger after each batch.
+    digest: DigestDelta,
 }
 
 /// Run one worker until `Finish` (or until its control channel closes).
@@ -256,6 +252,7 @@ pub fn worker(
         present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
         indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
         records: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
+        digest: DigestDelta::default(),
     };
     if shared.tuner.is_enabled() {
         // Warm the compressors (zstd allocates its context tables on first use) so
@@ -475,11 +472,12 @@ fn send_batch(
                 h
             };
             s.meta.hashes.push(hash);
-            shared.sent_hashes[(start + p as u64) as usize].store(hash, Ordering::Release);
+            shared.sent.record(start + p as u64, hash, &mut s.digest);
             i += 1;
         }
         pos = wr;
     }
+    shared.sent.merge(&mut s.digest);
     let mut payload = &s.pages[..pos];
     // Delta: pages found in the cache become delta records (none can be in round 0
     // unless the cache policy caches round 0).
@@ -579,7 +577,7 @@ fn send_batch_zero_copy(
                 page_hash(page)
             };
             s.meta.hashes.push(hash);
-            shared.sent_hashes[(start + p as u64) as usize].store(hash, Ordering::Release);
+            shared.sent.record(start + p as u64, hash, &mut s.digest);
             if let Some(cache) = &shared.delta {
                 cache.invalidate(start + p as u64); // bytes sent were not cached
             }
@@ -589,6 +587,7 @@ fn send_batch_zero_copy(
             data.push(&view[st..]);
         }
     }
+    shared.sent.merge(&mut s.digest);
     s.meta.payload_len = (nonzero * PAGE_SIZE) as u32;
     s.meta.encode_into(&mut s.meta_bytes);
     write_batch(shared, out, &s.meta_bytes, &data, npages, zeros, true)

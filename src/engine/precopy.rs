@@ -16,6 +16,7 @@ use super::pipeline::{
 use super::policy::{Decision, PolicySnapshot};
 use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
+use crate::proof::SampledAudit;
 use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
@@ -60,6 +61,10 @@ pub(crate) struct Run<'a> {
     pub held_back: u64,
     /// The last prediction before its margin, and the margin the policy judged it with.
     pub prediction: (Prediction, f64),
+    /// The sampled audit of clean pages against what was sent.
+    pub audit: SampledAudit,
+    /// The tracker was replaced by a safe one after the audit caught a miss.
+    pub tracker_fallback: bool,
 }
 
 impl Run<'_> {
@@ -232,6 +237,34 @@ impl Run<'_> {
             wire_bytes: self.shared.counters.wire_bytes.load(Ordering::Relaxed),
             elapsed_ms: self.started.elapsed().as_secs_f64() * 1e3,
         });
+    }
+
+    /// The audit confirmed tracker misses (`pages`, already re-sent): report them
+    /// and continue with a tracker that compares every page with what was sent.
+    pub(crate) fn fall_back(&mut self, round: u32, pages: &[u64]) -> Result<(), MigrationError> {
+        let mem = self.m.memory.clone();
+        let gfns = pages
+            .iter()
+            .take(16)
+            .map(|&p| mem.gfn_of(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut to = String::new();
+        if !self.tracker_fallback {
+            if let Some(old) = self.m.tracker.take() {
+                to = format!("{} + hash scan against what was sent", old.name());
+                let safe = crate::proof::safe_tracker(old, &self.shared.sent, &mem, 2)?;
+                self.m.tracker = Some(safe);
+            }
+            self.tracker_fallback = true;
+            self.audit.disable();
+        }
+        self.emit(Event::TrackerMiss {
+            round,
+            pages: pages.len() as u64,
+            gfns,
+            fallback: to,
+        });
+        Ok(())
     }
 
     pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
@@ -409,7 +442,6 @@ pub(crate) fn run(
         // RTT stands for the commit round trip.
         let mut est = Estimator::default();
         est.fixed = FixedCosts::calibrated(
-            m.memory.total_pages(),
             m.memory.total_bytes(),
             rtt.as_secs_f64(),
             m.config.verify == super::Verify::Full,
@@ -423,6 +455,14 @@ pub(crate) fn run(
             .min(m.config.peer_timeout / 4)
             .max(Duration::from_millis(1));
         let heartbeat = Heartbeat::start(link, interval, m.config.peer_timeout);
+        let mut audit = SampledAudit::new(m.memory.total_pages(), m.config.audit);
+        if let Some(t) = m.tracker.as_mut() {
+            // A tracker comparing contents with what was sent audits every page at
+            // every harvest: sampling on top of it would find nothing more.
+            if t.follow_sent(&shared.sent) {
+                audit.disable();
+            }
+        }
         let mut run = Run {
             m: &mut m,
             connector,
@@ -444,6 +484,8 @@ pub(crate) fn run(
             sent_total: 0,
             held_back: 0,
             prediction: (Prediction::default(), 1.0),
+            audit,
+            tracker_fallback: false,
         };
         let r = precopy(&mut run);
         if let Err(e) = &r {
@@ -577,6 +619,10 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             t.harvest(&mem, &mut dirty)?;
         }
         let harvest_s = harvest_start.elapsed().as_secs_f64();
+        let missed = run.audit.confirm(&dirty);
+        if !missed.is_empty() {
+            run.fall_back(round, &missed)?;
+        }
         let since_last = secs + harvest_s;
         let dirty_count = dirty.count();
         // Writable working set: dirtied again right after the previous harvest.
@@ -602,6 +648,17 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             // (throttle or brownout) on the prediction, which counts them anyway.
             deferred.clear();
             to_send.union_with(&owed);
+        }
+        // Audit a sample of the clean pages; any that differ from what was sent
+        // are re-sent now (and confirmed as misses, or not, by the next harvest).
+        if run.m.tracker.is_some() {
+            for &p in run
+                .audit
+                .sample(&mem, &run.shared.sent, &owed, sent_pages)?
+            {
+                owed.insert(p);
+                to_send.insert(p);
+            }
         }
         let owed_count = owed.count();
         let deferred_count = deferred.count();

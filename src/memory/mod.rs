@@ -308,6 +308,19 @@ impl GuestMemory {
         Ok(page_hash(unsafe { self.regions[r].slice(p, 1)? }))
     }
 
+    /// True when a page that no one else writes (the receiver's own memory) reads
+    /// as all zeros.
+    ///
+    /// # Safety
+    /// No thread or guest may write the page during the call.
+    pub unsafe fn page_is_zero_exclusive(&self, index: u64) -> Result<bool, MemoryError> {
+        let (r, p) = self.locate(index)?;
+        // SAFETY: forwarded contract.
+        Ok(crate::codec::zero::is_zero_page(unsafe {
+            self.regions[r].slice(p, 1)?
+        }))
+    }
+
     /// Populate (pre-fault) all pages with `threads` threads (destination only).
     pub fn prefault(&self, threads: usize) -> Result<(), MemoryError> {
         const CHUNK: u64 = 512; // 2 MiB: one huge page per call when THP is on
@@ -379,6 +392,22 @@ impl GuestMemory {
         }
         Ok(table)
     }
+}
+
+/// The host's page size in bytes (`sysconf(_SC_PAGESIZE)`, read once): the unit of
+/// `/proc/self/pagemap` entries, which is not [`PAGE_SIZE`] on every host (16 KiB and
+/// 64 KiB pages exist on arm64 and ppc64). Falls back to [`PAGE_SIZE`] if the call
+/// fails.
+pub fn host_page_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        // SAFETY: sysconf takes a constant name and only returns a value.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        match usize::try_from(v) {
+            Ok(n) if n.is_power_of_two() && n >= 512 => n,
+            _ => PAGE_SIZE,
+        }
+    })
 }
 
 /// The per-page hash used for integrity checks and digests (xxh3-64).
@@ -472,5 +501,13 @@ mod tests {
         assert_eq!(page_hash(&page), 0x84d9_e7ce_664c_8217);
         let table: Vec<u64> = (0..5000).collect();
         assert_eq!(digest_of_table(&table), 0x3e94_dcde_1637_b00e);
+    }
+
+    #[test]
+    fn host_page_size_is_the_systems() {
+        // SAFETY: as in `host_page_size`.
+        let sys = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        assert_eq!(host_page_size() as i64, sys as i64);
+        assert!(host_page_size().is_power_of_two());
     }
 }

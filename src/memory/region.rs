@@ -223,20 +223,29 @@ impl GuestRegion {
             return Ok(());
         };
         let vaddr = self.host.as_ptr() as u64 + off as u64;
+        let host_page = super::host_page_size() as u64;
+        let (first, entries) = pagemap_span(vaddr, count, host_page);
         let mut buf = [0u8; 8 * 512];
         use std::os::unix::fs::FileExt;
-        let mut done = 0usize;
-        while done < count as usize {
-            let n = (count as usize - done).min(512);
-            let at = (vaddr / PAGE_SIZE as u64 + done as u64) * 8;
-            if f.read_exact_at(&mut buf[..n * 8], at).is_err() {
+        let mut done = 0u64; // pagemap entries read
+        while done < entries {
+            let n = (entries - done).min(512);
+            let at = (first + done) * 8;
+            if f.read_exact_at(&mut buf[..n as usize * 8], at).is_err() {
                 out.iter_mut().for_each(|p| *p = true); // unknown: read every page
                 return Ok(());
             }
-            for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
+            for (i, e) in buf[..n as usize * 8].chunks_exact(8).enumerate() {
                 let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
                 // bit 63: present, bit 62: swapped.
-                out[done + i] = v & (3 << 62) != 0;
+                let present = v & (3 << 62) != 0;
+                // Every guest page this host page covers.
+                let entry = first + done + i as u64;
+                let lo = (entry * host_page).max(vaddr);
+                let hi = ((entry + 1) * host_page).min(vaddr + count * PAGE_SIZE as u64);
+                for g in (lo - vaddr) / PAGE_SIZE as u64..(hi - vaddr).div_ceil(PAGE_SIZE as u64) {
+                    out[g as usize] = present;
+                }
             }
             done += n;
         }
@@ -427,5 +436,49 @@ impl GuestRegion {
         let off = self.check_range(page, bytes)?;
         // SAFETY: bounds checked; absence of writers is the caller's contract.
         Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
+    }
+}
+
+/// The `/proc/self/pagemap` entries covering `count` 4 KiB pages at `vaddr`:
+/// (first entry, number of entries). The file has one 8-byte entry per **host**
+/// page of `host_page` bytes.
+fn pagemap_span(vaddr: u64, count: u64, host_page: u64) -> (u64, u64) {
+    let first = vaddr / host_page;
+    let end = (vaddr + count * PAGE_SIZE as u64).div_ceil(host_page);
+    (first, end - first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagemap_entries_are_host_pages() {
+        // 4 KiB host pages: one entry per guest page.
+        assert_eq!(pagemap_span(0x10_0000, 3, 4096), (0x100, 3));
+        // 16 KiB host pages: 4 guest pages per entry, a partial one at each end.
+        assert_eq!(pagemap_span(0x10_3000, 6, 16384), (0x40, 3));
+        // 64 KiB host pages.
+        assert_eq!(pagemap_span(0x20_0000, 16, 65536), (0x20, 1));
+        assert_eq!(pagemap_span(0x20_0000, 17, 65536), (0x20, 2));
+    }
+
+    #[test]
+    fn populated_sees_written_pages_with_the_host_page_size() {
+        let r = GuestRegion::anonymous(0, 64 * PAGE_SIZE, false).unwrap();
+        let host = crate::memory::host_page_size();
+        let per_host = (host / PAGE_SIZE).max(1) as u64;
+        r.write_pages(5 * per_host, &[1u8; PAGE_SIZE]).unwrap();
+        let mut out = Vec::new();
+        r.populated(0, 64, &mut out).unwrap();
+        assert_eq!(out.len(), 64);
+        if out.iter().all(|&p| p) {
+            eprintln!("skipped: /proc/self/pagemap gives no page-frame bits here");
+            return;
+        }
+        // Exactly the host page written is present: all its guest pages, no other.
+        for (g, &p) in out.iter().enumerate() {
+            assert_eq!(p, g as u64 / per_host == 5, "guest page {g}");
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::gate::RoundGate;
 use crate::codec::{CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, DirtyBitmap, GuestMemory, PAGE_SIZE};
+use crate::proof::{DigestDelta, PageLedger};
 use crate::transport::framed::FrameReader;
 use crate::wire::batch::{BatchMeta, FLAG_DELTA, FLAG_RACY};
 use crate::wire::frame::RoundEnd;
@@ -17,14 +18,19 @@ use crate::wire::FrameKind;
 pub struct ApplyShared {
     /// Destination memory.
     pub memory: Arc<GuestMemory>,
-    /// xxh3 of the last version of each page applied.
-    pub applied_hashes: Vec<AtomicU64>,
-    /// Pages written at least once (untouched zero pages need no write).
+    /// xxh3 of the last version of each page applied, and the running digest over
+    /// them (the destination side of the brownout proof).
+    pub applied: PageLedger,
+    /// Pages written at least once (untouched zero pages need no write when the
+    /// memory started zeroed).
     pub touched: DirtyBitmap,
     /// Per page: the round in which a batch last claimed it, plus one (0: never).
     /// A batch claims all its pages before writing any, so a page arrives at most
     /// once per round across all streams (see [`claim_pages`]).
     pub stamps: Vec<AtomicU32>,
+    /// The memory was provided by the caller and may hold anything: an untouched
+    /// page is not known to be zero (see [`ApplyShared::caller_memory`]).
+    pub unknown_contents: bool,
     /// Round gate.
     pub gate: RoundGate,
     /// Pages applied.
@@ -47,9 +53,10 @@ impl ApplyShared {
     pub fn new(memory: Arc<GuestMemory>, streams: usize, max_rounds: u32) -> Self {
         let n = memory.total_pages();
         Self {
-            applied_hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            applied: PageLedger::new(n),
             touched: DirtyBitmap::new(n),
             stamps: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            unknown_contents: false,
             gate: RoundGate::new(streams, max_rounds),
             memory,
             pages: AtomicU64::new(0),
@@ -71,12 +78,12 @@ impl ApplyShared {
         self.gate.abort();
     }
 
-    /// The per-page table of applied hashes.
-    pub fn hash_table(&self) -> Vec<u64> {
-        self.applied_hashes
-            .iter()
-            .map(|h| h.load(Ordering::Acquire))
-            .collect()
+    /// The memory was provided by the caller (`Receiver::memory`) and may hold
+    /// anything: a zero page is then written unless the page already reads as zero,
+    /// instead of being skipped while untouched.
+    pub fn caller_memory(mut self, yes: bool) -> Self {
+        self.unknown_contents = yes;
+        self
     }
 }
 
@@ -86,6 +93,8 @@ struct Scratch {
     data: Vec<u8>,
     decoded: Vec<u8>,
     codecs: CodecSet,
+    /// This thread's digest updates, merged into the ledger after each batch.
+    digest: DigestDelta,
 }
 
 /// Apply frames from one page stream until StreamEnd. Returns an error message on
@@ -101,6 +110,7 @@ pub fn apply_stream(
         data: Vec::new(),
         decoded: Vec::new(),
         codecs: CodecSet::new(1),
+        digest: DigestDelta::default(),
     };
     let mut round = 0u32;
     let result = loop {
@@ -123,7 +133,9 @@ pub fn apply_stream(
                         s.meta.round
                     ));
                 }
-                if let Err(e) = apply_batch(shared, &mut r, &h, &mut s) {
+                let applied = apply_batch(shared, &mut r, &h, &mut s);
+                shared.applied.merge(&mut s.digest);
+                if let Err(e) = applied {
                     break Err(format!("page stream {stream_index}: {e}"));
                 }
             }
@@ -247,13 +259,13 @@ fn apply_batch(
         for i in 0..n {
             let idx = s.indexes[i];
             if s.meta.is_zero(i) {
-                apply_zero(shared, idx, s.meta.hashes[i])?;
+                apply_zero(shared, idx, s.meta.hashes[i], &mut s.digest)?;
                 continue;
             }
             // SAFETY: as above: this batch claimed the page for this round, so this
             // thread is its only reader and writer until it passes the gate.
             let got = unsafe { mem.hash_page_exclusive(idx) }.map_err(|e| e.to_string())?;
-            record(shared, idx, s.meta.hashes[i], got, racy)?;
+            record(shared, idx, s.meta.hashes[i], got, racy, &mut s.digest)?;
         }
     } else {
         r.data_into(h, &mut s.data).map_err(|e| e.to_string())?;
@@ -266,7 +278,7 @@ fn apply_batch(
         for i in 0..n {
             let idx = s.indexes[i];
             if s.meta.is_zero(i) {
-                apply_zero(shared, idx, s.meta.hashes[i])?;
+                apply_zero(shared, idx, s.meta.hashes[i], &mut s.digest)?;
                 continue;
             }
             let page = &s.decoded[off..off + PAGE_SIZE];
@@ -279,7 +291,7 @@ fn apply_batch(
                 ));
             }
             mem.write_pages(idx, page).map_err(|e| e.to_string())?;
-            record(shared, idx, s.meta.hashes[i], got, racy)?;
+            record(shared, idx, s.meta.hashes[i], got, racy, &mut s.digest)?;
         }
     }
     shared.pages.fetch_add(n as u64, Ordering::Relaxed);
@@ -319,7 +331,7 @@ fn apply_delta_batch(
     for i in 0..n {
         let idx = s.indexes[i];
         if s.meta.is_zero(i) {
-            apply_zero(shared, idx, s.meta.hashes[i])?;
+            apply_zero(shared, idx, s.meta.hashes[i], &mut s.digest)?;
             continue;
         }
         let rec = rd
@@ -344,7 +356,7 @@ fn apply_delta_batch(
             ));
         }
         mem.write_pages(idx, &page).map_err(|e| e.to_string())?;
-        record(shared, idx, s.meta.hashes[i], got, false)?;
+        record(shared, idx, s.meta.hashes[i], got, false, &mut s.digest)?;
     }
     rd.finish()
         .map_err(|e| format!("batch delta records: {e}"))?;
@@ -373,17 +385,31 @@ pub fn claim_pages(shared: &ApplyShared, indexes: &[u64], round: u32) -> Result<
     Ok(())
 }
 
-fn apply_zero(shared: &ApplyShared, idx: u64, claimed: u64) -> Result<(), String> {
+fn apply_zero(
+    shared: &ApplyShared,
+    idx: u64,
+    claimed: u64,
+    digest: &mut DigestDelta,
+) -> Result<(), String> {
     if claimed != zero_page_hash() {
         return Err(format!("zero page at index {idx} carries a non-zero hash"));
     }
-    if shared.touched.is_marked(idx) {
+    // An untouched page of memory this receiver allocated is zero: skip it (no
+    // write, no page fault). Caller-provided memory may hold anything: read the page
+    // (cheap, and it commits nothing) and write zeros only when it is not zero.
+    let write = shared.touched.is_marked(idx)
+        || (shared.unknown_contents && {
+            // SAFETY: the destination VM is not running, and within a round this
+            // page is in one batch only, applied by this thread (round gate).
+            !unsafe { shared.memory.page_is_zero_exclusive(idx) }.map_err(|e| e.to_string())?
+        });
+    if write {
         shared
             .memory
             .zero_pages(idx, 1)
             .map_err(|e| e.to_string())?;
     }
-    shared.applied_hashes[idx as usize].store(claimed, Ordering::Release);
+    shared.applied.record(idx, claimed, digest);
     shared.zero_pages.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -394,6 +420,7 @@ fn record(
     claimed: u64,
     got: u64,
     racy: bool,
+    digest: &mut DigestDelta,
 ) -> Result<(), String> {
     if got != claimed {
         if !racy {
@@ -404,6 +431,6 @@ fn record(
         shared.torn_pages.fetch_add(1, Ordering::Relaxed);
     }
     shared.touched.mark(idx);
-    shared.applied_hashes[idx as usize].store(got, Ordering::Release);
+    shared.applied.record(idx, got, digest);
     Ok(())
 }

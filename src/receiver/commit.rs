@@ -9,7 +9,8 @@ use super::outcomes;
 use super::rounds::{CommitRequest, RoundsDone};
 use super::{protocol_error, read_error, send_veto, transport_error, ReceiveError, Receiver};
 use crate::device::{envelope, Veto};
-use crate::memory::{digest_of_table, GuestMemory};
+use crate::memory::GuestMemory;
+use crate::proof::MemoryDigest;
 use crate::transport::framed::FrameReader;
 use crate::wire::control::SessionOutcome;
 use crate::wire::ControlMsg;
@@ -19,7 +20,7 @@ const PHASE: &str = "commit";
 /// What a completed commit reports.
 pub(super) struct Committed {
     /// The verified memory digest.
-    pub digest: u64,
+    pub digest: MemoryDigest,
     /// Digest verification (µs).
     pub verify_us: u64,
     /// Device-state validation plus restore (µs).
@@ -40,7 +41,7 @@ impl Receiver {
     ) -> Result<Committed, ReceiveError> {
         let request = &rounds.commit;
         let t_verify = Instant::now();
-        let digest = verify_memory(control, memory, &rounds.shared.hash_table(), request)?;
+        let digest = verify_memory(control, memory, rounds.shared.applied.digest(), request)?;
         let verify_us = t_verify.elapsed().as_micros() as u64;
 
         // Device state: validate every participant before restoring any.
@@ -198,18 +199,18 @@ impl Receiver {
     }
 }
 
-/// One digest over the per-page hashes of everything applied must equal the
-/// source's; a mismatch is a `memory` veto sent to the source.
+/// The running digest of everything applied (`ours`) must equal the source's
+/// digest of everything sent (two fixed-size values, see `proof::digest`); a
+/// mismatch is a `memory` veto sent to the source.
 fn verify_memory(
     control: &mut FrameReader,
     memory: &GuestMemory,
-    hash_table: &[u64],
+    ours: MemoryDigest,
     request: &CommitRequest,
-) -> Result<u64, ReceiveError> {
-    let ours = digest_of_table(hash_table);
+) -> Result<MemoryDigest, ReceiveError> {
     if request.pages != memory.total_pages() || ours != request.digest {
         let reason = format!(
-            "memory digest mismatch: source {:016x} over {} pages, destination {ours:016x} over {} pages",
+            "memory digest mismatch: source {} over {} pages, destination {ours} over {} pages",
             request.digest,
             request.pages,
             memory.total_pages()

@@ -310,6 +310,13 @@ impl Receiver {
     }
     /// Use caller-provided destination memory (e.g. a VMM's, registered with KVM);
     /// the source's layout must match it exactly.
+    ///
+    /// Contract: the memory may hold anything when the migration starts (it need not
+    /// be zeroed). When the receiver returns `Ok`, every page equals the source's:
+    /// pages the source sends with content are written, and pages it sends as zero
+    /// pages are read and written with zeros unless they already read as zero (a
+    /// read commits no memory). On error the contents are unspecified. The receiver
+    /// writes the memory only from its apply threads, before it answers `Committed`.
     pub fn memory(mut self, m: Arc<GuestMemory>) -> Self {
         self.memory = Some(m);
         self
@@ -394,7 +401,7 @@ impl Receiver {
             setup_ms,
             verify_ms: committed.verify_us as f64 / 1e3,
             restore_ms: committed.restore_us as f64 / 1e3,
-            digest: format!("{:016x}", committed.digest),
+            digest: committed.digest.to_string(),
             verified: true,
             participants: committed
                 .participants_us

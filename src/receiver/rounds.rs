@@ -15,8 +15,8 @@ use crate::wire::ControlMsg;
 
 /// The source's `Commit`, with the device state that came before it.
 pub(super) struct CommitRequest {
-    /// Digest of the per-page hash table the source sent.
-    pub digest: u64,
+    /// The source's running digest of everything it sent.
+    pub digest: crate::proof::MemoryDigest,
     /// Pages in the source's memory.
     pub pages: u64,
     /// Rounds sent, the final one included.
@@ -46,7 +46,12 @@ impl Receiver {
         let _ = control
             .stream()
             .set_read_timeout(Some(self.config.idle_timeout));
-        let appliers = Appliers::start(memory.clone(), page_streams, self.config.max_rounds);
+        let appliers = Appliers::start(
+            memory.clone(),
+            page_streams,
+            self.config.max_rounds,
+            self.memory.is_some(),
+        );
         let prefault = if self.config.prefault && !self.config.prealloc && self.memory.is_none() {
             let m = memory.clone();
             Some(std::thread::spawn(move || m.prefault(1)))
@@ -132,8 +137,17 @@ struct Appliers {
 }
 
 impl Appliers {
-    fn start(memory: Arc<GuestMemory>, page_streams: Vec<PageStream>, max_rounds: u32) -> Self {
-        let shared = Arc::new(ApplyShared::new(memory, page_streams.len(), max_rounds));
+    /// `caller_memory`: the memory came from `Receiver::memory` and may hold
+    /// anything (zero pages are then checked, see [`ApplyShared::caller_memory`]).
+    fn start(
+        memory: Arc<GuestMemory>,
+        page_streams: Vec<PageStream>,
+        max_rounds: u32,
+        caller_memory: bool,
+    ) -> Self {
+        let shared = Arc::new(
+            ApplyShared::new(memory, page_streams.len(), max_rounds).caller_memory(caller_memory),
+        );
         let shutdowns: Vec<_> = page_streams
             .iter()
             .map(|p| p.reader.stream().shutdown_handle())

@@ -8,8 +8,8 @@
 //! | final harvest | median pre-copy harvest time (+ full rescan if `verify=full`) |
 //! | final pages | `(bytes + min(bytes, DRAIN_BYTES)) ÷ final_bandwidth + round_overhead` |
 //! | device state | `FixedCosts::device_state_s` (participants/config give it) |
-//! | digest | measured once at setup on a table of the real size (`digest_s`) |
-//! | commit | handshake RTT + destination verify (≈ the digest cost) + drain slack |
+//! | digest | reading the running digest: a fixed 20 µs (`digest_s`) |
+//! | commit | handshake RTT + destination verify (the same read and compare) + drain slack |
 //!
 //! `final_bandwidth` is the EWMA of the rounds after round 0 when there are any:
 //! round 0 runs into the destination's first-touch page faults and is slower than
@@ -38,10 +38,12 @@ impl Calibration {
     /// machine) that the destination applies after the source's last write, before
     /// it can answer the commit.
     pub const DRAIN_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
-    /// Source digest cost per guest page (s): table collection + xxh3 of 8 B entries.
-    pub const DIGEST_S_PER_PAGE: f64 = 7e-9;
-    /// Destination verify cost per guest page (s), measured 1.1-1.6x the source's.
-    pub const VERIFY_S_PER_PAGE: f64 = 10e-9;
+    /// Source digest cost at brownout (s): reading the two lanes of the running
+    /// digest (src/proof), whatever the guest size; sub-µs measured, 20 µs covers a
+    /// preempted read.
+    pub const DIGEST_S: f64 = 20e-6;
+    /// Destination verify cost (s): the same read and a 16-byte comparison.
+    pub const VERIFY_S: f64 = 20e-6;
     /// Full rescan of source memory at brownout (`verify=full`): xxh3 on 2 threads.
     pub const RESCAN_BYTES_PER_S: f64 = 8e9;
     /// A handshake RTT above this is a scheduling stall of one of the two ends (2
@@ -104,9 +106,9 @@ pub struct FixedCosts {
     pub pause_s: f64,
     /// Control round trip measured at the handshake.
     pub rtt_s: f64,
-    /// Source digest over the page-hash table (measured at setup).
+    /// Reading the source's running digest.
     pub digest_s: f64,
-    /// Destination digest verification (assumed equal to the source's digest cost).
+    /// Destination digest verification (a read and a 16-byte comparison).
     pub dest_verify_s: f64,
     /// Expected device-state save + transfer + restore (from participants or config).
     pub device_state_s: f64,
@@ -131,19 +133,14 @@ impl Default for FixedCosts {
 }
 
 impl FixedCosts {
-    /// The fixed costs of migrating `pages` pages (`bytes` bytes) with a handshake
-    /// round trip of `rtt_s`, from the [`Calibration`].
-    pub fn calibrated(
-        pages: u64,
-        bytes: u64,
-        rtt_s: f64,
-        full_rescan: bool,
-        device_state_s: f64,
-    ) -> Self {
+    /// The fixed costs of migrating `bytes` bytes of memory with a handshake round
+    /// trip of `rtt_s`, from the [`Calibration`] (the digest's cost does not depend
+    /// on the size).
+    pub fn calibrated(bytes: u64, rtt_s: f64, full_rescan: bool, device_state_s: f64) -> Self {
         Self {
             rtt_s: rtt_s.min(Calibration::MAX_RTT_S),
-            digest_s: pages as f64 * Calibration::DIGEST_S_PER_PAGE,
-            dest_verify_s: pages as f64 * Calibration::VERIFY_S_PER_PAGE,
+            digest_s: Calibration::DIGEST_S,
+            dest_verify_s: Calibration::VERIFY_S,
             device_state_s,
             rescan_s: if full_rescan {
                 bytes as f64 / Calibration::RESCAN_BYTES_PER_S

@@ -62,7 +62,8 @@ pub struct DowntimeBreakdown {
     pub final_pages_ms: f64,
     /// Saving and sending device state.
     pub device_state_ms: f64,
-    /// Computing the source digest.
+    /// Reading the source's running digest (µs-scale: it is kept up to date as
+    /// pages are sent).
     pub digest_ms: f64,
     /// Commit round trip: destination verify + restore + reply.
     pub commit_ms: f64,
@@ -144,7 +145,7 @@ pub struct MigrationReport {
     pub throttle_max_percent: u8,
     /// Why brownout began.
     pub brownout_reason: String,
-    /// The memory digest both sides agreed on.
+    /// The memory digest both sides agreed on (32 hex digits).
     pub digest: String,
     /// Per-round table.
     pub round_table: Vec<RoundStats>,
@@ -155,6 +156,31 @@ pub struct MigrationReport {
     /// The `Committed` answer was lost and the outcome was learned by asking the
     /// destination afterwards (see docs/PROTOCOL.md, "Commit and ownership").
     pub resolved_by_query: bool,
+    /// Clean pages the sampled audit re-hashed during the rounds.
+    pub audit_pages_checked: u64,
+    /// Pages the sampled audit found stale that no later harvest reported: writes
+    /// the tracker missed (each was re-sent).
+    pub audit_misses: u64,
+    /// Time the sampled audit took, all rounds (ms; between rounds, so it adds to
+    /// the total time).
+    pub audit_ms: f64,
+    /// The tracker was replaced by a safe one (∪ hash scan against what was sent)
+    /// after the sampled audit caught a miss.
+    pub tracker_fallback: bool,
+    /// The audit of the paused source after switchover (`None` when turned off).
+    pub post_audit: Option<PostAudit>,
+}
+
+/// The full audit of the paused source's memory against what was sent, run after
+/// the destination committed (outside the downtime).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostAudit {
+    /// Pages checked (all of guest memory).
+    pub pages: u64,
+    /// Pages whose content differs from what the destination holds.
+    pub mismatches: u64,
+    /// Time the audit took (ms).
+    pub ms: f64,
 }
 
 /// A progress event.
@@ -225,6 +251,20 @@ pub enum Event {
         /// Whether the source VM was resumed / is running.
         source_running: bool,
     },
+    /// The sampled audit caught writes the tracker missed (a tracker defect). The
+    /// pages were re-sent; the migration goes on with a safe tracker.
+    TrackerMiss {
+        /// Round after which the miss was confirmed.
+        round: u32,
+        /// Pages missed.
+        pages: u64,
+        /// Their guest frame numbers (at most 16).
+        gfns: Vec<u64>,
+        /// The tracker used from now on (empty if already fallen back).
+        fallback: String,
+    },
+    /// The audit of the paused source after switchover finished.
+    PostAudit(PostAudit),
 }
 
 /// Receives events (called from the migration thread; keep it fast).

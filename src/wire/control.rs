@@ -139,8 +139,9 @@ pub enum ControlMsg {
     DeviceState,
     /// Source → destination: all pages and state sent; commit if the digest matches.
     Commit {
-        /// Digest of the per-page hash table of what was sent.
-        digest: u64,
+        /// Incremental multiset digest of the per-page hashes of what was sent
+        /// (32 hex digits; see `proof::digest` and docs/PROTOCOL.md).
+        digest: crate::proof::MemoryDigest,
         /// Total pages in memory.
         pages: u64,
         /// Number of rounds, including the final one.

@@ -107,6 +107,12 @@ struct MigrateOpts {
     /// Proof of no loss: digest (per-page hashes) or full (also rescan source memory at brownout).
     #[arg(long, value_enum, default_value = "digest")]
     verify: VerifyArg,
+    /// Most clean pages the sampled tracker audit re-hashes per round (0: off).
+    #[arg(long, default_value_t = livemig::proof::AuditConfig::default().sample_pages)]
+    audit_sample_pages: u32,
+    /// Skip the audit of the paused source after switchover.
+    #[arg(long)]
+    no_post_audit: bool,
     /// Downtime target (e.g. 50ms, 0.05s; a plain number is milliseconds).
     #[arg(long, default_value = "50ms", value_parser = args::parse_ms)]
     downtime_target: Duration,
@@ -380,6 +386,11 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
         splice: o.splice,
         // Heartbeat silence uses the same limit as the streams' deadlines.
         peer_timeout: o.peer_timeout,
+        audit: livemig::proof::AuditConfig {
+            sample_pages: o.audit_sample_pages,
+            ..Default::default()
+        },
+        post_audit: !o.no_post_audit,
         ..Default::default()
     })
 }
@@ -481,6 +492,24 @@ fn summary(r: &MigrationReport) {
         b.dest_restore_ms
     );
     println!("brownout: {}", r.brownout_reason);
+    let post = match &r.post_audit {
+        Some(a) => format!(
+            "after switchover {} pages, {} stale ({:.0} ms)",
+            a.pages, a.mismatches, a.ms
+        ),
+        None => "after switchover off".into(),
+    };
+    println!(
+        "audit: {} clean pages sampled ({:.1} ms), {} tracker misses{}; {post}",
+        r.audit_pages_checked,
+        r.audit_ms,
+        r.audit_misses,
+        if r.tracker_fallback {
+            " (fell back to a hash scan against what was sent)"
+        } else {
+            ""
+        }
+    );
     for d in &r.auto_decisions {
         println!("auto: {d}");
     }
@@ -729,9 +758,9 @@ fn bench_one(
         }
         summary(&report);
         println!(
-            "verification: digest {} ({}), full memory compare {} ({compare_ms:.0} ms), dirtier wrote {writes} pages",
-            if report.verified { "matched" } else { "MISMATCH" },
+            "verification: digest matched ({}), audits {}, full memory compare {} ({compare_ms:.0} ms), dirtier wrote {writes} pages",
             report.digest,
+            if report.verified { "passed" } else { "FOUND STALE PAGES" },
             if memory_equal { "equal" } else { "DIFFERENT" }
         );
     }
