@@ -10,6 +10,7 @@ pub mod mem;
 pub mod shaped;
 pub mod splice;
 pub mod tcp;
+pub mod tls;
 pub mod unix;
 
 use std::io::{Read, Write};
@@ -48,6 +49,14 @@ pub enum TransportError {
         /// Decoder's error.
         source: crate::wire::WireError,
     },
+    /// A TLS handshake failed: the peer was not authenticated, or refused us.
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Tls {
+        /// The peer's address.
+        peer: String,
+        /// Why.
+        source: tls::TlsError,
+    },
 }
 
 /// A bidirectional byte stream.
@@ -62,6 +71,10 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     /// or `None` for streams that must see every byte they carry (bandwidth shaping,
     /// fault injection, in-memory pipes).
     fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    /// The peer's address, for messages (`None` where the stream has none).
+    fn peer_addr(&self) -> Option<String> {
         None
     }
 }

@@ -3,6 +3,7 @@
 mod args;
 mod progress;
 mod sweep;
+mod tls_opts;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
 use livemig::receiver::{Receiver, ReceiverConfig};
 use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
+use livemig::transport::{Acceptor, Connector};
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 
 #[derive(Parser, Debug)]
@@ -194,6 +196,12 @@ struct BenchArgs {
     slots: usize,
     #[command(flatten)]
     opts: MigrateOpts,
+    #[command(flatten)]
+    tls: tls_opts::TlsOpts,
+    /// Run every stream over mutual TLS with an ephemeral CA and two certificates
+    /// generated in memory (no files needed).
+    #[arg(long)]
+    tls_self_signed: bool,
 }
 
 #[derive(Args, Debug)]
@@ -206,6 +214,12 @@ struct SendArgs {
     image: PathBuf,
     #[command(flatten)]
     opts: MigrateOpts,
+    #[command(flatten)]
+    tls: tls_opts::TlsOpts,
+    /// Send in cleartext without authenticating the destination (required when no
+    /// --tls-* flag is given).
+    #[arg(long)]
+    plaintext: bool,
 }
 
 #[derive(Args, Debug)]
@@ -223,6 +237,12 @@ struct RecvArgs {
     /// migration if this host cannot.
     #[arg(long)]
     prealloc: bool,
+    #[command(flatten)]
+    tls: tls_opts::TlsOpts,
+    /// Accept a cleartext, unauthenticated source (required when no --tls-* flag
+    /// is given).
+    #[arg(long)]
+    plaintext: bool,
 }
 
 fn main() {
@@ -409,8 +429,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     let tokens: Vec<CancelToken> = (0..n).map(|_| CancelToken::new()).collect();
     progress::cancel_on_interrupt(tokens.clone());
     let events = open_events(&a.opts)?;
+    let tls = a.tls.bench(a.tls_self_signed)?;
     if n == 1 {
-        return bench_one(&a, 0, slots, tokens[0].clone(), events).map(|_| ());
+        return bench_one(&a, 0, slots, tokens[0].clone(), events, tls).map(|_| ());
     }
     let a = Arc::new(a);
     let t0 = Instant::now();
@@ -418,8 +439,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         .into_iter()
         .enumerate()
         .map(|(i, tok)| {
-            let (a, slots, events) = (a.clone(), slots.clone(), events.clone());
-            std::thread::spawn(move || bench_one(&a, i, slots, tok, events))
+            let (a, slots, events, tls) =
+                (a.clone(), slots.clone(), events.clone(), tls.clone());
+            std::thread::spawn(move || bench_one(&a, i, slots, tok, events, tls))
         })
         .collect();
     let results: Vec<_> = handles
@@ -474,6 +496,7 @@ fn bench_one(
     slots: Arc<HostSlots>,
     cancel: CancelToken,
     events: Option<EventFile>,
+    tls: Option<Arc<tls_opts::BenchTls>>,
 ) -> Result<Value, String> {
     let o = &a.opts;
     let tag = if a.concurrent > 1 {
@@ -528,6 +551,10 @@ fn bench_one(
         .local_addr()
         .map_err(|e| e.to_string())?
         .to_string();
+    let (acceptor, connector): (Box<dyn Acceptor>, Box<dyn Connector>) = match &tls {
+        Some(t) => t.wrap(acceptor, TcpConnector::new(addr))?,
+        None => (Box::new(acceptor), Box::new(TcpConnector::new(addr))),
+    };
     let (rtx, rrx) = crossbeam_channel::bounded(1);
     let (prefault, prealloc, huge_pages) = (!a.no_prefault, a.prealloc, !a.no_huge_pages);
     let receiver = std::thread::spawn(move || {
@@ -540,7 +567,7 @@ fn bench_one(
                 huge_pages,
                 ..ReceiverConfig::default()
             })
-            .run(&acceptor);
+            .run(&*acceptor);
         let _ = rtx.send(r);
     });
     let vm = dirtier.control();
@@ -554,7 +581,7 @@ fn bench_one(
     if let Some(s) = sinks_of(o, index, events, a.concurrent == 1) {
         mig = mig.progress(s);
     }
-    let result = mig.run(&TcpConnector::new(addr));
+    let result = mig.run(&*connector);
     let writes = dirtier.writes();
     let report = match result {
         Ok(r) => r,
@@ -582,7 +609,8 @@ fn bench_one(
                             "destination": dest, "converged": false, "verified": false,
                             "dirty_rate_mb_s": a.dirty_rate, "hot_set_bytes": a.hot_set,
                             "skew": format!("{:?}", a.skew),
-                            "guest_writes": writes, "migration": index })
+                            "guest_writes": writes, "migration": index,
+                            "tls": tls.is_some() })
                 );
             }
             return Err(format!(
@@ -630,6 +658,7 @@ fn bench_one(
     obj.insert("guest_writes".into(), json!(writes));
     obj.insert("migration".into(), json!(index));
     obj.insert("skew".into(), json!(format!("{:?}", a.skew)));
+    obj.insert("tls".into(), json!(tls.is_some()));
     obj.insert(
         "receiver".into(),
         serde_json::to_value(&received.report).map_err(|e| e.to_string())?,
@@ -686,6 +715,7 @@ fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
 }
 
 fn send(a: SendArgs) -> Result<(), String> {
+    let (connector, tls) = a.tls.connector(&a.to, a.plaintext)?;
     let region = GuestRegion::image_file(0, &a.image).map_err(|e| e.to_string())?;
     let mem = Arc::new(GuestMemory::new(vec![region]).map_err(|e| e.to_string())?);
     let guest_bytes = mem.total_bytes();
@@ -700,12 +730,13 @@ fn send(a: SendArgs) -> Result<(), String> {
     if let Some(s) = sinks_of(&a.opts, 0, open_events(&a.opts)?, true) {
         mig = mig.progress(s);
     }
-    let report = mig
-        .run(&TcpConnector::new(a.to.clone()))
-        .map_err(|e| e.to_string())?;
+    let report = mig.run(&*connector).map_err(|e| e.to_string())?;
     let rss = rss.map(|s| s.finish());
     if a.opts.json {
         let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("tls".into(), json!(tls));
+        }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
             obj.insert("sender_anon_rss_peak_bytes".into(), json!(r.peak_bytes));
@@ -729,11 +760,13 @@ fn send(a: SendArgs) -> Result<(), String> {
 }
 
 fn recv(a: RecvArgs) -> Result<(), String> {
-    let acceptor = TcpAcceptor::bind(&a.listen).map_err(|e| e.to_string())?;
+    let tcp = TcpAcceptor::bind(&a.listen).map_err(|e| e.to_string())?;
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let (acceptor, tls) = a.tls.acceptor(tcp, a.plaintext)?;
     if !a.json {
         eprintln!(
-            "listening on {}",
-            acceptor.local_addr().map_err(|e| e.to_string())?
+            "listening on {local} ({})",
+            if tls { "mutual TLS" } else { "plaintext" }
         );
     }
     let received = Receiver::new()
@@ -741,7 +774,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             prealloc: a.prealloc,
             ..ReceiverConfig::default()
         })
-        .run(&acceptor)
+        .run(&*acceptor)
         .map_err(|e| e.to_string())?;
     if let Some(path) = &a.out {
         write_image(&received.memory, path)?;
@@ -754,6 +787,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             "guest_gib_per_s".into(),
             json!(r.memory_bytes as f64 / (1u64 << 30) as f64 / (r.total_ms / 1e3)),
         );
+        obj.insert("tls".into(), json!(tls));
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     } else {
         println!(
