@@ -274,13 +274,6 @@ impl TlsIdentity {
         (key, key_at): (&[u8], &str),
         (ca, ca_at): (&[u8], &str),
     ) -> Result<Self, TlsConfigError> {
-        let pem_err = |what, at: &str| {
-            move |source| TlsConfigError::Pem {
-                what,
-                path: at.to_string(),
-                source,
-            }
-        };
         let chain = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
             .map_err(pem_err("certificate chain", cert_at))?;
@@ -324,6 +317,17 @@ impl TlsIdentity {
             key,
             roots: Arc::new(roots),
         })
+    }
+}
+
+fn pem_err<'a>(
+    what: &'static str,
+    at: &'a str,
+) -> impl Fn(rustls::pki_types::pem::Error) -> TlsConfigError + 'a {
+    move |source| TlsConfigError::Pem {
+        what,
+        path: at.to_string(),
+        source,
     }
 }
 
