@@ -192,7 +192,10 @@ fn send_and_recv_refuse_to_run_without_tls_or_plaintext() {
 
 /// Send a 32 MiB image from one process to another; check the received image and
 /// both JSON reports; return them.
-fn send_recv(send_extra: &[String], recv_extra: &[String]) -> (serde_json::Value, serde_json::Value) {
+fn send_recv(
+    send_extra: &[String],
+    recv_extra: &[String],
+) -> (serde_json::Value, serde_json::Value) {
     let (image, bytes) = make_image();
     let out = temp_path("received.bin");
     let image_s = image.to_str().unwrap().to_string();
@@ -221,11 +224,7 @@ fn send_recv(send_extra: &[String], recv_extra: &[String]) -> (serde_json::Value
                 "--json",
             ];
             args.extend(send_extra.iter().map(String::as_str));
-            let send = run(
-                &args,
-                Duration::from_secs(60),
-                "send",
-            );
+            let send = run(&args, Duration::from_secs(60), "send");
             if send.0 != 0 && send.2.contains("cannot connect") {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;

@@ -158,7 +158,9 @@ fn source_without_certificate_is_refused_on_both_sides() {
     let (acceptor, addr) = tls_acceptor(&ca, None);
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(rustls::pki_types::CertificateDer::from(ca.cert.der().to_vec()))
+        .add(rustls::pki_types::CertificateDer::from(
+            ca.cert.der().to_vec(),
+        ))
         .unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

@@ -254,7 +254,10 @@ impl TlsIdentity {
             })
         };
         Self::from_pem_labelled(
-            (&read("certificate chain", cert)?, &cert.display().to_string()),
+            (
+                &read("certificate chain", cert)?,
+                &cert.display().to_string(),
+            ),
             (&read("private key", key)?, &key.display().to_string()),
             (&read("CA bundle", ca)?, &ca.display().to_string()),
         )
@@ -358,7 +361,8 @@ pub fn server_config(
     id: &TlsIdentity,
     allowed_client: Option<&str>,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let webpki = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider()).build()?;
+    let webpki =
+        WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider()).build()?;
     let verifier: Arc<dyn ClientCertVerifier> = match allowed_client {
         None => webpki,
         Some(n) => Arc::new(NamedClientVerifier {
@@ -606,11 +610,12 @@ impl<C: Connector> TlsConnector<C> {
     fn handshake(&self, stream: Box<dyn Stream>) -> Result<Box<dyn Stream>, TlsError> {
         let deadline = Instant::now() + self.handshake_timeout;
         let limit = self.handshake_timeout;
-        let conn = ClientConnection::new(self.config.clone(), self.peer_name.clone())
-            .map_err(|source| TlsError::Refused {
+        let conn = ClientConnection::new(self.config.clone(), self.peer_name.clone()).map_err(
+            |source| TlsError::Refused {
                 refusal: TlsRefusal::of(&source),
                 source,
-            })?;
+            },
+        )?;
         let mut s = TlsStream {
             conn,
             sock: Socket(std::io::BufReader::with_capacity(
@@ -641,9 +646,7 @@ impl<C: Connector> TlsConnector<C> {
 impl<C: Connector> Connector for TlsConnector<C> {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
         let stream = self.inner.connect()?;
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|| self.inner.describe());
+        let peer = stream.peer_addr().unwrap_or_else(|| self.inner.describe());
         self.handshake(stream)
             .map_err(|source| TransportError::Tls { peer, source })
     }
@@ -794,10 +797,7 @@ mod tests {
     #[test]
     fn refusal_text_names_the_reason() {
         let e = rustls::Error::InvalidCertificate(CertificateError::Expired);
-        assert_eq!(
-            TlsRefusal::of(&e).to_string(),
-            "peer certificate expired"
-        );
+        assert_eq!(TlsRefusal::of(&e).to_string(), "peer certificate expired");
         let e = rustls::Error::AlertReceived(AlertDescription::UnknownCA);
         assert!(TlsRefusal::of(&e).to_string().contains("unknown CA"));
         let e = rustls::Error::NoCertificatesPresented;

@@ -439,8 +439,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         .into_iter()
         .enumerate()
         .map(|(i, tok)| {
-            let (a, slots, events, tls) =
-                (a.clone(), slots.clone(), events.clone(), tls.clone());
+            let (a, slots, events, tls) = (a.clone(), slots.clone(), events.clone(), tls.clone());
             std::thread::spawn(move || bench_one(&a, i, slots, tok, events, tls))
         })
         .collect();

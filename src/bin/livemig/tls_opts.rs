@@ -98,8 +98,8 @@ impl TlsOpts {
         let Some(id) = self.required(plaintext, "recv")? else {
             return Ok((Box::new(tcp), false));
         };
-        let a = TlsAcceptor::new(tcp, &id, self.tls_peer_name.as_deref())
-            .map_err(|e| e.to_string())?;
+        let a =
+            TlsAcceptor::new(tcp, &id, self.tls_peer_name.as_deref()).map_err(|e| e.to_string())?;
         Ok((Box::new(a), true))
     }
 
