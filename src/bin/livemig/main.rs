@@ -22,7 +22,6 @@ use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
 use livemig::receiver::{Receiver, ReceiverConfig};
 use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
-use livemig::transport::{Acceptor, Connector};
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 
 #[derive(Parser, Debug)]
@@ -550,7 +549,7 @@ fn bench_one(
         .local_addr()
         .map_err(|e| e.to_string())?
         .to_string();
-    let (acceptor, connector): (Box<dyn Acceptor>, Box<dyn Connector>) = match &tls {
+    let (acceptor, connector): tls_opts::BenchEnds = match &tls {
         Some(t) => t.wrap(acceptor, TcpConnector::new(addr))?,
         None => (Box::new(acceptor), Box::new(TcpConnector::new(addr))),
     };

@@ -137,6 +137,9 @@ impl TlsOpts {
     }
 }
 
+/// A bench's two ends: the destination's acceptor and the source's connector.
+pub type BenchEnds = (Box<dyn Acceptor>, Box<dyn Connector>);
+
 /// Both ends' TLS settings for an in-process bench.
 #[derive(Debug)]
 pub struct BenchTls {
@@ -152,7 +155,7 @@ impl BenchTls {
         &self,
         acceptor: TcpAcceptor,
         connector: TcpConnector,
-    ) -> Result<(Box<dyn Acceptor>, Box<dyn Connector>), String> {
+    ) -> Result<BenchEnds, String> {
         let a = TlsAcceptor::new(acceptor, &self.destination, self.source_name.as_deref())
             .map_err(|e| e.to_string())?;
         let c = TlsConnector::new(connector, &self.source, &self.destination_name)
