@@ -305,6 +305,7 @@ fn plaintext_peer_is_refused_before_any_protocol_byte_is_read() {
         s.write_all(&[0u8; 64]).unwrap();
         let e = acceptor.accept(QUICK).map(|_| ()).unwrap_err();
         assert!(matches!(e, TransportError::Tls { .. }), "{e:?}");
+        assert!(e.to_string().contains("does not speak TLS"), "{e}");
         // The TLS layer answered with an alert or closed: no livemig reply.
         let mut buf = [0u8; 64];
         let _ = s.set_read_timeout(Some(QUICK));

@@ -113,6 +113,8 @@ pub enum TlsRefusal {
     PeerCertificateInvalid,
     /// The peer refused us: it sent this fatal alert.
     RefusedByPeer(AlertDescription),
+    /// The peer's bytes are not TLS records (e.g. a plaintext source).
+    NotTls,
     /// Another TLS protocol failure.
     Protocol,
 }
@@ -133,6 +135,10 @@ impl TlsRefusal {
                 _ => Self::PeerCertificateInvalid,
             },
             rustls::Error::AlertReceived(a) => Self::RefusedByPeer(*a),
+            rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+                | rustls::InvalidMessage::UnknownProtocolVersion,
+            ) => Self::NotTls,
             _ => Self::Protocol,
         }
     }
@@ -167,6 +173,7 @@ impl std::fmt::Display for TlsRefusal {
                     other => write!(f, "the peer refused the handshake with alert {other:?}"),
                 };
             }
+            Self::NotTls => "the peer does not speak TLS (a plaintext source?)",
             Self::Protocol => "TLS protocol error",
         };
         f.write_str(s)
