@@ -534,11 +534,31 @@ where
     C: std::ops::DerefMut<Target = ConnectionCommon<S>>,
     S: SideData,
 {
+    /// Takes all of `buf` (encrypting and sending it in pieces of rustls's
+    /// buffer limit) unless the socket fails first, like a blocking socket write.
+    /// Callers that pace their writes (`ShapedStream`) count on a write taking
+    /// what it was given.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.io().write(buf)
+        self.write_vectored(&[IoSlice::new(buf)])
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        self.io().write_vectored(bufs)
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut owned: Vec<IoSlice<'_>> = bufs.to_vec();
+        let mut left: &mut [IoSlice<'_>] = &mut owned;
+        let mut done = 0;
+        while done < total {
+            match self.io().write_vectored(left) {
+                Ok(0) => break,
+                Ok(n) => {
+                    done += n;
+                    IoSlice::advance_slices(&mut left, n);
+                }
+                // Bytes already taken stay taken; the error shows on the next call.
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(done)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.io().flush()
