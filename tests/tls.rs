@@ -345,3 +345,32 @@ fn shutdown_handle_unblocks_a_reader() {
         drop(client);
     });
 }
+
+#[test]
+fn a_write_takes_all_it_is_given() {
+    // Paced writers (`--bandwidth`) take tokens for a whole write; a TLS write that
+    // took only rustls's buffer limit would waste the rest of them.
+    let ca = Ca::new("livemig test CA");
+    let (acceptor, addr) = tls_acceptor(&ca, None);
+    let connector = TlsConnector::new(
+        TcpConnector::new(addr),
+        &ca.identity(SOURCE, false, &ca),
+        DEST,
+    )
+    .unwrap();
+    let (client, server) = handshake_pair(connector, acceptor);
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    with_timeout(Duration::from_secs(20), "large write", move || {
+        const LEN: usize = 4 << 20;
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; LEN];
+            server.read_exact(&mut got).map(|_| got)
+        });
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        let n = client.write(&data).unwrap();
+        assert_eq!(n, LEN, "a TLS write took {n} of {LEN} bytes");
+        client.flush().unwrap();
+        let got = reader.join().unwrap().expect("read");
+        assert!(got == data, "bytes changed in transit");
+    });
+}
