@@ -113,7 +113,7 @@ head -c $((SIZE_MIB * 1024 * 1024 / 2)) /dev/urandom >"$IMAGE"
 truncate -s $((SIZE_MIB * 1024 * 1024)) "$IMAGE"
 SUM_BEFORE=$(sha256sum "$IMAGE" | cut -d' ' -f1)
 
-in_ns "$DST_NS" "$LIVEMIG" recv --listen "$DST_IP:$PORT" --out "$OUT" \
+in_ns "$DST_NS" "$LIVEMIG" recv --plaintext --listen "$DST_IP:$PORT" --out "$OUT" \
   --peer-timeout "$PEER_TIMEOUT" >"$WORK/recv.out" 2>"$WORK/recv.err" &
 RECV_PID=$!
 for _ in $(seq 500); do
@@ -122,7 +122,7 @@ for _ in $(seq 500); do
 done
 
 START=$(date +%s.%N)
-in_ns "$SRC_NS" "$LIVEMIG" send --to "$DST_IP:$PORT" --image "$IMAGE" \
+in_ns "$SRC_NS" "$LIVEMIG" send --plaintext --to "$DST_IP:$PORT" --image "$IMAGE" \
   --peer-timeout "$PEER_TIMEOUT" "${SEND_EXTRA[@]}" >"$WORK/send.out" 2>"$WORK/send.err" &
 SEND_PID=$!
 

@@ -22,7 +22,7 @@ fn livemig(args: &[&str]) -> Command {
 fn start_recv(extra: &[&str]) -> (Proc, String) {
     for _ in 0..5 {
         let addr = format!("127.0.0.1:{}", free_port());
-        let mut args = vec!["recv", "--listen", addr.as_str()];
+        let mut args = vec!["recv", "--plaintext", "--listen", addr.as_str()];
         args.extend_from_slice(extra);
         let mut recv = Proc::spawn(livemig(&args), "recv");
         let t0 = Instant::now();
@@ -50,6 +50,7 @@ fn send_gives_up_on_a_stopped_destination_within_the_peer_timeout() {
     let send = Proc::spawn(
         livemig(&[
             "send",
+            "--plaintext",
             "--to",
             &addr,
             "--image",
@@ -127,6 +128,7 @@ fn send_uses_the_next_address_when_the_first_is_dead() {
     let send = Proc::spawn(
         livemig(&[
             "send",
+            "--plaintext",
             "--to",
             &to,
             "--image",
@@ -157,7 +159,14 @@ fn send_to_only_dead_addresses_names_them_all() {
     let b = format!("127.0.0.1:{}", free_port());
     let to = format!("{a},{b}");
     let out = Proc::spawn(
-        livemig(&["send", "--to", &to, "--image", image.to_str().unwrap()]),
+        livemig(&[
+            "send",
+            "--plaintext",
+            "--to",
+            &to,
+            "--image",
+            image.to_str().unwrap(),
+        ]),
         "send",
     )
     .wait_exit(Duration::from_secs(60));

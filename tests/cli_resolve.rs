@@ -46,6 +46,7 @@ fn a_restarted_recv_answers_from_its_outcome_log() {
     let mut recv = Command::new(EXE)
         .args([
             "recv",
+            "--plaintext",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--json",

@@ -71,8 +71,131 @@ fn run(args: &[&str], limit: Duration, what: &str) -> (i32, String, String) {
     wait_with_timeout(child, limit, what)
 }
 
+/// Certificates made with rcgen, written as PEM files: a CA, the destination's
+/// certificate for 127.0.0.1 and the source's for `livemig-source`.
+struct CertFiles {
+    paths: Vec<std::path::PathBuf>,
+}
+
+impl CertFiles {
+    fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, "test CA");
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca = p.self_signed(&ca_key).unwrap();
+        let mut files = vec![ca.pem()];
+        for name in ["127.0.0.1", "livemig-source"] {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+            files.push(cert.pem());
+            files.push(key.serialize_pem());
+        }
+        let paths = ["ca.pem", "dest.pem", "dest.key", "src.pem", "src.key"]
+            .iter()
+            .zip(files)
+            .map(|(n, text)| {
+                let p = temp_path(n);
+                std::fs::write(&p, text).unwrap();
+                p
+            })
+            .collect();
+        Self { paths }
+    }
+
+    fn arg(&self, i: usize) -> String {
+        self.paths[i].to_str().unwrap().to_string()
+    }
+
+    /// `recv`'s flags: the destination's certificate, only the source may connect.
+    fn recv_flags(&self) -> Vec<String> {
+        [
+            "--tls-cert",
+            &self.arg(1),
+            "--tls-key",
+            &self.arg(2),
+            "--tls-ca",
+            &self.arg(0),
+            "--tls-peer-name",
+            "livemig-source",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `send`'s flags (the destination's name defaults to the host of --to).
+    fn send_flags(&self) -> Vec<String> {
+        [
+            "--tls-cert",
+            &self.arg(3),
+            "--tls-key",
+            &self.arg(4),
+            "--tls-ca",
+            &self.arg(0),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+impl Drop for CertFiles {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 #[test]
 fn send_recv_two_processes() {
+    let (send, recv) = send_recv(&["--plaintext".into()], &["--plaintext".into()]);
+    assert_eq!(send["tls"], false);
+    assert_eq!(recv["tls"], false);
+}
+
+#[test]
+fn send_recv_two_processes_over_mutual_tls() {
+    let certs = CertFiles::new();
+    let (send, recv) = send_recv(&certs.send_flags(), &certs.recv_flags());
+    assert_eq!(send["tls"], true);
+    assert_eq!(recv["tls"], true);
+}
+
+#[test]
+fn send_and_recv_refuse_to_run_without_tls_or_plaintext() {
+    let (image, _) = make_image();
+    let addr = format!("127.0.0.1:{}", free_port());
+    for args in [
+        vec!["recv", "--listen", &addr],
+        vec!["send", "--to", &addr, "--image", image.to_str().unwrap()],
+    ] {
+        let (code, _, err) = run(&args, Duration::from_secs(60), args[0]);
+        assert_ne!(code, 0, "{} ran without TLS or --plaintext", args[0]);
+        assert!(
+            err.contains("needs mutual TLS") && err.contains("--plaintext"),
+            "{}: {err}",
+            args[0]
+        );
+    }
+    let _ = std::fs::remove_file(&image);
+}
+
+/// Send a 32 MiB image from one process to another; check the received image and
+/// both JSON reports; return them.
+fn send_recv(
+    send_extra: &[String],
+    recv_extra: &[String],
+) -> (serde_json::Value, serde_json::Value) {
     let (image, bytes) = make_image();
     let out = temp_path("received.bin");
     let image_s = image.to_str().unwrap().to_string();
@@ -84,25 +207,24 @@ fn send_recv_two_processes() {
         let addr = format!("127.0.0.1:{}", free_port());
         let recv = Command::new(EXE)
             .args(["recv", "--listen", &addr, "--out", &out_s, "--json"])
+            .args(recv_extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn recv");
         for _ in 0..50 {
-            let send = run(
-                &[
-                    "send",
-                    "--to",
-                    &addr,
-                    "--image",
-                    &image_s,
-                    "--streams",
-                    "2",
-                    "--json",
-                ],
-                Duration::from_secs(60),
+            let mut args = vec![
                 "send",
-            );
+                "--to",
+                &addr,
+                "--image",
+                &image_s,
+                "--streams",
+                "2",
+                "--json",
+            ];
+            args.extend(send_extra.iter().map(String::as_str));
+            let send = run(&args, Duration::from_secs(60), "send");
             if send.0 != 0 && send.2.contains("cannot connect") {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
@@ -163,6 +285,7 @@ fn send_recv_two_processes() {
 
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_file(&out);
+    (s, r)
 }
 
 #[test]
@@ -177,6 +300,7 @@ fn send_to_nobody_fails_cleanly() {
             "--image",
             image.to_str().unwrap(),
             "--json",
+            "--plaintext",
         ],
         Duration::from_secs(60),
         "send",

@@ -493,7 +493,14 @@ fn guest_larger_than_max_memory_over_the_cli() {
         .unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let mut recv = Command::new(EXE)
-        .args(["recv", "--listen", &addr, "--max-memory", "64M"])
+        .args([
+            "recv",
+            "--plaintext",
+            "--listen",
+            &addr,
+            "--max-memory",
+            "64M",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -501,7 +508,14 @@ fn guest_larger_than_max_memory_over_the_cli() {
     let t = Instant::now();
     let send = loop {
         let out = Command::new(EXE)
-            .args(["send", "--to", &addr, "--image", image.to_str().unwrap()])
+            .args([
+                "send",
+                "--plaintext",
+                "--to",
+                &addr,
+                "--image",
+                image.to_str().unwrap(),
+            ])
             .args(["--streams", "1"])
             .output()
             .unwrap();

@@ -26,7 +26,7 @@ fn dst_addr() -> String {
 /// Start `recv` on the destination host and wait until it listens.
 fn start_recv(hosts: &TwoHosts, extra: &[&str]) -> Proc {
     let addr = dst_addr();
-    let mut args = vec!["recv", "--listen", addr.as_str()];
+    let mut args = vec!["recv", "--plaintext", "--listen", addr.as_str()];
     args.extend_from_slice(extra);
     let recv = hosts.spawn(Host::Dst, EXE, &args, "recv");
     assert!(
@@ -42,6 +42,7 @@ fn start_send(hosts: &TwoHosts, image: &std::path::Path, extra: &[&str]) -> Proc
     let addr = dst_addr();
     let mut args = vec![
         "send",
+        "--plaintext",
         "--to",
         addr.as_str(),
         "--image",

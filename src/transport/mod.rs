@@ -17,6 +17,7 @@ pub mod mem;
 pub mod shaped;
 pub mod splice;
 pub mod tcp;
+pub mod tls;
 pub mod unix;
 
 use std::io::{Read, Write};
@@ -63,6 +64,14 @@ pub enum TransportError {
         what: &'static str,
         /// Decoder's error.
         source: crate::wire::WireError,
+    },
+    /// A TLS handshake failed: the peer was not authenticated, or refused us.
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Tls {
+        /// The peer's address.
+        peer: String,
+        /// Why.
+        source: tls::TlsError,
     },
 }
 
@@ -164,6 +173,10 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+    /// The peer's address, for messages (`None` where the stream has none).
+    fn peer_addr(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Opens streams to a destination (source side).
@@ -172,6 +185,17 @@ pub trait Connector: Send + Sync {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError>;
     /// Where (for messages).
     fn describe(&self) -> String;
+}
+
+/// A shared connector (e.g. one whose chosen address the caller reads afterwards,
+/// while a wrapper such as TLS opens the streams through it).
+impl<C: Connector + ?Sized> Connector for std::sync::Arc<C> {
+    fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
+        (**self).connect()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
 }
 
 /// Accepts streams from a source (destination side).

@@ -51,6 +51,9 @@ impl Stream for TcpStream {
     fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         Some(std::os::fd::AsFd::as_fd(self))
     }
+    fn peer_addr(&self) -> Option<String> {
+        TcpStream::peer_addr(self).ok().map(|a| a.to_string())
+    }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         match self.try_clone() {
             Ok(s) => Box::new(move || {

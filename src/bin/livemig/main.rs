@@ -3,6 +3,7 @@
 mod args;
 mod progress;
 mod sweep;
+mod tls_opts;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +22,6 @@ use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
 use livemig::receiver::{Receiver, ReceiverConfig};
 use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
-use livemig::transport::Connector;
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 
 #[derive(Parser, Debug)]
@@ -212,6 +212,12 @@ struct BenchArgs {
     slots: usize,
     #[command(flatten)]
     opts: MigrateOpts,
+    #[command(flatten)]
+    tls: tls_opts::TlsOpts,
+    /// Run every stream over mutual TLS with an ephemeral CA and two certificates
+    /// generated in memory (no files needed).
+    #[arg(long)]
+    tls_self_signed: bool,
 }
 
 #[derive(Args, Debug)]
@@ -226,6 +232,12 @@ struct SendArgs {
     image: PathBuf,
     #[command(flatten)]
     opts: MigrateOpts,
+    #[command(flatten)]
+    tls: tls_opts::TlsOpts,
+    /// Send in cleartext without authenticating the destination (required when no
+    /// --tls-* flag is given).
+    #[arg(long)]
+    plaintext: bool,
 }
 
 #[derive(Args, Debug)]
@@ -318,6 +330,12 @@ struct RecvArgs {
     /// what this host can commit (MemAvailable and the cgroup limit).
     #[arg(long, value_name = "SIZE", value_parser = args::parse_size)]
     max_memory: Option<u64>,
+    #[command(flatten)]
+    tls: tls_opts::TlsOpts,
+    /// Accept a cleartext, unauthenticated source (required when no --tls-* flag
+    /// is given).
+    #[arg(long)]
+    plaintext: bool,
 }
 
 fn main() {
@@ -546,8 +564,9 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     let tokens: Vec<CancelToken> = (0..n).map(|_| CancelToken::new()).collect();
     progress::cancel_on_interrupt(tokens.clone());
     let events = open_events(&a.opts)?;
+    let tls = a.tls.bench(a.tls_self_signed)?;
     if n == 1 {
-        return bench_one(&a, 0, slots, tokens[0].clone(), events).map(|_| ());
+        return bench_one(&a, 0, slots, tokens[0].clone(), events, tls).map(|_| ());
     }
     let a = Arc::new(a);
     let t0 = Instant::now();
@@ -555,8 +574,8 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
         .into_iter()
         .enumerate()
         .map(|(i, tok)| {
-            let (a, slots, events) = (a.clone(), slots.clone(), events.clone());
-            std::thread::spawn(move || bench_one(&a, i, slots, tok, events))
+            let (a, slots, events, tls) = (a.clone(), slots.clone(), events.clone(), tls.clone());
+            std::thread::spawn(move || bench_one(&a, i, slots, tok, events, tls))
         })
         .collect();
     let results: Vec<_> = handles
@@ -611,6 +630,7 @@ fn bench_one(
     slots: Arc<HostSlots>,
     cancel: CancelToken,
     events: Option<EventFile>,
+    tls: Option<Arc<tls_opts::BenchTls>>,
 ) -> Result<Value, CliError> {
     let o = &a.opts;
     let tag = if a.concurrent > 1 {
@@ -667,6 +687,10 @@ fn bench_one(
         .local_addr()
         .map_err(|e| e.to_string())?
         .to_string();
+    let (acceptor, connector): tls_opts::BenchEnds = match &tls {
+        Some(t) => t.wrap(acceptor, TcpConnector::new(addr))?,
+        None => (Box::new(acceptor), Box::new(TcpConnector::new(addr))),
+    };
     let (rtx, rrx) = crossbeam_channel::bounded(1);
     let (prefault, prealloc, huge_pages) = (!a.no_prefault, a.prealloc, !a.no_huge_pages);
     let receiver = std::thread::spawn(move || {
@@ -681,10 +705,10 @@ fn bench_one(
                 huge_pages,
                 ..ReceiverConfig::default()
             })
-            .run(&acceptor);
+            .run(&*acceptor);
         let _ = rtx.send(r);
         // A source in doubt asks here before it gives up.
-        log.serve(&acceptor, Duration::from_secs(60));
+        log.serve(&*acceptor, Duration::from_secs(60));
     });
     let vm = dirtier.control();
     let mut mig = Migration::new(mem.clone())
@@ -697,7 +721,7 @@ fn bench_one(
     if let Some(s) = sinks_of(o, index, events, a.concurrent == 1) {
         mig = mig.progress(s);
     }
-    let result = mig.run(&TcpConnector::new(addr).peer_timeout(o.peer_timeout));
+    let result = mig.run(&*connector);
     let writes = dirtier.writes();
     let report = match result {
         Ok(r) => r,
@@ -723,7 +747,8 @@ fn bench_one(
                             "destination": dest, "converged": false, "verified": false,
                             "dirty_rate_mb_s": a.dirty_rate as f64 / 1e6, "hot_set_bytes": a.hot_set,
                             "skew": format!("{:?}", a.skew),
-                            "guest_writes": writes, "migration": index });
+                            "guest_writes": writes, "migration": index,
+                            "tls": tls.is_some() });
                 if let (Some(obj), Value::Object(f)) = (v.as_object_mut(), failure_json(&e)) {
                     obj.extend(f);
                 }
@@ -778,6 +803,7 @@ fn bench_one(
     obj.insert("guest_writes".into(), json!(writes));
     obj.insert("migration".into(), json!(index));
     obj.insert("skew".into(), json!(format!("{:?}", a.skew)));
+    obj.insert("tls".into(), json!(tls.is_some()));
     obj.insert(
         "receiver".into(),
         serde_json::to_value(&received.report).map_err(|e| e.to_string())?,
@@ -834,6 +860,18 @@ fn uffd_tracker() -> Result<Box<dyn DirtyTracker>, String> {
 }
 
 fn send(a: SendArgs) -> Result<(), CliError> {
+    let addrs: Vec<&str> =
+        a.to.iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .collect();
+    let tcp =
+        Arc::new(TcpConnector::with_addrs(addrs.iter().copied()).peer_timeout(a.opts.peer_timeout));
+    let (connector, tls) = a.tls.connector(
+        tcp.clone(),
+        addrs.first().copied().unwrap_or(""),
+        a.plaintext,
+    )?;
     let region = GuestRegion::image_file(0, &a.image).map_err(|e| e.to_string())?;
     let mem = Arc::new(GuestMemory::new(vec![region]).map_err(|e| e.to_string())?);
     let guest_bytes = mem.total_bytes();
@@ -848,15 +886,12 @@ fn send(a: SendArgs) -> Result<(), CliError> {
     if let Some(s) = sinks_of(&a.opts, 0, open_events(&a.opts)?, true) {
         mig = mig.progress(s);
     }
-    let connector =
-        TcpConnector::with_addrs(a.to.iter().map(|s| s.trim()).filter(|s| !s.is_empty()))
-            .peer_timeout(a.opts.peer_timeout);
-    let report = match mig.run(&connector) {
+    let report = match mig.run(&*connector) {
         Ok(r) => r,
         Err(e) => {
             if a.opts.json {
                 let mut v = json!({ "error": e.to_string(),
-                                    "source_running": e.source_running() });
+                                    "source_running": e.source_running(), "tls": tls });
                 if let (Some(obj), Value::Object(f)) = (v.as_object_mut(), failure_json(&e)) {
                     obj.extend(f);
                 }
@@ -867,13 +902,14 @@ fn send(a: SendArgs) -> Result<(), CliError> {
             return Err(err);
         }
     };
-    let connected_to = connector.active_addr().unwrap_or_default().to_string();
+    let connected_to = tcp.active_addr().unwrap_or_default().to_string();
     let rss = rss.map(|s| s.finish());
     if a.opts.json {
         let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
         if let Some(obj) = v.as_object_mut() {
             obj.insert("outcome".into(), json!("committed"));
             obj.insert("connected_to".into(), json!(connected_to));
+            obj.insert("tls".into(), json!(tls));
         }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
@@ -899,13 +935,15 @@ fn send(a: SendArgs) -> Result<(), CliError> {
 }
 
 fn recv(a: RecvArgs) -> Result<(), String> {
-    let acceptor = TcpAcceptor::bind(&a.listen)
+    let tcp = TcpAcceptor::bind(&a.listen)
         .map_err(|e| e.to_string())?
         .peer_timeout(a.peer_timeout);
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let (acceptor, tls) = a.tls.acceptor(tcp, a.plaintext)?;
     if !a.json {
         eprintln!(
-            "listening on {}",
-            acceptor.local_addr().map_err(|e| e.to_string())?
+            "listening on {local} ({})",
+            if tls { "mutual TLS" } else { "plaintext" }
         );
     }
     let log = Arc::new(match &a.outcome_log {
@@ -925,7 +963,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
     let result = Receiver::new()
         .config(config)
         .outcome_log(log.clone())
-        .run(&acceptor);
+        .run(&*acceptor);
     // A source that released the VM but may not know the outcome asks: answer it
     // (after reporting, so the report is not held up).
     let serve = || {
@@ -936,7 +974,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
                     a.outcome_linger
                 );
             }
-            log.serve(&acceptor, linger);
+            log.serve(&*acceptor, linger);
         }
     };
     let received = match result {
@@ -958,6 +996,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             "guest_gib_per_s".into(),
             json!(r.memory_bytes as f64 / (1u64 << 30) as f64 / (r.total_ms / 1e3)),
         );
+        obj.insert("tls".into(), json!(tls));
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     } else {
         println!(
