@@ -39,6 +39,7 @@ pub mod kvm;
 pub mod limits;
 pub mod memory;
 pub mod receiver;
+pub mod service;
 pub mod stats;
 pub mod transport;
 pub mod wire;

@@ -1,0 +1,345 @@
+//! The destination as a service (`recv --serve`): several migrations over one
+//! listener, a host limit with a FIFO queue, and stray connections that change
+//! nothing for the running sessions.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use livemig::codec::CodecId;
+use livemig::engine::{Migration, Mode, Verify};
+use livemig::receiver::{Received, Receiver};
+use livemig::service::{
+    HandlerError, Outcome, Service, ServiceConfig, ServiceEvent, ServiceSummary, SessionHandler,
+};
+use livemig::transport::framed::write_frame;
+use livemig::transport::shaped::TokenBucket;
+use livemig::transport::tcp::TcpConnector;
+use livemig::wire::{ControlMsg, FrameKind};
+
+/// Records every event and the full-memory digest of every committed guest.
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<ServiceEvent>>,
+    guests: Mutex<Vec<(String, u64)>>,
+}
+
+impl Recorder {
+    fn events(&self) -> Vec<ServiceEvent> {
+        self.events.lock().unwrap().clone()
+    }
+    /// Wait (bounded) until `pred` holds over the events.
+    fn wait_for(&self, what: &str, pred: impl Fn(&[ServiceEvent]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pred(&self.events()) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen within 20 s; events: {:#?}",
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl SessionHandler for Recorder {
+    fn receiver(&self, _session: &str) -> Receiver {
+        Receiver::new().config(receiver_config())
+    }
+    fn committed(&self, session: &str, received: Received) -> Result<(), HandlerError> {
+        let d = received.memory.full_digest(2)?;
+        self.guests.lock().unwrap().push((session.to_string(), d));
+        Ok(())
+    }
+    fn event(&self, event: &ServiceEvent) {
+        self.events.lock().unwrap().push(event.clone());
+    }
+}
+
+fn count(events: &[ServiceEvent], f: impl Fn(&ServiceEvent) -> bool) -> usize {
+    events.iter().filter(|e| f(e)).count()
+}
+
+fn refused(e: &ServiceEvent) -> bool {
+    matches!(e, ServiceEvent::Refused { .. })
+}
+
+/// Start a service on a free port with short test deadlines.
+fn start(
+    max_sessions: usize,
+) -> (
+    String,
+    Arc<Recorder>,
+    livemig::service::StopHandle,
+    std::thread::JoinHandle<ServiceSummary>,
+) {
+    let config = ServiceConfig {
+        max_sessions,
+        opening_timeout: Duration::from_millis(500),
+        queue_deadline: Duration::from_secs(15),
+        drain_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let service = Service::bind("127.0.0.1:0", config).expect("bind");
+    let addr = service.local_addr().unwrap().to_string();
+    let stop = service.stop_handle();
+    let rec = Arc::new(Recorder::default());
+    let r2 = rec.clone();
+    let h = std::thread::spawn(move || service.run(r2).expect("service runs"));
+    (addr, rec, stop, h)
+}
+
+/// Connections that must not disturb anything: garbage, connect + close, silence
+/// past the opening deadline, and a stream hello with a token nobody holds.
+fn strays(addr: &str) -> Vec<TcpStream> {
+    let mut garbage = TcpStream::connect(addr).unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    drop(TcpStream::connect(addr).unwrap());
+    let silent = TcpStream::connect(addr).unwrap();
+    let mut unknown = TcpStream::connect(addr).unwrap();
+    let mut frame = Vec::new();
+    let hello = ControlMsg::StreamHello {
+        session: 0x5eed,
+        index: 0,
+    };
+    write_frame(&mut frame, FrameKind::Control, 0, &hello.encode(), &[]).unwrap();
+    unknown.write_all(&frame).unwrap();
+    vec![garbage, silent, unknown]
+}
+
+#[test]
+fn three_at_once_two_run_one_queues_strays_change_nothing() {
+    let (addr, rec, stop, service) = start(2);
+    // Bandwidth-capped sources (200 Mbit/s each: ~1.3 s for 32 MiB), so that all
+    // three hellos arrive while the first two sessions still hold their slots.
+    let sources: Vec<Source> = (0..3)
+        .map(|i| {
+            Source::start(
+                source_memory(32 * MIB, 100 + i),
+                TrackerKind::Explicit,
+                4_000_000,
+                4 << 20,
+            )
+        })
+        .collect();
+    let runs: Vec<_> = sources
+        .iter()
+        .map(|src| {
+            let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+            cfg.bandwidth = Some(TokenBucket::new(200_000_000));
+            let m = Migration::new(src.mem.clone())
+                .tracker(src.tracker())
+                .vm_control(Box::new(src.dirtier.control()))
+                .policy(Box::new(test_policy()))
+                .config(cfg);
+            let addr = addr.clone();
+            std::thread::spawn(move || m.run(&TcpConnector::new(addr)))
+        })
+        .collect();
+
+    // Strays arrive while two sessions run and one waits.
+    rec.wait_for("two sessions running and one queued", |ev| {
+        count(ev, |e| matches!(e, ServiceEvent::SessionStart { .. })) == 2
+            && count(ev, |e| matches!(e, ServiceEvent::Queued { .. })) == 1
+    });
+    let held = strays(&addr);
+    rec.wait_for("four refused connections", |ev| count(ev, refused) == 4);
+
+    let reports: Vec<_> = with_timeout(GUARD, "three migrations", move || {
+        runs.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    drop(held);
+    for (src, r) in sources.iter().zip(&reports) {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("a migration failed: {e}"));
+        assert!(r.verified);
+        let _ = src;
+    }
+    stop.stop();
+    let summary = service.join().unwrap();
+    let events = rec.events();
+
+    // Every guest arrived whole: the destination's memory equals its source's.
+    let mut want: Vec<u64> = sources
+        .iter()
+        .map(|s| s.mem.full_digest(2).unwrap())
+        .collect();
+    let mut got: Vec<u64> = rec.guests.lock().unwrap().iter().map(|g| g.1).collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(want, got, "each committed guest equals one source");
+
+    // At most two at once, and two did run at once; exactly one waited.
+    let (mut running, mut most) = (0i32, 0i32);
+    for e in &events {
+        match e {
+            ServiceEvent::SessionStart { .. } => running += 1,
+            ServiceEvent::SessionEnd(_) => running -= 1,
+            _ => {}
+        }
+        most = most.max(running);
+    }
+    assert_eq!(most, 2, "two sessions overlapped, never more: {events:#?}");
+    let waited: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            ServiceEvent::SessionStart { waited_ms, .. } => Some(*waited_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waited.len(), 3);
+    assert!(waited[2] > 0.0, "the third session waited for a slot");
+
+    // The stray connections were refused while the sessions ran, each for its reason.
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            ServiceEvent::Refused { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("bad frame magic")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("closed before")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("no complete first frame within")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("no running session has its token")),
+        "{reasons:?}"
+    );
+    let first_end = events
+        .iter()
+        .position(|e| matches!(e, ServiceEvent::SessionEnd(_)))
+        .unwrap();
+    let last_refused = events.iter().rposition(refused).unwrap();
+    assert!(
+        last_refused < first_end,
+        "the strays came while the first sessions were still running"
+    );
+
+    // Every session ended committed and verified, and the totals agree.
+    for e in &events {
+        if let ServiceEvent::SessionEnd(end) = e {
+            assert_eq!(end.outcome, Outcome::Committed, "{end:?}");
+            assert!(
+                end.verified && end.bytes > 0 && end.error.is_none(),
+                "{end:?}"
+            );
+        }
+    }
+    assert_eq!(
+        (summary.committed, summary.failed, summary.refused),
+        (3, 0, 0)
+    );
+    assert_eq!(summary.refused_connections, 4);
+    assert_eq!(summary.abandoned, 0);
+}
+
+/// A queued source whose slot does not free in time is told "host busy" (not left
+/// to time out); a source that closes while queued leaves the queue.
+#[test]
+fn queue_deadline_refuses_with_host_busy() {
+    let config = ServiceConfig {
+        max_sessions: 1,
+        queue_deadline: Duration::from_millis(300),
+        opening_timeout: Duration::from_millis(500),
+        drain_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let service = Service::bind("127.0.0.1:0", config).expect("bind");
+    let addr = service.local_addr().unwrap().to_string();
+    let stop = service.stop_handle();
+    let rec = Arc::new(Recorder::default());
+    let r2 = rec.clone();
+    let h = std::thread::spawn(move || service.run(r2).expect("service runs"));
+
+    let hello = |session: u64| {
+        let msg = ControlMsg::Hello {
+            magic: "livemig".into(),
+            major: livemig::wire::PROTOCOL_MAJOR,
+            minor: livemig::wire::PROTOCOL_MINOR,
+            session,
+            streams: 1,
+            capabilities: vec![],
+        };
+        let mut f = Vec::new();
+        write_frame(&mut f, FrameKind::Control, 0, &msg.encode(), &[]).unwrap();
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&f).unwrap();
+        s
+    };
+    // The first takes the only slot (its receiver answers Welcome and waits for setup).
+    let mut first = hello(1);
+    let mut head = [0u8; 16];
+    first.read_exact(&mut head).unwrap();
+    // The second queues, then is refused with host busy.
+    let mut second = hello(2);
+    let mut reply = Vec::new();
+    second.read_to_end(&mut reply).unwrap();
+    let (h2, meta, _, _) = livemig::wire::frame::decode_frame(&reply).expect("a refusal frame");
+    assert_eq!(h2.kind, FrameKind::Control);
+    match ControlMsg::decode(meta).unwrap() {
+        ControlMsg::Refuse { code, message } => {
+            assert_eq!(code, livemig::wire::control::RefuseCode::HostBusy);
+            assert!(message.contains("queued"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A third queues and hangs up: it leaves the queue at once.
+    drop(hello(3));
+    rec.wait_for("the third session left the queue", |ev| {
+        ev.iter()
+            .any(|e| matches!(e, ServiceEvent::SessionEnd(s) if s.session == "3"))
+    });
+    drop(first);
+    stop.stop();
+    let summary = h.join().unwrap();
+    let events = rec.events();
+    let ends: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            ServiceEvent::SessionEnd(s) => Some((s.session.clone(), s.outcome, s.error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        ends.iter()
+            .any(|(s, o, _)| s == "2" && *o == Outcome::Refused),
+        "{ends:?}"
+    );
+    assert!(
+        ends.iter().any(|(s, o, e)| s == "3"
+            && *o == Outcome::Refused
+            && e.as_deref()
+                .is_some_and(|e| e.contains("closed its connection while queued"))),
+        "{ends:?}"
+    );
+    // The first one's source vanished mid-setup: it failed, and the service went on.
+    assert!(
+        ends.iter()
+            .any(|(s, o, _)| s == "1" && *o == Outcome::Failed),
+        "{ends:?}"
+    );
+    assert_eq!(summary.sessions, 3);
+}
