@@ -81,6 +81,8 @@ fn start(
         max_sessions,
         opening_timeout: Duration::from_millis(500),
         queue_deadline: Duration::from_secs(15),
+        silent_queue_deadline: Duration::from_secs(15),
+        queue_notice_interval: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(10),
         ..Default::default()
     };
@@ -198,6 +200,12 @@ fn three_at_once_two_run_one_queues_strays_change_nothing() {
         .collect();
     assert_eq!(waited.len(), 3);
     assert!(waited[2] > 0.0, "the third session waited for a slot");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ServiceEvent::Queued { notified: true, .. })),
+        "the queued source heard queue notices"
+    );
 
     // The stray connections were refused while the sessions ran, each for its reason.
     let reasons: Vec<&str> = events
@@ -261,7 +269,9 @@ fn three_at_once_two_run_one_queues_strays_change_nothing() {
 fn queue_deadline_refuses_with_host_busy() {
     let config = ServiceConfig {
         max_sessions: 1,
-        queue_deadline: Duration::from_millis(300),
+        queue_deadline: Duration::from_secs(15),
+        silent_queue_deadline: Duration::from_millis(300),
+        queue_notice_interval: Duration::from_millis(100),
         opening_timeout: Duration::from_millis(500),
         drain_timeout: Duration::from_secs(5),
         ..Default::default()
@@ -273,14 +283,14 @@ fn queue_deadline_refuses_with_host_busy() {
     let r2 = rec.clone();
     let h = std::thread::spawn(move || service.run(r2).expect("service runs"));
 
-    let hello = |session: u64| {
+    let hello_with = |session: u64, capabilities: Vec<String>| {
         let msg = ControlMsg::Hello {
             magic: "livemig".into(),
             major: livemig::wire::PROTOCOL_MAJOR,
             minor: livemig::wire::PROTOCOL_MINOR,
             session,
             streams: 1,
-            capabilities: vec![],
+            capabilities,
         };
         let mut f = Vec::new();
         write_frame(&mut f, FrameKind::Control, 0, &msg.encode(), &[]).unwrap();
@@ -289,6 +299,7 @@ fn queue_deadline_refuses_with_host_busy() {
         s.write_all(&f).unwrap();
         s
     };
+    let hello = |session: u64| hello_with(session, vec![]);
     // The first takes the only slot (its receiver answers Welcome and waits for setup).
     let mut first = hello(1);
     let mut head = [0u8; 16];
@@ -312,6 +323,24 @@ fn queue_deadline_refuses_with_host_busy() {
         ev.iter()
             .any(|e| matches!(e, ServiceEvent::SessionEnd(s) if s.session == "3"))
     });
+    // A fourth understands queue notices: it hears `Queued` at once and again
+    // every notice interval, and is not refused at the silent deadline.
+    let mut fourth = hello_with(4, vec!["queue-notice".into()]);
+    for _ in 0..3 {
+        let mut head = [0u8; 16];
+        fourth.read_exact(&mut head).unwrap();
+        let h = livemig::wire::FrameHeader::decode(&head).unwrap();
+        let mut meta = vec![0u8; h.meta_len as usize];
+        fourth.read_exact(&mut meta).unwrap();
+        assert_eq!(
+            ControlMsg::decode(&meta).unwrap(),
+            ControlMsg::Queued {
+                limit: 1,
+                waiting: 1
+            }
+        );
+    }
+    drop(fourth);
     drop(first);
     stop.stop();
     let summary = h.join().unwrap();
@@ -341,5 +370,125 @@ fn queue_deadline_refuses_with_host_busy() {
             .any(|(s, o, _)| s == "1" && *o == Outcome::Failed),
         "{ends:?}"
     );
-    assert_eq!(summary.sessions, 3);
+    assert_eq!(summary.sessions, 4);
+}
+
+/// `livemig recv --serve --json --out-dir`: one JSON line per event, each guest
+/// written under its session token, a stray refused, and SIGTERM ends it cleanly.
+#[test]
+fn cli_serve_json_lines_out_dir_and_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    const EXE: &str = env!("CARGO_BIN_EXE_livemig");
+
+    let mem = livemig::GuestMemory::anonymous(16 * MIB, false).unwrap();
+    livemig::workload::fill(&mem, livemig::workload::Content::Mix, 5, 2).unwrap();
+    let mut image = vec![0u8; 16 * MIB];
+    mem.read_pages(0, &mut image).unwrap();
+    let image_path = temp_path("serve-image.bin");
+    std::fs::write(&image_path, &image).unwrap();
+    let dir = temp_path("served");
+    let addr = format!("127.0.0.1:{}", free_port());
+
+    let mut child = Command::new(EXE)
+        .args([
+            "recv",
+            "--serve",
+            "--listen",
+            &addr,
+            "--json",
+            "--max-sessions",
+            "2",
+        ])
+        .arg("--out-dir")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn recv --serve");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let v = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut next_event = |want: &str| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {want:?} event within 30 s; saw {lines:?}"));
+            lines.push(v.clone());
+            if v["event"] == want {
+                return v;
+            }
+        }
+    };
+    let listening = next_event("listening");
+    assert_eq!(listening["max_sessions"], 2);
+
+    let mut stray = TcpStream::connect(&addr).unwrap();
+    stray.write_all(&[0u8; 64]).unwrap();
+    let send = Command::new(EXE)
+        .args(["send", "--to", &addr, "--json", "--image"])
+        .arg(&image_path)
+        .output()
+        .expect("run send");
+    assert!(
+        send.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let end = next_event("session_end");
+    assert_eq!(end["outcome"], "committed", "{end}");
+    assert_eq!(end["verified"], true);
+    assert!(end["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(end["memory_bytes"].as_u64().unwrap(), image.len() as u64);
+    let token = end["session"].as_str().unwrap().to_string();
+    let written = std::fs::read(dir.join(format!("{token}.img"))).expect("guest written");
+    assert!(written == image, "the written guest differs from the image");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = next_event("stopped");
+    assert_eq!(stopped["committed"], 1);
+    assert_eq!(stopped["refused_connections"], 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recv --serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+    let refused = lines
+        .iter()
+        .find(|v| v["event"] == "refused")
+        .expect("the stray was reported");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bad frame magic"),
+        "{refused}"
+    );
+    let _ = std::fs::remove_file(&image_path);
+    let _ = std::fs::remove_dir_all(&dir);
 }

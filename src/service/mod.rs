@@ -21,14 +21,18 @@
 //! threads, one per page stream.
 //!
 //! **Queueing.** At most [`ServiceConfig::max_sessions`] sessions run; later
-//! hellos wait in FIFO order (tokio's semaphore is fair). A queued source hears
-//! nothing: it waits for its `Welcome`, which the receiver sends when the session
-//! starts. Because a source gives up when a reply takes longer than its reply
-//! timeout (60 s by default), a queued session is answered `Refuse(HostBusy)` once
-//! it has waited [`ServiceConfig::queue_deadline`] (50 s by default), before that
-//! timeout fires: the source then fails with a clear "host busy" rather than a
-//! timeout, and may retry. A source that closes its connection while queued
-//! leaves the queue at once.
+//! hellos wait in FIFO order (tokio's semaphore is fair), and the receiver sends
+//! `Welcome` when the session starts. A source gives up when an answer takes longer
+//! than its reply timeout (60 s by default), so:
+//! - a source that offers the `queue-notice` capability (every livemig source of
+//!   this protocol) is answered `Queued` at once and again every
+//!   [`ServiceConfig::queue_notice_interval`] (20 s), and waits up to
+//!   [`ServiceConfig::queue_deadline`] (30 min);
+//! - any other source hears nothing and is answered `Refuse(HostBusy)` after
+//!   [`ServiceConfig::silent_queue_deadline`] (50 s), before its timeout fires, so it
+//!   fails with a clear "host busy" rather than a timeout.
+//!
+//! A source that closes its connection while queued leaves the queue at once.
 
 pub mod opening;
 pub mod prefixed;
@@ -56,10 +60,21 @@ use route::{Routes, SessionAcceptor, Token};
 /// Hyper-V's default number of simultaneous incoming migrations per host.
 pub const DEFAULT_MAX_SESSIONS: usize = crate::receiver::limiter::DEFAULT_MAX_INCOMING;
 
-/// How long a queued session waits for a slot before it is refused: 10 s below
-/// the source's default reply timeout (`MigrationConfig::reply_timeout`, 60 s),
-/// so the source reads a refusal, not a timeout.
-pub const DEFAULT_QUEUE_DEADLINE: Duration = Duration::from_secs(50);
+/// How long a queued source that hears no `Queued` notices waits for a slot before
+/// it is refused: 10 s below the source's default reply timeout
+/// (`MigrationConfig::reply_timeout`, 60 s), so it reads a refusal, not a timeout.
+pub const DEFAULT_SILENT_QUEUE_DEADLINE: Duration = Duration::from_secs(50);
+
+/// Interval of `Queued` notices: a third of the source's default reply timeout,
+/// so two notices may be lost to a slow network before the source gives up.
+pub const DEFAULT_QUEUE_NOTICE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// How long a queued source that hears `Queued` notices may wait: long enough for
+/// the two migrations ahead of it to move tens of GiB each over a 1 Gbit/s link.
+pub const DEFAULT_QUEUE_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// The capability a source offers when it understands `Queued` notices.
+pub const QUEUE_NOTICE: &str = "queue-notice";
 
 /// Service settings.
 #[derive(Debug, Clone)]
@@ -68,8 +83,13 @@ pub struct ServiceConfig {
     pub max_sessions: usize,
     /// Sessions waiting at once; beyond, a hello is refused at once (`HostBusy`).
     pub max_queued: usize,
-    /// How long a queued session waits for a slot (see the module docs).
+    /// How long a queued source that understands `Queued` notices waits for a slot.
     pub queue_deadline: Duration,
+    /// How long a queued source that does not understand them waits (see the
+    /// module docs: below the source's reply timeout).
+    pub silent_queue_deadline: Duration,
+    /// Interval of `Queued` notices.
+    pub queue_notice_interval: Duration,
     /// How long a new connection may take to deliver its first frame.
     pub opening_timeout: Duration,
     /// After a stop request, how long running sessions may take to finish before
@@ -85,6 +105,8 @@ impl Default for ServiceConfig {
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_queued: 16,
             queue_deadline: DEFAULT_QUEUE_DEADLINE,
+            silent_queue_deadline: DEFAULT_SILENT_QUEUE_DEADLINE,
+            queue_notice_interval: DEFAULT_QUEUE_NOTICE_INTERVAL,
             opening_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(120),
             stop_on_signals: false,
@@ -162,6 +184,8 @@ pub enum ServiceEvent {
         session: String,
         /// 1 = next to run.
         position: usize,
+        /// Whether the source hears `Queued` notices while it waits.
+        notified: bool,
         /// When, since the service started (ms).
         at_ms: f64,
     },
@@ -361,8 +385,8 @@ impl Service {
 /// to notice and report.
 const CUT_GRACE: Duration = Duration::from_secs(5);
 
-/// How long the service tries to deliver a refusal to a source it turns away.
-const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the service tries to deliver a queue notice or a refusal.
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
@@ -436,25 +460,51 @@ impl Shared {
         self.ended.notify_one();
     }
 
-    /// Wait in the FIFO queue for a slot.
-    async fn wait_for_slot(&self, sock: &mut TcpStream) -> Result<OwnedSemaphorePermit, String> {
+    /// Wait in the FIFO queue for a slot, telling the source so every
+    /// `queue_notice_interval` if it understands `Queued`.
+    async fn wait_for_slot(
+        &self,
+        sock: &mut TcpStream,
+        notify: bool,
+    ) -> Result<OwnedSemaphorePermit, String> {
+        let deadline = if notify {
+            self.config.queue_deadline
+        } else {
+            self.config.silent_queue_deadline
+        };
+        let give_up = tokio::time::sleep(deadline);
+        tokio::pin!(give_up);
+        let acquire = self.slots.clone().acquire_owned();
+        tokio::pin!(acquire);
         let mut stop = self.stop.clone();
+        let mut notices = tokio::time::interval(self.config.queue_notice_interval);
         let mut probe = [0u8; 1];
-        tokio::select! {
-            p = self.slots.clone().acquire_owned() => {
-                p.map_err(|_| "the destination is shutting down".to_string())
+        loop {
+            tokio::select! {
+                p = &mut acquire => {
+                    return p.map_err(|_| "the destination is shutting down".to_string())
+                }
+                _ = &mut give_up => return Err(format!(
+                    "this host runs {} incoming migration(s), its limit, and none \
+                     finished within {deadline:?} while this one was queued; retry later",
+                    self.config.max_sessions
+                )),
+                _ = stopped(&mut stop) => return Err("the destination is shutting down".into()),
+                r = sock.read(&mut probe) => return Err(match r {
+                    Ok(0) => "the source closed its connection while queued".into(),
+                    Ok(_) => "the source sent data before it was welcomed".into(),
+                    Err(e) => format!("the source's connection failed while queued: {e}"),
+                }),
+                _ = notices.tick(), if notify => {
+                    let msg = ControlMsg::Queued {
+                        limit: self.config.max_sessions as u32,
+                        waiting: self.queued.load(Ordering::Acquire) as u32,
+                    };
+                    if let Err(e) = send_msg(sock, &msg).await {
+                        return Err(format!("telling the source it is queued failed: {e}"));
+                    }
+                }
             }
-            _ = tokio::time::sleep(self.config.queue_deadline) => Err(format!(
-                "this host runs {} incoming migration(s), its limit, and none finished \
-                 within {:?} while this one was queued; retry later",
-                self.config.max_sessions, self.config.queue_deadline
-            )),
-            _ = stopped(&mut stop) => Err("the destination is shutting down".into()),
-            r = sock.read(&mut probe) => Err(match r {
-                Ok(0) => "the source closed its connection while queued".into(),
-                Ok(_) => "the source sent data before it was welcomed".into(),
-                Err(e) => format!("the source's connection failed while queued: {e}"),
-            }),
         }
     }
 }
@@ -494,13 +544,24 @@ async fn connection(sh: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
         Opening::Session {
             token,
             streams,
+            capabilities,
             bytes,
-        } => session(sh, sock, token, streams, bytes).await,
+        } => {
+            let notify = capabilities.iter().any(|c| c == QUEUE_NOTICE);
+            session(sh, sock, token, streams, notify, bytes).await
+        }
     }
 }
 
 /// A hello: queue for a slot, then run the session's receiver on its own thread.
-async fn session(sh: Arc<Shared>, mut sock: TcpStream, token: Token, streams: u16, hello: Vec<u8>) {
+async fn session(
+    sh: Arc<Shared>,
+    mut sock: TcpStream,
+    token: Token,
+    streams: u16,
+    notify: bool,
+    hello: Vec<u8>,
+) {
     sh.active.fetch_add(1, Ordering::AcqRel);
     let name = token.to_string();
     let queued_at = Instant::now();
@@ -520,9 +581,10 @@ async fn session(sh: Arc<Shared>, mut sock: TcpStream, token: Token, streams: u1
                 sh.handler.event(&ServiceEvent::Queued {
                     session: name.clone(),
                     position,
+                    notified: notify,
                     at_ms: sh.at_ms(),
                 });
-                let r = sh.wait_for_slot(&mut sock).await;
+                let r = sh.wait_for_slot(&mut sock, notify).await;
                 sh.queued.fetch_sub(1, Ordering::AcqRel);
                 r
             }
@@ -646,8 +708,19 @@ async fn refuse(sock: &mut TcpStream, code: RefuseCode, message: &str) {
         code,
         message: message.to_string(),
     };
+    let _ = send_msg(sock, &msg).await;
+}
+
+/// Write one control message, within [`CONTROL_WRITE_TIMEOUT`].
+async fn send_msg(sock: &mut TcpStream, msg: &ControlMsg) -> std::io::Result<()> {
     let mut frame = Vec::new();
-    if write_frame(&mut frame, FrameKind::Control, 0, &msg.encode(), &[]).is_ok() {
-        let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, sock.write_all(&frame)).await;
-    }
+    write_frame(&mut frame, FrameKind::Control, 0, &msg.encode(), &[])?;
+    tokio::time::timeout(CONTROL_WRITE_TIMEOUT, sock.write_all(&frame))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the source read nothing for {CONTROL_WRITE_TIMEOUT:?}"),
+            )
+        })?
 }

@@ -26,6 +26,8 @@ pub enum Opening {
         token: Token,
         /// Page streams the source will open.
         streams: u16,
+        /// Optional features the source offers.
+        capabilities: Vec<String>,
         /// The frame as read, to replay to the receiver.
         bytes: Vec<u8>,
     },
@@ -111,9 +113,14 @@ async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Opening, OpeningError> 
     h.verify(meta, &[]).map_err(OpeningError::Wire)?;
     let msg = ControlMsg::decode(meta).map_err(OpeningError::Wire)?;
     match msg {
-        ControlMsg::Hello { streams, .. } => Ok(Opening::Session {
+        ControlMsg::Hello {
+            streams,
+            ref capabilities,
+            ..
+        } => Ok(Opening::Session {
             token: token_of(&msg).expect("a hello carries a token"),
             streams,
+            capabilities: capabilities.clone(),
             bytes,
         }),
         ControlMsg::StreamHello { index, .. } => Ok(Opening::Stream {
@@ -161,6 +168,7 @@ mod tests {
                 token,
                 streams,
                 bytes: b,
+                ..
             } => {
                 assert_eq!((token, streams), (7, 3));
                 assert_eq!(b, bytes);

@@ -154,6 +154,17 @@ pub enum ControlMsg {
         /// What happened.
         message: String,
     },
+    /// Destination → source, in answer to `Hello` while every migration slot of a
+    /// serving destination is taken, to sources that offer the `queue-notice`
+    /// capability: the hello waits in the destination's queue and `Welcome` (or
+    /// `Refuse`) follows when a slot frees. Sent at once, then repeated well within
+    /// the source's reply timeout, so a long queue is not taken for a dead peer.
+    Queued {
+        /// Migrations this host receives at once (all slots taken).
+        limit: u32,
+        /// Migrations waiting for a slot, this one included.
+        waiting: u32,
+    },
 }
 
 impl ControlMsg {
@@ -185,6 +196,7 @@ impl ControlMsg {
             Self::Veto { .. } => "veto",
             Self::Abort { .. } => "abort",
             Self::Error { .. } => "error",
+            Self::Queued { .. } => "queued",
         }
     }
 }
