@@ -191,15 +191,31 @@ fn three_at_once_two_run_one_queues_strays_change_nothing() {
         most = most.max(running);
     }
     assert_eq!(most, 2, "two sessions overlapped, never more: {events:#?}");
-    let waited: Vec<f64> = events
+    let starts: Vec<(usize, &str)> = events
         .iter()
-        .filter_map(|e| match e {
-            ServiceEvent::SessionStart { waited_ms, .. } => Some(*waited_ms),
+        .enumerate()
+        .filter_map(|(i, e)| match e {
+            ServiceEvent::SessionStart { session, .. } => Some((i, session.as_str())),
             _ => None,
         })
         .collect();
-    assert_eq!(waited.len(), 3);
-    assert!(waited[2] > 0.0, "the third session waited for a slot");
+    assert_eq!(starts.len(), 3);
+    let queued: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            ServiceEvent::Queued { session, .. } => Some(session.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queued, [starts[2].1], "the queued session started last");
+    let first_end = events
+        .iter()
+        .position(|e| matches!(e, ServiceEvent::SessionEnd(_)))
+        .unwrap();
+    assert!(
+        starts[2].0 > first_end,
+        "the queued session started only once a slot freed"
+    );
     assert!(
         events
             .iter()
@@ -235,10 +251,6 @@ fn three_at_once_two_run_one_queues_strays_change_nothing() {
             .any(|r| r.contains("no running session has its token")),
         "{reasons:?}"
     );
-    let first_end = events
-        .iter()
-        .position(|e| matches!(e, ServiceEvent::SessionEnd(_)))
-        .unwrap();
     let last_refused = events.iter().rposition(refused).unwrap();
     assert!(
         last_refused < first_end,

@@ -385,6 +385,11 @@ impl Service {
 /// to notice and report.
 const CUT_GRACE: Duration = Duration::from_secs(5);
 
+/// Most page streams routed to one session: a hello asks for at most `u16::MAX`,
+/// receivers take far fewer (`ReceiverConfig::max_streams`, 64 by default), and each
+/// route's channel is allocated up front.
+const MAX_ROUTED_STREAMS: usize = 1024;
+
 /// How long the service tries to deliver a queue notice or a refusal.
 const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 

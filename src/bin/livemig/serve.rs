@@ -1,5 +1,6 @@
 //! `livemig recv --serve`: the destination as a service.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -29,9 +30,10 @@ impl SessionHandler for Handler {
 
     fn event(&self, event: &ServiceEvent) {
         if self.json {
-            match serde_json::to_string(event) {
-                Ok(line) => println!("{line}"),
-                Err(e) => eprintln!("livemig: cannot report an event: {e}"),
+            // One write per line (lines from session threads never interleave); a
+            // closed stdout must not take the service down.
+            if let Ok(line) = serde_json::to_string(event) {
+                let _ = writeln!(std::io::stdout().lock(), "{line}");
             }
             return;
         }
@@ -46,14 +48,14 @@ impl SessionHandler for Handler {
                 session, streams, ..
             } => eprintln!("session {session}: started, {streams} page stream(s)"),
             ServiceEvent::SessionEnd(e) => match e.outcome {
-                Outcome::Committed => println!(
+                Outcome::Committed => eprintln!(
                     "session {}: committed {} bytes in {:.0} ms, digest {} verified",
                     e.session,
                     e.memory_bytes,
                     e.ms,
                     e.digest.as_deref().unwrap_or("-")
                 ),
-                _ => println!(
+                _ => eprintln!(
                     "session {}: {:?}: {}",
                     e.session,
                     e.outcome,
