@@ -626,7 +626,7 @@ async fn session(
             sh.routes
                 .open(
                     token,
-                    1 + streams as usize,
+                    1 + (streams as usize).min(MAX_ROUTED_STREAMS),
                     Box::new(Prefixed::new(hello, s)),
                 )
                 .map_err(|e| e.to_string())
