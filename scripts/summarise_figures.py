@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Summarise scripts/issue3_figures.sh output: median (min-max) per label."""
+"""Summarise scripts/transport_figures.sh output: median (min-max) per label."""
 import json, statistics, sys
 from collections import OrderedDict
 

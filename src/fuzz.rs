@@ -94,6 +94,12 @@ impl Stream for Scripted {
     fn set_read_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
         Ok(())
     }
+    fn set_write_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn deadlines(&self) -> crate::transport::Deadlines {
+        crate::transport::Deadlines::default()
+    }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         let c = self.closed.clone();
         Box::new(move || c.store(true, Ordering::Release))

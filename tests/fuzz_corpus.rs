@@ -193,6 +193,12 @@ impl Stream for Tee {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.inner.set_read_timeout(t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+    fn deadlines(&self) -> livemig::transport::Deadlines {
+        self.inner.deadlines()
+    }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         self.inner.shutdown_handle()
     }

@@ -262,6 +262,8 @@ fn paused(
         total_ms: ms(total),
         downtime_ms: ms(downtime),
         predicted_downtime_ms: predicted_s * 1e3,
+        predicted_downtime_raw_ms: run.prediction.0.total() * 1e3,
+        prediction_margin: run.prediction.1,
         downtime_breakdown: bd.clone(),
         bytes_on_wire: wire,
         pages_sent: c.pages.load(std::sync::atomic::Ordering::Relaxed),

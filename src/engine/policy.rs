@@ -29,8 +29,13 @@ pub struct PolicySnapshot<'a> {
     pub elapsed: Duration,
     /// Pages owed right now (dirty + deferred: what brownout would send).
     pub remaining_pages: u64,
-    /// Predicted downtime of a brownout now.
+    /// Predicted downtime of a brownout now, with the model's margin applied to its
+    /// time-dependent terms: the figure to judge against a target.
     pub predicted_downtime: Duration,
+    /// The same prediction before the margin.
+    pub predicted_downtime_raw: Duration,
+    /// The margin (≥ 1) the model's own recent error calls for on this host.
+    pub prediction_margin: f64,
     /// Per-round history.
     pub history: &'a [crate::stats::RoundStats],
     /// Current throttle (percent).
@@ -168,8 +173,10 @@ impl ConvergencePolicy for DowntimePolicy {
         let pred = s.predicted_downtime;
         if pred <= self.target {
             return Decision::Brownout(format!(
-                "converged: predicted downtime {:.1} ms within target {} ms",
+                "converged: predicted downtime {:.1} ms ({:.1} ms, margin {:.2}) within target {} ms",
                 ms(pred),
+                ms(s.predicted_downtime_raw),
+                s.prediction_margin,
                 self.target.as_millis()
             ));
         }
@@ -253,6 +260,8 @@ mod tests {
             bandwidth_bps: 1e9,
             dirty_bytes_per_s: 1e8,
             deferred_pages: 0,
+            predicted_downtime_raw: Duration::from_millis(ms),
+            prediction_margin: 1.0,
         }
     }
 

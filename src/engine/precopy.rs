@@ -11,16 +11,11 @@ use super::pipeline::{batches_of, worker, Batch, Ctl, Shared, QUEUE_DEPTH_PER_WO
 use super::policy::{Decision, PolicySnapshot};
 use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
-use crate::stats::estimator::Estimator;
+use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::Connector;
 use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
-
-/// Source digest cost per guest page (s): table collection + xxh3 of 8 B entries.
-const DIGEST_S_PER_PAGE: f64 = 7e-9;
-/// Destination verify cost per guest page (s), measured 1.1-1.6x the source's.
-const VERIFY_S_PER_PAGE: f64 = 10e-9;
 
 /// Everything the loop and brownout share.
 pub(crate) struct Run<'a> {
@@ -42,6 +37,8 @@ pub(crate) struct Run<'a> {
     pub sent_total: u64,
     /// Pages owed besides the round being sent (deferred hot pages).
     pub held_back: u64,
+    /// The last prediction before its margin, and the margin the policy judged it with.
+    pub prediction: (Prediction, f64),
 }
 
 impl Run<'_> {
@@ -216,26 +213,16 @@ pub(crate) fn run(
                     .expect("spawn sender thread")
             })
             .collect();
+        // The brownout's fixed costs from the model's calibration; the handshake
+        // RTT stands for the commit round trip.
         let mut est = Estimator::default();
-        // The fixed brownout costs, measured where they can be: the handshake RTT
-        // stands for the commit round trip, and the digest over a table of the real
-        // size is timed once (the destination's verify does the same work).
-        // The commit round trip: the handshake RTT. A sample above 10 ms on this
-        // kind of link is a scheduling stall of one of the two ends (2 shared
-        // cores), not the path, and would pin every prediction above the target.
-        est.fixed.rtt_s = session.rtt.as_secs_f64().min(0.010);
-        // Digest and destination verify: collecting the page-hash table (a fresh
-        // allocation, page faults included) and hashing it. Calibrated on this
-        // machine at 2 GiB (3.3 ms source, 3.7-5.1 ms destination); a timed sample
-        // at setup proved too noisy under load to use directly.
-        let pages = m.memory.total_pages() as f64;
-        est.fixed.digest_s = pages * DIGEST_S_PER_PAGE;
-        est.fixed.dest_verify_s = pages * VERIFY_S_PER_PAGE;
-        est.fixed.device_state_s = m.config.expected_device_state.as_secs_f64();
-        if m.config.verify == super::Verify::Full {
-            // Full rescan: xxh3 over all memory on 2 threads, ~8 GB/s here.
-            est.fixed.rescan_s = m.memory.total_bytes() as f64 / 8e9;
-        }
+        est.fixed = FixedCosts::calibrated(
+            m.memory.total_pages(),
+            m.memory.total_bytes(),
+            session.rtt.as_secs_f64(),
+            m.config.verify == super::Verify::Full,
+            m.config.expected_device_state.as_secs_f64(),
+        );
         let mut run = Run {
             m: &mut m,
             session,
@@ -252,6 +239,7 @@ pub(crate) fn run(
             meter: ProgressMeter::new(),
             sent_total: 0,
             held_back: 0,
+            prediction: (Prediction::default(), 1.0),
         };
         let r = precopy(&mut run);
         if r.is_err() {
@@ -361,6 +349,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         let t0 = Instant::now();
         // Without a tracker the VM is stopped: its memory cannot change.
         let quiescent = run.m.tracker.is_none();
+        run.est.expect_round(to_send.count());
         run.send_round(&to_send, round, quiescent)?;
         let dur = t0.elapsed().max(Duration::from_micros(1));
         let c = &run.shared.counters;
@@ -409,8 +398,13 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         let deferred_count = deferred.count();
         run.est
             .record_round(sent_pages, wire, secs, dirty_count, since_last, harvest_s);
-        let prediction = run.est.predict(owed_count);
+        // The policy judges the prediction with the margin the model's own recent
+        // error calls for (see `stats::estimator`).
+        let raw = run.est.predict(owed_count);
+        let margin = run.est.margin();
+        let prediction = raw.with_margin(margin);
         let predicted = prediction.total();
+        run.prediction = (raw, margin);
         let stats = RoundStats {
             round,
             pages: sent_pages,
@@ -428,6 +422,9 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             ewma_bandwidth_bps: run.est.final_bandwidth(),
             harvest_ms: harvest_s * 1e3,
             predicted_fixed_ms: (prediction.fixed_s + prediction.harvest_s) * 1e3,
+            predicted_downtime_raw_ms: raw.total() * 1e3,
+            prediction_margin: margin,
+            prediction_error: run.est.last_error().unwrap_or(0.0),
         };
         run.emit(Event::RoundFinished(stats.clone()));
         run.progress_after_round(round, sent_pages, owed_count);
@@ -445,6 +442,8 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
                 bandwidth_bps: run.est.final_bandwidth(),
                 dirty_bytes_per_s: run.est.dirty_bytes_per_s(),
                 deferred_pages: deferred_count,
+                predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
+                prediction_margin: margin,
             };
             run.m.policy.decide(&snap)
         };

@@ -97,6 +97,9 @@ pub struct ServiceConfig {
     pub drain_timeout: Duration,
     /// Stop on SIGINT or SIGTERM.
     pub stop_on_signals: bool,
+    /// Peer deadline put on every connection handed to a session (see
+    /// [`crate::transport::tcp`]); zero turns it off.
+    pub peer_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -110,6 +113,7 @@ impl Default for ServiceConfig {
             opening_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(120),
             stop_on_signals: false,
+            peer_timeout: crate::transport::tcp::DEFAULT_PEER_TIMEOUT,
         }
     }
 }
@@ -514,10 +518,12 @@ impl Shared {
     }
 }
 
-/// A tokio socket as a blocking stream for a receiver thread.
-fn blocking(sock: TcpStream) -> std::io::Result<Box<dyn Stream>> {
+/// A tokio socket as a blocking stream for a receiver thread, with the peer
+/// deadline a plain `recv`'s acceptor would put on it.
+fn blocking(sock: TcpStream, peer_timeout: Duration) -> std::io::Result<Box<dyn Stream>> {
     let s = sock.into_std()?;
     s.set_nonblocking(false)?;
+    crate::transport::tcp::apply_peer_timeout(&s, peer_timeout)?;
     Ok(Box::new(s))
 }
 
@@ -534,11 +540,13 @@ async fn connection(sh: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
             index,
             bytes,
         } => {
-            let routed = blocking(sock).map_err(|e| e.to_string()).and_then(|s| {
-                sh.routes
-                    .deliver(&token, Box::new(Prefixed::new(bytes, s)))
-                    .map_err(|e| e.to_string())
-            });
+            let routed = blocking(sock, sh.config.peer_timeout)
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    sh.routes
+                        .deliver(&token, Box::new(Prefixed::new(bytes, s)))
+                        .map_err(|e| e.to_string())
+                });
             if let Err(e) = routed {
                 sh.stray(
                     peer.to_string(),
@@ -620,7 +628,7 @@ async fn session(
         refuse(&mut sock, RefuseCode::Other, &reason).await;
         return sh.end(end(Outcome::Refused, reason));
     }
-    let acceptor = match blocking(sock)
+    let acceptor = match blocking(sock, sh.config.peer_timeout)
         .map_err(|e| format!("cannot hand the control connection over: {e}"))
         .and_then(|s| {
             sh.routes

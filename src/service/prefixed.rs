@@ -7,7 +7,7 @@
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::time::Duration;
 
-use crate::transport::Stream;
+use crate::transport::{Deadlines, Stream};
 
 /// `prefix`, then whatever `inner` carries next. Writes go straight to `inner`.
 #[derive(Debug)]
@@ -73,6 +73,12 @@ impl Stream for Prefixed {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.inner.set_read_timeout(t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+    fn deadlines(&self) -> Deadlines {
+        self.inner.deadlines()
     }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         self.inner.shutdown_handle()

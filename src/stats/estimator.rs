@@ -16,11 +16,58 @@
 //! the small, cache-warm rounds that follow; the final round resembles the latter.
 //! `round_overhead` covers the end-of-round gate (RoundEnd frames + barrier) and the
 //! worker shutdown, which a tiny final round still pays.
+//!
+//! **The model checks itself.** Before each pre-copy round after round 0 the loop
+//! asks for the time that round's pages should take ([`Estimator::expect_round`]);
+//! after it, [`Estimator::record_round`] keeps `actual ÷ predicted`. On a busy host
+//! (another process on one of the cores, a noisy neighbour) that ratio rises above
+//! 1, and [`Estimator::margin`] turns the recent ratios into a factor applied to the
+//! time-dependent terms (final harvest and final pages). The policy judges the
+//! prediction *with* its margin ([`Prediction::with_margin`]). Until two rounds have
+//! been measured the margin is [`Calibration::PRIOR_MARGIN`].
+//!
+//! Every machine-specific constant of the model lives in [`Calibration`].
 
-/// Bytes still in flight (socket buffers of two streams, 4 MiB each on this
-/// machine) that the destination applies after the source's last write, before it
-/// can answer the commit.
-pub const DRAIN_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
+/// The downtime model's calibration: every constant measured on this project's
+/// machine kind (2 vCPUs, nested KVM; `shared/design/machine.md`), in one place.
+#[derive(Debug, Clone, Copy)]
+pub struct Calibration;
+
+impl Calibration {
+    /// Bytes still in flight (socket buffers of two streams, 4 MiB each on this
+    /// machine) that the destination applies after the source's last write, before
+    /// it can answer the commit.
+    pub const DRAIN_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
+    /// Source digest cost per guest page (s): table collection + xxh3 of 8 B entries.
+    pub const DIGEST_S_PER_PAGE: f64 = 7e-9;
+    /// Destination verify cost per guest page (s), measured 1.1-1.6x the source's.
+    pub const VERIFY_S_PER_PAGE: f64 = 10e-9;
+    /// Full rescan of source memory at brownout (`verify=full`): xxh3 on 2 threads.
+    pub const RESCAN_BYTES_PER_S: f64 = 8e9;
+    /// A handshake RTT above this is a scheduling stall of one of the two ends (2
+    /// shared cores), not the path; it would pin every prediction above the target.
+    pub const MAX_RTT_S: f64 = 0.010;
+    /// Pausing the VM (the dirtier/vCPU stop handshake).
+    pub const PAUSE_S: f64 = 0.0005;
+    /// Gating / finishing one round (RoundEnd frames, barrier, worker shutdown).
+    pub const ROUND_OVERHEAD_S: f64 = 0.001;
+    /// Slack for the destination draining its last frames and joining its workers.
+    pub const DRAIN_S: f64 = 0.001;
+    /// Margin before the model has measured its own error: a final round on this
+    /// shared machine has taken up to 1.47x its prediction (2 GiB, 1600 MB/s
+    /// dirtying), so a prediction is trusted only with half again on top.
+    pub const PRIOR_MARGIN: f64 = 1.5;
+    /// Measured rounds needed before the measured margin replaces the prior.
+    pub const MARGIN_MIN_SAMPLES: usize = 2;
+    /// Recent rounds whose error forms the margin (the worst of them is kept).
+    pub const MARGIN_WINDOW: usize = 8;
+    /// Largest margin: beyond it the model is not predicting anything and the
+    /// policy's other rules (throttle, local minimum, limits) decide.
+    pub const MAX_MARGIN: f64 = 4.0;
+    /// Rounds smaller than this many pages measure the gate, not the link: their
+    /// error is not kept.
+    pub const MARGIN_MIN_PAGES: u64 = 64;
+}
 
 /// Exponentially weighted moving average.
 #[derive(Debug, Clone, Copy)]
@@ -72,18 +119,41 @@ pub struct FixedCosts {
 impl Default for FixedCosts {
     fn default() -> Self {
         Self {
-            pause_s: 0.0005,
+            pause_s: Calibration::PAUSE_S,
             rtt_s: 0.0002,
             digest_s: 0.0005,
             dest_verify_s: 0.0005,
             device_state_s: 0.0,
             rescan_s: 0.0,
-            drain_s: 0.001,
+            drain_s: Calibration::DRAIN_S,
         }
     }
 }
 
 impl FixedCosts {
+    /// The fixed costs of migrating `pages` pages (`bytes` bytes) with a handshake
+    /// round trip of `rtt_s`, from the [`Calibration`].
+    pub fn calibrated(
+        pages: u64,
+        bytes: u64,
+        rtt_s: f64,
+        full_rescan: bool,
+        device_state_s: f64,
+    ) -> Self {
+        Self {
+            rtt_s: rtt_s.min(Calibration::MAX_RTT_S),
+            digest_s: pages as f64 * Calibration::DIGEST_S_PER_PAGE,
+            dest_verify_s: pages as f64 * Calibration::VERIFY_S_PER_PAGE,
+            device_state_s,
+            rescan_s: if full_rescan {
+                bytes as f64 / Calibration::RESCAN_BYTES_PER_S
+            } else {
+                0.0
+            },
+            ..Self::default()
+        }
+    }
+
     /// Sum of the fixed terms.
     pub fn total(&self) -> f64 {
         self.pause_s
@@ -112,6 +182,16 @@ impl Prediction {
     pub fn total(&self) -> f64 {
         self.harvest_s + self.pages_s + self.fixed_s
     }
+
+    /// The prediction with `margin` applied to the terms that depend on how fast
+    /// this host runs right now (final harvest and final pages).
+    pub fn with_margin(&self, margin: f64) -> Self {
+        Self {
+            harvest_s: self.harvest_s * margin,
+            pages_s: self.pages_s * margin,
+            fixed_s: self.fixed_s,
+        }
+    }
 }
 
 /// Estimates what brownout would cost now, from per-round measurements.
@@ -132,6 +212,12 @@ pub struct Estimator {
     pub round_overhead_s: f64,
     /// Costs independent of the page count.
     pub fixed: FixedCosts,
+    /// `actual ÷ predicted` time of recent rounds (see [`Estimator::margin`]).
+    pub errors: std::collections::VecDeque<f64>,
+    /// The prediction made by [`Estimator::expect_round`] for the round under way.
+    expected_s: Option<f64>,
+    /// `actual ÷ predicted` of the last recorded round, when it had a prediction.
+    last_error: Option<f64>,
     rounds: u32,
 }
 
@@ -143,8 +229,11 @@ impl Default for Estimator {
             dirty_rate: Ewma::new(0.5),
             bytes_per_page: Ewma::new(0.5),
             harvests: Vec::new(),
-            round_overhead_s: 0.001,
+            round_overhead_s: Calibration::ROUND_OVERHEAD_S,
             fixed: FixedCosts::default(),
+            errors: std::collections::VecDeque::new(),
+            expected_s: None,
+            last_error: None,
             rounds: 0,
         }
     }
@@ -162,6 +251,18 @@ impl Estimator {
         since_last: f64,
         harvest_s: f64,
     ) {
+        // The model's own error on this round, judged before its bandwidth enters.
+        self.last_error = None;
+        if let Some(expected) = self.expected_s.take() {
+            if pages >= Calibration::MARGIN_MIN_PAGES && expected > 0.0 && secs > 0.0 {
+                let ratio = secs / expected;
+                self.last_error = Some(ratio);
+                self.errors.push_back(ratio);
+                while self.errors.len() > Calibration::MARGIN_WINDOW {
+                    self.errors.pop_front();
+                }
+            }
+        }
         // Tiny rounds measure the gate, not the link: only use rounds that moved
         // at least 1 MiB for the bandwidth.
         if pages > 0 && wire >= (1 << 20) && secs > 0.0 {
@@ -182,6 +283,36 @@ impl Estimator {
             self.harvests.push(harvest_s);
         }
         self.rounds += 1;
+    }
+
+    /// Note that a round of `pages` pages is about to be sent and remember how long
+    /// the model says it takes (no drain term: the round ends at its gate, after
+    /// the destination applied everything). Round 0 has no estimate yet.
+    pub fn expect_round(&mut self, pages: u64) {
+        self.expected_s = (self.rounds > 0).then(|| {
+            pages as f64 * self.bytes_per_page.get().unwrap_or(4096.0) / self.final_bandwidth()
+                + self.round_overhead_s
+        });
+    }
+
+    /// `actual ÷ predicted` time of the last recorded round (None: no prediction).
+    pub fn last_error(&self) -> Option<f64> {
+        self.last_error
+    }
+
+    /// The factor the time-dependent terms of a prediction need on this host now:
+    /// the worst `actual ÷ predicted` ratio of the recent rounds (never below 1),
+    /// or [`Calibration::PRIOR_MARGIN`] until enough rounds were measured; at
+    /// most [`Calibration::MAX_MARGIN`].
+    pub fn margin(&self) -> f64 {
+        if self.errors.len() < Calibration::MARGIN_MIN_SAMPLES {
+            return Calibration::PRIOR_MARGIN;
+        }
+        self.errors
+            .iter()
+            .copied()
+            .fold(1.0, f64::max)
+            .min(Calibration::MAX_MARGIN)
     }
 
     /// Median pre-copy harvest time (s).
@@ -217,7 +348,7 @@ impl Estimator {
                 let bytes = pages as f64 * bpp;
                 // The destination still drains what sits in the socket buffers when
                 // the source has written its last frame (up to ~2 × 4 MiB here).
-                let drain = bytes.min(DRAIN_BYTES);
+                let drain = bytes.min(Calibration::DRAIN_BYTES);
                 (bytes + drain) / self.final_bandwidth() + self.round_overhead_s
             },
             fixed_s: self.fixed.total(),
@@ -247,12 +378,61 @@ mod tests {
     }
 
     #[test]
+    fn margin_is_the_prior_then_the_worst_recent_error() {
+        let mut e = Estimator::default();
+        assert_eq!(e.margin(), Calibration::PRIOR_MARGIN);
+        // Round 0 sets the bandwidth: 1 GiB/s, 4 KiB per page.
+        e.record_round(1 << 18, 1 << 30, 1.0, 0, 1.0, 0.0);
+        assert!(e.last_error().is_none(), "round 0 has no prediction");
+        // Round 1: 1 << 16 pages predicted at 0.25 s + overhead, took twice that.
+        e.expect_round(1 << 16);
+        let predicted = 0.25 + e.round_overhead_s;
+        e.record_round(1 << 16, 1 << 28, 2.0 * predicted, 0, 1.0, 0.0);
+        assert!((e.last_error().unwrap() - 2.0).abs() < 1e-9);
+        assert_eq!(
+            e.margin(),
+            Calibration::PRIOR_MARGIN,
+            "one sample is not enough"
+        );
+        // Round 2 ran at the predicted speed: the worst recent error stays.
+        e.expect_round(1 << 10);
+        let bw = e.final_bandwidth();
+        let predicted = (1u64 << 10) as f64 * 4096.0 / bw + e.round_overhead_s;
+        e.record_round(1 << 10, 1 << 22, predicted, 0, 1.0, 0.0);
+        assert!((e.margin() - 2.0).abs() < 1e-9);
+        // Faster than predicted never lowers the margin below 1.
+        let mut f = Estimator::default();
+        f.record_round(1 << 18, 1 << 30, 1.0, 0, 1.0, 0.0);
+        for _ in 0..3 {
+            f.expect_round(1 << 12);
+            f.record_round(1 << 12, 1 << 24, 1e-6, 0, 1.0, 0.0);
+        }
+        assert_eq!(f.margin(), 1.0);
+        // Tiny rounds (the gate, not the link) are not judged.
+        f.expect_round(1);
+        f.record_round(1, 4096, 10.0, 0, 1.0, 0.0);
+        assert!(f.last_error().is_none());
+        assert_eq!(f.margin(), 1.0);
+    }
+
+    #[test]
+    fn margin_applies_to_the_time_dependent_terms_only() {
+        let p = Prediction {
+            harvest_s: 0.002,
+            pages_s: 0.020,
+            fixed_s: 0.005,
+        };
+        let m = p.with_margin(1.5);
+        assert!((m.total() - (0.003 + 0.030 + 0.005)).abs() < 1e-12);
+    }
+
+    #[test]
     fn prediction_adds_every_term() {
         let mut e = Estimator::default();
         e.record_round(1 << 18, 1 << 30, 1.0, 0, 1.0, 0.002);
         e.fixed.device_state_s = 0.010;
         let p = e.predict(1 << 18);
-        let drain = DRAIN_BYTES / (1u64 << 30) as f64;
+        let drain = Calibration::DRAIN_BYTES / (1u64 << 30) as f64;
         assert!((p.pages_s - (1.0 + drain + e.round_overhead_s)).abs() < 1e-9);
         assert_eq!(p.harvest_s, 0.002);
         assert!((p.total() - (p.pages_s + 0.002 + e.fixed.total())).abs() < 1e-12);

@@ -42,6 +42,13 @@ pub struct RoundStats {
     pub harvest_ms: f64,
     /// Of the predicted downtime, the part that does not depend on the page count (ms).
     pub predicted_fixed_ms: f64,
+    /// The prediction before its margin (ms); `predicted_downtime_ms` has the margin.
+    pub predicted_downtime_raw_ms: f64,
+    /// The margin on the time-dependent terms (see `stats::estimator`).
+    pub prediction_margin: f64,
+    /// This round's time ÷ the time the model predicted for it (0: no prediction,
+    /// as for round 0 and rounds too small to judge).
+    pub prediction_error: f64,
 }
 
 /// Where the downtime went.
@@ -95,8 +102,14 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// From pause to commit acknowledged (ms).
     pub downtime_ms: f64,
-    /// Predicted downtime at the moment of brownout (ms).
+    /// Predicted downtime at the moment of brownout, with its margin (ms): what
+    /// the policy judged against the target.
     pub predicted_downtime_ms: f64,
+    /// The same prediction before the margin (ms).
+    pub predicted_downtime_raw_ms: f64,
+    /// The margin applied to the time-dependent terms (final harvest, final pages):
+    /// the model's worst recent error on this host, or its prior.
+    pub prediction_margin: f64,
     /// Breakdown of the downtime.
     pub downtime_breakdown: DowntimeBreakdown,
     /// Bytes on the wire, all streams, headers included.

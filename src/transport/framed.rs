@@ -2,7 +2,7 @@
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 
-use super::{Stream, TransportError};
+use super::{Direction, Stream, TransportError};
 use crate::wire::frame::RoundEnd;
 use crate::wire::{ControlMsg, FrameHeader, FrameKind, FRAME_HEADER_LEN};
 
@@ -165,10 +165,7 @@ impl FrameWriter {
     }
 
     fn io(&self, e: std::io::Error) -> TransportError {
-        TransportError::Io {
-            what: self.what,
-            source: e,
-        }
+        TransportError::from_io(self.what, &*self.stream, Direction::Write, e)
     }
 
     /// Send one frame; `data` may be several slices (e.g. pages straight from memory).
@@ -236,14 +233,7 @@ impl FrameReader {
     }
 
     fn io(&self, e: std::io::Error) -> TransportError {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            TransportError::Closed(self.what)
-        } else {
-            TransportError::Io {
-                what: self.what,
-                source: e,
-            }
-        }
+        TransportError::from_io(self.what, &*self.stream, Direction::Read, e)
     }
 
     fn wire(&self, e: crate::wire::WireError) -> TransportError {
@@ -313,10 +303,7 @@ impl FrameReader {
             &meta,
             &[attachment],
         )
-        .map_err(|e| TransportError::Io {
-            what: self.what,
-            source: e,
-        })?;
+        .map_err(|e| TransportError::from_io(self.what, &*self.stream, Direction::Write, e))?;
         Ok(())
     }
 

@@ -1,7 +1,9 @@
 //! In-process streams for tests: a duplex pair of bounded chunk queues.
 //!
 //! Writes copy into chunks of at most 256 KiB and block when 32 chunks are queued
-//! (back-pressure like a socket buffer); shutting either end down wakes both.
+//! (back-pressure like a socket buffer); shutting either end down wakes both. Read
+//! and write timeouts behave like a socket's: a read that gets no data, or a write
+//! whose chunk the peer does not take, for that long fails with `TimedOut`.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
-use super::{Acceptor, Connector, Stream, TransportError};
+use super::{Acceptor, Connector, Deadlines, Stream, TransportError};
 
 const CHUNK: usize = 256 * 1024;
 const DEPTH: usize = 32;
@@ -24,6 +26,7 @@ pub struct MemStream {
     pos: usize,
     closed: Arc<AtomicBool>,
     timeout: Mutex<Option<Duration>>,
+    write_timeout: Mutex<Option<Duration>>,
 }
 
 /// A connected pair of in-memory streams.
@@ -38,6 +41,7 @@ pub fn duplex() -> (MemStream, MemStream) {
         pos: 0,
         closed: closed.clone(),
         timeout: Mutex::new(None),
+        write_timeout: Mutex::new(None),
     };
     let b = MemStream {
         tx: Some(btx),
@@ -46,6 +50,7 @@ pub fn duplex() -> (MemStream, MemStream) {
         pos: 0,
         closed,
         timeout: Mutex::new(None),
+        write_timeout: Mutex::new(None),
     };
     (a, b)
 }
@@ -106,12 +111,28 @@ impl Write for MemStream {
         let tx = self.tx.as_ref().ok_or_else(broken)?;
         let n = buf.len().min(CHUNK);
         let mut chunk = buf[..n].to_vec();
+        let deadline = self
+            .write_timeout
+            .lock()
+            .expect("timeout lock")
+            .map(|t| Instant::now() + t);
         loop {
-            match tx.send_timeout(chunk, Duration::from_millis(50)) {
+            let wait = deadline
+                .map_or(Duration::from_millis(50), |d| {
+                    d.saturating_duration_since(Instant::now())
+                })
+                .min(Duration::from_millis(50));
+            match tx.send_timeout(chunk, wait) {
                 Ok(()) => return Ok(n),
                 Err(crossbeam_channel::SendTimeoutError::Timeout(c)) => {
                     if self.closed.load(Ordering::Acquire) {
                         return Err(broken());
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "write timed out",
+                        ));
                     }
                     chunk = c;
                 }
@@ -138,6 +159,17 @@ impl Stream for MemStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         *self.timeout.lock().expect("timeout lock") = t;
         Ok(())
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        *self.write_timeout.lock().expect("timeout lock") = t;
+        Ok(())
+    }
+    fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            read: *self.timeout.lock().expect("timeout lock"),
+            write: *self.write_timeout.lock().expect("timeout lock"),
+            peer: None,
+        }
     }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         let c = self.closed.clone();

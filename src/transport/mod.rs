@@ -3,6 +3,13 @@
 //! A migration uses one **control** stream plus N **page** streams, all opened by the
 //! source through a [`Connector`] and taken by the destination from an [`Acceptor`].
 //! Frames (see [`crate::wire`]) are written and read by [`framed`].
+//!
+//! **Deadlines live here.** Every stream carries a read and a write timeout, and the
+//! TCP streams made by [`tcp::TcpConnector`] / [`tcp::TcpAcceptor`] also a *peer
+//! timeout* (keepalive and `TCP_USER_TIMEOUT`), so a peer that stops reading, stops
+//! writing, or vanishes from the network is noticed within a bounded time. The
+//! engine and the receiver then see [`TransportError::TimedOut`], never an
+//! `io::Error` meaning EAGAIN.
 
 pub mod fault;
 pub mod framed;
@@ -40,6 +47,15 @@ pub enum TransportError {
         /// Error.
         source: std::io::Error,
     },
+    /// A deadline ran out on an open stream: the peer sent nothing (reads), took
+    /// nothing (writes), or stopped answering at the TCP level for `after`.
+    #[error("the {what} stream timed out: no data from the peer for {} (the peer is stalled, unreachable or gone)", human(*after))]
+    TimedOut {
+        /// Which stream.
+        what: &'static str,
+        /// The deadline that ran out.
+        after: Duration,
+    },
     /// Malformed frame.
     #[error("malformed frame on the {what} stream: {source}")]
     Wire {
@@ -50,12 +66,96 @@ pub enum TransportError {
     },
 }
 
+/// Which way bytes were moving when an I/O error happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Reading from the peer.
+    Read,
+    /// Writing to the peer.
+    Write,
+}
+
+/// The deadlines in force on a stream (what a timeout error reports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Longest wait for a read to return data (`None`: forever).
+    pub read: Option<Duration>,
+    /// Longest wait for a write to make progress (`None`: forever).
+    pub write: Option<Duration>,
+    /// How long the kernel keeps a connection whose peer stopped answering
+    /// (`TCP_USER_TIMEOUT`; `None` for streams without one).
+    pub peer: Option<Duration>,
+}
+
+impl TransportError {
+    /// Classify an I/O error of `stream` (named `what`) moving bytes in `dir`:
+    /// a deadline (EAGAIN/EWOULDBLOCK from a socket timeout, ETIMEDOUT from the
+    /// kernel giving up on the peer) becomes [`TransportError::TimedOut`] with the
+    /// deadline that ran out, an early EOF on a read [`TransportError::Closed`], and
+    /// anything else [`TransportError::Io`].
+    pub fn from_io(
+        what: &'static str,
+        stream: &dyn Stream,
+        dir: Direction,
+        e: std::io::Error,
+    ) -> Self {
+        use std::io::ErrorKind;
+        let own = |d: Deadlines| match dir {
+            Direction::Read => d.read,
+            Direction::Write => d.write,
+        };
+        let after = match e.kind() {
+            ErrorKind::WouldBlock => {
+                let d = stream.deadlines();
+                Some(own(d).or(d.peer))
+            }
+            ErrorKind::TimedOut => {
+                let d = stream.deadlines();
+                Some(d.peer.or(own(d)))
+            }
+            ErrorKind::UnexpectedEof if dir == Direction::Read => return Self::Closed(what),
+            _ => None,
+        };
+        match after {
+            // A stream that reports a timeout without a deadline set still timed
+            // out; the message then says "0 ms" rather than leaking EAGAIN.
+            Some(after) => Self::TimedOut {
+                what,
+                after: after.unwrap_or_default(),
+            },
+            None => Self::Io { what, source: e },
+        }
+    }
+
+    /// Whether this is a deadline running out ([`TransportError::TimedOut`]).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::TimedOut { .. })
+    }
+}
+
+/// `20 s`, `1.5 s`, `250 ms`: a deadline as people write it.
+fn human(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{} s", d.as_secs())
+    } else if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
 /// A bidirectional byte stream.
 pub trait Stream: Read + Write + Send + std::fmt::Debug {
     /// Shut both directions down, unblocking any reader or writer (cancel/abort).
     fn shutdown(&self);
-    /// Read timeout (None = block forever).
+    /// Read timeout: a read that gets no data for this long fails with a timeout
+    /// (None = block forever).
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// Write timeout: a write that makes no progress for this long (the peer takes
+    /// no data) fails with a timeout (None = block forever).
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// The deadlines in force, for error messages ([`TransportError::from_io`]).
+    fn deadlines(&self) -> Deadlines;
     /// A handle that can shut this stream down from another thread.
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync>;
     /// A socket descriptor that guest pages may be spliced into (zero-copy send),
@@ -101,5 +201,53 @@ pub(crate) fn accept_until<T>(
             }
             Err(e) => return Err(TransportError::Accept(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::ErrorKind;
+
+    #[test]
+    fn deadline_errors_become_timed_out_with_the_deadline() {
+        let (a, _b) = mem::duplex();
+        a.set_read_timeout(Some(Duration::from_millis(250)))
+            .unwrap();
+        a.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let eagain = || std::io::Error::from_raw_os_error(libc::EAGAIN);
+        let e = TransportError::from_io("control", &a, Direction::Read, eagain());
+        assert!(
+            matches!(e, TransportError::TimedOut { what: "control", after } if after == Duration::from_millis(250)),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("control stream timed out"), "{msg}");
+        assert!(msg.contains("250 ms"), "{msg}");
+        assert!(!msg.contains("os error"), "{msg}");
+        let e = TransportError::from_io("page", &a, Direction::Write, eagain());
+        assert_eq!(
+            e.to_string(),
+            "the page stream timed out: no data from the peer for 20 s \
+             (the peer is stalled, unreachable or gone)"
+        );
+        assert!(e.is_timeout());
+        let e = TransportError::from_io("page", &a, Direction::Write, ErrorKind::TimedOut.into());
+        assert!(e.is_timeout());
+        let e =
+            TransportError::from_io("page", &a, Direction::Read, ErrorKind::UnexpectedEof.into());
+        assert!(matches!(e, TransportError::Closed("page")), "{e:?}");
+        let e = TransportError::from_io("page", &a, Direction::Write, ErrorKind::BrokenPipe.into());
+        assert!(
+            matches!(e, TransportError::Io { what: "page", .. }),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn deadlines_read_as_people_write_them() {
+        assert_eq!(human(Duration::from_secs(20)), "20 s");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(human(Duration::from_millis(250)), "250 ms");
     }
 }

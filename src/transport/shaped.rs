@@ -115,6 +115,12 @@ impl Stream for ShapedStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.inner.set_read_timeout(t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+    fn deadlines(&self) -> super::Deadlines {
+        self.inner.deadlines()
+    }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         self.inner.shutdown_handle()
     }

@@ -1,9 +1,32 @@
-//! TCP streams.
+//! TCP streams, with a peer deadline and several destination addresses.
+//!
+//! Every stream made here carries the **peer timeout** (default
+//! [`DEFAULT_PEER_TIMEOUT`]): a peer that stops reading, stops answering, or drops
+//! off the network makes the next read or write fail with
+//! [`TransportError::TimedOut`] within that time, instead of blocking for good.
+//! Three kernel mechanisms together cover the ways a peer can fall silent:
+//!
+//! | peer state                          | caught by                               |
+//! |-------------------------------------|-----------------------------------------|
+//! | stops reading (process stopped)     | write timeout (`SO_SNDTIMEO`)            |
+//! | gone while we send (link cut, drop) | `TCP_USER_TIMEOUT` on unacknowledged data |
+//! | gone while we only read             | keepalive probes, bounded by the above   |
+//!
+//! A peer that stays connected and answers TCP but stops *writing* while we read is
+//! not a transport failure (it may be thinking); the read timeout the engine and
+//! receiver set per phase bounds that wait.
 
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::{Acceptor, Connector, Stream, TransportError};
+use rustix::net::sockopt;
+
+use super::{Acceptor, Connector, Deadlines, Stream, TransportError};
+
+/// Default peer timeout: long enough for a loaded host's scheduling hiccups and a
+/// routing change, short enough that a dead peer is reported well under a minute.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Stream for TcpStream {
     fn shutdown(&self) {
@@ -11,6 +34,19 @@ impl Stream for TcpStream {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         TcpStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_write_timeout(self, t)
+    }
+    fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            read: self.read_timeout().ok().flatten(),
+            write: self.write_timeout().ok().flatten(),
+            peer: sockopt::tcp_user_timeout(self)
+                .ok()
+                .filter(|&ms| ms > 0)
+                .map(|ms| Duration::from_millis(ms.into())),
+        }
     }
     fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         Some(std::os::fd::AsFd::as_fd(self))
@@ -25,61 +61,199 @@ impl Stream for TcpStream {
     }
 }
 
-/// Connects TCP streams to an address (nodelay on: control messages are small and
-/// latency-sensitive; page frames are large writes anyway).
-#[derive(Debug, Clone)]
+/// Keepalive schedule `(idle, interval, probes)` that declares a silent peer dead
+/// within `peer` (`idle + probes × interval ≤ peer` for `peer` ≥ 2 s; the kernel
+/// counts whole seconds, so below that the schedule is 1 s + 1 × 1 s and
+/// `TCP_USER_TIMEOUT` = `peer` ends the connection at the first probe instead).
+///
+/// Half the budget is idle time (a busy migration stream is never idle, so probes
+/// only run on streams that wait), the other half is split over up to 4 probes so
+/// that one lost probe does not end a healthy connection.
+pub fn keepalive_schedule(peer: Duration) -> (Duration, Duration, u32) {
+    let total = peer.as_secs().max(2);
+    let idle = (total / 2).max(1);
+    let rest = total - idle;
+    let probes = rest.clamp(1, 4);
+    let interval = (rest / probes).max(1);
+    (
+        Duration::from_secs(idle),
+        Duration::from_secs(interval),
+        probes as u32,
+    )
+}
+
+/// Put the peer deadline on a connected socket: nodelay (control messages are small
+/// and latency-sensitive; page frames are large writes anyway), write timeout,
+/// keepalive and `TCP_USER_TIMEOUT`. `peer` zero leaves all deadlines off.
+pub fn apply_peer_timeout(s: &TcpStream, peer: Duration) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    if peer.is_zero() {
+        return Ok(());
+    }
+    s.set_write_timeout(Some(peer))?;
+    let (idle, interval, probes) = keepalive_schedule(peer);
+    sockopt::set_socket_keepalive(s, true)?;
+    sockopt::set_tcp_keepidle(s, idle)?;
+    sockopt::set_tcp_keepintvl(s, interval)?;
+    sockopt::set_tcp_keepcnt(s, probes)?;
+    let ms = u32::try_from(peer.as_millis()).unwrap_or(u32::MAX).max(1);
+    sockopt::set_tcp_user_timeout(s, ms)?;
+    Ok(())
+}
+
+/// Connects TCP streams to one of several addresses, in priority order (one per
+/// migration network).
+///
+/// The first stream goes to the first address that answers; later streams go to
+/// the same address while it answers, and to the others, in priority order, when it
+/// stops. [`TcpConnector::active_addr`] tells which one is in use.
+#[derive(Debug)]
 pub struct TcpConnector {
-    addr: String,
+    addrs: Vec<String>,
+    peer_timeout: Duration,
+    /// Index in `addrs` of the address the last stream went to (`usize::MAX`: none yet).
+    active: AtomicUsize,
+}
+
+impl Clone for TcpConnector {
+    fn clone(&self) -> Self {
+        Self {
+            addrs: self.addrs.clone(),
+            peer_timeout: self.peer_timeout,
+            active: AtomicUsize::new(self.active.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl TcpConnector {
     /// Connector to `addr` ("host:port").
     pub fn new(addr: impl Into<String>) -> Self {
-        Self { addr: addr.into() }
+        Self::with_addrs([addr])
+    }
+
+    /// Connector to several addresses of the same destination, in priority order.
+    /// An empty list makes every `connect` fail with a clear error.
+    pub fn with_addrs<S: Into<String>>(addrs: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            addrs: addrs.into_iter().map(Into::into).collect(),
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            active: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Peer timeout of every stream this connector opens (see the module docs); it
+    /// also bounds each connection attempt. Zero turns the deadlines off.
+    pub fn peer_timeout(mut self, t: Duration) -> Self {
+        self.peer_timeout = t;
+        self
+    }
+
+    /// The addresses, in priority order.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// The address the last stream was opened to, if any was.
+    pub fn active_addr(&self) -> Option<&str> {
+        self.addrs
+            .get(self.active.load(Ordering::Acquire))
+            .map(String::as_str)
+    }
+
+    fn connect_one(&self, addr: &str) -> std::io::Result<TcpStream> {
+        let resolved: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+        let limit = if self.peer_timeout.is_zero() {
+            DEFAULT_PEER_TIMEOUT
+        } else {
+            self.peer_timeout
+        };
+        let mut last = None;
+        for a in resolved {
+            match TcpStream::connect_timeout(&a, limit) {
+                Ok(s) => {
+                    apply_peer_timeout(&s, self.peer_timeout)?;
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the name resolved to no address",
+            )
+        }))
     }
 }
 
 impl Connector for TcpConnector {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
-        let err = |e| TransportError::Connect {
-            addr: self.addr.clone(),
-            source: e,
-        };
-        let addrs: Vec<_> = self.addr.to_socket_addrs().map_err(err)?.collect();
+        // The address in use first, then the others in priority order.
+        let active = self.active.load(Ordering::Acquire);
+        let order = (active < self.addrs.len())
+            .then_some(active)
+            .into_iter()
+            .chain((0..self.addrs.len()).filter(|&i| i != active));
+        let mut failures = Vec::new();
         let mut last = None;
-        for a in addrs {
-            match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+        for i in order {
+            match self.connect_one(&self.addrs[i]) {
                 Ok(s) => {
-                    let _ = s.set_nodelay(true);
+                    self.active.store(i, Ordering::Release);
                     return Ok(Box::new(s));
                 }
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    failures.push(format!("{}: {e}", self.addrs[i]));
+                    last = Some(e);
+                }
             }
         }
-        Err(err(last.unwrap_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
-        })))
+        let source = match (last, failures.len()) {
+            (Some(e), 1) => e,
+            (Some(e), _) => std::io::Error::new(e.kind(), failures.join("; ")),
+            (None, _) => std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no destination address given",
+            ),
+        };
+        Err(TransportError::Connect {
+            addr: self.addrs.join(","),
+            source,
+        })
     }
     fn describe(&self) -> String {
-        format!("tcp://{}", self.addr)
+        format!(
+            "tcp://{}",
+            self.active_addr().unwrap_or(&self.addrs.join(","))
+        )
     }
 }
 
-/// Accepts TCP streams on a listener.
+/// Accepts TCP streams on a listener; every accepted stream carries the peer
+/// timeout (see the module docs).
 #[derive(Debug)]
 pub struct TcpAcceptor {
     listener: TcpListener,
+    peer_timeout: Duration,
 }
 
 impl TcpAcceptor {
     /// Bind `addr` ("127.0.0.1:0" picks a free port).
     pub fn bind(addr: &str) -> Result<Self, TransportError> {
         let listener = TcpListener::bind(addr).map_err(TransportError::Accept)?;
-        Ok(Self { listener })
+        Ok(Self::from_listener(listener))
     }
     /// Wrap an existing listener.
     pub fn from_listener(listener: TcpListener) -> Self {
-        Self { listener }
+        Self {
+            listener,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+        }
+    }
+    /// Peer timeout of every accepted stream; zero turns the deadlines off.
+    pub fn peer_timeout(mut self, t: Duration) -> Self {
+        self.peer_timeout = t;
+        self
     }
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -94,7 +268,75 @@ impl Acceptor for TcpAcceptor {
             .map_err(TransportError::Accept)?;
         let (s, _) = super::accept_until(timeout, || self.listener.accept())?;
         s.set_nonblocking(false).map_err(TransportError::Accept)?;
-        let _ = s.set_nodelay(true);
+        apply_peer_timeout(&s, self.peer_timeout).map_err(TransportError::Accept)?;
         Ok(Box::new(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_finds_a_dead_peer_within_the_peer_timeout() {
+        for secs in [2u64, 3, 5, 10, 20, 30, 61, 600] {
+            let (idle, interval, probes) = keepalive_schedule(Duration::from_secs(secs));
+            assert!(idle >= Duration::from_secs(1) && interval >= Duration::from_secs(1));
+            assert!(probes >= 1);
+            let worst = idle + interval * probes;
+            assert!(
+                worst <= Duration::from_secs(secs),
+                "peer timeout {secs} s: keepalive gives up after {worst:?}"
+            );
+        }
+        // Sub-second and one-second budgets fall back to the kernel's minimum.
+        assert_eq!(
+            keepalive_schedule(Duration::from_millis(500)),
+            (Duration::from_secs(1), Duration::from_secs(1), 1)
+        );
+    }
+
+    #[test]
+    fn streams_carry_the_peer_timeout() {
+        let acc = TcpAcceptor::bind("127.0.0.1:0")
+            .unwrap()
+            .peer_timeout(Duration::from_millis(1500));
+        let addr = acc.local_addr().unwrap().to_string();
+        let c = TcpConnector::new(addr).peer_timeout(Duration::from_secs(3));
+        let out = c.connect().unwrap();
+        let inc = acc.accept(Duration::from_secs(5)).unwrap();
+        let d = out.deadlines();
+        assert_eq!(d.write, Some(Duration::from_secs(3)));
+        assert_eq!(d.peer, Some(Duration::from_secs(3)));
+        assert_eq!(d.read, None);
+        let d = inc.deadlines();
+        assert_eq!(d.write, Some(Duration::from_millis(1500)));
+        assert_eq!(d.peer, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn the_next_address_is_tried_when_one_refuses() {
+        let acc = TcpAcceptor::bind("127.0.0.1:0").unwrap();
+        let live = acc.local_addr().unwrap().to_string();
+        // A port that was just free: nothing listens there, connecting is refused.
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let c = TcpConnector::with_addrs([dead.clone(), live.clone()]);
+        assert_eq!(c.active_addr(), None);
+        let _s = c.connect().expect("the live address answers");
+        assert_eq!(c.active_addr(), Some(live.as_str()));
+        let _t = c.connect().expect("later streams go to the same address");
+        assert_eq!(c.active_addr(), Some(live.as_str()));
+        assert_eq!(c.describe(), format!("tcp://{live}"));
+
+        let none = TcpConnector::with_addrs([dead.clone()]);
+        let e = none.connect().unwrap_err().to_string();
+        assert!(e.contains(&dead), "{e}");
+        let empty = TcpConnector::with_addrs(Vec::<String>::new());
+        let e = empty.connect().unwrap_err().to_string();
+        assert!(e.contains("no destination address"), "{e}");
     }
 }

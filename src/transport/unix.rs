@@ -4,7 +4,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Acceptor, Connector, Stream, TransportError};
+use super::{Acceptor, Connector, Deadlines, Stream, TransportError};
 
 impl Stream for UnixStream {
     fn shutdown(&self) {
@@ -12,6 +12,16 @@ impl Stream for UnixStream {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         UnixStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_write_timeout(self, t)
+    }
+    fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            read: self.read_timeout().ok().flatten(),
+            write: self.write_timeout().ok().flatten(),
+            peer: None,
+        }
     }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         match self.try_clone() {

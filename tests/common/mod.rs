@@ -5,6 +5,9 @@
 //! Each test binary uses a subset of these, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod netns;
+pub mod procs;
+
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -514,6 +517,12 @@ impl Stream for FrameFaultStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.inner.set_read_timeout(t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+    fn deadlines(&self) -> livemig::transport::Deadlines {
+        self.inner.deadlines()
+    }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         self.inner.shutdown_handle()
     }
@@ -546,6 +555,9 @@ pub const REPORT_KEYS: &[&str] = &[
     "rounds",
     "total_ms",
     "downtime_ms",
+    "predicted_downtime_ms",
+    "predicted_downtime_raw_ms",
+    "prediction_margin",
     "bytes_on_wire",
     "pages_sent",
     "zero_pages",
@@ -554,3 +566,25 @@ pub const REPORT_KEYS: &[&str] = &[
     "converged",
     "verified",
 ];
+
+/// A memory image file of `bytes` of mixed content (as a stopped guest would have
+/// it) at a fresh temporary path; returns the path and the bytes written.
+pub fn image_file(bytes: usize, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
+    let mem = GuestMemory::anonymous(bytes, false).expect("allocate image memory");
+    workload::fill(&mem, Content::Mix, seed, 2).expect("fill");
+    let mut data = vec![0u8; bytes];
+    mem.read_pages(0, &mut data).expect("read image memory");
+    let path = temp_path("image.bin");
+    std::fs::write(&path, &data).expect("write image");
+    (path, data)
+}
+
+/// The last non-empty line of `stdout` parsed as JSON.
+pub fn last_json_line(stdout: &str) -> serde_json::Value {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("no output; stdout was {stdout:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}

@@ -41,6 +41,30 @@ pub fn parse_bitrate(s: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
+/// Parse a positive duration such as `20s`, `1.5s`, `500ms`, `2m`, or `20` (seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1e3,
+        "m" | "min" => n * 60.0,
+        u => {
+            return Err(format!(
+                "unknown duration unit {u:?} in {s:?} (use ms, s or m)"
+            ))
+        }
+    };
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +76,16 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert_eq!(parse_bitrate("1gbit").unwrap(), 1_000_000_000);
         assert_eq!(parse_bitrate("500M").unwrap(), 500_000_000);
+    }
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("20").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("3h").is_err());
     }
 }

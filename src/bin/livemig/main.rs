@@ -22,6 +22,7 @@ use livemig::memory::{DirtyBitmap, GuestMemory, GuestRegion};
 use livemig::receiver::{Receiver, ReceiverConfig};
 use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
+use livemig::transport::Connector;
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 
 #[derive(Parser, Debug)]
@@ -143,6 +144,10 @@ struct MigrateOpts {
     /// TCP page streams. Slower over loopback here; meant for real NICs.
     #[arg(long)]
     splice: bool,
+    /// Give up on a destination that takes no data or stops answering for this long
+    /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
+    #[arg(long, default_value = "20s", value_parser = args::parse_duration)]
+    peer_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -200,9 +205,11 @@ struct BenchArgs {
 
 #[derive(Args, Debug)]
 struct SendArgs {
-    /// Destination address (host:port).
-    #[arg(long)]
-    to: String,
+    /// Destination address (host:port), or several comma-separated addresses of the
+    /// same destination (one per migration network) in priority order: streams go to
+    /// the first that answers.
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<String>,
     /// Memory image of the stopped guest.
     #[arg(long)]
     image: PathBuf,
@@ -239,6 +246,10 @@ struct RecvArgs {
     /// migration if this host cannot.
     #[arg(long)]
     prealloc: bool,
+    /// Give up on a source that takes no data or stops answering for this long
+    /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
+    #[arg(long, default_value = "20s", value_parser = args::parse_duration)]
+    peer_timeout: Duration,
 }
 
 fn main() {
@@ -389,9 +400,11 @@ fn summary(r: &MigrationReport) {
     );
     let b = &r.downtime_breakdown;
     println!(
-        "downtime {:.2} ms (predicted {:.2} ms): pause {:.2}, final harvest {:.2}, final pages {:.2}, device state {:.2}, digest {:.2}, commit {:.2} (dest verify {:.2}, restore {:.2})",
+        "downtime {:.2} ms (predicted {:.2} ms = {:.2} ms x margin {:.2} on its time-dependent part): pause {:.2}, final harvest {:.2}, final pages {:.2}, device state {:.2}, digest {:.2}, commit {:.2} (dest verify {:.2}, restore {:.2})",
         r.downtime_ms,
         r.predicted_downtime_ms,
+        r.predicted_downtime_raw_ms,
+        r.prediction_margin,
         b.pause_ms,
         b.final_harvest_ms,
         b.final_pages_ms,
@@ -407,14 +420,27 @@ fn summary(r: &MigrationReport) {
     }
     for rs in &r.round_table {
         println!(
-            "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}, predicted downtime {:.2} ms",
+            "  round {:>2}: {:>8} pages ({:>7} zero) {:>7.1} ms {:>6.2} Gbit/s, dirty after {:>7}{}",
             rs.round,
             rs.pages,
             rs.zero_pages,
             rs.duration_ms,
             rs.bandwidth_bps * 8.0 / 1e9,
             rs.dirty_after,
-            rs.predicted_downtime_ms
+            if rs.prediction_margin > 0.0 {
+                format!(
+                    ", predicted downtime {:.2} ms (margin {:.2}){}",
+                    rs.predicted_downtime_ms,
+                    rs.prediction_margin,
+                    if rs.prediction_error > 0.0 {
+                        format!(", round took {:.2}x its prediction", rs.prediction_error)
+                    } else {
+                        String::new()
+                    }
+                )
+            } else {
+                " (final round)".to_string()
+            }
         );
     }
 }
@@ -539,7 +565,9 @@ fn bench_one(
     } else {
         None
     };
-    let acceptor = TcpAcceptor::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let acceptor = TcpAcceptor::bind("127.0.0.1:0")
+        .map_err(|e| e.to_string())?
+        .peer_timeout(o.peer_timeout);
     let addr = acceptor
         .local_addr()
         .map_err(|e| e.to_string())?
@@ -570,7 +598,7 @@ fn bench_one(
     if let Some(s) = sinks_of(o, index, events, a.concurrent == 1) {
         mig = mig.progress(s);
     }
-    let result = mig.run(&TcpConnector::new(addr));
+    let result = mig.run(&TcpConnector::new(addr).peer_timeout(o.peer_timeout));
     let writes = dirtier.writes();
     let report = match result {
         Ok(r) => r,
@@ -716,12 +744,19 @@ fn send(a: SendArgs) -> Result<(), String> {
     if let Some(s) = sinks_of(&a.opts, 0, open_events(&a.opts)?, true) {
         mig = mig.progress(s);
     }
+    let connector =
+        TcpConnector::with_addrs(a.to.iter().map(|s| s.trim()).filter(|s| !s.is_empty()))
+            .peer_timeout(a.opts.peer_timeout);
     let report = mig
-        .run(&TcpConnector::new(a.to.clone()))
-        .map_err(|e| e.to_string())?;
+        .run(&connector)
+        .map_err(|e| format!("migration to {} failed: {e}", connector.describe()))?;
+    let connected_to = connector.active_addr().unwrap_or_default().to_string();
     let rss = rss.map(|s| s.finish());
     if a.opts.json {
         let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("connected_to".into(), json!(connected_to));
+        }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
             obj.insert("sender_anon_rss_peak_bytes".into(), json!(r.peak_bytes));
@@ -733,6 +768,7 @@ fn send(a: SendArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     } else {
         summary(&report);
+        println!("destination: {connected_to} (of {})", a.to.join(","));
         if let Some(r) = rss {
             println!(
                 "sender memory: peak anonymous RSS {:.1} MiB = {:.2} % of the guest",
@@ -752,6 +788,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         let config = livemig::service::ServiceConfig {
             max_sessions: a.max_sessions,
             stop_on_signals: true,
+            peer_timeout: a.peer_timeout,
             ..Default::default()
         };
         let receiver = ReceiverConfig {
@@ -760,7 +797,9 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         };
         return serve::run(&a.listen, config, receiver, a.out_dir, a.json);
     }
-    let acceptor = TcpAcceptor::bind(&a.listen).map_err(|e| e.to_string())?;
+    let acceptor = TcpAcceptor::bind(&a.listen)
+        .map_err(|e| e.to_string())?
+        .peer_timeout(a.peer_timeout);
     if !a.json {
         eprintln!(
             "listening on {}",

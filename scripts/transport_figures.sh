@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Re-measure the transport-mode figures quoted in docs/BENCHMARKS.md ("Issue 3 figures").
-# Usage: scripts/issue3_figures.sh [OUT.jsonl]   (needs a release build: cargo build --release)
+# Re-measure the transport-mode figures quoted in docs/BENCHMARKS.md ("Second session: transport modes").
+# Usage: scripts/transport_figures.sh [OUT.jsonl]   (needs a release build: cargo build --release)
 # Each line of OUT is {"label": ..., "report": <bench --json output>}; summarise with
 # scripts/summarise_figures.py OUT.jsonl. Runs of one comparison are interleaved so
 # that drifting machine load hits both sides alike. Takes about 5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release/livemig
-OUT=${1:-docs/results/issue3_figures.jsonl}
+OUT=${1:-docs/results/transport_figures.jsonl}
 : > "$OUT"
 run() {
   local label=$1; shift

@@ -1,0 +1,225 @@
+//! `livemig recv` and `livemig send` on two hosts (network namespaces joined by a
+//! veth pair, see tests/common/netns.rs), with network faults injected between
+//! them. Needs root, iproute2 and nftables: skips with a printed reason without
+//! them, fails instead under `LIVEMIG_CI=1`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::netns::{two_hosts_or_skip, Host, NetFault, TwoHosts, DST_IP};
+use common::procs::Proc;
+use common::{image_file, last_json_line, temp_path, MIB};
+
+const EXE: &str = env!("CARGO_BIN_EXE_livemig");
+/// The receiver's port (each test has its own namespaces, so it is always free).
+const PORT: u16 = 7000;
+/// Peer timeout given to both sides in the fault tests.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Slack over the peer timeout for shutting down on a loaded machine.
+const SLACK: Duration = Duration::from_secs(8);
+
+fn dst_addr() -> String {
+    format!("{DST_IP}:{PORT}")
+}
+
+/// Start `recv` on the destination host and wait until it listens.
+fn start_recv(hosts: &TwoHosts, extra: &[&str]) -> Proc {
+    let addr = dst_addr();
+    let mut args = vec!["recv", "--listen", addr.as_str()];
+    args.extend_from_slice(extra);
+    let recv = hosts.spawn(Host::Dst, EXE, &args, "recv");
+    assert!(
+        hosts.wait_listening(Host::Dst, PORT, Duration::from_secs(10)),
+        "recv did not listen; stderr: {}",
+        recv.stderr_so_far()
+    );
+    recv
+}
+
+/// Start `send` of `image` on the source host.
+fn start_send(hosts: &TwoHosts, image: &std::path::Path, extra: &[&str]) -> Proc {
+    let addr = dst_addr();
+    let mut args = vec![
+        "send",
+        "--to",
+        addr.as_str(),
+        "--image",
+        image.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    hosts.spawn(Host::Src, EXE, &args, "send")
+}
+
+fn same_file(path: &std::path::Path, bytes: &[u8]) -> bool {
+    std::fs::read(path).is_ok_and(|got| got == bytes)
+}
+
+#[test]
+fn image_crosses_the_link_and_verifies() {
+    let Some(hosts) = two_hosts_or_skip("image_crosses_the_link_and_verifies", None) else {
+        return;
+    };
+    let (image, bytes) = image_file(256 * MIB, 11);
+    let out = temp_path("two-host-received.bin");
+    let recv = start_recv(&hosts, &["--out", out.to_str().unwrap(), "--json"]);
+    let send = start_send(&hosts, &image, &["--json", "--streams", "2"]);
+    let s = send.wait_exit(Duration::from_secs(60));
+    let r = recv.wait_exit(Duration::from_secs(30));
+    assert!(s.ok(), "send failed: {}", s.stderr);
+    assert!(r.ok(), "recv failed: {}", r.stderr);
+    let sj = last_json_line(&s.stdout);
+    let rj = last_json_line(&r.stdout);
+    assert_eq!(sj["verified"], true, "{sj}");
+    assert_eq!(sj["memory_bytes"], 256 * MIB as u64);
+    assert_eq!(sj["connected_to"], dst_addr().as_str());
+    assert_eq!(rj["verified"], true, "{rj}");
+    assert_eq!(rj["digest"], sj["digest"]);
+    assert!(same_file(&out, &bytes), "received image differs");
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&out);
+}
+
+/// Run a shaped migration, inject `fault` once its streams are up, and return both
+/// sides' exits, the time each took after the fault, and whether the source image
+/// is unchanged.
+fn migrate_through(
+    fault: NetFault,
+    test: &str,
+) -> Option<(common::procs::Exit, common::procs::Exit)> {
+    // 64 MiB at 100 Mbit/s takes ~5.4 s: the fault lands mid-transfer.
+    let hosts = two_hosts_or_skip(test, Some("100mbit"))?;
+    let (image, bytes) = image_file(64 * MIB, 12);
+    let out = temp_path("two-host-received.bin");
+    let pt = format!("{}s", PEER_TIMEOUT.as_secs());
+    let recv = start_recv(
+        &hosts,
+        &["--out", out.to_str().unwrap(), "--peer-timeout", &pt],
+    );
+    let send = start_send(&hosts, &image, &["--streams", "2", "--peer-timeout", &pt]);
+    // Control stream plus two page streams established: pages are flowing.
+    let t0 = Instant::now();
+    while hosts.established(Host::Dst, PORT) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "streams never came up; send: {}; recv: {}",
+            send.stderr_so_far(),
+            recv.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    hosts.inject(fault).expect("inject the fault");
+    let s = send.wait_exit(PEER_TIMEOUT + SLACK);
+    let r = recv.wait_exit(PEER_TIMEOUT + SLACK);
+    eprintln!(
+        "{fault:?}: send exited {:?} after {:?}: {}",
+        s.code,
+        s.waited,
+        s.stderr.trim()
+    );
+    eprintln!(
+        "{fault:?}: recv exited {:?} after {:?} more: {}",
+        r.code,
+        r.waited,
+        r.stderr.trim()
+    );
+    assert!(!s.ok(), "send succeeded through a {fault:?}");
+    assert!(!r.ok(), "recv succeeded through a {fault:?}");
+    assert!(
+        same_file(&image, &bytes),
+        "the source image changed after a failed migration"
+    );
+    assert!(
+        !same_file(&out, &bytes),
+        "recv wrote a complete image although the migration failed"
+    );
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&out);
+    Some((s, r))
+}
+
+fn error_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("error"))
+        .unwrap_or_else(|| panic!("no error line in {stderr:?}"))
+}
+
+#[test]
+fn blackhole_mid_transfer_times_out_on_both_sides() {
+    let Some((s, r)) = migrate_through(NetFault::Blackhole, "blackhole_mid_transfer") else {
+        return;
+    };
+    let se = error_line(&s.stderr);
+    assert!(
+        se.contains("timed out") && se.contains("peer"),
+        "send: {se}"
+    );
+    assert!(
+        se.contains(&dst_addr()),
+        "send does not name the peer: {se}"
+    );
+    assert!(s.waited <= PEER_TIMEOUT + SLACK);
+    let re = error_line(&r.stderr);
+    assert!(re.contains("timed out"), "recv: {re}");
+    assert!(!se.contains("os error 11") && !re.contains("os error 11"));
+}
+
+#[test]
+fn reset_mid_transfer_is_reported_on_both_sides() {
+    let Some((s, r)) = migrate_through(NetFault::Reset, "reset_mid_transfer") else {
+        return;
+    };
+    let se = error_line(&s.stderr);
+    assert!(se.contains("reset"), "send: {se}");
+    assert!(
+        se.contains(&dst_addr()),
+        "send does not name the peer: {se}"
+    );
+    let re = error_line(&r.stderr);
+    assert!(re.contains("reset") || re.contains("closed"), "recv: {re}");
+}
+
+#[test]
+fn a_link_outage_shorter_than_the_peer_timeout_is_survived() {
+    // Silence is not death: the link goes down for 1 s mid-transfer and comes back;
+    // with a 5 s peer timeout TCP retransmits and the migration completes.
+    let Some(hosts) = two_hosts_or_skip("link_outage_survived", Some("100mbit")) else {
+        return;
+    };
+    let (image, bytes) = image_file(48 * MIB, 13);
+    let out = temp_path("two-host-received.bin");
+    let recv = start_recv(
+        &hosts,
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+            "--peer-timeout",
+            "5s",
+        ],
+    );
+    let send = start_send(&hosts, &image, &["--json", "--peer-timeout", "5s"]);
+    let t0 = Instant::now();
+    while hosts.established(Host::Dst, PORT) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "streams never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    hosts.link(Host::Src, false).expect("link down");
+    std::thread::sleep(Duration::from_secs(1));
+    hosts.link(Host::Src, true).expect("link up");
+    let s = send.wait_exit(Duration::from_secs(40));
+    let r = recv.wait_exit(Duration::from_secs(20));
+    assert!(s.ok(), "send failed across a 1 s outage: {}", s.stderr);
+    assert!(r.ok(), "recv failed across a 1 s outage: {}", r.stderr);
+    assert_eq!(last_json_line(&s.stdout)["verified"], true);
+    assert!(same_file(&out, &bytes), "received image differs");
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&out);
+}
