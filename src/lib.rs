@@ -40,6 +40,7 @@ pub mod limits;
 pub mod memory;
 pub mod receiver;
 pub mod service;
+pub mod session;
 pub mod stats;
 pub mod transport;
 pub mod wire;

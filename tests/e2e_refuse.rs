@@ -11,6 +11,7 @@ use livemig::codec::CodecId;
 use livemig::engine::{Migration, MigrationError, Mode, Verify};
 use livemig::memory::GuestMemory;
 use livemig::receiver::{ReceiveError, Receiver};
+use livemig::session::SessionToken;
 use livemig::transport::framed::FrameReader;
 use livemig::transport::{mem, Acceptor, Connector};
 use livemig::wire::control::RefuseCode;
@@ -152,7 +153,7 @@ fn wrong_major_version_is_refused_by_receiver() {
                         magic: "livemig".into(),
                         major,
                         minor,
-                        session: 42,
+                        session: SessionToken::from_bytes([42; 16]),
                         streams: 1,
                         capabilities: vec![],
                     },
@@ -181,6 +182,54 @@ fn wrong_major_version_is_refused_by_receiver() {
             reply.1.err()
         );
     }
+}
+
+/// A source of the previous major version, whose Hello carries its session as a
+/// number (protocol 1): the receiver cannot parse that Hello, still answers with a
+/// version refusal naming both versions, and returns the same refusal.
+#[test]
+fn previous_major_hello_with_old_fields_gets_a_version_refusal() {
+    let (c, a) = mem::pair();
+    let (reply, recv) = with_timeout(GUARD, "old hello", move || {
+        let rx = spawn_receiver(Receiver::new().config(receiver_config()), a);
+        let mut stream = c.connect().unwrap();
+        let old_hello = br#"{"type":"hello","magic":"livemig","major":1,"minor":0,"session":12345,"streams":1,"capabilities":[]}"#;
+        livemig::transport::framed::write_frame(
+            &mut stream,
+            livemig::wire::FrameKind::Control,
+            0,
+            old_hello,
+            &[],
+        )
+        .unwrap();
+        let mut control = FrameReader::new(stream, "control");
+        let reply = control.control().map(|(m, _)| m);
+        (reply, rx.join().unwrap())
+    });
+    match reply {
+        Ok(ControlMsg::Refuse {
+            code: RefuseCode::Version,
+            message,
+        }) => {
+            assert!(message.contains("1.0"), "{message}");
+            assert!(
+                message.contains(&format!("{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")),
+                "{message}"
+            );
+        }
+        other => panic!("expected a version refusal, got {other:?}"),
+    }
+    assert!(
+        matches!(
+            recv,
+            Err(ReceiveError::Refused {
+                code: RefuseCode::Version,
+                ..
+            })
+        ),
+        "{:?}",
+        recv.err()
+    );
 }
 
 /// A fake destination that refuses the version: the source reports it verbatim.

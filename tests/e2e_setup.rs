@@ -12,6 +12,7 @@ use livemig::device::slow_disk::{SlowDiskDest, SlowDiskSource};
 use livemig::device::switch_port::{DestPort, PortParams, PortRuntime, SourcePort, StepLog};
 use livemig::engine::{MigrationConfig, MigrationError};
 use livemig::receiver::{HostCaps, HostLimiter, ReceiveError, Receiver, ReceiverConfig};
+use livemig::session::SessionToken;
 use livemig::transport::framed::FrameReader;
 use livemig::transport::Connector;
 use livemig::wire::control::{CompatVector, RefuseCode};
@@ -157,7 +158,7 @@ fn version_refusal_for(major: u16, minor: u16) -> (RefuseCode, String) {
                 magic: "livemig".into(),
                 major,
                 minor,
-                session: 7,
+                session: SessionToken::from_bytes([7; 16]),
                 streams: 1,
                 capabilities: vec![],
             },

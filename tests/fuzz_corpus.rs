@@ -61,9 +61,9 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let hello = control(
         &ControlMsg::Hello {
             magic: "livemig".into(),
-            major: 1,
-            minor: 0,
-            session: 12345,
+            major: livemig::wire::PROTOCOL_MAJOR,
+            minor: livemig::wire::PROTOCOL_MINOR,
+            session: livemig::session::SessionToken::from_bytes([0x5e; 16]),
             streams: 2,
             capabilities: vec!["digest-xxh3".into()],
         },

@@ -16,6 +16,7 @@ use livemig::receiver::{Received, Receiver};
 use livemig::service::{
     HandlerError, Outcome, Service, ServiceConfig, ServiceEvent, ServiceSummary, SessionHandler,
 };
+use livemig::session::SessionToken;
 use livemig::transport::framed::write_frame;
 use livemig::transport::shaped::TokenBucket;
 use livemig::transport::tcp::TcpConnector;
@@ -107,7 +108,7 @@ fn strays(addr: &str) -> Vec<TcpStream> {
     let mut unknown = TcpStream::connect(addr).unwrap();
     let mut frame = Vec::new();
     let hello = ControlMsg::StreamHello {
-        session: 0x5eed,
+        session: SessionToken::from_bytes([0x5e; 16]),
         index: 0,
     };
     write_frame(&mut frame, FrameKind::Control, 0, &hello.encode(), &[]).unwrap();
@@ -295,12 +296,13 @@ fn queue_deadline_refuses_with_host_busy() {
     let r2 = rec.clone();
     let h = std::thread::spawn(move || service.run(r2).expect("service runs"));
 
-    let hello_with = |session: u64, capabilities: Vec<String>| {
+    let tok = |n: u8| SessionToken::from_bytes([n; 16]);
+    let hello_with = |session: u8, capabilities: Vec<String>| {
         let msg = ControlMsg::Hello {
             magic: "livemig".into(),
             major: livemig::wire::PROTOCOL_MAJOR,
             minor: livemig::wire::PROTOCOL_MINOR,
-            session,
+            session: tok(session),
             streams: 1,
             capabilities,
         };
@@ -311,7 +313,7 @@ fn queue_deadline_refuses_with_host_busy() {
         s.write_all(&f).unwrap();
         s
     };
-    let hello = |session: u64| hello_with(session, vec![]);
+    let hello = |session: u8| hello_with(session, vec![]);
     // The first takes the only slot (its receiver answers Welcome and waits for setup).
     let mut first = hello(1);
     let mut head = [0u8; 16];
@@ -333,7 +335,7 @@ fn queue_deadline_refuses_with_host_busy() {
     drop(hello(3));
     rec.wait_for("the third session left the queue", |ev| {
         ev.iter()
-            .any(|e| matches!(e, ServiceEvent::SessionEnd(s) if s.session == "3"))
+            .any(|e| matches!(e, ServiceEvent::SessionEnd(s) if s.session == tok(3).to_string()))
     });
     // A fourth understands queue notices: it hears `Queued` at once and again
     // every notice interval, and is not refused at the silent deadline.
@@ -366,11 +368,11 @@ fn queue_deadline_refuses_with_host_busy() {
         .collect();
     assert!(
         ends.iter()
-            .any(|(s, o, _)| s == "2" && *o == Outcome::Refused),
+            .any(|(s, o, _)| *s == tok(2).to_string() && *o == Outcome::Refused),
         "{ends:?}"
     );
     assert!(
-        ends.iter().any(|(s, o, e)| s == "3"
+        ends.iter().any(|(s, o, e)| *s == tok(3).to_string()
             && *o == Outcome::Refused
             && e.as_deref()
                 .is_some_and(|e| e.contains("closed its connection while queued"))),
@@ -379,7 +381,7 @@ fn queue_deadline_refuses_with_host_busy() {
     // The first one's source vanished mid-setup: it failed, and the service went on.
     assert!(
         ends.iter()
-            .any(|(s, o, _)| s == "1" && *o == Outcome::Failed),
+            .any(|(s, o, _)| *s == tok(1).to_string() && *o == Outcome::Failed),
         "{ends:?}"
     );
     assert_eq!(summary.sessions, 4);

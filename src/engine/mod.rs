@@ -230,6 +230,9 @@ pub enum MigrationError {
     /// The destination reported an error.
     #[error("destination failed: {0}")]
     Remote(String),
+    /// No session token could be drawn (the system random source failed).
+    #[error("{0}")]
+    SessionToken(#[from] crate::session::TokenError),
 }
 
 /// A migration being configured.

@@ -3,18 +3,10 @@
 use std::time::{Duration, Instant};
 
 use super::{Migration, MigrationError};
+use crate::session::SessionToken;
 use crate::transport::framed::{FrameReader, FrameWriter};
 use crate::transport::{Connector, TransportError};
-use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
-
-/// Capabilities this build offers in the handshake.
-pub const CAPABILITIES: &[&str] = &[
-    "digest-xxh3",
-    "codec-lz4",
-    "codec-zstd",
-    "delta-xor",
-    "queue-notice",
-];
+use crate::wire::{ControlMsg, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 
 /// Longest a source waits in a serving destination's queue (`ControlMsg::Queued`
 /// notices) before giving up; the destination bounds the wait too.
@@ -27,33 +19,20 @@ pub struct Session {
     pub control: FrameReader,
     /// Page streams.
     pub pages: Vec<FrameWriter>,
-    /// Session id.
-    pub session: u64,
+    /// This migration's token, sent in `Hello` and on every page stream.
+    pub session: SessionToken,
     /// Round-trip time of the setup exchange (a floor for the commit round trip).
     pub rtt: Duration,
 }
 
-fn t(phase: &'static str) -> impl Fn(TransportError) -> MigrationError {
+fn transport_error(phase: &'static str) -> impl Fn(TransportError) -> MigrationError {
     move |source| MigrationError::Transport { phase, source }
-}
-
-fn session_id() -> u64 {
-    use std::hash::Hasher as _;
-    let mut h = twox_hash::XxHash3_64::new();
-    h.write(&std::process::id().to_le_bytes());
-    h.write(&format!("{:?}", Instant::now()).into_bytes());
-    let ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write(&ns.to_le_bytes());
-    h.finish() | 1
 }
 
 /// Connect, negotiate, send the VM configuration and open the page streams.
 /// Nothing has touched the VM yet, so a failure here needs no rollback.
 pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, MigrationError> {
-    let stream = connector.connect().map_err(t("connect"))?;
+    let stream = connector.connect().map_err(transport_error("connect"))?;
     stream
         .set_read_timeout(Some(m.config.reply_timeout))
         .map_err(|e| MigrationError::Transport {
@@ -64,7 +43,7 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
             },
         })?;
     let mut control = FrameReader::new(stream, "control");
-    let session = session_id();
+    let session = SessionToken::generate()?;
     let hello = ControlMsg::Hello {
         magic: "livemig".into(),
         major: PROTOCOL_MAJOR,
@@ -74,12 +53,14 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
     };
     let t0 = Instant::now();
-    control.send_control(&hello, &[]).map_err(t("handshake"))?;
+    control
+        .send_control(&hello, &[])
+        .map_err(transport_error("handshake"))?;
     // A queued hello is answered `Queued` at once, so the first answer, whichever
     // it is, times the round trip.
     let mut rtt = None;
     let reply = loop {
-        let reply = control.control().map_err(t("handshake"))?.0;
+        let reply = control.control().map_err(transport_error("handshake"))?.0;
         let rtt = *rtt.get_or_insert_with(|| t0.elapsed());
         match reply {
             ControlMsg::Queued { limit, waiting } => {
@@ -139,8 +120,8 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
     };
     control
         .send_control(&setup, &attachment)
-        .map_err(t("setup"))?;
-    match control.control().map_err(t("setup"))?.0 {
+        .map_err(transport_error("setup"))?;
+    match control.control().map_err(transport_error("setup"))?.0 {
         ControlMsg::SetupOk => {}
         ControlMsg::Refuse { code, message } => {
             return Err(MigrationError::Refused { code, message })
@@ -165,7 +146,9 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
 
     let mut pages = Vec::with_capacity(m.config.streams as usize);
     for index in 0..m.config.streams {
-        let mut s = connector.connect().map_err(t("opening page streams"))?;
+        let mut s = connector
+            .connect()
+            .map_err(transport_error("opening page streams"))?;
         if let Some(bucket) = &m.config.bandwidth {
             s = Box::new(crate::transport::shaped::ShapedStream::new(
                 s,
@@ -177,7 +160,7 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
             w.enable_splice();
         }
         w.send_control(&ControlMsg::StreamHello { session, index }, &[])
-            .map_err(t("opening page streams"))?;
+            .map_err(transport_error("opening page streams"))?;
         pages.push(w);
     }
     Ok(Session {

@@ -5,11 +5,36 @@
 //!  → [Brownout] → DeviceState → Commit → Prepared → Released → Committed | Veto`,
 //! with `Abort` or any error leading to `Discarded` from every state. Setup-stage
 //! refusals live in [`setup_check`], the per-host concurrency limit in [`limiter`].
+//!
+//! [`Receiver::run`] walks the states as five phases, one file each, every phase
+//! handing the next a small struct:
+//!
+//! | phase       | file           | states                               | hands on            |
+//! |-------------|----------------|--------------------------------------|---------------------|
+//! | handshake   | `handshake.rs` | `AwaitHello`                         | `Handshake`         |
+//! | setup       | `setup.rs`     | `AwaitSetup`                         | `Skeleton`          |
+//! | accept      | `accept.rs`    | `AcceptStreams`                      | `PageStreams`       |
+//! | rounds      | `rounds.rs`    | `Rounds`, `Brownout`, `DeviceState`  | `RoundsDone`        |
+//! | commit      | `commit.rs`    | `Commit` … `Committed` / `Veto`      | `Committed`         |
+//!
+//! Pages are applied by [`apply`] (one thread per page stream, rounds kept in step
+//! by [`gate`]).
+//!
+//! Stray connections (closed, silent, garbage, or a page stream of another
+//! session) are dropped and counted in `AwaitHello` and `AcceptStreams`, never
+//! failing the migration; every wait has a deadline ([`ReceiverConfig`]) and ends
+//! in [`ReceiveError::TimedOut`] saying what did not arrive.
 
 pub mod apply;
 pub mod gate;
 pub mod limiter;
 pub mod setup_check;
+
+mod accept;
+mod commit;
+mod handshake;
+mod rounds;
+mod setup;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,16 +42,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::device::{envelope, ParticipantError, RestoreState, Veto};
-use crate::memory::{digest_of_table, GuestMemory, MemoryError, MemoryLayout};
+use crate::device::{ParticipantError, RestoreState, Veto};
+use crate::memory::{GuestMemory, MemoryError, MemoryLayout};
 use crate::transport::framed::FrameReader;
-use crate::transport::{Acceptor, TransportError};
+use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
-use crate::wire::{ControlMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR};
-use apply::{apply_stream, ApplyShared};
+use crate::wire::ControlMsg;
+use handshake::Handshake;
 pub use limiter::{HostLimiter, Permit};
+use setup::Skeleton;
 pub use setup_check::HostCaps;
-use setup_check::Refusal;
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -45,8 +70,16 @@ pub struct ReceiverConfig {
     /// literally (QEMU: `-mem-prealloc`). Costs setup time; the transfer then runs
     /// into resident memory.
     pub prealloc: bool,
-    /// How long to wait for each connection.
+    /// How long to wait for the migration: for a connection that opens with a
+    /// valid `Hello` (stray connections are dropped meanwhile), and again, from
+    /// `SetupOk`, for all of its page streams.
     pub accept_timeout: Duration,
+    /// How long a new connection may take to deliver its first frame (`Hello` or
+    /// `StreamHello`) before it is dropped as stray.
+    pub hello_timeout: Duration,
+    /// Longest the source may take from the first byte of its `Hello` to the last
+    /// byte of its `Setup`, however it spreads them (a trickling peer is cut here).
+    pub setup_timeout: Duration,
     /// Longest silence on the control stream before giving up (source vanished).
     pub idle_timeout: Duration,
     /// Most page streams accepted.
@@ -62,6 +95,8 @@ impl Default for ReceiverConfig {
             prefault: true,
             prealloc: false,
             accept_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(600),
             max_streams: 64,
             host: HostCaps::default(),
@@ -99,6 +134,18 @@ pub enum ReceiveError {
         phase: &'static str,
         /// Error.
         source: TransportError,
+    },
+    /// Waited for the source longer than the configured deadline.
+    #[error("timed out during {phase} after {after:?}: {what}{}", stray_note(*stray_connections))]
+    TimedOut {
+        /// Phase.
+        phase: &'static str,
+        /// What did not arrive in time.
+        what: String,
+        /// How long the receiver waited.
+        after: Duration,
+        /// Stray connections dropped while waiting.
+        stray_connections: u32,
     },
     /// The source broke the protocol.
     #[error("protocol error during {phase}: {message}")]
@@ -149,6 +196,11 @@ pub struct ReceiveReport {
     pub participants: Vec<String>,
     /// Per participant restore time (ms), in restore order.
     pub participant_restore_ms: Vec<(String, f64)>,
+    /// This migration's session token (32 lowercase hex characters).
+    pub session: String,
+    /// Connections dropped as stray: closed, silent or garbage before the `Hello`,
+    /// or not a valid `StreamHello` of this session while accepting page streams.
+    pub stray_connections: u32,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -194,10 +246,6 @@ impl Default for Receiver {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn t(phase: &'static str) -> impl Fn(TransportError) -> ReceiveError {
-    move |source| ReceiveError::Transport { phase, source }
 }
 
 impl Receiver {
@@ -250,459 +298,152 @@ impl Receiver {
         r
     }
 
-    fn refuse(control: &mut FrameReader, code: RefuseCode, message: String) -> ReceiveError {
-        let _ = control.send_control(
-            &ControlMsg::Refuse {
-                code,
-                message: message.clone(),
-            },
-            &[],
-        );
-        ReceiveError::Refused { code, message }
-    }
-
+    /// The phases in order; each hands the next what it needs.
     fn run_inner(&mut self, acceptor: &dyn Acceptor) -> Result<Received, ReceiveError> {
-        let stream = acceptor
-            .accept(self.config.accept_timeout)
-            .map_err(t("accept"))?;
-        let started = Instant::now();
-        let _ = stream.set_read_timeout(Some(self.config.accept_timeout));
-        let mut control = FrameReader::new(stream, "control");
+        let Handshake {
+            mut control,
+            deadline,
+            session,
+            streams,
+            permit: _permit,
+            started,
+            stray_connections,
+        } = self.handshake(acceptor)?;
+        let Skeleton { memory, setup_ms } = self.setup(&mut control, &deadline)?;
+        let page_streams =
+            self.accept_page_streams(acceptor, &session, streams, stray_connections)?;
+        let stray_connections = stray_connections + page_streams.stray_connections;
+        let rounds = self.receive_rounds(&mut control, &memory, page_streams.streams)?;
+        let committed = self.commit(&mut control, &memory, &rounds)?;
 
-        // Handshake: version, then this host's capacity (the permit is held until
-        // `run` returns).
-        let _permit: Option<Permit>;
-        let (session, streams) = match control.control().map_err(t("handshake"))?.0 {
-            ControlMsg::Hello {
-                magic,
-                major,
-                minor,
-                session,
-                streams,
-                ..
-            } => {
-                if let Err(message) = setup_check::check_version(&magic, major, minor) {
-                    return Err(Self::refuse(&mut control, RefuseCode::Version, message));
-                }
-                _permit = match &self.limiter {
-                    None => None,
-                    Some(l) => match l.try_acquire() {
-                        Some(p) => Some(p),
-                        None => {
-                            return Err(Self::refuse(
-                                &mut control,
-                                RefuseCode::HostBusy,
-                                format!(
-                                    "this host already runs {} incoming migration(s), its limit; retry when one finishes",
-                                    l.limit()
-                                ),
-                            ))
-                        }
-                    },
-                };
-                if streams == 0 || streams > self.config.max_streams {
-                    return Err(Self::refuse(
-                        &mut control,
-                        RefuseCode::Other,
-                        format!(
-                            "{streams} page streams requested; this destination accepts 1 to {}",
-                            self.config.max_streams
-                        ),
-                    ));
-                }
-                (session, streams)
-            }
-            other => {
-                return Err(ReceiveError::Protocol {
-                    phase: "handshake",
-                    message: format!("expected hello, got {}", other.name()),
-                })
-            }
-        };
-        let welcome = ControlMsg::Welcome {
-            major: PROTOCOL_MAJOR,
-            minor: PROTOCOL_MINOR,
-            capabilities: crate::engine::setup::CAPABILITIES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        };
-        control
-            .send_control(&welcome, &[])
-            .map_err(t("handshake"))?;
-
-        // Setup: check, then build the skeleton VM (memory) before any page arrives.
-        let (msg, attachment) = control.control().map_err(t("setup"))?;
-        let ControlMsg::Setup {
-            layout,
-            compat,
-            config_len,
-            participants,
-        } = msg
-        else {
-            return Err(ReceiveError::Protocol {
-                phase: "setup",
-                message: format!("expected setup, got {}", msg.name()),
-            });
-        };
-        let t_setup = Instant::now();
-        let memory =
-            match self.check_setup(&layout, &compat, config_len, &participants, &attachment) {
-                Ok(()) => match self.memory.clone() {
-                    Some(m) => m,
-                    None => {
-                        let refuse = |control: &mut crate::transport::framed::FrameReader,
-                                      message: String| {
-                            let _ = control.send_control(
-                                &ControlMsg::Refuse {
-                                    code: RefuseCode::MemoryLayout,
-                                    message,
-                                },
-                                &[],
-                            );
-                        };
-                        let m = GuestMemory::from_layout(&layout, self.config.huge_pages).map_err(
-                            |e| {
-                                refuse(&mut control, format!("cannot allocate: {e}"));
-                                e
-                            },
-                        )?;
-                        if self.config.prealloc {
-                            let threads =
-                                std::thread::available_parallelism().map_or(1, |n| n.get());
-                            m.prefault(threads).map_err(|e| {
-                                refuse(
-                                    &mut control,
-                                    format!(
-                                        "cannot commit {} bytes of guest memory: {e}",
-                                        m.total_bytes()
-                                    ),
-                                );
-                                e
-                            })?;
-                        }
-                        Arc::new(m)
-                    }
-                },
-                Err(Refusal::Refuse(code, message)) => {
-                    return Err(Self::refuse(&mut control, code, message))
-                }
-                Err(Refusal::Veto(v)) => {
-                    let _ = control.send_control(
-                        &ControlMsg::Veto {
-                            participant: v.participant.clone(),
-                            reason: v.reason.clone(),
-                        },
-                        &[],
-                    );
-                    return Err(ReceiveError::Vetoed(v));
-                }
-            };
-        let setup_ms = t_setup.elapsed().as_secs_f64() * 1e3;
-        control
-            .send_control(&ControlMsg::SetupOk, &[])
-            .map_err(t("setup"))?;
-
-        // Page streams.
-        let mut readers = Vec::with_capacity(streams as usize);
-        let mut seen = vec![false; streams as usize];
-        for _ in 0..streams {
-            let s = acceptor
-                .accept(self.config.accept_timeout)
-                .map_err(t("accepting page streams"))?;
-            let mut r = FrameReader::new(s, "page");
-            match r.control().map_err(t("accepting page streams"))?.0 {
-                ControlMsg::StreamHello { session: s2, index }
-                    if s2 == session && (index as usize) < seen.len() && !seen[index as usize] =>
-                {
-                    seen[index as usize] = true;
-                    let _ = r.stream().set_read_timeout(Some(self.config.idle_timeout));
-                    readers.push((index, r));
-                }
-                other => {
-                    return Err(ReceiveError::Protocol {
-                        phase: "accepting page streams",
-                        message: format!("bad stream hello ({other:?})"),
-                    })
-                }
-            }
-        }
-        let _ = control
-            .stream()
-            .set_read_timeout(Some(self.config.idle_timeout));
-        let shared = Arc::new(ApplyShared::new(memory.clone(), streams as usize));
-        let shutdowns: Vec<_> = readers
-            .iter()
-            .map(|(_, r)| r.stream().shutdown_handle())
-            .collect();
-        let cut_all = |sh: &[Box<dyn Fn() + Send + Sync>]| sh.iter().for_each(|s| s());
-        let prefault = if self.config.prefault && !self.config.prealloc && self.memory.is_none() {
-            let m = memory.clone();
-            Some(std::thread::spawn(move || m.prefault(1)))
-        } else {
-            None
-        };
-        let handles: Vec<_> = readers
-            .into_iter()
-            .map(|(i, r)| {
-                let sh = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("livemig-recv{i}"))
-                    .spawn(move || {
-                        let res = apply_stream(&sh, r, i);
-                        if res.is_err() {
-                            sh.gate.abort();
-                        }
-                        res
-                    })
-                    .expect("spawn receiver thread")
-            })
-            .collect();
-        // A failing page stream cuts every page stream so the source's writers fail
-        // fast instead of blocking; a watcher does that as soon as the flag is set.
-        let watcher = {
-            let sh = shared.clone();
-            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let d2 = done.clone();
-            let h = std::thread::spawn(move || {
-                while !d2.load(Ordering::Acquire) {
-                    if sh.failed.load(Ordering::Acquire) {
-                        cut_all(&shutdowns);
-                        return;
-                    }
-                    // Parked, not slept: stopping the watcher unparks it, so the
-                    // commit does not wait out a poll interval.
-                    std::thread::park_timeout(Duration::from_millis(5));
-                }
-            });
-            (done, h)
-        };
-        let join_all =
-            |handles: Vec<std::thread::JoinHandle<Result<(), String>>>| -> Result<(), String> {
-                let mut first = Ok(());
-                for h in handles {
-                    let r = h
-                        .join()
-                        .unwrap_or_else(|_| Err("receiver thread panicked".into()));
-                    if first.is_ok() {
-                        first = r;
-                    }
-                }
-                first
-            };
-        let stop_watcher = |w: (
-            Arc<std::sync::atomic::AtomicBool>,
-            std::thread::JoinHandle<()>,
-        )| {
-            w.0.store(true, Ordering::Release);
-            w.1.thread().unpark();
-            let _ = w.1.join();
-        };
-
-        // Control stream: wait for brownout, device state and commit.
-        let mut device_state: Option<Vec<u8>> = None;
-        let commit = loop {
-            let msg = control.control();
-            let page_error = || shared.error.lock().expect("error lock").clone();
-            match msg {
-                Ok((ControlMsg::Brownout { .. }, _)) => {}
-                Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
-                Ok((
-                    ControlMsg::Commit {
-                        digest,
-                        pages,
-                        rounds,
-                    },
-                    _,
-                )) => break (digest, pages, rounds),
-                Ok((ControlMsg::Abort { reason }, _)) => {
-                    shared.fail(format!("aborted: {reason}"));
-                    let _ = join_all(handles);
-                    stop_watcher(watcher);
-                    // A page error is the root cause when there is one.
-                    return Err(match page_error() {
-                        Some(e) if !e.starts_with("aborted") => ReceiveError::Pages(e),
-                        _ => ReceiveError::Aborted(reason),
-                    });
-                }
-                Ok((other, _)) => {
-                    shared.fail(format!("unexpected {}", other.name()));
-                    let _ = join_all(handles);
-                    stop_watcher(watcher);
-                    return Err(ReceiveError::Protocol {
-                        phase: "rounds",
-                        message: format!("unexpected {}", other.name()),
-                    });
-                }
-                Err(e) => {
-                    shared.fail(e.to_string());
-                    let _ = join_all(handles);
-                    stop_watcher(watcher);
-                    return Err(match page_error() {
-                        Some(pe) if pe != e.to_string() => ReceiveError::Pages(pe),
-                        _ => ReceiveError::Transport {
-                            phase: "rounds",
-                            source: e,
-                        },
-                    });
-                }
-            }
-        };
-        let pages_result = join_all(handles);
-        stop_watcher(watcher);
-        if let Some(p) = prefault {
-            let _ = p.join();
-        }
-        if let Err(e) = pages_result {
-            let _ = control.send_control(&ControlMsg::Error { message: e.clone() }, &[]);
-            return Err(ReceiveError::Pages(e));
-        }
-
-        // Verify: one digest over the per-page hashes of everything applied.
-        let (digest, pages, rounds) = commit;
-        let t_verify = Instant::now();
-        let ours = digest_of_table(&shared.hash_table());
-        let verify_us = t_verify.elapsed().as_micros() as u64;
-        if pages != memory.total_pages() || ours != digest {
-            let reason = format!(
-                "memory digest mismatch: source {digest:016x} over {pages} pages, destination {ours:016x} over {} pages",
-                memory.total_pages()
-            );
-            let _ = control.send_control(
-                &ControlMsg::Veto {
-                    participant: "memory".into(),
-                    reason: reason.clone(),
-                },
-                &[],
-            );
-            return Err(ReceiveError::VerifyFailed(reason));
-        }
-
-        // Device state: validate every participant before restoring any.
-        let t_restore = Instant::now();
-        let entries = match envelope::decode(device_state.as_deref().unwrap_or(&[])) {
-            Ok(e) => e,
-            Err(e) => {
-                let reason = format!("device-state envelope rejected: {e}");
-                let _ = control.send_control(
-                    &ControlMsg::Veto {
-                        participant: "envelope".into(),
-                        reason: reason.clone(),
-                    },
-                    &[],
-                );
-                return Err(ReceiveError::Vetoed(Veto {
-                    participant: "envelope".into(),
-                    reason,
-                }));
-            }
-        };
-        if let Err(v) = self.validate_all(&entries) {
-            let _ = control.send_control(
-                &ControlMsg::Veto {
-                    participant: v.participant.clone(),
-                    reason: v.reason.clone(),
-                },
-                &[],
-            );
-            return Err(ReceiveError::Vetoed(v));
-        }
-        // Everything is validated: let the source release its devices (switch-port
-        // step 5) before restoring ours (steps 6–7). See `ControlMsg::Prepared`.
-        let validate_us = t_restore.elapsed().as_micros() as u64;
-        control
-            .send_control(
-                &ControlMsg::Prepared {
-                    verify_us,
-                    validate_us,
-                },
-                &[],
-            )
-            .map_err(t("commit"))?;
-        match control.control().map_err(t("commit"))?.0 {
-            ControlMsg::Released => {}
-            ControlMsg::Abort { reason } => return Err(ReceiveError::Aborted(reason)),
-            other => {
-                return Err(ReceiveError::Protocol {
-                    phase: "commit",
-                    message: format!("expected released, got {}", other.name()),
-                })
-            }
-        }
-        let t_restore = Instant::now();
-        let mut participants_us = Vec::with_capacity(entries.len());
-        for e in &entries {
-            let p = self
-                .participants
-                .iter_mut()
-                .find(|p| p.id() == e.id)
-                .expect("validated above");
-            let t_p = Instant::now();
-            let r = p.restore(e.version, &e.blob);
-            participants_us.push((e.id.clone(), t_p.elapsed().as_micros() as u64));
-            if let Err(err) = r {
-                let _ = control.send_control(
-                    &ControlMsg::Error {
-                        message: err.to_string(),
-                    },
-                    &[],
-                );
-                return Err(err.into());
-            }
-        }
-        let restore_us = validate_us + t_restore.elapsed().as_micros() as u64;
-        control
-            .send_control(
-                &ControlMsg::Committed {
-                    verify_us,
-                    restore_us,
-                    participants_us: participants_us.clone(),
-                },
-                &[],
-            )
-            .map_err(t("commit"))?;
-
+        let shared = &rounds.shared;
         let report = ReceiveReport {
             memory_bytes: memory.total_bytes(),
             streams,
-            rounds,
+            rounds: rounds.commit.rounds,
             pages_applied: shared.pages.load(Ordering::Relaxed),
             zero_pages: shared.zero_pages.load(Ordering::Relaxed),
             torn_pages: shared.torn_pages.load(Ordering::Relaxed),
             bytes_received: shared.bytes.load(Ordering::Relaxed) + control.bytes(),
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             setup_ms,
-            verify_ms: verify_us as f64 / 1e3,
-            restore_ms: restore_us as f64 / 1e3,
-            digest: format!("{ours:016x}"),
+            verify_ms: committed.verify_us as f64 / 1e3,
+            restore_ms: committed.restore_us as f64 / 1e3,
+            digest: format!("{:016x}", committed.digest),
             verified: true,
-            participants: entries.iter().map(|e| e.id.clone()).collect(),
-            participant_restore_ms: participants_us
+            participants: committed
+                .participants_us
+                .iter()
+                .map(|(id, _)| id.clone())
+                .collect(),
+            participant_restore_ms: committed
+                .participants_us
                 .into_iter()
                 .map(|(id, us)| (id, us as f64 / 1e3))
                 .collect(),
+            session: session.to_string(),
+            stray_connections,
         };
         Ok(Received { report, memory })
     }
+}
 
-    fn validate_all(&mut self, entries: &[envelope::Entry]) -> Result<(), Veto> {
-        for p in self.participants.iter() {
-            if !entries.iter().any(|e| e.id == p.id()) {
-                return Err(Veto {
-                    participant: p.id().into(),
-                    reason: "no state arrived for this device".into(),
-                });
-            }
-        }
-        for e in entries {
-            let Some(p) = self.participants.iter_mut().find(|p| p.id() == e.id) else {
-                return Err(Veto {
-                    participant: e.id.clone(),
-                    reason: "state for a device this host does not have".into(),
-                });
-            };
-            p.validate_state(e.version, &e.blob)?;
-        }
-        Ok(())
+/// Maps a transport failure in `phase` to the receiver's error.
+fn transport_error(phase: &'static str) -> impl Fn(TransportError) -> ReceiveError {
+    move |source| ReceiveError::Transport { phase, source }
+}
+
+/// Whether a transport failure is a deadline or read timeout running out.
+fn is_timeout(e: &TransportError) -> bool {
+    match e {
+        TransportError::TimedOut { .. } => true,
+        TransportError::Io { source, .. } | TransportError::Accept(source) => matches!(
+            source.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ),
+        _ => false,
     }
+}
+
+/// Maps a failed read in `phase` that waited up to `after`: a timeout becomes
+/// [`ReceiveError::TimedOut`] saying what did not arrive.
+fn read_error(
+    phase: &'static str,
+    what: &'static str,
+    after: Duration,
+) -> impl Fn(TransportError) -> ReceiveError {
+    move |source| {
+        if is_timeout(&source) {
+            ReceiveError::TimedOut {
+                phase,
+                what: what.into(),
+                after,
+                stray_connections: 0,
+            }
+        } else {
+            ReceiveError::Transport { phase, source }
+        }
+    }
+}
+
+/// The next incoming connection in `phase`, or `None` once `give_up` has passed. A
+/// connection the peer aborted before it was accepted is skipped.
+fn next_connection(
+    phase: &'static str,
+    acceptor: &dyn Acceptor,
+    give_up: Instant,
+) -> Result<Option<Box<dyn Stream>>, ReceiveError> {
+    loop {
+        let left = give_up.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        match acceptor.accept(left) {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if is_timeout(&e) => return Ok(None),
+            Err(TransportError::Accept(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
+            }
+            Err(e) => return Err(transport_error(phase)(e)),
+        }
+    }
+}
+
+fn stray_note(n: u32) -> String {
+    match n {
+        0 => String::new(),
+        1 => " (1 stray connection dropped)".into(),
+        n => format!(" ({n} stray connections dropped)"),
+    }
+}
+
+/// The source broke the protocol in `phase`.
+fn protocol_error(phase: &'static str, message: impl Into<String>) -> ReceiveError {
+    ReceiveError::Protocol {
+        phase,
+        message: message.into(),
+    }
+}
+
+/// Tell the source why it is refused (best effort: it may be gone) and return
+/// the same refusal.
+fn refuse(control: &mut FrameReader, code: RefuseCode, message: String) -> ReceiveError {
+    let _ = control.send_control(
+        &ControlMsg::Refuse {
+            code,
+            message: message.clone(),
+        },
+        &[],
+    );
+    ReceiveError::Refused { code, message }
+}
+
+/// Tell the source about a veto (best effort).
+fn send_veto(control: &mut FrameReader, v: &Veto) {
+    let _ = control.send_control(
+        &ControlMsg::Veto {
+            participant: v.participant.clone(),
+            reason: v.reason.clone(),
+        },
+        &[],
+    );
 }

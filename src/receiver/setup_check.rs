@@ -43,8 +43,13 @@ pub fn check_version(magic: &str, major: u16, minor: u16) -> Result<(), String> 
     }
     let previous = PROTOCOL_MINOR.saturating_sub(1);
     if major != PROTOCOL_MAJOR || !(previous..=PROTOCOL_MINOR).contains(&minor) {
+        let accepted = if previous == PROTOCOL_MINOR {
+            format!("only {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")
+        } else {
+            format!("{PROTOCOL_MAJOR}.{previous} to {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")
+        };
         return Err(format!(
-            "protocol version {major}.{minor} is not supported: this destination speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR} and accepts {PROTOCOL_MAJOR}.{previous} to {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+            "protocol version {major}.{minor} is not supported: this destination speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR} and accepts {accepted}"
         ));
     }
     Ok(())

@@ -135,6 +135,7 @@ async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Opening, OpeningError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::SessionToken;
     use crate::transport::framed::write_frame;
 
     fn frame(msg: &ControlMsg) -> Vec<u8> {
@@ -158,7 +159,7 @@ mod tests {
             magic: "livemig".into(),
             major: crate::wire::PROTOCOL_MAJOR,
             minor: crate::wire::PROTOCOL_MINOR,
-            session: 7,
+            session: SessionToken::from_bytes([7; 16]),
             streams: 3,
             capabilities: vec![],
         };
@@ -170,22 +171,22 @@ mod tests {
                 bytes: b,
                 ..
             } => {
-                assert_eq!((token, streams), (7, 3));
+                assert_eq!((token, streams), (SessionToken::from_bytes([7; 16]), 3));
                 assert_eq!(b, bytes);
             }
             other => panic!("{other:?}"),
         }
         let sh = frame(&ControlMsg::StreamHello {
-            session: 7,
+            session: SessionToken::from_bytes([7; 16]),
             index: 2,
         });
         assert!(matches!(
             open(&sh).unwrap(),
             Opening::Stream {
-                token: 7,
+                token,
                 index: 2,
                 ..
-            }
+            } if token == SessionToken::from_bytes([7; 16])
         ));
     }
 

@@ -14,7 +14,7 @@ use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::ControlMsg;
 
 /// What binds a connection to its session: the token in `Hello` / `StreamHello`.
-pub type Token = u64;
+pub type Token = crate::session::SessionToken;
 
 /// The token a hello carries (`None` for any other message).
 pub fn token_of(msg: &ControlMsg) -> Option<Token> {
@@ -47,9 +47,8 @@ struct Route {
 }
 
 /// The running sessions' routes. Lookups compare tokens one by one (the table
-/// holds at most the host's session limit), each comparison in constant time once
-/// tokens are [`crate::session::SessionToken`]s, so no lookup leaks how much of a
-/// guessed token matched.
+/// holds at most the host's session limit), each comparison in constant time, so
+/// no lookup leaks how much of a guessed token matched.
 #[derive(Default)]
 pub struct Routes {
     routes: Mutex<Vec<Route>>,
@@ -170,6 +169,10 @@ mod tests {
     use super::*;
     use crate::transport::mem;
 
+    fn tok(n: u8) -> Token {
+        Token::from_bytes([n; 16])
+    }
+
     fn stream() -> Box<dyn Stream> {
         Box::new(mem::duplex().0)
     }
@@ -177,25 +180,28 @@ mod tests {
     #[test]
     fn routes_by_token_and_refuses_strangers() {
         let routes = Routes::default();
-        let acc = routes.open(1, 2, stream()).unwrap();
+        let acc = routes.open(tok(1), 2, stream()).unwrap();
         assert_eq!(
-            routes.open(1, 2, stream()).unwrap_err(),
+            routes.open(tok(1), 2, stream()).unwrap_err(),
             RouteError::Duplicate
         );
         assert_eq!(
-            routes.deliver(&2, stream()).unwrap_err(),
+            routes.deliver(&tok(2), stream()).unwrap_err(),
             RouteError::UnknownToken
         );
-        routes.deliver(&1, stream()).unwrap();
-        assert_eq!(routes.deliver(&1, stream()).unwrap_err(), RouteError::Full);
+        routes.deliver(&tok(1), stream()).unwrap();
+        assert_eq!(
+            routes.deliver(&tok(1), stream()).unwrap_err(),
+            RouteError::Full
+        );
         let t = Duration::from_millis(10);
         acc.accept(t).unwrap();
         acc.accept(t).unwrap();
         assert!(acc.accept(t).is_err(), "nothing else was routed");
-        routes.close(&1);
+        routes.close(&tok(1));
         assert!(routes.is_empty());
         assert_eq!(
-            routes.deliver(&1, stream()).unwrap_err(),
+            routes.deliver(&tok(1), stream()).unwrap_err(),
             RouteError::UnknownToken
         );
     }

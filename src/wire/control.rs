@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::WireError;
+use super::{WireError, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use crate::memory::MemoryLayout;
+use crate::session::SessionToken;
 
 /// Why a destination refuses a migration at handshake or setup. Each has its own
 /// message; the source reports it verbatim.
@@ -49,8 +50,8 @@ pub enum ControlMsg {
         major: u16,
         /// Protocol minor.
         minor: u16,
-        /// Random session id, repeated on every page stream.
-        session: u64,
+        /// The session's token, repeated on every page stream.
+        session: SessionToken,
         /// Number of page streams the source will open.
         streams: u16,
         /// Optional features the source supports.
@@ -89,8 +90,8 @@ pub enum ControlMsg {
     },
     /// First frame of each page stream.
     StreamHello {
-        /// Session id from Hello.
-        session: u64,
+        /// The session's token from `Hello`.
+        session: SessionToken,
         /// Stream index, 0-based.
         index: u16,
     },
@@ -174,8 +175,38 @@ impl ControlMsg {
     }
 
     /// Parse JSON bytes (bounded by the frame's meta limit).
+    ///
+    /// A `Hello` of another protocol version that does not parse as this version's
+    /// `Hello` (its other fields changed) is reported as
+    /// [`WireError::OtherVersion`], so the destination can still answer with a
+    /// version refusal: `magic`, `major` and `minor` keep their place and type in
+    /// every version.
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        serde_json::from_slice(b).map_err(|e| WireError::Control(e.to_string()))
+        serde_json::from_slice(b).map_err(|e| {
+            #[derive(Deserialize)]
+            #[serde(tag = "type", rename_all = "snake_case")]
+            enum VersionProbe {
+                Hello {
+                    magic: String,
+                    major: u16,
+                    minor: u16,
+                },
+            }
+            match serde_json::from_slice::<VersionProbe>(b) {
+                Ok(VersionProbe::Hello {
+                    magic,
+                    major,
+                    minor,
+                }) if (major, minor) != (PROTOCOL_MAJOR, PROTOCOL_MINOR) => {
+                    WireError::OtherVersion {
+                        magic,
+                        major,
+                        minor,
+                    }
+                }
+                _ => WireError::Control(e.to_string()),
+            }
+        })
     }
 
     /// Short name for errors.

@@ -1,4 +1,4 @@
-//! Wire protocol v1: framed, checksummed, every length bounded.
+//! Wire protocol 2.0: framed, checksummed, every length bounded.
 //!
 //! See `docs/PROTOCOL.md` for the sequence diagram and the receiver's state machine.
 //! In short:
@@ -17,9 +17,9 @@
 //! Control sequence (source → destination unless marked ←):
 //!
 //! ```text
-//! Hello ← Welcome | Refuse(version, host_busy)
+//! Hello(session token) ← Welcome | Refuse(version, host_busy)
 //! Setup ← SetupOk | Refuse(memory_layout, cpu_features, switch_name, …) | Veto(participant)
-//! StreamHello × N, pages …, Brownout, final pages, DeviceState(envelope), Commit
+//! StreamHello(session token, index) × N, pages …, Brownout, final pages, DeviceState(envelope), Commit
 //! ← Prepared      memory verified, every participant's state validated; nothing restored
 //! Released        every source participant released its device (port/NIC teardown)
 //! ← Committed     destination restored; the VM runs there   | ← Error → source rolls back
@@ -48,10 +48,21 @@ pub fn fuzz_decode(bytes: &[u8]) {
     crate::fuzz::decode_all(bytes)
 }
 
-/// Protocol major version: peers must agree.
-pub const PROTOCOL_MAJOR: u16 = 1;
+/// Protocol major version: peers must agree. 2: the session id became a 128-bit
+/// random [`crate::session::SessionToken`] (hex on the wire).
+pub const PROTOCOL_MAJOR: u16 = 2;
 /// Protocol minor version: a receiver accepts `MINOR` and `MINOR - 1`.
 pub const PROTOCOL_MINOR: u16 = 0;
+
+/// Optional features this build offers in the handshake (`Hello.capabilities` from
+/// the source, `Welcome.capabilities` from the destination).
+pub const CAPABILITIES: &[&str] = &[
+    "digest-xxh3",
+    "codec-lz4",
+    "codec-zstd",
+    "delta-xor",
+    "queue-notice",
+];
 
 /// Largest number of pages in one batch frame.
 pub const MAX_BATCH_PAGES: usize = 256;
@@ -104,4 +115,15 @@ pub enum WireError {
     /// Unknown codec id.
     #[error("unknown codec id {0}")]
     BadCodec(u8),
+    /// A `Hello` of another protocol version, whose other fields this version
+    /// cannot read (see [`ControlMsg::decode`]).
+    #[error("hello of protocol version {major}.{minor} (magic {magic:?}), which this build cannot parse")]
+    OtherVersion {
+        /// The peer's handshake magic.
+        magic: String,
+        /// The peer's major version.
+        major: u16,
+        /// The peer's minor version.
+        minor: u16,
+    },
 }

@@ -1,0 +1,87 @@
+//! Phase 3, accept: take the source's page streams, each opened by a
+//! `StreamHello` carrying the session's token and a stream index.
+//!
+//! A connection whose first frame is not a `StreamHello` for this session (a wrong
+//! token, an index out of range or already taken, another message, garbage, a close
+//! or silence past [`ReceiverConfig::hello_timeout`]) is dropped and counted;
+//! accepting goes on until every stream is in or
+//! [`ReceiverConfig::accept_timeout`] has passed since setup.
+//!
+//! [`ReceiverConfig::hello_timeout`]: super::ReceiverConfig::hello_timeout
+//! [`ReceiverConfig::accept_timeout`]: super::ReceiverConfig::accept_timeout
+
+use std::time::Instant;
+
+use super::{next_connection, ReceiveError, Receiver};
+use crate::session::{Deadline, DeadlineStream, SessionToken};
+use crate::transport::framed::FrameReader;
+use crate::transport::Acceptor;
+use crate::wire::ControlMsg;
+
+/// One accepted page stream, past its `StreamHello`.
+pub(super) struct PageStream {
+    /// The index the source gave it (0-based, unique in the session).
+    pub index: u16,
+    /// The stream, its read timeout set to the idle timeout.
+    pub reader: FrameReader,
+}
+
+/// What accepting hands to the rounds.
+pub(super) struct PageStreams {
+    /// Every page stream of the session, in arrival order.
+    pub streams: Vec<PageStream>,
+    /// Connections dropped while accepting.
+    pub stray_connections: u32,
+}
+
+impl Receiver {
+    /// Accept the `streams` page streams of session `session`, dropping strays.
+    /// `strays_before` (from the handshake) only goes into a timeout's message.
+    pub(super) fn accept_page_streams(
+        &self,
+        acceptor: &dyn Acceptor,
+        session: &SessionToken,
+        streams: u16,
+        strays_before: u32,
+    ) -> Result<PageStreams, ReceiveError> {
+        const PHASE: &str = "accepting page streams";
+        let give_up = Instant::now() + self.config.accept_timeout;
+        let mut accepted = Vec::with_capacity(streams as usize);
+        let mut seen = vec![false; streams as usize];
+        let mut stray_connections = 0;
+        while accepted.len() < streams as usize {
+            let Some(stream) = next_connection(PHASE, acceptor, give_up)? else {
+                return Err(ReceiveError::TimedOut {
+                    phase: PHASE,
+                    what: format!("only {} of {streams} page streams arrived", accepted.len()),
+                    after: self.config.accept_timeout,
+                    stray_connections: strays_before + stray_connections,
+                });
+            };
+            let deadline = Deadline::new();
+            deadline.arm(Instant::now() + self.config.hello_timeout);
+            let stream = DeadlineStream::new(stream, deadline.clone());
+            let mut reader = FrameReader::new(Box::new(stream), "page");
+            match reader.control() {
+                Ok((ControlMsg::StreamHello { session: s, index }, _))
+                    if s == *session && seen.get(index as usize) == Some(&false) =>
+                {
+                    seen[index as usize] = true;
+                    deadline.disarm();
+                    let _ = reader
+                        .stream()
+                        .set_read_timeout(Some(self.config.idle_timeout));
+                    accepted.push(PageStream { index, reader });
+                }
+                Ok(_) | Err(_) => {
+                    stray_connections += 1;
+                    reader.stream().shutdown();
+                }
+            }
+        }
+        Ok(PageStreams {
+            streams: accepted,
+            stray_connections,
+        })
+    }
+}

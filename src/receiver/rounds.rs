@@ -1,0 +1,198 @@
+//! Phase 4, rounds: apply pages on every page stream (one thread each, gated per
+//! round) while the control stream waits for brownout, device state and `Commit`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::accept::PageStream;
+use super::apply::{apply_stream, ApplyShared};
+use super::{read_error, ReceiveError, Receiver};
+use crate::memory::GuestMemory;
+use crate::transport::framed::FrameReader;
+use crate::wire::ControlMsg;
+
+/// The source's `Commit`, with the device state that came before it.
+pub(super) struct CommitRequest {
+    /// Digest of the per-page hash table the source sent.
+    pub digest: u64,
+    /// Pages in the source's memory.
+    pub pages: u64,
+    /// Rounds sent, the final one included.
+    pub rounds: u32,
+    /// The device-state envelope, if one arrived.
+    pub device_state: Option<Vec<u8>>,
+}
+
+/// What the rounds hand to commit: every page applied, and the commit request.
+pub(super) struct RoundsDone {
+    /// Applied pages, their hashes and counters.
+    pub shared: Arc<ApplyShared>,
+    /// What the source asks to commit.
+    pub commit: CommitRequest,
+}
+
+impl Receiver {
+    /// Run the page appliers until the source sends `Commit` (or aborts, or a
+    /// stream fails), then wait for every applier to finish.
+    pub(super) fn receive_rounds(
+        &self,
+        control: &mut FrameReader,
+        memory: &Arc<GuestMemory>,
+        page_streams: Vec<PageStream>,
+    ) -> Result<RoundsDone, ReceiveError> {
+        const PHASE: &str = "rounds";
+        let _ = control
+            .stream()
+            .set_read_timeout(Some(self.config.idle_timeout));
+        let appliers = Appliers::start(memory.clone(), page_streams);
+        let prefault = if self.config.prefault && !self.config.prealloc && self.memory.is_none() {
+            let m = memory.clone();
+            Some(std::thread::spawn(move || m.prefault(1)))
+        } else {
+            None
+        };
+        let mut device_state = None;
+        let commit = loop {
+            match control.control() {
+                Ok((ControlMsg::Brownout { .. }, _)) => {}
+                Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
+                Ok((
+                    ControlMsg::Commit {
+                        digest,
+                        pages,
+                        rounds,
+                    },
+                    _,
+                )) => {
+                    break CommitRequest {
+                        digest,
+                        pages,
+                        rounds,
+                        device_state,
+                    }
+                }
+                Ok((ControlMsg::Abort { reason }, _)) => {
+                    // A page error is the root cause when there is one.
+                    return Err(match appliers.fail(format!("aborted: {reason}")) {
+                        Some(e) if !e.starts_with("aborted") => ReceiveError::Pages(e),
+                        _ => ReceiveError::Aborted(reason),
+                    });
+                }
+                Ok((other, _)) => {
+                    let message = format!("unexpected {}", other.name());
+                    appliers.fail(message.clone());
+                    return Err(ReceiveError::Protocol {
+                        phase: PHASE,
+                        message,
+                    });
+                }
+                Err(e) => {
+                    return Err(match appliers.fail(e.to_string()) {
+                        Some(pe) if pe != e.to_string() => ReceiveError::Pages(pe),
+                        _ => read_error(
+                            PHASE,
+                            "the source sent nothing on the control stream",
+                            self.config.idle_timeout,
+                        )(e),
+                    });
+                }
+            }
+        };
+        let shared = appliers.shared.clone();
+        let pages_result = appliers.finish();
+        if let Some(p) = prefault {
+            let _ = p.join();
+        }
+        if let Err(e) = pages_result {
+            let _ = control.send_control(&ControlMsg::Error { message: e.clone() }, &[]);
+            return Err(ReceiveError::Pages(e));
+        }
+        Ok(RoundsDone { shared, commit })
+    }
+}
+
+/// One applier thread per page stream, plus a watcher that cuts every page stream
+/// as soon as one fails, so the source's writers fail fast instead of blocking.
+struct Appliers {
+    shared: Arc<ApplyShared>,
+    threads: Vec<JoinHandle<Result<(), String>>>,
+    watcher_done: Arc<AtomicBool>,
+    watcher: JoinHandle<()>,
+}
+
+impl Appliers {
+    fn start(memory: Arc<GuestMemory>, page_streams: Vec<PageStream>) -> Self {
+        let shared = Arc::new(ApplyShared::new(memory, page_streams.len()));
+        let shutdowns: Vec<_> = page_streams
+            .iter()
+            .map(|p| p.reader.stream().shutdown_handle())
+            .collect();
+        let threads = page_streams
+            .into_iter()
+            .map(|PageStream { index, reader }| {
+                let sh = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("livemig-recv{index}"))
+                    .spawn(move || {
+                        let res = apply_stream(&sh, reader, index);
+                        if res.is_err() {
+                            sh.gate.abort();
+                        }
+                        res
+                    })
+                    .expect("spawn receiver thread")
+            })
+            .collect();
+        let watcher_done = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let sh = shared.clone();
+            let done = watcher_done.clone();
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    if sh.failed.load(Ordering::Acquire) {
+                        shutdowns.iter().for_each(|cut| cut());
+                        return;
+                    }
+                    // Parked, not slept: stopping the watcher unparks it, so the
+                    // commit does not wait out a poll interval.
+                    std::thread::park_timeout(Duration::from_millis(5));
+                }
+            })
+        };
+        Self {
+            shared,
+            threads,
+            watcher_done,
+            watcher,
+        }
+    }
+
+    /// Wait for every applier, then stop the watcher; the first error wins.
+    fn finish(self) -> Result<(), String> {
+        let mut first = Ok(());
+        for h in self.threads {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err("receiver thread panicked".into()));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        self.watcher_done.store(true, Ordering::Release);
+        self.watcher.thread().unpark();
+        let _ = self.watcher.join();
+        first
+    }
+
+    /// Fail the session with `reason`, wait for every applier to stop, and return
+    /// the first page error recorded (which may be `reason` itself).
+    fn fail(self, reason: String) -> Option<String> {
+        self.shared.fail(reason);
+        let shared = self.shared.clone();
+        let _ = self.finish();
+        let first = shared.error.lock().expect("error lock").clone();
+        first
+    }
+}
