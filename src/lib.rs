@@ -27,6 +27,8 @@
 //! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
 //! `livemig bench` and the tests.
 
+#[cfg(feature = "tokio")]
+pub mod asyncapi;
 pub mod codec;
 pub mod compat;
 pub mod device;

@@ -44,10 +44,17 @@ fn example_binary() -> &'static PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // The example needs `vm-memory`; `tokio` too when this test was built with it,
+        // so the library is not rebuilt with other features.
+        let features = if cfg!(feature = "tokio") {
+            "kvm,vm-memory,tokio"
+        } else {
+            "kvm,vm-memory"
+        };
         cmd.args([
             "build",
             "--features",
-            "kvm",
+            features,
             "--example",
             "kvm_vmm",
             "--message-format=json-render-diagnostics",

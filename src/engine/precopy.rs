@@ -63,7 +63,7 @@ impl Run<'_> {
         let cancel = &self.m.cancel;
         let progress = &self.m.progress;
         let meter = &mut self.meter;
-        let (sent_before, held_back) = (self.sent_total, self.held_back);
+        let (sent_before, held_back, started) = (self.sent_total, self.held_back, self.started);
         let mut stop = None;
         batches_of(
             &shared.memory,
@@ -98,6 +98,8 @@ impl Run<'_> {
                             sent_total,
                             remaining,
                             fraction: meter.update(sent_total, remaining),
+                            wire_bytes: shared.counters.wire_bytes.load(Ordering::Relaxed),
+                            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                         });
                     }
                 }
@@ -125,6 +127,8 @@ impl Run<'_> {
             sent_total: self.sent_total,
             remaining: owed,
             fraction,
+            wire_bytes: self.shared.counters.wire_bytes.load(Ordering::Relaxed),
+            elapsed_ms: self.started.elapsed().as_secs_f64() * 1e3,
         });
     }
 

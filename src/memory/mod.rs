@@ -9,6 +9,8 @@
 
 mod bitmap;
 mod region;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 
 pub use bitmap::{DirtyBitmap, PageSet, SetBits};
 pub use region::{GuestRegion, RegionKind};

@@ -24,6 +24,10 @@ enum Backing {
     Owned(#[allow(dead_code)] MmapRaw),
     /// Memory owned by someone else (a VMM), valid for the region's lifetime.
     Borrowed,
+    /// Memory kept mapped by a shared owner (e.g. a `vm_memory::GuestMemoryMmap`),
+    /// held so the mapping outlives the region.
+    #[cfg(feature = "vm-memory")]
+    Shared(std::sync::Arc<dyn std::any::Any + Send + Sync>),
 }
 
 /// What kind of memory backs a region (decides whether "not populated" means zero).
@@ -138,6 +142,44 @@ impl GuestRegion {
             pagemap: std::sync::OnceLock::new(),
             _backing: Backing::Borrowed,
         })
+    }
+
+    /// A region over a mapping that `owner` keeps alive (the bridge to a VMM's own
+    /// memory type, such as `vm_memory::GuestMemoryMmap`): no copy, the same pages.
+    ///
+    /// # Safety
+    /// `host` must point to `len` bytes that stay mapped and readable (and writable
+    /// unless `read_only`) for as long as `owner` lives, and must not be unmapped or
+    /// remapped meanwhile. The region holds `owner` for its whole lifetime.
+    #[cfg(feature = "vm-memory")]
+    pub(crate) unsafe fn from_shared(
+        gpa: u64,
+        host: NonNull<u8>,
+        len: usize,
+        read_only: bool,
+        kind: RegionKind,
+        owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Self, MemoryError> {
+        check_len(gpa, len)?;
+        Ok(Self {
+            gpa,
+            len,
+            host,
+            read_only,
+            kind,
+            pagemap: std::sync::OnceLock::new(),
+            _backing: Backing::Shared(owner),
+        })
+    }
+
+    /// The shared owner keeping this region's mapping alive, for regions built by
+    /// [`GuestRegion::from_shared`].
+    #[cfg(feature = "vm-memory")]
+    pub(crate) fn shared_owner(&self) -> Option<&std::sync::Arc<dyn std::any::Any + Send + Sync>> {
+        match &self._backing {
+            Backing::Shared(owner) => Some(owner),
+            _ => None,
+        }
     }
 
     fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool, kind: RegionKind) -> Self {

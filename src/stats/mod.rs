@@ -178,6 +178,11 @@ pub enum Event {
         remaining: u64,
         /// Monotone progress in 0..=1.
         fraction: f64,
+        /// Bytes put on the wire so far, all rounds (frames, headers included).
+        /// Two events give the live transfer rate: Δ`wire_bytes` ÷ Δ`elapsed_ms`.
+        wire_bytes: u64,
+        /// Time since the migration started (ms).
+        elapsed_ms: f64,
     },
     /// A round finished.
     RoundFinished(RoundStats),

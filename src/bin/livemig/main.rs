@@ -104,15 +104,15 @@ struct MigrateOpts {
     /// Proof of no loss: digest (per-page hashes) or full (also rescan source memory at brownout).
     #[arg(long, value_enum, default_value = "digest")]
     verify: VerifyArg,
-    /// Downtime target in milliseconds.
-    #[arg(long, default_value_t = 50)]
-    downtime_target: u64,
+    /// Downtime target (e.g. 50ms, 0.05s; a plain number is milliseconds).
+    #[arg(long, default_value = "50ms", value_parser = args::parse_ms)]
+    downtime_target: Duration,
     /// Maximum pre-copy rounds.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
-    /// Maximum pre-copy time in seconds.
-    #[arg(long, default_value_t = 300)]
-    max_time: u64,
+    /// Maximum pre-copy time (e.g. 10m, 90s; a plain number is seconds).
+    #[arg(long, default_value = "300s", value_parser = args::parse_secs)]
+    max_time: Duration,
     /// At a round/time limit: force brownout or cancel.
     #[arg(long, value_enum, default_value = "force")]
     on_limit: OnLimitArg,
@@ -128,9 +128,10 @@ struct MigrateOpts {
     /// Defer pages dirtied in this many consecutive rounds to the final round (0: off).
     #[arg(long, default_value_t = 3)]
     hot_page_rounds: u32,
-    /// Expected device-state save/transfer/restore time (ms), counted in the prediction.
-    #[arg(long, default_value_t = 0.0)]
-    device_state_ms: f64,
+    /// Expected device-state save/transfer/restore time, counted in the prediction
+    /// (e.g. 5ms; a plain number is milliseconds).
+    #[arg(long, default_value = "0ms", value_parser = args::parse_ms)]
+    device_state_ms: Duration,
     /// Write the event stream to this file as JSON lines.
     #[arg(long)]
     events: Option<PathBuf>,
@@ -146,7 +147,7 @@ struct MigrateOpts {
     splice: bool,
     /// Give up on a destination that takes no data or stops answering for this long
     /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
-    #[arg(long, default_value = "20s", value_parser = args::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
     peer_timeout: Duration,
 }
 
@@ -164,24 +165,25 @@ struct BenchArgs {
     /// Do not ask for transparent huge pages on the destination.
     #[arg(long)]
     no_huge_pages: bool,
-    /// Guest memory size.
+    /// Guest memory size (e.g. 2GiB, 2G, 512MiB; K/M/G/T are powers of 1024).
     #[arg(long, default_value = "1G", value_parser = args::parse_size)]
     memory: u64,
     /// Page content: mix, zero, random, text.
     #[arg(long, default_value = "mix")]
     content: Content,
-    /// Dirtier rate in MB/s (0: idle guest).
-    #[arg(long, default_value_t = 100.0)]
-    dirty_rate: f64,
-    /// Hot-set size the dirtier writes over.
+    /// Guest write rate (e.g. 400MB/s, 1GB/s; a plain number is MB/s; 0: idle guest).
+    #[arg(long, default_value = "100MB/s", value_parser = args::parse_rate_mb_s)]
+    dirty_rate: u64,
+    /// Hot-set size the dirtier writes over (e.g. 64M).
     #[arg(long, default_value = "64M", value_parser = args::parse_size)]
     hot_set: u64,
     /// Write spread over the hot set.
     #[arg(long, value_enum, default_value = "uniform")]
     skew: SkewArg,
-    /// Move the hot set after this many milliseconds (phase change).
-    #[arg(long)]
-    phase_change_ms: Option<u64>,
+    /// Move the hot set after this long (phase change; e.g. 2s; a plain number is
+    /// milliseconds).
+    #[arg(long, value_parser = args::parse_ms)]
+    phase_change_ms: Option<Duration>,
     /// Dirty tracker.
     #[arg(long, value_enum, default_value = "explicit")]
     tracker: TrackerArg,
@@ -248,7 +250,7 @@ struct RecvArgs {
     prealloc: bool,
     /// Give up on a source that takes no data or stops answering for this long
     /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
-    #[arg(long, default_value = "20s", value_parser = args::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
     peer_timeout: Duration,
 }
 
@@ -310,7 +312,7 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
         bandwidth: o
             .bandwidth
             .map(livemig::transport::shaped::TokenBucket::new),
-        expected_device_state: Duration::from_secs_f64(o.device_state_ms.max(0.0) / 1e3),
+        expected_device_state: o.device_state_ms,
         delta: o.delta,
         delta_cache_bytes: o.delta_cache.unwrap_or(0),
         splice: o.splice,
@@ -319,9 +321,9 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
 }
 
 fn policy_of(o: &MigrateOpts) -> DowntimePolicy {
-    let mut p = DowntimePolicy::with_target(Duration::from_millis(o.downtime_target));
+    let mut p = DowntimePolicy::with_target(o.downtime_target);
     p.max_rounds = o.max_rounds;
-    p.max_time = Duration::from_secs(o.max_time);
+    p.max_time = o.max_time;
     p.on_limit = match o.on_limit {
         OnLimitArg::Cancel => OnLimit::Cancel,
         OnLimitArg::Force => OnLimit::ForceBrownout,
@@ -546,13 +548,13 @@ fn bench_one(
         mem.clone(),
         (a.tracker == TrackerArg::Explicit).then(|| bitmap.clone()),
         DirtierConfig {
-            rate_bytes_per_s: (a.dirty_rate * 1e6) as u64,
+            rate_bytes_per_s: a.dirty_rate,
             hot_set_bytes: a.hot_set,
             skew: match a.skew {
                 SkewArg::Uniform => Skew::Uniform,
                 SkewArg::Hot8020 => Skew::Hot80_20,
             },
-            phase_change_after: a.phase_change_ms.map(Duration::from_millis),
+            phase_change_after: a.phase_change_ms,
             seed: a.seed + index as u64,
             ..Default::default()
         },
@@ -624,7 +626,7 @@ fn bench_one(
                     json!({ "error": e.to_string(), "cancelled": cancelled,
                             "policy_abort": aborted, "source_running": source_running,
                             "destination": dest, "converged": false, "verified": false,
-                            "dirty_rate_mb_s": a.dirty_rate, "hot_set_bytes": a.hot_set,
+                            "dirty_rate_mb_s": a.dirty_rate as f64 / 1e6, "hot_set_bytes": a.hot_set,
                             "skew": format!("{:?}", a.skew),
                             "guest_writes": writes, "migration": index })
                 );
@@ -669,7 +671,7 @@ fn bench_one(
     );
     obj.insert("memory_equal".into(), Value::Bool(memory_equal));
     obj.insert("content".into(), json!(a.content.name()));
-    obj.insert("dirty_rate_mb_s".into(), json!(a.dirty_rate));
+    obj.insert("dirty_rate_mb_s".into(), json!(a.dirty_rate as f64 / 1e6));
     obj.insert("hot_set_bytes".into(), json!(a.hot_set));
     obj.insert("guest_writes".into(), json!(writes));
     obj.insert("migration".into(), json!(index));

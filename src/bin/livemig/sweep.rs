@@ -10,9 +10,9 @@ use serde_json::Value;
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
-    /// Guest memory per run.
-    #[arg(long, default_value = "512M")]
-    memory: String,
+    /// Guest memory per run (e.g. 512M, 2GiB).
+    #[arg(long, default_value = "512M", value_parser = super::args::parse_size)]
+    memory: u64,
     /// Modes (comma separated).
     #[arg(long, default_value = "standard,compress,multichannel,auto")]
     modes: String,
@@ -22,15 +22,15 @@ pub struct SweepArgs {
     /// Codecs for compress mode (comma separated).
     #[arg(long, default_value = "lz4,zstd:1")]
     codecs: String,
-    /// Bandwidth caps (comma separated; `none` = uncapped).
+    /// Bandwidth caps (comma separated bit rates such as 1gbit; `none` = uncapped).
     #[arg(long, default_value = "1gbit,10gbit,none")]
     bandwidth: String,
     /// Contents (comma separated).
     #[arg(long, default_value = "mix")]
     content: String,
-    /// Dirty rate (MB/s) for every run.
-    #[arg(long, default_value_t = 0.0)]
-    dirty_rate: f64,
+    /// Guest write rate for every run (e.g. 400MB/s; a plain number is MB/s).
+    #[arg(long, default_value = "0", value_parser = super::args::parse_rate_mb_s)]
+    dirty_rate: u64,
     /// Repetitions per cell (the median is plotted).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -58,6 +58,12 @@ pub fn run(a: SweepArgs) -> Result<(), String> {
     std::fs::create_dir_all(&a.out)
         .map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // Check every cap before the first run, so a typo fails at once, not hours in.
+    for bw in list(&a.bandwidth).iter().filter(|b| *b != "none") {
+        super::args::parse_bitrate(bw)
+            .map_err(|e| format!("invalid value for '--bandwidth': {e}"))?;
+    }
+    let (memory, dirty_rate) = (format!("{}B", a.memory), format!("{}B/s", a.dirty_rate));
     let mut cells = Vec::new();
     for content in list(&a.content) {
         for bw in list(&a.bandwidth) {
@@ -101,7 +107,7 @@ pub fn run(a: SweepArgs) -> Result<(), String> {
                 "bench",
                 "--json",
                 "--memory",
-                &a.memory,
+                &memory,
                 "--content",
                 &c.content,
                 "--mode",
@@ -111,7 +117,7 @@ pub fn run(a: SweepArgs) -> Result<(), String> {
                 "--streams",
                 &c.streams.to_string(),
                 "--dirty-rate",
-                &a.dirty_rate.to_string(),
+                &dirty_rate,
             ]);
             if c.mode == "compress" {
                 cmd.args(["--codec", &c.codec]);
