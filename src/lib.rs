@@ -43,6 +43,7 @@ pub mod limits;
 pub mod memory;
 pub mod proof;
 pub mod receiver;
+pub mod service;
 pub mod session;
 pub mod stats;
 pub mod transport;

@@ -8,6 +8,10 @@ use crate::transport::framed::{FrameReader, FrameWriter};
 use crate::transport::{Connector, TransportError};
 use crate::wire::{ControlMsg, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 
+/// Longest a source waits in a serving destination's queue (`ControlMsg::Queued`
+/// notices) before giving up; the destination bounds the wait too.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(3600);
+
 /// An established session.
 #[derive(Debug)]
 pub struct Session {
@@ -52,7 +56,29 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
     control
         .send_control(&hello, &[])
         .map_err(transport_error("handshake"))?;
-    match control.control().map_err(transport_error("handshake"))?.0 {
+    // A queued hello is answered `Queued` at once, so the first answer, whichever
+    // it is, times the round trip.
+    let mut rtt = None;
+    let reply = loop {
+        let reply = control.control().map_err(transport_error("handshake"))?.0;
+        let rtt = *rtt.get_or_insert_with(|| t0.elapsed());
+        match reply {
+            ControlMsg::Queued { limit, waiting } => {
+                if t0.elapsed() > MAX_QUEUE_WAIT {
+                    return Err(MigrationError::Refused {
+                        code: crate::wire::control::RefuseCode::HostBusy,
+                        message: format!(
+                            "queued at the destination for over {MAX_QUEUE_WAIT:?} \
+                             ({limit} migration(s) at once there, {waiting} waiting)"
+                        ),
+                    });
+                }
+            }
+            other => break (other, rtt),
+        }
+    };
+    let (reply, rtt) = reply;
+    match reply {
         ControlMsg::Welcome { capabilities, .. } => {
             if m.config.delta && !capabilities.iter().any(|c| c == "delta-xor") {
                 return Err(MigrationError::Protocol {
@@ -74,7 +100,6 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
             })
         }
     }
-    let rtt = t0.elapsed();
 
     // Setup: layout + compat + opaque config + each participant's setup info.
     let mut attachment = m.config.vm_config.clone();

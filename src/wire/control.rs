@@ -219,6 +219,17 @@ pub enum ControlMsg {
         /// Session.
         session: SessionId,
     },
+    /// Destination → source, in answer to `Hello` while every migration slot of a
+    /// serving destination is taken, to sources that offer the `queue-notice`
+    /// capability: the hello waits in the destination's queue and `Welcome` (or
+    /// `Refuse`) follows when a slot frees. Sent at once, then repeated well within
+    /// the source's reply timeout, so a long queue is not taken for a dead peer.
+    Queued {
+        /// Migrations this host receives at once (all slots taken).
+        limit: u32,
+        /// Migrations waiting for a slot, this one included.
+        waiting: u32,
+    },
 }
 
 impl ControlMsg {
@@ -284,6 +295,7 @@ impl ControlMsg {
             Self::QueryOutcome { .. } => "query_outcome",
             Self::Outcome { .. } => "outcome",
             Self::OutcomeKnown { .. } => "outcome_known",
+            Self::Queued { .. } => "queued",
         }
     }
 }

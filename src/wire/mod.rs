@@ -56,7 +56,13 @@ pub const PROTOCOL_MINOR: u16 = 0;
 
 /// Optional features this build offers in the handshake (`Hello.capabilities` from
 /// the source, `Welcome.capabilities` from the destination).
-pub const CAPABILITIES: &[&str] = &["digest-xxh3", "codec-lz4", "codec-zstd", "delta-xor"];
+pub const CAPABILITIES: &[&str] = &[
+    "digest-xxh3",
+    "codec-lz4",
+    "codec-zstd",
+    "delta-xor",
+    "queue-notice",
+];
 
 /// Largest number of pages in one batch frame.
 pub const MAX_BATCH_PAGES: usize = 256;

@@ -2,6 +2,7 @@
 
 mod args;
 mod progress;
+mod serve;
 mod sweep;
 mod tls_opts;
 
@@ -41,7 +42,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Send a stopped guest's memory image to a `livemig recv`.
     Send(SendArgs),
-    /// Receive one migration and optionally write the memory to a file.
+    /// Receive one migration and optionally write the memory to a file, or (with
+    /// `--serve`) serve many migrations until SIGINT/SIGTERM.
     Recv(RecvArgs),
     /// Run a matrix of benches and write CSV, JSON and an SVG plot.
     Sweep(sweep::SweepArgs),
@@ -305,11 +307,25 @@ struct RecvArgs {
     #[arg(long)]
     listen: String,
     /// Write the received memory here.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "serve")]
     out: Option<PathBuf>,
-    /// Print one JSON object as the last line of stdout.
+    /// Print one JSON object as the last line of stdout (with `--serve`: one JSON
+    /// line per event: listening, queued, session start and end, refused
+    /// connection, stopped).
     #[arg(long)]
     json: bool,
+    /// Serve many migrations, one after another and at once, until SIGINT/SIGTERM
+    /// (then running ones finish). Stray connections are refused without
+    /// disturbing them.
+    #[arg(long)]
+    serve: bool,
+    /// With `--serve`: migrations received at once; later ones queue (FIFO).
+    #[arg(long, requires = "serve", default_value_t = livemig::service::DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+    /// With `--serve`: write each received guest to DIR/<session>.img (otherwise
+    /// it is discarded once verified).
+    #[arg(long, requires = "serve")]
+    out_dir: Option<PathBuf>,
     /// Commit all guest memory during setup, before any page is sent; refuse the
     /// migration if this host cannot.
     #[arg(long)]
@@ -935,6 +951,31 @@ fn send(a: SendArgs) -> Result<(), CliError> {
 }
 
 fn recv(a: RecvArgs) -> Result<(), String> {
+    if a.serve {
+        if !a.plaintext {
+            return Err(
+                "`recv --serve` carries migrations in cleartext for now: give \
+                        --plaintext explicitly (TLS is available on plain `recv`)"
+                    .to_string()
+                    .into(),
+            );
+        }
+        if a.max_sessions == 0 {
+            return Err("--max-sessions must be at least 1".into());
+        }
+        let config = livemig::service::ServiceConfig {
+            max_sessions: a.max_sessions,
+            stop_on_signals: true,
+            peer_timeout: a.peer_timeout,
+            ..Default::default()
+        };
+        let receiver = ReceiverConfig {
+            prealloc: a.prealloc,
+            max_memory: a.max_memory,
+            ..ReceiverConfig::default()
+        };
+        return serve::run(&a.listen, config, receiver, a.out_dir, a.json);
+    }
     let tcp = TcpAcceptor::bind(&a.listen)
         .map_err(|e| e.to_string())?
         .peer_timeout(a.peer_timeout);
