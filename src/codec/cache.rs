@@ -3,7 +3,7 @@
 //! Keyed by page index; each entry holds the exact bytes the sender put on the wire
 //! for that page (from its copy buffer, never from live guest memory), which is what
 //! the receiver holds after applying it. A page found in the cache is sent as a
-//! [`delta`](super::delta) against that entry.
+//! [`delta`] against that entry.
 //!
 //! **Budget and layout.** All slots are allocated once (`budget / PAGE_SIZE` of
 //! them); the hot path copies into an existing slot and never allocates. Entries

@@ -1,6 +1,6 @@
 //! Routing connections to sessions by token, and each session's [`Acceptor`].
 //!
-//! A running session has one [`Route`]: the channel its receiver takes streams
+//! A running session has one `Route`: the channel its receiver takes streams
 //! from. The service pushes a connection into it only after reading (and, with
 //! TLS, authenticating) the connection's first frame and finding the session's
 //! token there. The receiver never sees a socket it did not ask for.
