@@ -404,7 +404,8 @@ fn queue_deadline_refuses_with_host_busy() {
 }
 
 /// `livemig recv --serve --json --out-dir`: one JSON line per event, each guest
-/// written under its session token, a stray refused, and SIGTERM ends it cleanly.
+/// written under its session token, over mutual TLS from certificate files, a
+/// plaintext stray refused, and SIGTERM ends it cleanly.
 #[test]
 fn cli_serve_json_lines_out_dir_and_sigterm() {
     use std::io::BufRead;
@@ -419,12 +420,38 @@ fn cli_serve_json_lines_out_dir_and_sigterm() {
     std::fs::write(&image_path, &image).unwrap();
     let dir = temp_path("served");
     let addr = format!("127.0.0.1:{}", free_port());
+    // Mutual TLS with files: the destination's certificate for the address the
+    // source connects to, the source's for the name the destination allows.
+    let ca = Ca::new("livemig CLI test CA");
+    let (dest_cert, dest_key) = ca.issue("127.0.0.1");
+    let (src_cert, src_key) = ca.issue(SOURCE);
+    let pem: Vec<String> = [
+        ("serve-ca.pem", ca.cert.pem()),
+        ("serve-dest.pem", dest_cert),
+        ("serve-dest.key", dest_key),
+        ("serve-src.pem", src_cert),
+        ("serve-src.key", src_key),
+    ]
+    .into_iter()
+    .map(|(name, text)| {
+        let p = temp_path(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    })
+    .collect();
 
     let mut child = Command::new(EXE)
         .args([
             "recv",
             "--serve",
-            "--plaintext",
+            "--tls-cert",
+            &pem[1],
+            "--tls-key",
+            &pem[2],
+            "--tls-ca",
+            &pem[0],
+            "--tls-peer-name",
+            SOURCE,
             "--listen",
             &addr,
             "--json",
@@ -471,7 +498,16 @@ fn cli_serve_json_lines_out_dir_and_sigterm() {
     let mut stray = TcpStream::connect(&addr).unwrap();
     stray.write_all(&[0u8; 64]).unwrap();
     let send = Command::new(EXE)
-        .args(["send", "--plaintext", "--to", &addr, "--json", "--image"])
+        .args(["send", "--to", &addr, "--json"])
+        .args([
+            "--tls-cert",
+            &pem[3],
+            "--tls-key",
+            &pem[4],
+            "--tls-ca",
+            &pem[0],
+            "--image",
+        ])
         .arg(&image_path)
         .output()
         .expect("run send");
@@ -517,10 +553,13 @@ fn cli_serve_json_lines_out_dir_and_sigterm() {
         refused["reason"]
             .as_str()
             .unwrap()
-            .contains("bad frame magic"),
+            .contains("does not speak TLS"),
         "{refused}"
     );
     let _ = std::fs::remove_file(&image_path);
+    for p in &pem {
+        let _ = std::fs::remove_file(p);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -544,6 +583,17 @@ impl Ca {
 
     /// An identity with a leaf for `name` from this CA that trusts `trusted`.
     fn identity(&self, name: &str, trusted: &Ca) -> TlsIdentity {
+        let (cert, key) = self.issue(name);
+        TlsIdentity::from_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            trusted.cert.pem().as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// A leaf for `name`: PEM certificate, PEM key.
+    fn issue(&self, name: &str) -> (String, String) {
         use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
@@ -553,12 +603,7 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        TlsIdentity::from_pem(
-            cert.pem().as_bytes(),
-            key.serialize_pem().as_bytes(),
-            trusted.cert.pem().as_bytes(),
-        )
-        .unwrap()
+        (cert.pem(), key.serialize_pem())
     }
 }
 
