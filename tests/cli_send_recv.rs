@@ -177,6 +177,7 @@ fn send_and_recv_refuse_to_run_without_tls_or_plaintext() {
     let addr = format!("127.0.0.1:{}", free_port());
     for args in [
         vec!["recv", "--listen", &addr],
+        vec!["recv", "--serve", "--listen", &addr],
         vec!["send", "--to", &addr, "--image", image.to_str().unwrap()],
     ] {
         let (code, _, err) = run(&args, Duration::from_secs(60), args[0]);

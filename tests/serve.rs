@@ -20,6 +20,8 @@ use livemig::session::SessionToken;
 use livemig::transport::framed::write_frame;
 use livemig::transport::shaped::TokenBucket;
 use livemig::transport::tcp::TcpConnector;
+use livemig::transport::tls::{server_config, TlsConnector, TlsIdentity};
+use livemig::transport::Connector;
 use livemig::wire::{ControlMsg, FrameKind};
 
 /// Records every event and the full-memory digest of every committed guest.
@@ -69,9 +71,22 @@ fn refused(e: &ServiceEvent) -> bool {
     matches!(e, ServiceEvent::Refused { .. })
 }
 
-/// Start a service on a free port with short test deadlines.
-fn start(
+type Started = (
+    String,
+    Arc<Recorder>,
+    livemig::service::StopHandle,
+    std::thread::JoinHandle<ServiceSummary>,
+);
+
+/// Start a plaintext service on a free port with short test deadlines.
+fn start(max_sessions: usize) -> Started {
+    start_with(max_sessions, None)
+}
+
+/// The same, with mutual TLS when `tls` is given.
+fn start_with(
     max_sessions: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> (
     String,
     Arc<Recorder>,
@@ -85,6 +100,7 @@ fn start(
         silent_queue_deadline: Duration::from_secs(15),
         queue_notice_interval: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(10),
+        tls,
         ..Default::default()
     };
     let service = Service::bind("127.0.0.1:0", config).expect("bind");
@@ -388,7 +404,8 @@ fn queue_deadline_refuses_with_host_busy() {
 }
 
 /// `livemig recv --serve --json --out-dir`: one JSON line per event, each guest
-/// written under its session token, a stray refused, and SIGTERM ends it cleanly.
+/// written under its session token, over mutual TLS from certificate files, a
+/// plaintext stray refused, and SIGTERM ends it cleanly.
 #[test]
 fn cli_serve_json_lines_out_dir_and_sigterm() {
     use std::io::BufRead;
@@ -403,12 +420,38 @@ fn cli_serve_json_lines_out_dir_and_sigterm() {
     std::fs::write(&image_path, &image).unwrap();
     let dir = temp_path("served");
     let addr = format!("127.0.0.1:{}", free_port());
+    // Mutual TLS with files: the destination's certificate for the address the
+    // source connects to, the source's for the name the destination allows.
+    let ca = Ca::new("livemig CLI test CA");
+    let (dest_cert, dest_key) = ca.issue("127.0.0.1");
+    let (src_cert, src_key) = ca.issue(SOURCE);
+    let pem: Vec<String> = [
+        ("serve-ca.pem", ca.cert.pem()),
+        ("serve-dest.pem", dest_cert),
+        ("serve-dest.key", dest_key),
+        ("serve-src.pem", src_cert),
+        ("serve-src.key", src_key),
+    ]
+    .into_iter()
+    .map(|(name, text)| {
+        let p = temp_path(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    })
+    .collect();
 
     let mut child = Command::new(EXE)
         .args([
             "recv",
             "--serve",
-            "--plaintext",
+            "--tls-cert",
+            &pem[1],
+            "--tls-key",
+            &pem[2],
+            "--tls-ca",
+            &pem[0],
+            "--tls-peer-name",
+            SOURCE,
             "--listen",
             &addr,
             "--json",
@@ -455,7 +498,16 @@ fn cli_serve_json_lines_out_dir_and_sigterm() {
     let mut stray = TcpStream::connect(&addr).unwrap();
     stray.write_all(&[0u8; 64]).unwrap();
     let send = Command::new(EXE)
-        .args(["send", "--plaintext", "--to", &addr, "--json", "--image"])
+        .args(["send", "--to", &addr, "--json"])
+        .args([
+            "--tls-cert",
+            &pem[3],
+            "--tls-key",
+            &pem[4],
+            "--tls-ca",
+            &pem[0],
+            "--image",
+        ])
         .arg(&image_path)
         .output()
         .expect("run send");
@@ -501,9 +553,206 @@ fn cli_serve_json_lines_out_dir_and_sigterm() {
         refused["reason"]
             .as_str()
             .unwrap()
-            .contains("bad frame magic"),
+            .contains("does not speak TLS"),
         "{refused}"
     );
     let _ = std::fs::remove_file(&image_path);
+    for p in &pem {
+        let _ = std::fs::remove_file(p);
+    }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A test CA made with rcgen (as in tests/tls.rs).
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key).unwrap();
+        Self { cert, key }
+    }
+
+    /// An identity with a leaf for `name` from this CA that trusts `trusted`.
+    fn identity(&self, name: &str, trusted: &Ca) -> TlsIdentity {
+        let (cert, key) = self.issue(name);
+        TlsIdentity::from_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            trusted.cert.pem().as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// A leaf for `name`: PEM certificate, PEM key.
+    fn issue(&self, name: &str) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+const DEST: &str = "dest.livemig.test";
+const SOURCE: &str = "source.livemig.test";
+
+#[test]
+fn three_at_once_over_tls_refuse_plaintext_and_foreign_certificates() {
+    let ca = Ca::new("livemig test CA");
+    let rogue = Ca::new("another CA");
+    let tls = server_config(&ca.identity(DEST, &ca), Some(SOURCE)).unwrap();
+    let (addr, rec, stop, service) = start_with(2, Some(tls));
+    let sources: Vec<Source> = (0..3)
+        .map(|i| {
+            Source::start(
+                source_memory(32 * MIB, 200 + i),
+                TrackerKind::Explicit,
+                4_000_000,
+                4 << 20,
+            )
+        })
+        .collect();
+    let runs: Vec<_> = sources
+        .iter()
+        .map(|src| {
+            let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+            cfg.bandwidth = Some(TokenBucket::new(200_000_000));
+            let m = Migration::new(src.mem.clone())
+                .tracker(src.tracker())
+                .vm_control(Box::new(src.dirtier.control()))
+                .policy(Box::new(test_policy()))
+                .config(cfg);
+            let connector = TlsConnector::new(
+                TcpConnector::new(addr.clone()),
+                &ca.identity(SOURCE, &ca),
+                DEST,
+            )
+            .unwrap();
+            std::thread::spawn(move || m.run(&connector))
+        })
+        .collect();
+
+    rec.wait_for("two sessions running and one queued", |ev| {
+        count(ev, |e| matches!(e, ServiceEvent::SessionStart { .. })) == 2
+            && count(ev, |e| matches!(e, ServiceEvent::Queued { .. })) == 1
+    });
+    // A plaintext source's valid stream hello, and a source whose certificate
+    // comes from another CA (it trusts the right one, so the destination decides).
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    let mut frame = Vec::new();
+    let hello = ControlMsg::StreamHello {
+        session: SessionToken::from_bytes([0x5e; 16]),
+        index: 0,
+    };
+    write_frame(&mut frame, FrameKind::Control, 0, &hello.encode(), &[]).unwrap();
+    plain.write_all(&frame).unwrap();
+    let foreign = TlsConnector::new(
+        TcpConnector::new(addr.clone()),
+        &rogue.identity(SOURCE, &ca),
+        DEST,
+    )
+    .unwrap()
+    .handshake_timeout(Duration::from_secs(5));
+    let refused_at = Instant::now();
+    let e = match foreign.connect() {
+        Ok(_) => panic!("a certificate from another CA was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused_at.elapsed() < Duration::from_secs(4),
+        "the refusal arrived, not a timeout: {e}"
+    );
+    assert!(e.contains("unknown CA"), "the source learns why: {e}");
+    rec.wait_for("two refused connections", |ev| count(ev, refused) == 2);
+
+    let reports: Vec<_> = with_timeout(GUARD, "three migrations over TLS", move || {
+        runs.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    drop(plain);
+    for r in &reports {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("a migration failed: {e}"));
+        assert!(r.verified);
+    }
+    stop.stop();
+    let summary = service.join().unwrap();
+    let events = rec.events();
+
+    let mut want: Vec<u64> = sources
+        .iter()
+        .map(|s| s.mem.full_digest(2).unwrap())
+        .collect();
+    let mut got: Vec<u64> = rec.guests.lock().unwrap().iter().map(|g| g.1).collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(want, got, "each committed guest equals one source");
+
+    let (mut running, mut most) = (0i32, 0i32);
+    for e in &events {
+        match e {
+            ServiceEvent::SessionStart { .. } => running += 1,
+            ServiceEvent::SessionEnd(_) => running -= 1,
+            _ => {}
+        }
+        most = most.max(running);
+    }
+    assert_eq!(most, 2, "two sessions overlapped, never more: {events:#?}");
+
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            ServiceEvent::Refused { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("TLS handshake failed") && r.contains("does not speak TLS")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("TLS handshake failed") && r.contains("unknown issuer")),
+        "{reasons:?}"
+    );
+    let first_end = events
+        .iter()
+        .position(|e| matches!(e, ServiceEvent::SessionEnd(_)))
+        .unwrap();
+    let last_refused = events.iter().rposition(refused).unwrap();
+    assert!(
+        last_refused < first_end,
+        "the refused connections came while the first sessions were still running"
+    );
+    for e in &events {
+        if let ServiceEvent::SessionEnd(end) = e {
+            assert_eq!(end.outcome, Outcome::Committed, "{end:?}");
+            assert!(end.verified && end.bytes > 0, "{end:?}");
+        }
+    }
+    assert_eq!(
+        (summary.committed, summary.failed, summary.refused),
+        (3, 0, 0)
+    );
+    assert_eq!(summary.refused_connections, 2);
+    assert_eq!(summary.abandoned, 0);
 }

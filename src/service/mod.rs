@@ -33,6 +33,13 @@
 //!   fails with a clear "host busy" rather than a timeout.
 //!
 //! A source that closes its connection while queued leaves the queue at once.
+//!
+//! **TLS.** With [`ServiceConfig::tls`], every connection first completes the mutual
+//! TLS handshake (client certificate required, chained to the CA, optionally valid
+//! for one name) and receives the confirmation byte, all within the opening
+//! deadline, before a byte of its first frame is read. A connection that fails the
+//! handshake is a refused stray, reported with the TLS reason; running sessions do
+//! not notice.
 
 pub mod opening;
 pub mod prefixed;
@@ -44,12 +51,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::receiver::{ReceiveError, Received, Receiver};
 use crate::transport::framed::write_frame;
+use crate::transport::tls::{TlsError, TlsStream, AUTHENTICATED};
 use crate::transport::Stream;
 use crate::wire::control::RefuseCode;
 use crate::wire::{ControlMsg, FrameKind};
@@ -100,6 +108,10 @@ pub struct ServiceConfig {
     /// Peer deadline put on every connection handed to a session (see
     /// [`crate::transport::tcp`]); zero turns it off.
     pub peer_timeout: Duration,
+    /// Mutual TLS on every connection ([`crate::transport::tls::server_config`]):
+    /// the handshake, and the confirmation byte, complete within
+    /// `opening_timeout` before the first frame is read. `None`: plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServiceConfig {
@@ -114,6 +126,7 @@ impl Default for ServiceConfig {
             drain_timeout: Duration::from_secs(120),
             stop_on_signals: false,
             peer_timeout: crate::transport::tcp::DEFAULT_PEER_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -473,7 +486,7 @@ impl Shared {
     /// `queue_notice_interval` if it understands `Queued`.
     async fn wait_for_slot(
         &self,
-        sock: &mut TcpStream,
+        sock: &mut impl Conn,
         notify: bool,
     ) -> Result<OwnedSemaphorePermit, String> {
         let deadline = if notify {
@@ -527,10 +540,70 @@ fn blocking(sock: TcpStream, peer_timeout: Duration) -> std::io::Result<Box<dyn 
     Ok(Box::new(s))
 }
 
-/// One accepted connection: read its first frame, then open a session or join one.
-async fn connection(sh: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
+/// A connection as the service holds it until a session takes it: plain TCP or
+/// TLS over TCP, both async, both convertible to the receiver's blocking stream.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The blocking stream a receiver thread reads, with the peer deadline set.
+    fn into_blocking(self, peer_timeout: Duration) -> std::io::Result<Box<dyn Stream>>;
+}
+
+impl Conn for TcpStream {
+    fn into_blocking(self, peer_timeout: Duration) -> std::io::Result<Box<dyn Stream>> {
+        blocking(self, peer_timeout)
+    }
+}
+
+impl Conn for tokio_rustls::server::TlsStream<TcpStream> {
+    fn into_blocking(self, peer_timeout: Duration) -> std::io::Result<Box<dyn Stream>> {
+        // rustls's connection holds every byte read from the socket, so nothing
+        // is lost in the handover.
+        let (sock, conn) = self.into_inner();
+        let s = blocking(sock, peer_timeout)?;
+        Ok(Box::new(TlsStream::from_established(conn, s)))
+    }
+}
+
+/// The TLS server handshake, then the confirmation byte the source waits for
+/// ([`AUTHENTICATED`]), within `limit`.
+async fn tls_accept(
+    config: Arc<rustls::ServerConfig>,
+    sock: TcpStream,
+    limit: Duration,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, TlsError> {
+    let handshake = async {
+        let mut s = tokio_rustls::TlsAcceptor::from(config).accept(sock).await?;
+        s.write_all(&[AUTHENTICATED]).await?;
+        s.flush().await?;
+        Ok::<_, std::io::Error>(s)
+    };
+    match tokio::time::timeout(limit, handshake).await {
+        Ok(r) => r.map_err(|e| TlsError::of_io(e, limit)),
+        Err(_) => Err(TlsError::TimedOut { after: limit }),
+    }
+}
+
+/// One accepted connection: the TLS handshake if configured, then its first frame.
+async fn connection(sh: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
     let _ = sock.set_nodelay(true);
-    let opening = match read_opening(&mut sock, sh.config.opening_timeout).await {
+    let limit = sh.config.opening_timeout;
+    match sh.config.tls.clone() {
+        None => opened(sh, sock, peer, limit).await,
+        Some(config) => {
+            let started = Instant::now();
+            match tls_accept(config, sock, limit).await {
+                Ok(s) => {
+                    let left = limit.saturating_sub(started.elapsed());
+                    opened(sh, s, peer, left).await
+                }
+                Err(e) => sh.stray(peer.to_string(), format!("TLS handshake failed: {e}")),
+            }
+        }
+    }
+}
+
+/// Read a connection's first frame within `limit`, then open a session or join one.
+async fn opened(sh: Arc<Shared>, mut sock: impl Conn, peer: SocketAddr, limit: Duration) {
+    let opening = match read_opening(&mut sock, limit).await {
         Ok(o) => o,
         Err(e) => return sh.stray(peer.to_string(), e.to_string()),
     };
@@ -540,7 +613,8 @@ async fn connection(sh: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
             index,
             bytes,
         } => {
-            let routed = blocking(sock, sh.config.peer_timeout)
+            let routed = sock
+                .into_blocking(sh.config.peer_timeout)
                 .map_err(|e| e.to_string())
                 .and_then(|s| {
                     sh.routes
@@ -569,7 +643,7 @@ async fn connection(sh: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
 /// A hello: queue for a slot, then run the session's receiver on its own thread.
 async fn session(
     sh: Arc<Shared>,
-    mut sock: TcpStream,
+    mut sock: impl Conn,
     token: Token,
     streams: u16,
     notify: bool,
@@ -628,7 +702,8 @@ async fn session(
         refuse(&mut sock, RefuseCode::Other, &reason).await;
         return sh.end(end(Outcome::Refused, reason));
     }
-    let acceptor = match blocking(sock, sh.config.peer_timeout)
+    let acceptor = match sock
+        .into_blocking(sh.config.peer_timeout)
         .map_err(|e| format!("cannot hand the control connection over: {e}"))
         .and_then(|s| {
             sh.routes
@@ -716,7 +791,7 @@ fn run_session(
 }
 
 /// Tell a source it is turned away (best effort: it may already be gone).
-async fn refuse(sock: &mut TcpStream, code: RefuseCode, message: &str) {
+async fn refuse(sock: &mut impl Conn, code: RefuseCode, message: &str) {
     let msg = ControlMsg::Refuse {
         code,
         message: message.to_string(),
@@ -725,7 +800,7 @@ async fn refuse(sock: &mut TcpStream, code: RefuseCode, message: &str) {
 }
 
 /// Write one control message, within [`CONTROL_WRITE_TIMEOUT`].
-async fn send_msg(sock: &mut TcpStream, msg: &ControlMsg) -> std::io::Result<()> {
+async fn send_msg(sock: &mut impl Conn, msg: &ControlMsg) -> std::io::Result<()> {
     let mut frame = Vec::new();
     write_frame(&mut frame, FrameKind::Control, 0, &msg.encode(), &[])?;
     tokio::time::timeout(CONTROL_WRITE_TIMEOUT, sock.write_all(&frame))

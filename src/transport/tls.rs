@@ -209,8 +209,9 @@ pub enum TlsError {
 }
 
 impl TlsError {
-    /// Classify an I/O error from rustls's `complete_io` or a read through TLS.
-    fn of_io(e: std::io::Error, after: Duration) -> Self {
+    /// Classify an I/O error from rustls's `complete_io`, a read through TLS, or an
+    /// async handshake (`tokio-rustls` wraps rustls's errors the same way).
+    pub fn of_io(e: std::io::Error, after: Duration) -> Self {
         use std::io::ErrorKind as K;
         match e.kind() {
             K::WouldBlock | K::TimedOut => return Self::TimedOut { after },
@@ -516,6 +517,18 @@ where
             .set_read_timeout(None)
             .map_err(TlsError::Io)?;
         Ok(Box::new(self))
+    }
+}
+
+impl TlsStream<ServerConnection> {
+    /// A blocking stream over a server connection whose handshake (and the
+    /// [`AUTHENTICATED`] byte) was completed elsewhere, e.g. asynchronously by
+    /// `recv --serve`. `conn` keeps whatever the peer already sent.
+    pub fn from_established(conn: ServerConnection, sock: Box<dyn Stream>) -> Self {
+        Self {
+            conn,
+            sock: Socket(std::io::BufReader::with_capacity(SOCKET_READ_BUFFER, sock)),
+        }
     }
 }
 

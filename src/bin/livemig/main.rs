@@ -952,13 +952,7 @@ fn send(a: SendArgs) -> Result<(), CliError> {
 
 fn recv(a: RecvArgs) -> Result<(), String> {
     if a.serve {
-        if !a.plaintext {
-            return Err(
-                "`recv --serve` carries migrations in cleartext for now: give \
-                        --plaintext explicitly (TLS is available on plain `recv`)"
-                    .to_string(),
-            );
-        }
+        let tls = a.tls.server_config(a.plaintext)?;
         if a.max_sessions == 0 {
             return Err("--max-sessions must be at least 1".into());
         }
@@ -966,6 +960,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             max_sessions: a.max_sessions,
             stop_on_signals: true,
             peer_timeout: a.peer_timeout,
+            tls,
             ..Default::default()
         };
         let receiver = ReceiverConfig {

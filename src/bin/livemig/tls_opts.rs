@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
-use livemig::transport::tls::{SelfSigned, TlsAcceptor, TlsConnector, TlsIdentity};
+use livemig::transport::tls::{server_config, SelfSigned, TlsAcceptor, TlsConnector, TlsIdentity};
 use livemig::transport::{Acceptor, Connector};
 
 /// Certificates for mutual TLS on every stream.
@@ -102,6 +102,19 @@ impl TlsOpts {
         let a =
             TlsAcceptor::new(tcp, &id, self.tls_peer_name.as_deref()).map_err(|e| e.to_string())?;
         Ok((Box::new(a), true))
+    }
+
+    /// For `recv --serve`: the rustls server configuration, `None` for plaintext.
+    pub fn server_config(
+        &self,
+        plaintext: bool,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        let Some(id) = self.required(plaintext, "recv --serve")? else {
+            return Ok(None);
+        };
+        server_config(&id, self.tls_peer_name.as_deref())
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// For `bench` (both ends in this process): TLS when asked for with files or
