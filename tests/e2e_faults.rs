@@ -462,3 +462,18 @@ fn cut_page_stream_after_pause() {
     );
     assert_failed_cleanly(&src, &log, out, Paused::After);
 }
+
+/// A migration that breaks in round 0 (its page stream dies, as when the
+/// destination is killed) leaves the source running, and the same VM then moves to
+/// a fresh receiver at once: nothing of the failed attempt is left in the way.
+#[test]
+fn after_a_broken_migration_a_second_one_to_a_fresh_receiver_succeeds() {
+    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
+        FaultyConnector::new(c, 1, Fault::CutAfter(1_500_000))
+    });
+    assert_failed_cleanly(&src, &log, out, Paused::Either);
+    let retry = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| c);
+    assert_migrated(&src, retry);
+}
