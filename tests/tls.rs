@@ -90,6 +90,21 @@ fn tls_connector(addr: String, id: &TlsIdentity, peer_name: &str) -> TlsConnecto
 
 type Side = Result<Box<dyn Stream>, TransportError>;
 
+/// A source and a destination stream over a completed TLS handshake (one CA,
+/// default handshake timeout).
+fn connected_pair() -> (Box<dyn Stream>, Box<dyn Stream>) {
+    let ca = Ca::new("livemig test CA");
+    let (acceptor, addr) = tls_acceptor(&ca, None);
+    let connector = TlsConnector::new(
+        TcpConnector::new(addr),
+        &ca.identity(SOURCE, false, &ca),
+        DEST,
+    )
+    .unwrap();
+    let (client, server) = handshake_pair(connector, acceptor);
+    (client.unwrap(), server.unwrap())
+}
+
 /// One connect against one accept; both results, within [`QUICK`].
 fn handshake_pair<C, A>(connector: C, acceptor: A) -> (Side, Side)
 where
@@ -296,16 +311,7 @@ fn plaintext_peer_is_refused_before_any_protocol_byte_is_read() {
 
 #[test]
 fn shutdown_handle_unblocks_a_reader() {
-    let ca = Ca::new("livemig test CA");
-    let (acceptor, addr) = tls_acceptor(&ca, None);
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &ca.identity(SOURCE, false, &ca),
-        DEST,
-    )
-    .unwrap();
-    let (client, server) = handshake_pair(connector, acceptor);
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = connected_pair();
     assert!(client.splice_fd().is_none(), "TLS streams must not splice");
     // Data flows both ways through the authenticated channel.
     client.write_all(b"hello").unwrap();
@@ -329,16 +335,7 @@ fn shutdown_handle_unblocks_a_reader() {
 fn a_write_takes_all_it_is_given() {
     // Paced writers (`--bandwidth`) take tokens for a whole write; a TLS write that
     // took only rustls's buffer limit would waste the rest of them.
-    let ca = Ca::new("livemig test CA");
-    let (acceptor, addr) = tls_acceptor(&ca, None);
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &ca.identity(SOURCE, false, &ca),
-        DEST,
-    )
-    .unwrap();
-    let (client, server) = handshake_pair(connector, acceptor);
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = connected_pair();
     with_timeout(Duration::from_secs(20), "large write", move || {
         const LEN: usize = 4 << 20;
         let reader = std::thread::spawn(move || {
