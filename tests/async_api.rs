@@ -49,6 +49,25 @@ async fn guarded<F: std::future::Future>(what: &str, f: F) -> F::Output {
         .unwrap_or_else(|_| panic!("{what}: not finished within {GUARD:?} (hang)"))
 }
 
+/// A 32 MiB source whose guest keeps dirtying pages (no migration converges).
+fn busy_source(seed: u64) -> Source {
+    Source::start(
+        source_memory(32 * MIB, seed),
+        TrackerKind::Explicit,
+        200_000_000,
+        16 << 20,
+    )
+}
+
+/// Waits until the first round has been sent.
+async fn first_round_finished(events: &mut Events) {
+    wait_for(
+        events,
+        |e| matches!(e, Event::RoundFinished(r) if r.round == 0),
+    )
+    .await;
+}
+
 /// Read events until one matches `pred` (the stream must not end first).
 async fn wait_for(events: &mut Events, pred: impl Fn(&Event) -> bool) -> Event {
     guarded("waiting for an event", async {
@@ -126,19 +145,10 @@ async fn migration_and_receive_as_futures_with_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_by_token_returns_cancelled_and_the_source_keeps_running() {
-    let src = Source::start(
-        source_memory(32 * MIB, 5),
-        TrackerKind::Explicit,
-        200_000_000,
-        16 << 20,
-    );
+    let src = busy_source(5);
     let (migration, mut events, dest) = start(&src, endless_policy());
     let token = migration.cancel_token();
-    wait_for(
-        &mut events,
-        |e| matches!(e, Event::RoundFinished(r) if r.round == 0),
-    )
-    .await;
+    first_round_finished(&mut events).await;
     token.cancel();
     let r = guarded("cancelled migration", migration).await;
     assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
@@ -163,18 +173,9 @@ async fn cancel_by_token_returns_cancelled_and_the_source_keeps_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_migration_future_cancels_it() {
-    let src = Source::start(
-        source_memory(32 * MIB, 6),
-        TrackerKind::Explicit,
-        200_000_000,
-        16 << 20,
-    );
+    let src = busy_source(6);
     let (migration, mut events, dest) = start(&src, endless_policy());
-    wait_for(
-        &mut events,
-        |e| matches!(e, Event::RoundFinished(r) if r.round == 0),
-    )
-    .await;
+    first_round_finished(&mut events).await;
     drop(migration);
     // The stream ends once the migration thread has resumed the source and told
     // the destination; its last event says why.
@@ -196,18 +197,9 @@ async fn dropping_the_migration_future_cancels_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_receive_future_fails_the_source_which_keeps_running() {
-    let src = Source::start(
-        source_memory(32 * MIB, 8),
-        TrackerKind::Explicit,
-        200_000_000,
-        16 << 20,
-    );
+    let src = busy_source(8);
     let (migration, mut events, dest) = start(&src, endless_policy());
-    wait_for(
-        &mut events,
-        |e| matches!(e, Event::RoundFinished(r) if r.round == 0),
-    )
-    .await;
+    first_round_finished(&mut events).await;
     drop(dest);
     let r = guarded("migration after the destination went away", migration).await;
     assert!(

@@ -18,6 +18,20 @@ fn livemig(args: &[&str]) -> Command {
     c
 }
 
+/// Spawn a plaintext `send` of `image` to `to`, with `extra` flags.
+fn spawn_send(to: &str, image: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut c = livemig(&[
+        "send",
+        "--plaintext",
+        "--to",
+        to,
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    c.args(extra);
+    Proc::spawn(c, "send")
+}
+
 /// Start `recv` on a free loopback port; returns it once it listens.
 fn start_recv(extra: &[&str]) -> (Proc, String) {
     for _ in 0..5 {
@@ -47,22 +61,17 @@ fn send_gives_up_on_a_stopped_destination_within_the_peer_timeout() {
     let peer_timeout = Duration::from_secs(2);
     let (recv, addr) = start_recv(&["--peer-timeout", "2s"]);
     let events = temp_path("events.jsonl");
-    let send = Proc::spawn(
-        livemig(&[
-            "send",
-            "--plaintext",
-            "--to",
-            &addr,
-            "--image",
-            image.to_str().unwrap(),
+    let send = spawn_send(
+        &addr,
+        &image,
+        &[
             "--bandwidth",
             "400mbit",
             "--peer-timeout",
             "2s",
             "--events",
             events.to_str().unwrap(),
-        ]),
-        "send",
+        ],
     );
     // Stop the receiver once pages flow (setup done, round 0 started).
     let t0 = Instant::now();
@@ -125,19 +134,7 @@ fn send_uses_the_next_address_when_the_first_is_dead() {
     // Nothing listens on a port that was just free: connecting is refused.
     let dead = format!("127.0.0.1:{}", free_port());
     let to = format!("{dead},{live}");
-    let send = Proc::spawn(
-        livemig(&[
-            "send",
-            "--plaintext",
-            "--to",
-            &to,
-            "--image",
-            image.to_str().unwrap(),
-            "--json",
-        ]),
-        "send",
-    )
-    .wait_exit(Duration::from_secs(60));
+    let send = spawn_send(&to, &image, &["--json"]).wait_exit(Duration::from_secs(60));
     let recv = recv.wait_exit(Duration::from_secs(30));
     assert!(send.ok(), "send failed: {}", send.stderr);
     assert!(recv.ok(), "recv failed: {}", recv.stderr);
@@ -158,18 +155,7 @@ fn send_to_only_dead_addresses_names_them_all() {
     let a = format!("127.0.0.1:{}", free_port());
     let b = format!("127.0.0.1:{}", free_port());
     let to = format!("{a},{b}");
-    let out = Proc::spawn(
-        livemig(&[
-            "send",
-            "--plaintext",
-            "--to",
-            &to,
-            "--image",
-            image.to_str().unwrap(),
-        ]),
-        "send",
-    )
-    .wait_exit(Duration::from_secs(60));
+    let out = spawn_send(&to, &image, &[]).wait_exit(Duration::from_secs(60));
     let _ = std::fs::remove_file(&image);
     assert!(!out.ok());
     assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);

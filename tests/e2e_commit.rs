@@ -301,21 +301,7 @@ impl Write for ReadFaultStream {
 }
 
 impl Stream for ReadFaultStream {
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_read_timeout(t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
-    }
-    fn deadlines(&self) -> livemig::transport::Deadlines {
-        self.inner.deadlines()
-    }
-    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
-        self.inner.shutdown_handle()
-    }
+    livemig::forward_stream!(inner);
 }
 
 // ---------------------------------------------------------------------------

@@ -130,46 +130,6 @@ fn silent_connection_is_dropped_at_the_hello_deadline() {
     assert_eq!(silent_saw, Ok(0), "the stray connection was closed");
 }
 
-/// Copies what the source writes on its control stream (to learn the token).
-#[derive(Debug)]
-struct Tee {
-    inner: Box<dyn Stream>,
-    log: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Read for Tee {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(b)
-    }
-}
-impl Write for Tee {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.log.lock().unwrap().extend_from_slice(&b[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-impl Stream for Tee {
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_read_timeout(t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
-    }
-    fn deadlines(&self) -> livemig::transport::Deadlines {
-        self.inner.deadlines()
-    }
-    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
-        self.inner.shutdown_handle()
-    }
-}
-
 /// Before each page stream of the real source, slips in connections that must not
 /// join the session: another session's stream, garbage, a silent client, and (with
 /// the real token) a duplicate and an out-of-range stream index.

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{with_timeout, GUARD};
+use common::{with_timeout, Tee, GUARD};
 use livemig::codec::CodecId;
 use livemig::device::envelope;
 use livemig::engine::{Migration, MigrationConfig, Mode};
@@ -165,44 +164,6 @@ struct Recorder {
     streams: Arc<Mutex<Vec<Log>>>,
 }
 
-#[derive(Debug)]
-struct Tee {
-    inner: Box<dyn Stream>,
-    log: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Read for Tee {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(b)
-    }
-}
-impl Write for Tee {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.log.lock().unwrap().extend_from_slice(&b[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-impl Stream for Tee {
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_read_timeout(t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
-    }
-    fn deadlines(&self) -> livemig::transport::Deadlines {
-        self.inner.deadlines()
-    }
-    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
-        self.inner.shutdown_handle()
-    }
-}
 impl Connector for Recorder {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
         let log = Arc::new(Mutex::new(Vec::new()));

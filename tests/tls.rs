@@ -81,7 +81,29 @@ fn tls_acceptor(ca: &Ca, allowed_client: Option<&str>) -> (TlsAcceptor<TcpAccept
     (a, addr)
 }
 
+/// A TLS connector to `addr` presenting `id` and expecting the peer `peer_name`.
+fn tls_connector(addr: String, id: &TlsIdentity, peer_name: &str) -> TlsConnector<TcpConnector> {
+    TlsConnector::new(TcpConnector::new(addr), id, peer_name)
+        .unwrap()
+        .handshake_timeout(HANDSHAKE)
+}
+
 type Side = Result<Box<dyn Stream>, TransportError>;
+
+/// A source and a destination stream over a completed TLS handshake (one CA,
+/// default handshake timeout).
+fn connected_pair() -> (Box<dyn Stream>, Box<dyn Stream>) {
+    let ca = Ca::new("livemig test CA");
+    let (acceptor, addr) = tls_acceptor(&ca, None);
+    let connector = TlsConnector::new(
+        TcpConnector::new(addr),
+        &ca.identity(SOURCE, false, &ca),
+        DEST,
+    )
+    .unwrap();
+    let (client, server) = handshake_pair(connector, acceptor);
+    (client.unwrap(), server.unwrap())
+}
 
 /// One connect against one accept; both results, within [`QUICK`].
 fn handshake_pair<C, A>(connector: C, acceptor: A) -> (Side, Side)
@@ -132,13 +154,7 @@ fn both_refused(client: Side, server: Side) -> (String, String) {
 fn migration_over_mutual_tls_completes_and_verifies() {
     let ca = Ca::new("livemig test CA");
     let (acceptor, addr) = tls_acceptor(&ca, Some(SOURCE));
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &ca.identity(SOURCE, false, &ca),
-        DEST,
-    )
-    .unwrap()
-    .handshake_timeout(HANDSHAKE);
+    let connector = tls_connector(addr, &ca.identity(SOURCE, false, &ca), DEST);
     assert!(connector.describe().starts_with("tls+tcp://"));
     let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
     let out = run_e2e(
@@ -195,13 +211,7 @@ fn certificate_from_another_ca_is_refused_on_both_sides() {
     let rogue = Ca::new("another CA");
     let (acceptor, addr) = tls_acceptor(&ca, None);
     // The source trusts the right CA but its own certificate comes from another.
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &rogue.identity(SOURCE, false, &ca),
-        DEST,
-    )
-    .unwrap()
-    .handshake_timeout(HANDSHAKE);
+    let connector = tls_connector(addr, &rogue.identity(SOURCE, false, &ca), DEST);
     let (c, s) = both_refused_pair(connector, acceptor);
     assert!(s.contains("unknown issuer"), "{s}");
     assert!(c.contains("unknown CA"), "{c}");
@@ -216,13 +226,7 @@ fn destination_from_another_ca_is_refused_on_both_sides() {
     let acceptor = TlsAcceptor::new(tcp, &rogue.identity(DEST, false, &ca), None)
         .unwrap()
         .handshake_timeout(HANDSHAKE);
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &ca.identity(SOURCE, false, &ca),
-        DEST,
-    )
-    .unwrap()
-    .handshake_timeout(HANDSHAKE);
+    let connector = tls_connector(addr, &ca.identity(SOURCE, false, &ca), DEST);
     let (c, s) = both_refused_pair(connector, acceptor);
     assert!(c.contains("unknown issuer"), "{c}");
     assert!(s.contains("unknown CA"), "{s}");
@@ -232,13 +236,7 @@ fn destination_from_another_ca_is_refused_on_both_sides() {
 fn expired_certificate_is_refused_on_both_sides() {
     let ca = Ca::new("livemig test CA");
     let (acceptor, addr) = tls_acceptor(&ca, None);
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &ca.identity(SOURCE, true, &ca),
-        DEST,
-    )
-    .unwrap()
-    .handshake_timeout(HANDSHAKE);
+    let connector = tls_connector(addr, &ca.identity(SOURCE, true, &ca), DEST);
     let (c, s) = both_refused_pair(connector, acceptor);
     assert!(s.contains("peer certificate expired"), "{s}");
     assert!(
@@ -251,13 +249,11 @@ fn expired_certificate_is_refused_on_both_sides() {
 fn destination_with_wrong_name_is_refused_on_both_sides() {
     let ca = Ca::new("livemig test CA");
     let (acceptor, addr) = tls_acceptor(&ca, None);
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
+    let connector = tls_connector(
+        addr,
         &ca.identity(SOURCE, false, &ca),
         "other-host.livemig.test",
-    )
-    .unwrap()
-    .handshake_timeout(HANDSHAKE);
+    );
     let (c, s) = both_refused_pair(connector, acceptor);
     assert!(c.contains("not valid for the expected name"), "{c}");
     assert!(c.contains("other-host.livemig.test"), "{c}");
@@ -268,13 +264,11 @@ fn destination_with_wrong_name_is_refused_on_both_sides() {
 fn source_with_wrong_name_is_refused_on_both_sides() {
     let ca = Ca::new("livemig test CA");
     let (acceptor, addr) = tls_acceptor(&ca, Some(SOURCE));
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
+    let connector = tls_connector(
+        addr,
         &ca.identity("intruder.livemig.test", false, &ca),
         DEST,
-    )
-    .unwrap()
-    .handshake_timeout(HANDSHAKE);
+    );
     let (c, s) = both_refused_pair(connector, acceptor);
     assert!(s.contains("not valid for the expected name"), "{s}");
     assert!(s.contains(SOURCE), "{s}");
@@ -317,16 +311,7 @@ fn plaintext_peer_is_refused_before_any_protocol_byte_is_read() {
 
 #[test]
 fn shutdown_handle_unblocks_a_reader() {
-    let ca = Ca::new("livemig test CA");
-    let (acceptor, addr) = tls_acceptor(&ca, None);
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &ca.identity(SOURCE, false, &ca),
-        DEST,
-    )
-    .unwrap();
-    let (client, server) = handshake_pair(connector, acceptor);
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = connected_pair();
     assert!(client.splice_fd().is_none(), "TLS streams must not splice");
     // Data flows both ways through the authenticated channel.
     client.write_all(b"hello").unwrap();
@@ -350,16 +335,7 @@ fn shutdown_handle_unblocks_a_reader() {
 fn a_write_takes_all_it_is_given() {
     // Paced writers (`--bandwidth`) take tokens for a whole write; a TLS write that
     // took only rustls's buffer limit would waste the rest of them.
-    let ca = Ca::new("livemig test CA");
-    let (acceptor, addr) = tls_acceptor(&ca, None);
-    let connector = TlsConnector::new(
-        TcpConnector::new(addr),
-        &ca.identity(SOURCE, false, &ca),
-        DEST,
-    )
-    .unwrap();
-    let (client, server) = handshake_pair(connector, acceptor);
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = connected_pair();
     with_timeout(Duration::from_secs(20), "large write", move || {
         const LEN: usize = 4 << 20;
         let reader = std::thread::spawn(move || {

@@ -136,15 +136,14 @@ impl GuestRegion {
     /// while it exists.
     pub unsafe fn from_raw(gpa: u64, host: NonNull<u8>, len: usize) -> Result<Self, MemoryError> {
         check_len(gpa, len)?;
-        Ok(Self {
+        Ok(Self::with_backing(
             gpa,
             len,
             host,
-            read_only: false,
-            kind: RegionKind::External,
-            pagemap: std::sync::OnceLock::new(),
-            _backing: Backing::Borrowed,
-        })
+            false,
+            RegionKind::External,
+            Backing::Borrowed,
+        ))
     }
 
     /// A region over a mapping that `owner` keeps alive (the bridge to a VMM's own
@@ -164,15 +163,14 @@ impl GuestRegion {
         owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
     ) -> Result<Self, MemoryError> {
         check_len(gpa, len)?;
-        Ok(Self {
+        Ok(Self::with_backing(
             gpa,
             len,
             host,
             read_only,
             kind,
-            pagemap: std::sync::OnceLock::new(),
-            _backing: Backing::Shared(owner),
-        })
+            Backing::Shared(owner),
+        ))
     }
 
     /// The shared owner keeping this region's mapping alive, for regions built by
@@ -187,6 +185,17 @@ impl GuestRegion {
 
     fn owned(gpa: u64, len: usize, map: MmapRaw, read_only: bool, kind: RegionKind) -> Self {
         let host = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
+        Self::with_backing(gpa, len, host, read_only, kind, Backing::Owned(map))
+    }
+
+    fn with_backing(
+        gpa: u64,
+        len: usize,
+        host: NonNull<u8>,
+        read_only: bool,
+        kind: RegionKind,
+        backing: Backing,
+    ) -> Self {
         Self {
             gpa,
             len,
@@ -194,7 +203,7 @@ impl GuestRegion {
             read_only,
             kind,
             pagemap: std::sync::OnceLock::new(),
-            _backing: Backing::Owned(map),
+            _backing: backing,
         }
     }
 

@@ -5,9 +5,8 @@
 //! That keeps [`crate::receiver::Receiver`] unaware of whether it is served.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::time::Duration;
 
-use crate::transport::{Deadlines, Stream};
+use crate::transport::Stream;
 
 /// `prefix`, then whatever `inner` carries next. Writes go straight to `inner`.
 #[derive(Debug)]
@@ -68,21 +67,7 @@ impl Write for Prefixed {
 }
 
 impl Stream for Prefixed {
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_read_timeout(t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
-    }
-    fn deadlines(&self) -> Deadlines {
-        self.inner.deadlines()
-    }
-    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
-        self.inner.shutdown_handle()
-    }
+    crate::forward_stream!(inner);
     fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         // Splicing writes around this wrapper is fine (writes are not prefixed),
         // but only once the replayed bytes are gone would reads be; the receiver

@@ -142,24 +142,16 @@ impl Write for DeadlineStream {
 }
 
 impl Stream for DeadlineStream {
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
+    crate::forward_stream!(
+        inner: shutdown,
+        set_write_timeout,
+        deadlines,
+        shutdown_handle,
+        splice_fd
+    );
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         *self.base_timeout.lock().expect("timeout lock") = t;
         self.inner.set_read_timeout(t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
-    }
-    fn deadlines(&self) -> crate::transport::Deadlines {
-        self.inner.deadlines()
-    }
-    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
-        self.inner.shutdown_handle()
-    }
-    fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.inner.splice_fd()
     }
 }
 

@@ -179,6 +179,70 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     }
 }
 
+/// Writes, inside an `impl Stream for Wrapper { .. }`, the [`Stream`] methods that a
+/// wrapper around another stream (the field named first, e.g. a `Box<dyn Stream>`)
+/// passes through unchanged. `forward_stream!(inner)` forwards the five control
+/// methods (`shutdown`, `set_read_timeout`, `set_write_timeout`, `deadlines`,
+/// `shutdown_handle`) and keeps the defaults of `splice_fd` and `peer_addr`;
+/// `forward_stream!(inner: shutdown, splice_fd, ..)` forwards exactly those named,
+/// leaving the rest to be written by hand next to it.
+#[macro_export]
+macro_rules! forward_stream {
+    ($inner:ident) => {
+        $crate::forward_stream!(
+            $inner: shutdown,
+            set_read_timeout,
+            set_write_timeout,
+            deadlines,
+            shutdown_handle
+        );
+    };
+    ($inner:ident : $($method:ident),+ $(,)?) => {
+        $($crate::forward_stream!(@one $inner $method);)+
+    };
+    (@one $inner:ident shutdown) => {
+        fn shutdown(&self) {
+            self.$inner.shutdown()
+        }
+    };
+    (@one $inner:ident set_read_timeout) => {
+        fn set_read_timeout(
+            &self,
+            t: ::std::option::Option<::std::time::Duration>,
+        ) -> ::std::io::Result<()> {
+            self.$inner.set_read_timeout(t)
+        }
+    };
+    (@one $inner:ident set_write_timeout) => {
+        fn set_write_timeout(
+            &self,
+            t: ::std::option::Option<::std::time::Duration>,
+        ) -> ::std::io::Result<()> {
+            self.$inner.set_write_timeout(t)
+        }
+    };
+    (@one $inner:ident deadlines) => {
+        fn deadlines(&self) -> $crate::transport::Deadlines {
+            self.$inner.deadlines()
+        }
+    };
+    (@one $inner:ident shutdown_handle) => {
+        fn shutdown_handle(&self) -> ::std::boxed::Box<dyn Fn() + Send + Sync> {
+            self.$inner.shutdown_handle()
+        }
+    };
+    (@one $inner:ident splice_fd) => {
+        fn splice_fd(&self) -> ::std::option::Option<::std::os::fd::BorrowedFd<'_>> {
+            self.$inner.splice_fd()
+        }
+    };
+    (@one $inner:ident peer_addr) => {
+        fn peer_addr(&self) -> ::std::option::Option<::std::string::String> {
+            self.$inner.peer_addr()
+        }
+    };
+}
+
 /// Opens streams to a destination (source side).
 pub trait Connector: Send + Sync {
     /// Open one new stream.

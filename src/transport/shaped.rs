@@ -109,21 +109,7 @@ impl Write for ShapedStream {
 }
 
 impl Stream for ShapedStream {
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_read_timeout(t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
-    }
-    fn deadlines(&self) -> super::Deadlines {
-        self.inner.deadlines()
-    }
-    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
-        self.inner.shutdown_handle()
-    }
+    crate::forward_stream!(inner);
 }
 
 #[cfg(test)]

@@ -511,21 +511,36 @@ impl Write for FrameFaultStream {
 }
 
 impl Stream for FrameFaultStream {
-    fn shutdown(&self) {
-        self.inner.shutdown()
+    livemig::forward_stream!(inner);
+}
+
+/// Copies everything written on a stream into a shared log (reads pass through), to
+/// see what one side sent.
+#[derive(Debug)]
+pub struct Tee {
+    pub inner: Box<dyn Stream>,
+    pub log: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Read for Tee {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(b)
     }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_read_timeout(t)
+}
+
+impl Write for Tee {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.log.lock().unwrap().extend_from_slice(&b[..n]);
+        Ok(n)
     }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
-    fn deadlines(&self) -> livemig::transport::Deadlines {
-        self.inner.deadlines()
-    }
-    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
-        self.inner.shutdown_handle()
-    }
+}
+
+impl Stream for Tee {
+    livemig::forward_stream!(inner);
 }
 
 /// A free loopback TCP port (bind :0, read the port, drop the listener).
