@@ -457,8 +457,12 @@ impl Receiver {
 /// `config.huge_pages`, committed now (every page faulted in) when
 /// `config.prealloc`, otherwise left to fault in as pages arrive. A VMM calls this
 /// when it starts, before it listens for the migration.
-pub fn prepare_memory(bytes: u64, config: &ReceiverConfig) -> Result<Arc<GuestMemory>, MemoryError> {
-    let len = usize::try_from(bytes).map_err(|_| MemoryError::Overflow("the prepared memory size"))?;
+pub fn prepare_memory(
+    bytes: u64,
+    config: &ReceiverConfig,
+) -> Result<Arc<GuestMemory>, MemoryError> {
+    let len =
+        usize::try_from(bytes).map_err(|_| MemoryError::Overflow("the prepared memory size"))?;
     let m = GuestMemory::anonymous(len, config.huge_pages)?;
     if config.prealloc {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
