@@ -963,8 +963,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             return Err(
                 "`recv --serve` carries migrations in cleartext for now: give \
                         --plaintext explicitly (TLS is available on plain `recv`)"
-                    .to_string()
-                    .into(),
+                    .to_string(),
             );
         }
         if a.max_sessions == 0 {
