@@ -214,6 +214,9 @@ pub struct ReceiveReport {
     pub total_ms: f64,
     /// Allocating the skeleton VM's memory (ms).
     pub setup_ms: f64,
+    /// The destination memory was given before the migration (prepared in
+    /// advance or the caller's): setup allocated nothing.
+    pub memory_prepared: bool,
     /// Digest verification at commit (ms).
     pub verify_ms: f64,
     /// Device validation + restore (ms).
@@ -252,6 +255,9 @@ pub type SetupCheck =
 /// The destination of one migration.
 pub struct Receiver {
     memory: Option<Arc<GuestMemory>>,
+    /// `memory` was prepared in advance and reads as zero (see
+    /// [`Receiver::prepared_memory`]): zero pages need no check.
+    memory_zero: bool,
     participants: Vec<Box<dyn RestoreState>>,
     config: ReceiverConfig,
     setup_check: Option<SetupCheck>,
@@ -289,6 +295,7 @@ impl Receiver {
     pub fn new() -> Self {
         Self {
             memory: None,
+            memory_zero: false,
             participants: Vec::new(),
             config: ReceiverConfig::default(),
             setup_check: None,
@@ -319,6 +326,25 @@ impl Receiver {
     /// writes the memory only from its apply threads, before it answers `Committed`.
     pub fn memory(mut self, m: Arc<GuestMemory>) -> Self {
         self.memory = Some(m);
+        self.memory_zero = false;
+        self
+    }
+    /// Use destination memory prepared in advance and known to read as zero: fresh
+    /// anonymous memory nobody has written, as [`prepare_memory`] makes when a VMM
+    /// started for an incoming migration knows its memory size from its
+    /// configuration. Nothing is allocated at setup; zero pages are skipped
+    /// unchecked, as for memory the receiver allocates itself.
+    ///
+    /// Fit rule (as for [`Receiver::memory`]): the source's layout must equal this
+    /// memory's exactly, region for region (for memory from [`prepare_memory`]:
+    /// one region at guest address 0 of the same total size). Otherwise setup
+    /// refuses with `RefuseCode::MemoryLayout`, naming both sizes.
+    ///
+    /// Contract: the memory must read as zero when the migration starts; memory
+    /// that may hold anything goes through [`Receiver::memory`] instead.
+    pub fn prepared_memory(mut self, m: Arc<GuestMemory>) -> Self {
+        self.memory = Some(m);
+        self.memory_zero = true;
         self
     }
     /// Add a device-state participant.
@@ -381,7 +407,11 @@ impl Receiver {
             stray_connections,
         } = self.handshake(acceptor)?;
         self.session = Some(session);
-        let Skeleton { memory, setup_ms } = self.setup(&mut control, &deadline)?;
+        let Skeleton {
+            memory,
+            setup_ms,
+            prepared,
+        } = self.setup(&mut control, &deadline)?;
         let page_streams =
             self.accept_page_streams(acceptor, &session, streams, stray_connections)?;
         let stray_connections = stray_connections + page_streams.stray_connections;
@@ -399,6 +429,7 @@ impl Receiver {
             bytes_received: shared.bytes.load(Ordering::Relaxed) + control.bytes(),
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             setup_ms,
+            memory_prepared: prepared,
             verify_ms: committed.verify_us as f64 / 1e3,
             restore_ms: committed.restore_us as f64 / 1e3,
             digest: committed.digest.to_string(),
@@ -419,6 +450,25 @@ impl Receiver {
         };
         Ok(Received { report, memory })
     }
+}
+
+/// Destination memory prepared in advance for [`Receiver::prepared_memory`]: one
+/// anonymous region of `bytes` at guest address 0, with transparent huge pages when
+/// `config.huge_pages`, committed now (every page faulted in) when
+/// `config.prealloc`, otherwise left to fault in as pages arrive. A VMM calls this
+/// when it starts, before it listens for the migration.
+pub fn prepare_memory(
+    bytes: u64,
+    config: &ReceiverConfig,
+) -> Result<Arc<GuestMemory>, MemoryError> {
+    let len =
+        usize::try_from(bytes).map_err(|_| MemoryError::Overflow("the prepared memory size"))?;
+    let m = GuestMemory::anonymous(len, config.huge_pages)?;
+    if config.prealloc {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        m.prefault(threads)?;
+    }
+    Ok(Arc::new(m))
 }
 
 /// Maps a transport failure in `phase` to the receiver's error.

@@ -50,9 +50,11 @@ impl Receiver {
             memory.clone(),
             page_streams,
             self.config.max_rounds,
-            self.memory.is_some(),
+            self.memory.is_some() && !self.memory_zero,
         );
-        let prefault = if self.config.prefault && !self.config.prealloc && self.memory.is_none() {
+        // Memory the receiver allocated, or prepared in advance and not committed.
+        let own_memory = self.memory.is_none() || self.memory_zero;
+        let prefault = if self.config.prefault && !self.config.prealloc && own_memory {
             let m = memory.clone();
             Some(std::thread::spawn(move || m.prefault(1)))
         } else {

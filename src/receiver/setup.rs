@@ -20,6 +20,8 @@ pub(super) struct Skeleton {
     pub memory: Arc<GuestMemory>,
     /// Time spent checking and allocating (ms).
     pub setup_ms: f64,
+    /// The memory was given before the migration; nothing was allocated.
+    pub prepared: bool,
 }
 
 impl Receiver {
@@ -71,6 +73,7 @@ impl Receiver {
                 return Err(ReceiveError::Vetoed(v));
             }
         }
+        let prepared = self.memory.is_some();
         let memory = match self.memory.clone() {
             Some(m) => m,
             None => self.allocate(control, &layout)?,
@@ -79,7 +82,11 @@ impl Receiver {
         control
             .send_control(&ControlMsg::SetupOk, &[])
             .map_err(transport_error(PHASE))?;
-        Ok(Skeleton { memory, setup_ms })
+        Ok(Skeleton {
+            memory,
+            setup_ms,
+            prepared,
+        })
     }
 
     /// Map memory for `layout` (committing all of it with `prealloc`); a failure is

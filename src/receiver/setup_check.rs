@@ -137,11 +137,16 @@ impl Receiver {
                 return Err(Refusal::Refuse(
                     RefuseCode::MemoryLayout,
                     format!(
-                        "memory size mismatch: source has {} bytes in {} region(s), destination provides {} bytes in {} region(s)",
+                        "memory size mismatch: source has {} bytes in {} region(s), destination provides {} bytes in {} region(s){}",
                         layout.total_bytes(),
                         layout.regions.len(),
                         m.total_bytes(),
-                        m.regions().len()
+                        m.regions().len(),
+                        if self.memory_zero {
+                            " (prepared in advance; the layouts must match exactly)"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }

@@ -327,9 +327,16 @@ struct RecvArgs {
     #[arg(long, requires = "serve")]
     out_dir: Option<PathBuf>,
     /// Commit all guest memory during setup, before any page is sent; refuse the
-    /// migration if this host cannot.
+    /// migration if this host cannot. With `--memory`: commit it when `recv`
+    /// starts, before listening.
     #[arg(long)]
     prealloc: bool,
+    /// Prepare SIZE of guest memory (e.g. 2G) when `recv` starts, before
+    /// listening, as a VMM started for an incoming migration does. A guest whose
+    /// memory is exactly SIZE in one region at address 0 uses it (nothing is
+    /// allocated at setup); any other guest is refused, naming both sizes.
+    #[arg(long, value_name = "SIZE", value_parser = args::parse_size, conflicts_with = "serve")]
+    memory: Option<u64>,
     /// Keep the record of sessions' outcomes in this file too, so that a source in
     /// doubt (or `livemig resolve`) can still learn them from a restarted `recv`.
     #[arg(long)]
@@ -970,6 +977,27 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         };
         return serve::run(&a.listen, config, receiver, a.out_dir, a.json);
     }
+    let config = ReceiverConfig {
+        prealloc: a.prealloc,
+        max_memory: a.max_memory,
+        outcome_linger: Duration::from_secs(a.outcome_linger),
+        ..ReceiverConfig::default()
+    };
+    let mut receiver = Receiver::new();
+    if let Some(bytes) = a.memory {
+        if let Some(max) = a.max_memory.filter(|max| bytes > *max) {
+            return Err(format!(
+                "--memory {bytes} bytes exceeds --max-memory {max} bytes"
+            ));
+        }
+        let m = livemig::receiver::prepare_memory(bytes, &config).map_err(|e| {
+            format!(
+                "cannot {} {bytes} bytes of guest memory: {e}",
+                if a.prealloc { "commit" } else { "allocate" }
+            )
+        })?;
+        receiver = receiver.prepared_memory(m);
+    }
     let tcp = TcpAcceptor::bind(&a.listen)
         .map_err(|e| e.to_string())?
         .peer_timeout(a.peer_timeout);
@@ -988,14 +1016,8 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         }
         None => livemig::receiver::OutcomeLog::default(),
     });
-    let config = ReceiverConfig {
-        prealloc: a.prealloc,
-        max_memory: a.max_memory,
-        outcome_linger: Duration::from_secs(a.outcome_linger),
-        ..ReceiverConfig::default()
-    };
     let linger = config.outcome_linger;
-    let result = Receiver::new()
+    let result = receiver
         .config(config)
         .outcome_log(log.clone())
         .run(&*acceptor);
