@@ -47,6 +47,10 @@
 //! **Probe schedule**: the first two batches probe lz4 and zstd, so both estimates
 //! exist by the first decision; then every 8th batch (every 64th once raw clearly
 //! wins, see above).
+//!
+//! Why one file of over 600 lines: the tuner's state, its windows and its probes are
+//! one state machine whose rules refer to each other; about a third of the file is
+//! its unit tests. It moves to the policy directory with the codec policy split.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;

@@ -8,6 +8,10 @@
 //! discarded (roll back, resume); a lost, late or garbled answer puts the source in
 //! doubt: it asks the destination ([`commit::resolve`]) and, without a final
 //! answer, stays paused and reports [`MigrationError::InDoubt`].
+//!
+//! Why one file of over 600 lines: it holds the whole paused phase, in the order it
+//! runs (pause, final pages, device state, commit exchange, in-doubt queries, post-
+//! switchover audit), so the source state machine reads top to bottom in one place.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,4 +1,8 @@
 //! The pre-copy round loop (mechanism only: *when* to stop is the policy's call).
+//!
+//! Why one file of over 600 lines: the round loop and the state it shares with
+//! brownout (`Run`: workers, gate, heartbeats, audit) live together; `Run` is to move
+//! to its own module.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -40,6 +40,10 @@
 //! deadline, before a byte of its first frame is read. A connection that fails the
 //! handshake is a refused stray, reported with the TLS reason; running sessions do
 //! not notice.
+//!
+//! Why one file of over 600 lines: the accept loop, the FIFO queue of hellos and the
+//! session threads share one runtime and its state; the first frame, routing and
+//! frame replay are already in their own files.
 
 pub mod opening;
 pub mod prefixed;
