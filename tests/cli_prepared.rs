@@ -3,43 +3,14 @@
 
 mod common;
 
-use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_port, temp_path, MIB};
+use common::{free_port, temp_path, wait_with_timeout, MIB};
 use livemig::memory::GuestMemory;
 use livemig::workload::{self, Content};
 
 const EXE: &str = env!("CARGO_BIN_EXE_livemig");
-
-fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> (i32, String, String) {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let (mut out, mut err) = (String::new(), String::new());
-            child
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut out)
-                .unwrap();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code().unwrap_or(-1), out, err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(EXE)

@@ -2,11 +2,10 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{free_port, temp_path, MIB, REPORT_KEYS};
+use common::{free_port, temp_path, wait_with_timeout, MIB, REPORT_KEYS};
 use livemig::memory::GuestMemory;
 use livemig::workload::{self, Content};
 
@@ -30,35 +29,6 @@ fn make_image() -> (std::path::PathBuf, Vec<u8>) {
     let path = temp_path("image.bin");
     std::fs::write(&path, &bytes).unwrap();
     (path, bytes)
-}
-
-fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> (i32, String, String) {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut out = String::new();
-            let mut err = String::new();
-            child
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut out)
-                .unwrap();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code().unwrap_or(-1), out, err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn run(args: &[&str], limit: Duration, what: &str) -> (i32, String, String) {

@@ -603,3 +603,38 @@ pub fn last_json_line(stdout: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no output; stdout was {stdout:?}"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
+
+/// Wait for `child` up to `limit` (killing it and failing the test past that);
+/// its exit code, stdout and stderr.
+pub fn wait_with_timeout(
+    mut child: std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> (i32, String, String) {
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let (mut out, mut err) = (String::new(), String::new());
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), out, err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
