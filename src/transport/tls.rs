@@ -254,6 +254,26 @@ impl Clone for TlsIdentity {
     }
 }
 
+/// Every certificate in the PEM `pem` (read from `at`): `what.0` names the file in a
+/// parse error, `what.1` a certificate in the "holds none" error.
+fn certificates(
+    pem: &[u8],
+    what: (&'static str, &'static str),
+    at: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(what.0, at))?;
+    if certs.is_empty() {
+        return Err(TlsConfigError::Empty {
+            what: what.1,
+            path: at.into(),
+            pem_label: "CERTIFICATE",
+        });
+    }
+    Ok(certs)
+}
+
 impl TlsIdentity {
     /// Read the certificate chain (leaf first), the private key (PKCS#8, PKCS#1 or
     /// SEC1) and the CA bundle from PEM files.
@@ -289,16 +309,7 @@ impl TlsIdentity {
         (key, key_at): (&[u8], &str),
         (ca, ca_at): (&[u8], &str),
     ) -> Result<Self, TlsConfigError> {
-        let chain = CertificateDer::pem_slice_iter(cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pem_err("certificate chain", cert_at))?;
-        if chain.is_empty() {
-            return Err(TlsConfigError::Empty {
-                what: "certificate",
-                path: cert_at.into(),
-                pem_label: "CERTIFICATE",
-            });
-        }
+        let chain = certificates(cert, ("certificate chain", "certificate"), cert_at)?;
         let key = match PrivateKeyDer::from_pem_slice(key) {
             Ok(k) => k,
             Err(rustls::pki_types::pem::Error::NoItemsFound) => {
@@ -310,16 +321,7 @@ impl TlsIdentity {
             }
             Err(e) => return Err(pem_err("private key", key_at)(e)),
         };
-        let cas = CertificateDer::pem_slice_iter(ca)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pem_err("CA bundle", ca_at))?;
-        if cas.is_empty() {
-            return Err(TlsConfigError::Empty {
-                what: "CA certificate",
-                path: ca_at.into(),
-                pem_label: "CERTIFICATE",
-            });
-        }
+        let cas = certificates(ca, ("CA bundle", "CA certificate"), ca_at)?;
         let mut roots = RootCertStore::empty();
         for c in cas {
             roots.add(c).map_err(|source| TlsConfigError::BadCa {
