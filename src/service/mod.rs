@@ -188,6 +188,24 @@ pub struct SessionEnd {
     pub at_ms: f64,
 }
 
+impl SessionEnd {
+    /// A session that moved nothing yet: failed unless filled in.
+    fn before_start(session: String, waited_ms: f64) -> Self {
+        Self {
+            session,
+            outcome: Outcome::Failed,
+            error: None,
+            memory_bytes: 0,
+            bytes: 0,
+            ms: 0.0,
+            waited_ms,
+            verified: false,
+            digest: None,
+            at_ms: 0.0,
+        }
+    }
+}
+
 /// What the service reports while it runs (`--json` prints one line per event).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -683,16 +701,9 @@ async fn session(
     };
     let waited_ms = waited(queued_at);
     let end = |outcome, error: String| SessionEnd {
-        session: name.clone(),
         outcome,
         error: Some(error),
-        memory_bytes: 0,
-        bytes: 0,
-        ms: 0.0,
-        waited_ms,
-        verified: false,
-        digest: None,
-        at_ms: 0.0,
+        ..SessionEnd::before_start(name.clone(), waited_ms)
     };
     let permit = match permit {
         Ok(p) => p,
@@ -755,18 +766,7 @@ fn run_session(
     }));
     sh.routes.close(&token);
     drop(acceptor);
-    let mut end = SessionEnd {
-        session: name.clone(),
-        outcome: Outcome::Failed,
-        error: None,
-        memory_bytes: 0,
-        bytes: 0,
-        ms: 0.0,
-        waited_ms,
-        verified: false,
-        digest: None,
-        at_ms: 0.0,
-    };
+    let mut end = SessionEnd::before_start(name.clone(), waited_ms);
     match result {
         Ok(Ok(received)) => {
             let r = &received.report;
