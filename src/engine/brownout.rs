@@ -630,6 +630,9 @@ fn finish(
         audit_ms: ms(run.audit.elapsed),
         tracker_fallback: run.tracker_fallback,
         post_audit,
+        resumed: run.reconnects > 0,
+        reconnects: run.reconnects,
+        resent_pages: run.resent_pages,
     };
     run.emit(Event::Completed(Box::new(report.clone())));
     report

@@ -154,6 +154,11 @@ pub struct MigrationConfig {
     /// to heartbeats); page streams that complete no batch for four times this
     /// long are failed as stalled.
     pub peer_timeout: Duration,
+    /// How long a source whose connection broke during the rounds keeps trying to
+    /// reconnect and resume the session (attempts back off exponentially, each
+    /// bounded by `peer_timeout`) before it fails the migration; the VM runs
+    /// throughout. `Duration::ZERO`: never resume.
+    pub reconnect_timeout: Duration,
     /// How long a source in doubt (it released the VM, then lost the channel
     /// before learning the outcome) keeps asking the destination before it gives
     /// up and reports [`MigrationError::InDoubt`], VM still paused.
@@ -188,6 +193,7 @@ impl Default for MigrationConfig {
             brownout_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(30),
+            reconnect_timeout: Duration::from_secs(30),
             outcome_timeout: Duration::from_secs(60),
             audit: crate::proof::AuditConfig::default(),
             post_audit: true,

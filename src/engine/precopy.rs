@@ -69,6 +69,10 @@ pub(crate) struct Run<'a> {
     pub audit: SampledAudit,
     /// The tracker was replaced by a safe one after the audit caught a miss.
     pub tracker_fallback: bool,
+    /// Successful resumptions after a broken connection.
+    pub reconnects: u32,
+    /// Pages sent again after resumptions.
+    pub resent_pages: u64,
 }
 
 impl Run<'_> {
@@ -490,6 +494,8 @@ pub(crate) fn run(
             prediction: (Prediction::default(), 1.0),
             audit,
             tracker_fallback: false,
+            reconnects: 0,
+            resent_pages: 0,
         };
         let r = precopy(&mut run);
         if let Err(e) = &r {

@@ -104,6 +104,12 @@ pub struct ReceiverConfig {
     pub max_setup_attachment: usize,
     /// Largest `DeviceState` attachment (the device-state envelope).
     pub max_device_state: usize,
+    /// How long the destination keeps a session whose connection broke during the
+    /// rounds (its memory and what it applied), waiting for the source to resume
+    /// it. `Duration::ZERO`: fail at once.
+    pub resume_window: Duration,
+    /// Most resumptions of one session.
+    pub max_resumes: u32,
     /// How long `livemig recv` keeps answering outcome queries after a migration
     /// whose source may not know the outcome (see [`OutcomeLog::serve`]).
     pub outcome_linger: Duration,
@@ -125,6 +131,8 @@ impl Default for ReceiverConfig {
             max_rounds: DEFAULT_MAX_ROUNDS,
             max_setup_attachment: DEFAULT_MAX_SETUP_ATTACHMENT,
             max_device_state: DEFAULT_MAX_DEVICE_STATE,
+            resume_window: Duration::from_secs(60),
+            max_resumes: 16,
             outcome_linger: Duration::from_secs(60),
         }
     }

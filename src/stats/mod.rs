@@ -169,6 +169,14 @@ pub struct MigrationReport {
     pub tracker_fallback: bool,
     /// The audit of the paused source after switchover (`None` when turned off).
     pub post_audit: Option<PostAudit>,
+    /// The connection broke during the rounds and the migration went on from
+    /// where it was (see docs/PROTOCOL.md, "Resumption").
+    pub resumed: bool,
+    /// Successful reconnections (each one a resumption of the session).
+    pub reconnects: u32,
+    /// Pages sent again because a broken connection lost them (the pages of the
+    /// rounds in flight that the destination did not hold when it resumed).
+    pub resent_pages: u64,
 }
 
 /// The full audit of the paused source's memory against what was sent, run after
@@ -265,6 +273,24 @@ pub enum Event {
     },
     /// The audit of the paused source after switchover finished.
     PostAudit(PostAudit),
+    /// The connection broke during the rounds; the source is reconnecting.
+    Reconnecting {
+        /// Round in progress when it broke.
+        round: u32,
+        /// Why it broke.
+        error: String,
+    },
+    /// The session resumed on a new connection.
+    Resumed {
+        /// The round the migration goes on with (a fresh number).
+        round: u32,
+        /// Connection attempts it took.
+        attempts: u32,
+        /// Pages of the rounds in flight the destination already held.
+        held_pages: u64,
+        /// Pages sent again because the destination did not hold them.
+        resent_pages: u64,
+    },
 }
 
 /// Receives events (called from the migration thread; keep it fast).
