@@ -75,6 +75,7 @@ pub fn control_msg(bytes: &[u8]) {
         let caps = AttachmentCaps {
             setup: 1 << 20,
             device_state: 1 << 20,
+            resumed: 0,
         };
         let _ = caps.check_message(&msg, bytes.len());
     }

@@ -54,10 +54,13 @@ fn run_faulty<C: Connector + 'static>(
     )
 }
 
-/// No heartbeat within a test's lifetime, so control frames keep fixed indexes.
+/// No heartbeat within a test's lifetime, so control frames keep fixed indexes,
+/// and no resumption: these tests check that a broken migration fails cleanly
+/// (tests/e2e_resume.rs checks that one resumes).
 fn quiet(mut c: livemig::engine::MigrationConfig) -> livemig::engine::MigrationConfig {
     c.peer_timeout = Duration::from_secs(3600);
     c.heartbeat_interval = Duration::from_secs(3600);
+    c.reconnect_timeout = Duration::ZERO;
     c
 }
 

@@ -229,9 +229,18 @@ fn await_cut_then_abort(mut control: Box<dyn Stream>, mut p: Box<dyn Stream>) {
     );
 }
 
+/// A hostile page stream is refused as invalid, never taken for a broken link
+/// the session could resume from.
 fn pages_error(e: ReceiveError) -> String {
     match e {
-        ReceiveError::Pages(m) => m,
+        ReceiveError::Pages(m) => {
+            assert_eq!(
+                m.kind,
+                livemig::receiver::apply::PageErrorKind::Invalid,
+                "{m}"
+            );
+            m.to_string()
+        }
         other => panic!("expected a page error, got {other:?}"),
     }
 }

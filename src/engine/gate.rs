@@ -65,6 +65,14 @@ impl SendGate {
         self.cv.notify_all();
     }
 
+    /// Make ready for new workers after a resumption: nobody arrived, not aborted.
+    /// Call only when no worker of the old streams runs.
+    pub fn reopen(&self) {
+        let mut s = self.lock();
+        s.arrived = 0;
+        s.aborted = false;
+    }
+
     /// Whether the gate was aborted.
     pub fn is_aborted(&self) -> bool {
         self.lock().aborted

@@ -15,6 +15,7 @@ pub mod gate;
 pub mod pipeline;
 pub mod policy;
 pub mod precopy;
+pub mod resume;
 pub mod setup;
 pub mod slots;
 
@@ -256,6 +257,27 @@ pub enum MigrationError {
     /// The destination reported an error.
     #[error("destination failed: {0}")]
     Remote(String),
+    /// A page stream's connection was lost (closed, reset, or the peer took
+    /// nothing within the peer timeout). During the rounds the session resumes
+    /// on new connections when it can.
+    #[error("page stream {stream} lost its connection: {message}")]
+    PageStreamLost {
+        /// Page stream index.
+        stream: usize,
+        /// The transport error.
+        message: String,
+    },
+    /// The connection broke during the rounds and could not be resumed within
+    /// `reconnect_timeout`; the VM keeps running.
+    #[error("the connection broke and resuming failed after {attempts} attempt(s) within {after:?}: {last}")]
+    ResumeFailed {
+        /// Reconnection attempts made.
+        attempts: u32,
+        /// The reconnection budget.
+        after: Duration,
+        /// The last attempt's error (or what broke the connection).
+        last: Box<MigrationError>,
+    },
     /// A page worker panicked.
     #[error("page stream {stream}'s worker panicked: {message}")]
     WorkerPanicked {

@@ -168,6 +168,18 @@ impl Shared {
         self.gate.abort();
     }
 
+    /// Make ready for the workers of a resumed session: no failure, the gate open,
+    /// and no cached page version the destination may lack (`unsent(index)`).
+    /// Call only when every worker of the broken connection has stopped.
+    pub fn reopen(&self, unsent: impl Iterator<Item = u64>) {
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.failed.store(false, Ordering::Release);
+        self.gate.reopen();
+        if let Some(cache) = &self.delta {
+            unsent.for_each(|p| cache.invalidate(p));
+        }
+    }
+
     /// The first worker failure, if any.
     pub fn failure(&self) -> Option<WorkerFailure> {
         if !self.failed.load(Ordering::Acquire) {
@@ -180,6 +192,14 @@ impl Shared {
 /// Why a page-stream worker stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkerFailure {
+    /// The stream's connection was lost (closed, reset, or the peer took nothing
+    /// within the deadline): the session can resume on new connections.
+    Lost {
+        /// Page stream index.
+        stream: usize,
+        /// The transport error.
+        message: String,
+    },
     /// Encoding or writing failed.
     Failed {
         /// Page stream index.
@@ -194,6 +214,33 @@ pub enum WorkerFailure {
         /// The panic message.
         message: String,
     },
+}
+
+impl WorkerFailure {
+    /// The failure of writing to stream `stream`.
+    fn of_stream(stream: usize, e: &crate::transport::TransportError) -> Self {
+        let message = e.to_string();
+        if e.is_link_loss() {
+            Self::Lost { stream, message }
+        } else {
+            Self::Failed { stream, message }
+        }
+    }
+}
+
+/// Why one batch was not sent.
+#[derive(Debug)]
+pub enum BatchError {
+    /// Writing the frame failed.
+    Stream(crate::transport::TransportError),
+    /// Reading or encoding the pages failed.
+    Encode(String),
+}
+
+impl From<String> for BatchError {
+    fn from(s: String) -> Self {
+        Self::Encode(s)
+    }
 }
 
 /// The text of a panic payload.
@@ -316,10 +363,7 @@ pub fn worker(
                         }
                         Err(e) => {
                             st.broken = true;
-                            shared.fail(WorkerFailure::Failed {
-                                stream: index,
-                                message: e.to_string(),
-                            });
+                            shared.fail(WorkerFailure::of_stream(index, &e));
                         }
                     }
                 }
@@ -333,10 +377,7 @@ pub fn worker(
                         .send(FrameKind::StreamEnd, 0, &[], &[])
                         .and_then(|_| out.flush())
                     {
-                        shared.fail(WorkerFailure::Failed {
-                            stream: index,
-                            message: e.to_string(),
-                        });
+                        shared.fail(WorkerFailure::of_stream(index, &e));
                     }
                 }
                 return;
@@ -417,7 +458,11 @@ fn handle_batch(
                 );
             }
         }
-        Err(message) => {
+        Err(BatchError::Stream(e)) => {
+            st.broken = true;
+            shared.fail(WorkerFailure::of_stream(index, &e));
+        }
+        Err(BatchError::Encode(message)) => {
             st.broken = true;
             shared.fail(WorkerFailure::Failed {
                 stream: index,
@@ -434,7 +479,7 @@ fn send_batch(
     codec: CodecId,
     s: &mut Scratch,
     out: &mut FrameWriter,
-) -> Result<std::time::Duration, String> {
+) -> Result<std::time::Duration, BatchError> {
     let mem = &*shared.memory;
     s.meta.clear();
     s.meta.round = b.round;
@@ -536,7 +581,7 @@ fn send_batch_zero_copy(
     b: &Batch,
     s: &mut Scratch,
     out: &mut FrameWriter,
-) -> Result<std::time::Duration, String> {
+) -> Result<std::time::Duration, BatchError> {
     let mem = &*shared.memory;
     s.meta.clear();
     s.meta.round = b.round;
@@ -609,7 +654,7 @@ fn write_batch(
     npages: usize,
     zeros: u64,
     guest_memory: bool,
-) -> Result<std::time::Duration, String> {
+) -> Result<std::time::Duration, BatchError> {
     let t_write = std::time::Instant::now();
     if guest_memory {
         // SAFETY: `data` is guest memory, read by the kernel possibly after this
@@ -622,7 +667,7 @@ fn write_batch(
     } else {
         out.send(FrameKind::Batch, 0, meta, data)
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(BatchError::Stream)?;
     let write_time = t_write.elapsed();
     let c = &shared.counters;
     c.pages.fetch_add(npages as u64, Ordering::Relaxed);

@@ -24,6 +24,7 @@ use crate::proof::SampledAudit;
 use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
+use crate::transport::framed::FrameWriter;
 use crate::transport::Connector;
 use crate::wire::control::SessionId;
 use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
@@ -69,6 +70,13 @@ pub(crate) struct Run<'a> {
     pub audit: SampledAudit,
     /// The tracker was replaced by a safe one after the audit caught a miss.
     pub tracker_fallback: bool,
+    /// The destination can resume the session after a broken connection.
+    pub resumable: bool,
+    /// Per page: the round that last queued it (every page of a round is marked
+    /// when the round starts). After a broken connection, the pages of rounds the
+    /// destination did not complete are sent again unless it holds exactly that
+    /// round's copy (see [`super::resume`]).
+    pub sent_round: Vec<u32>,
     /// Successful resumptions after a broken connection.
     pub reconnects: u32,
     /// Pages sent again after resumptions.
@@ -124,6 +132,9 @@ impl Run<'_> {
         quiescent: bool,
     ) -> Result<(), MigrationError> {
         let total = set.count();
+        for p in set.iter() {
+            self.sent_round[p as usize] = round;
+        }
         let Some(tx) = self.tx.as_ref() else {
             return Err(MigrationError::Send("the page workers were stopped".into()));
         };
@@ -278,6 +289,9 @@ impl Run<'_> {
     pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
         match self.shared.failure() {
             None => Ok(()),
+            Some(WorkerFailure::Lost { stream, message }) => {
+                Err(MigrationError::PageStreamLost { stream, message })
+            }
             Some(WorkerFailure::Failed { stream, message }) => Err(MigrationError::Send(format!(
                 "page stream {stream}: {message}"
             ))),
@@ -351,6 +365,50 @@ impl Run<'_> {
     }
 }
 
+/// The page-stream workers of one connection: their batch queue, control
+/// channels, threads and the handles that cut their streams.
+pub(crate) struct Workers {
+    pub tx: Sender<Batch>,
+    pub ctl: Vec<Sender<Ctl>>,
+    pub handles: Vec<JoinHandle<()>>,
+    pub shutdowns: Arc<Vec<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl Workers {
+    /// One worker thread per page stream.
+    pub(crate) fn spawn(shared: &Arc<Shared>, page_writers: Vec<FrameWriter>) -> Self {
+        let streams = page_writers.len();
+        let (tx, rx) = crossbeam_channel::bounded(streams * QUEUE_DEPTH_PER_WORKER);
+        let shutdowns = Arc::new(
+            page_writers
+                .iter()
+                .map(|w| w.stream().shutdown_handle())
+                .collect::<Vec<_>>(),
+        );
+        let mut ctl = Vec::with_capacity(streams);
+        let handles = page_writers
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let sh = shared.clone();
+                let rx = rx.clone();
+                let (ctx, crx) = crossbeam_channel::bounded(2);
+                ctl.push(ctx);
+                std::thread::Builder::new()
+                    .name(format!("livemig-send{i}"))
+                    .spawn(move || run_worker(&sh, i, rx, crx, w))
+                    .expect("spawn sender thread")
+            })
+            .collect();
+        Self {
+            tx,
+            ctl,
+            handles,
+            shutdowns,
+        }
+    }
+}
+
 /// The migration error for a heartbeat failure.
 pub(crate) fn link_error(f: LinkFailure) -> MigrationError {
     match f {
@@ -399,7 +457,7 @@ pub(crate) fn run(
             pages: page_writers,
             session: session_id,
             rtt,
-            ..
+            resumable,
         } = session;
         let mut link = ControlLink::new(control.into_stream());
         if m.cancel.is_cancelled() {
@@ -424,28 +482,7 @@ pub(crate) fn run(
             .with_delta(m.config.delta, m.config.delta_cache_bytes)
             .with_spliced_streams(spliced),
         );
-        let (tx, rx) = crossbeam_channel::bounded(streams * QUEUE_DEPTH_PER_WORKER);
-        let shutdowns = Arc::new(
-            page_writers
-                .iter()
-                .map(|w| w.stream().shutdown_handle())
-                .collect::<Vec<_>>(),
-        );
-        let mut ctl = Vec::with_capacity(streams);
-        let handles = page_writers
-            .into_iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let sh = shared.clone();
-                let rx = rx.clone();
-                let (ctx, crx) = crossbeam_channel::bounded(2);
-                ctl.push(ctx);
-                std::thread::Builder::new()
-                    .name(format!("livemig-send{i}"))
-                    .spawn(move || run_worker(&sh, i, rx, crx, w))
-                    .expect("spawn sender thread")
-            })
-            .collect();
+        let workers = Workers::spawn(&shared, page_writers);
         // The brownout's fixed costs from the model's calibration; the handshake
         // RTT stands for the commit round trip.
         let mut est = Estimator::default();
@@ -471,6 +508,8 @@ pub(crate) fn run(
                 audit.disable();
             }
         }
+        let resumable = resumable && m.config.reconnect_timeout > Duration::ZERO;
+        let sent_round = vec![0; m.memory.total_pages() as usize];
         let mut run = Run {
             m: &mut m,
             connector,
@@ -479,10 +518,10 @@ pub(crate) fn run(
             heartbeat: Some(heartbeat),
             deadline: None,
             shared,
-            tx: Some(tx),
-            ctl,
-            handles,
-            shutdowns,
+            tx: Some(workers.tx),
+            ctl: workers.ctl,
+            handles: workers.handles,
+            shutdowns: workers.shutdowns,
             history: Vec::new(),
             est,
             started,
@@ -494,6 +533,8 @@ pub(crate) fn run(
             prediction: (Prediction::default(), 1.0),
             audit,
             tracker_fallback: false,
+            resumable,
+            sent_round,
             reconnects: 0,
             resent_pages: 0,
         };
@@ -611,7 +652,16 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         // Without a tracker the VM is stopped: its memory cannot change.
         let quiescent = run.m.tracker.is_none();
         run.est.expect_round(to_send.count());
-        run.send_round(&to_send, round, quiescent)?;
+        let mut sent = run.send_round(&to_send, round, quiescent);
+        while let Err(e) = sent {
+            if !run.may_resume(&e) {
+                return Err(e);
+            }
+            // The broken round's pages the destination lacks go again, as a
+            // round of their own with a fresh number.
+            round = run.resume(round, e, &mut to_send)?;
+            sent = run.send_round(&to_send, round, quiescent);
+        }
         let dur = t0.elapsed().max(Duration::from_micros(1));
         let c = &run.shared.counters;
         let (p1, z1, b1) = (
@@ -733,6 +783,21 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
                 run.emit(Event::Throttled { percent: p });
             }
             Decision::Brownout(reason) => {
+                // The heartbeat hands the control stream back before the pause; a
+                // connection that broke meanwhile resumes, and the loop goes on
+                // with what is owed plus what the destination lacks.
+                if let Err(e) = run.control() {
+                    if !run.may_resume(&e) {
+                        return Err(e);
+                    }
+                    let mut resend = PageSet::new(pages);
+                    round = run.resume(round - 1, e, &mut resend)?;
+                    to_send.clear();
+                    to_send.union_with(&owed);
+                    to_send.union_with(&resend);
+                    deferred.clear();
+                    continue;
+                }
                 // Every deferred page is in `owed`: the final round sends it.
                 run.held_back = 0;
                 return brownout::run(run, owed, round, predicted, reason);

@@ -23,6 +23,22 @@ pub struct Session {
     pub session: SessionToken,
     /// Round-trip time of the setup exchange (a floor for the commit round trip).
     pub rtt: Duration,
+    /// The destination can resume this session after a broken connection
+    /// (capability `resume`).
+    pub resumable: bool,
+}
+
+/// A session resumed on new connections (see [`reconnect`]).
+#[derive(Debug)]
+pub struct Reconnected {
+    /// The new control stream.
+    pub control: FrameReader,
+    /// The new page streams.
+    pub pages: Vec<FrameWriter>,
+    /// Rounds every page stream completed at the destination.
+    pub complete_rounds: u32,
+    /// Pages of later rounds the destination holds.
+    pub held: Vec<crate::wire::resume::HeldRun>,
 }
 
 fn transport_error(phase: &'static str) -> impl Fn(TransportError) -> MigrationError {
@@ -78,7 +94,7 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         }
     };
     let (reply, rtt) = reply;
-    match reply {
+    let resumable = match reply {
         ControlMsg::Welcome { capabilities, .. } => {
             if m.config.delta && !capabilities.iter().any(|c| c == "delta-xor") {
                 return Err(MigrationError::Protocol {
@@ -88,6 +104,7 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
                         .into(),
                 });
             }
+            capabilities.iter().any(|c| c == "resume")
         }
         ControlMsg::Refuse { code, message } => {
             return Err(MigrationError::Refused { code, message })
@@ -99,7 +116,7 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
                 message: format!("unexpected {}", other.name()),
             })
         }
-    }
+    };
 
     // Setup: layout + compat + opaque config + each participant's setup info.
     let mut attachment = m.config.vm_config.clone();
@@ -144,6 +161,22 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         }
     }
 
+    let pages = open_page_streams(m, connector, session)?;
+    Ok(Session {
+        control,
+        pages,
+        session,
+        rtt,
+        resumable,
+    })
+}
+
+/// Open the page streams of `session`, each with its `StreamHello`.
+fn open_page_streams(
+    m: &Migration,
+    connector: &dyn Connector,
+    session: SessionToken,
+) -> Result<Vec<FrameWriter>, MigrationError> {
     let mut pages = Vec::with_capacity(m.config.streams as usize);
     for index in 0..m.config.streams {
         let mut s = connector
@@ -163,10 +196,74 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
             .map_err(transport_error("opening page streams"))?;
         pages.push(w);
     }
-    Ok(Session {
+    Ok(pages)
+}
+
+/// One attempt to resume `session` on new connections, going on with `round`:
+/// `Resume` on a new control stream, the destination's `Resumed` (what it holds),
+/// then the page streams. Each wait is bounded by `reply_timeout`.
+pub fn reconnect(
+    m: &Migration,
+    connector: &dyn Connector,
+    session: SessionToken,
+    round: u32,
+    reply_timeout: Duration,
+) -> Result<Reconnected, MigrationError> {
+    const PHASE: &str = "resuming";
+    let stream = connector.connect().map_err(transport_error(PHASE))?;
+    stream
+        .set_read_timeout(Some(reply_timeout))
+        .map_err(|e| MigrationError::Transport {
+            phase: PHASE,
+            source: TransportError::Io {
+                what: "control",
+                source: e,
+            },
+        })?;
+    let mut control = FrameReader::new(stream, "control");
+    let resume = ControlMsg::Resume {
+        magic: "livemig".into(),
+        major: PROTOCOL_MAJOR,
+        minor: PROTOCOL_MINOR,
+        session,
+        streams: m.config.streams,
+        round,
+    };
+    control
+        .send_control(&resume, &[])
+        .map_err(transport_error(PHASE))?;
+    let (reply, attachment) = control
+        .control_capped(&crate::wire::frame::AttachmentCaps::RESUMED)
+        .map_err(transport_error(PHASE))?;
+    let (complete_rounds, held) = match reply {
+        ControlMsg::Resumed {
+            complete_rounds,
+            held_runs,
+        } => {
+            let held =
+                crate::wire::resume::decode_runs(&attachment, held_runs, m.memory.total_pages())
+                    .map_err(|e| MigrationError::Protocol {
+                        phase: PHASE,
+                        message: e.to_string(),
+                    })?;
+            (complete_rounds, held)
+        }
+        ControlMsg::Refuse { code, message } => {
+            return Err(MigrationError::Refused { code, message })
+        }
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        other => {
+            return Err(MigrationError::Protocol {
+                phase: PHASE,
+                message: format!("unexpected {}", other.name()),
+            })
+        }
+    };
+    let pages = open_page_streams(m, connector, session)?;
+    Ok(Reconnected {
         control,
         pages,
-        session,
-        rtt,
+        complete_rounds,
+        held,
     })
 }

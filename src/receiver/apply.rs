@@ -11,7 +11,68 @@ use crate::proof::{DigestDelta, PageLedger};
 use crate::transport::framed::FrameReader;
 use crate::wire::batch::{BatchMeta, FLAG_DELTA, FLAG_RACY};
 use crate::wire::frame::RoundEnd;
+use crate::wire::resume::{HeldRun, MAX_HELD_RUNS};
 use crate::wire::FrameKind;
+
+/// What kind of failure stopped a page stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageErrorKind {
+    /// The stream broke: closed, reset or silent past its deadline. The session
+    /// can resume on new connections (docs/PROTOCOL.md, "Resumption").
+    Link,
+    /// The source sent something the protocol forbids: a malformed or corrupt
+    /// frame, a page out of bounds or twice in a round, a bad checksum.
+    Invalid,
+    /// Another stream's failure, or the control stream's, stopped this one.
+    Stopped,
+}
+
+/// Why applying a page stream failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("page stream {stream}: {message}")]
+pub struct PageError {
+    /// The stream's index.
+    pub stream: u16,
+    /// What kind of failure.
+    pub kind: PageErrorKind,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl PageError {
+    /// Whether the session may resume after this failure.
+    pub fn is_link(&self) -> bool {
+        self.kind == PageErrorKind::Link
+    }
+}
+
+/// A failure inside one batch: the link broke, or the batch is invalid.
+enum BatchFault {
+    Link(String),
+    Invalid(String),
+}
+
+impl From<String> for BatchFault {
+    fn from(s: String) -> Self {
+        Self::Invalid(s)
+    }
+}
+
+impl From<&str> for BatchFault {
+    fn from(s: &str) -> Self {
+        Self::Invalid(s.into())
+    }
+}
+
+impl From<crate::transport::TransportError> for BatchFault {
+    fn from(e: crate::transport::TransportError) -> Self {
+        if e.is_link_loss() {
+            Self::Link(e.to_string())
+        } else {
+            Self::Invalid(e.to_string())
+        }
+    }
+}
 
 /// State shared by the apply threads and the control thread.
 #[derive(Debug)]
@@ -44,7 +105,7 @@ pub struct ApplyShared {
     /// Set on the first failure.
     pub failed: AtomicBool,
     /// First failure.
-    pub error: Mutex<Option<String>>,
+    pub error: Mutex<Option<PageError>>,
 }
 
 impl ApplyShared {
@@ -69,13 +130,68 @@ impl ApplyShared {
     }
 
     /// Record a failure (first one wins) and wake the gate.
-    pub fn fail(&self, e: String) {
+    pub fn fail(&self, e: PageError) {
         let mut slot = self.error.lock().expect("error lock");
         if slot.is_none() {
             *slot = Some(e);
         }
         self.failed.store(true, Ordering::Release);
         self.gate.abort();
+    }
+
+    /// Stop every stream for a reason outside the page streams (the control
+    /// stream failed or the source aborted).
+    pub fn stop(&self, reason: String) {
+        self.fail(PageError {
+            stream: u16::MAX,
+            kind: PageErrorKind::Stopped,
+            message: reason,
+        });
+    }
+
+    /// The first failure recorded.
+    pub fn first_error(&self) -> Option<PageError> {
+        self.error.lock().expect("error lock").clone()
+    }
+
+    /// Make ready for a resumed session's streams, which start at `round`. Call
+    /// only once every applier of the broken connection has stopped.
+    pub fn reopen(&self, round: u32) {
+        *self.error.lock().expect("error lock") = None;
+        self.failed.store(false, Ordering::Release);
+        self.gate.reopen(round);
+    }
+
+    /// What this destination holds from rounds `complete_rounds..`: runs of
+    /// consecutive pages applied completely in the same round (at most
+    /// [`MAX_HELD_RUNS`]; pages beyond are left out and sent again), and the
+    /// highest round any page was claimed in. Call only while no applier runs.
+    pub fn held_since(&self, complete_rounds: u32) -> (Vec<HeldRun>, Option<u32>) {
+        let mut runs: Vec<HeldRun> = Vec::new();
+        let mut highest = None;
+        for (i, stamp) in self.stamps.iter().enumerate() {
+            let stamp = stamp.load(Ordering::Acquire);
+            if stamp == 0 {
+                continue;
+            }
+            let round = stamp - 1;
+            highest = highest.max(Some(round));
+            if round < complete_rounds {
+                continue;
+            }
+            let i = i as u64;
+            let full = runs.len() == MAX_HELD_RUNS;
+            match runs.last_mut() {
+                Some(r) if r.end() == i && r.round == round && r.count < u32::MAX => r.count += 1,
+                _ if full => {}
+                _ => runs.push(HeldRun {
+                    first: i,
+                    count: 1,
+                    round,
+                }),
+            }
+        }
+        (runs, highest)
     }
 
     /// The memory was provided by the caller (`Receiver::memory`) and may hold
@@ -97,13 +213,50 @@ struct Scratch {
     digest: DigestDelta,
 }
 
-/// Apply frames from one page stream until StreamEnd. Returns an error message on
-/// any malformed, corrupt or out-of-order input.
+/// Apply frames from one page stream, from round `first_round` (0, or the round a
+/// resumed session goes on with), until StreamEnd. Fails on a broken link and on
+/// any malformed, corrupt or out-of-order input, saying which.
 pub fn apply_stream(
+    shared: &ApplyShared,
+    r: FrameReader,
+    stream_index: u16,
+    first_round: u32,
+) -> Result<(), PageError> {
+    let link = |message: String| PageError {
+        stream: stream_index,
+        kind: PageErrorKind::Link,
+        message,
+    };
+    let invalid = |message: String| PageError {
+        stream: stream_index,
+        kind: PageErrorKind::Invalid,
+        message,
+    };
+    let from_transport = |e: crate::transport::TransportError| {
+        if e.is_link_loss() {
+            link(e.to_string())
+        } else {
+            invalid(e.to_string())
+        }
+    };
+    apply_frames(
+        shared,
+        r,
+        stream_index,
+        first_round,
+        &from_transport,
+        &invalid,
+    )
+}
+
+fn apply_frames(
     shared: &ApplyShared,
     mut r: FrameReader,
     stream_index: u16,
-) -> Result<(), String> {
+    first_round: u32,
+    from_transport: &dyn Fn(crate::transport::TransportError) -> PageError,
+    invalid: &dyn Fn(String) -> PageError,
+) -> Result<(), PageError> {
     let mut s = Scratch {
         meta: BatchMeta::default(),
         indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
@@ -112,68 +265,91 @@ pub fn apply_stream(
         codecs: CodecSet::new(1),
         digest: DigestDelta::default(),
     };
-    let mut round = 0u32;
+    let mut round = first_round;
+    let stopped = |e: super::gate::GateError| PageError {
+        stream: stream_index,
+        kind: if e == super::gate::GateError::Aborted {
+            PageErrorKind::Stopped
+        } else {
+            PageErrorKind::Invalid
+        },
+        message: e.to_string(),
+    };
     let result = loop {
         let h = match r.header() {
             Ok(h) => h,
-            Err(e) => break Err(format!("page stream {stream_index}: {e}")),
+            Err(e) => break Err(from_transport(e)),
         };
         match h.kind {
             FrameKind::Batch => {
                 let meta = match r.meta(&h) {
                     Ok(m) => m,
-                    Err(e) => break Err(format!("page stream {stream_index}: {e}")),
+                    Err(e) => break Err(from_transport(e)),
                 };
                 if let Err(e) = s.meta.decode_from(meta) {
-                    break Err(format!("page stream {stream_index}: bad batch: {e}"));
+                    break Err(invalid(format!("bad batch: {e}")));
                 }
                 if s.meta.round != round {
-                    break Err(format!(
-                        "page stream {stream_index}: batch of round {} arrived during round {round}",
+                    break Err(invalid(format!(
+                        "batch of round {} arrived during round {round}",
                         s.meta.round
-                    ));
+                    )));
                 }
+                s.indexes.clear();
                 let applied = apply_batch(shared, &mut r, &h, &mut s);
                 shared.applied.merge(&mut s.digest);
-                if let Err(e) = applied {
-                    break Err(format!("page stream {stream_index}: {e}"));
+                match applied {
+                    Ok(()) => {}
+                    Err(BatchFault::Link(e)) => {
+                        // The batch's pages may be half written: they are not held
+                        // from this round, and never again taken as untouched zero.
+                        for &idx in &s.indexes {
+                            if let Some(stamp) = shared.stamps.get(idx as usize) {
+                                stamp.store(0, Ordering::Release);
+                                shared.touched.mark(idx);
+                            }
+                        }
+                        break Err(PageError {
+                            stream: stream_index,
+                            kind: PageErrorKind::Link,
+                            message: e,
+                        });
+                    }
+                    Err(BatchFault::Invalid(e)) => break Err(invalid(e)),
                 }
             }
             FrameKind::RoundEnd => {
-                let end = match r
-                    .meta(&h)
-                    .map_err(|e| e.to_string())
-                    .and_then(|m| RoundEnd::decode(m).map_err(|e| e.to_string()))
-                {
-                    Ok(e) => e,
-                    Err(e) => break Err(format!("page stream {stream_index}: {e}")),
+                let end = match r.meta(&h) {
+                    Ok(m) => match RoundEnd::decode(m) {
+                        Ok(e) => e,
+                        Err(e) => break Err(invalid(e.to_string())),
+                    },
+                    Err(e) => break Err(from_transport(e)),
                 };
                 if end.round != round {
-                    break Err(format!(
-                        "page stream {stream_index}: round end {} during round {round}",
+                    break Err(invalid(format!(
+                        "round end {} during round {round}",
                         end.round
-                    ));
+                    )));
                 }
                 if let Err(e) = shared.gate.arrive(round) {
-                    break Err(format!("page stream {stream_index}: {e}"));
+                    break Err(stopped(e));
                 }
                 round += 1;
             }
             FrameKind::StreamEnd => {
                 if h.meta_len != 0 || h.data_len != 0 {
-                    break Err(format!("page stream {stream_index}: malformed stream end"));
+                    break Err(invalid("malformed stream end".into()));
                 }
                 // Valid only after the final round, with the same round count on
                 // every stream; waiters of a round that cannot finish now fail.
                 if let Err(e) = shared.gate.end(stream_index, round) {
-                    break Err(format!("page stream {stream_index}: {e}"));
+                    break Err(stopped(e));
                 }
                 break Ok(());
             }
             FrameKind::Control => {
-                break Err(format!(
-                    "page stream {stream_index}: unexpected control frame"
-                ));
+                break Err(invalid("unexpected control frame".into()));
             }
         }
     };
@@ -189,22 +365,25 @@ fn apply_batch(
     r: &mut FrameReader,
     h: &crate::wire::FrameHeader,
     s: &mut Scratch,
-) -> Result<(), String> {
+) -> Result<(), BatchFault> {
     let mem = &*shared.memory;
     // Resolve every gfn to a page index; an extent must stay inside one region.
-    s.indexes.clear();
+    let mut indexes = std::mem::take(&mut s.indexes);
+    indexes.clear();
     for e in &s.meta.extents {
         let first = mem.index_of_gfn(e.gfn).map_err(|e| e.to_string())?;
         let left = mem.pages_left_in_region(first).map_err(|e| e.to_string())?;
         if (e.count as u64) > left {
-            return Err(format!(
+            return Err(BatchFault::Invalid(format!(
                 "extent at gfn {:#x} of {} pages crosses the end of its region",
                 e.gfn, e.count
-            ));
+            )));
         }
-        s.indexes.extend(first..first + e.count as u64);
+        indexes.extend(first..first + e.count as u64);
     }
-    claim_pages(shared, &s.indexes, s.meta.round)?;
+    claim_pages(shared, &indexes, s.meta.round)?;
+    // Only claimed pages are listed: a failed batch gives up exactly these.
+    s.indexes = indexes;
     let codec = s.meta.codec.ok_or("batch without codec")?;
     let racy = s.meta.flags & FLAG_RACY != 0;
     if s.meta.flags & FLAG_DELTA != 0 {
@@ -254,7 +433,7 @@ fn apply_batch(
             //   (no userspace read or write of their bytes).
             slices.push(unsafe { mem.io_slice_mut(start, count) }.map_err(|e| e.to_string())?);
         }
-        r.data_vectored(h, &mut slices).map_err(|e| e.to_string())?;
+        r.data_vectored(h, &mut slices)?;
         drop(slices);
         for i in 0..n {
             let idx = s.indexes[i];
@@ -268,7 +447,7 @@ fn apply_batch(
             record(shared, idx, s.meta.hashes[i], got, racy, &mut s.digest)?;
         }
     } else {
-        r.data_into(h, &mut s.data).map_err(|e| e.to_string())?;
+        r.data_into(h, &mut s.data)?;
         s.decoded.resize(s.meta.payload_len as usize, 0);
         s.codecs
             .get(codec)
@@ -288,7 +467,8 @@ fn apply_batch(
                 return Err(format!(
                     "page at index {idx} fails its checksum after {} decoding",
                     codec.name()
-                ));
+                )
+                .into());
             }
             mem.write_pages(idx, page).map_err(|e| e.to_string())?;
             record(shared, idx, s.meta.hashes[i], got, racy, &mut s.digest)?;
@@ -308,10 +488,10 @@ fn apply_delta_batch(
     h: &crate::wire::FrameHeader,
     s: &mut Scratch,
     codec: CodecId,
-) -> Result<(), String> {
+) -> Result<(), BatchFault> {
     use crate::codec::cache::{Record, RecordReader};
     let mem = &*shared.memory;
-    r.data_into(h, &mut s.data).map_err(|e| e.to_string())?;
+    r.data_into(h, &mut s.data)?;
     let records: &[u8] = if codec == CodecId::Raw {
         if s.data.len() != s.meta.payload_len as usize {
             return Err("raw delta payload length mismatch".into());
@@ -353,7 +533,8 @@ fn apply_delta_batch(
         if got != s.meta.hashes[i] {
             return Err(format!(
                 "page at index {idx} fails its checksum after {what} (wrong delta base or corrupt)"
-            ));
+            )
+            .into());
         }
         mem.write_pages(idx, &page).map_err(|e| e.to_string())?;
         record(shared, idx, s.meta.hashes[i], got, false, &mut s.digest)?;

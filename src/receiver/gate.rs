@@ -181,6 +181,20 @@ impl RoundGate {
         self.cv.notify_all();
     }
 
+    /// Open the gate again for a resumed session: every stream starts at `round`
+    /// (the source's fresh round number), nothing aborted or ended. Call only
+    /// when no stream is inside the gate (every applier has stopped).
+    pub fn reopen(&self, round: u32) {
+        let mut s = self.state.lock().expect("gate lock");
+        *s = State {
+            round,
+            arrived: 0,
+            aborted: false,
+            ended: None,
+            ended_count: 0,
+        };
+    }
+
     /// Rounds completed by all streams.
     pub fn rounds_done(&self) -> u32 {
         self.state.lock().expect("gate lock").round

@@ -36,6 +36,7 @@ mod commit;
 pub mod handoff;
 mod handshake;
 pub mod outcomes;
+mod resume;
 mod rounds;
 mod setup;
 
@@ -51,10 +52,12 @@ use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::ControlMsg;
+use apply::ApplyShared;
 use handoff::{DestEvent, DestState};
 use handshake::Handshake;
 pub use limiter::{HostLimiter, Permit};
 pub use outcomes::OutcomeLog;
+use rounds::RoundsFailed;
 use setup::Skeleton;
 pub use setup_check::{
     HostCaps, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
@@ -158,9 +161,10 @@ pub enum ReceiveError {
     /// The source cancelled.
     #[error("the source aborted the migration: {0}")]
     Aborted(String),
-    /// Page application failed (corrupt, truncated or out-of-order stream).
+    /// Page application failed (a broken, corrupt, truncated or out-of-order
+    /// stream; the error says which kind).
     #[error("receiving pages failed: {0}")]
-    Pages(String),
+    Pages(apply::PageError),
     /// Transport failure.
     #[error("transport failed during {phase}: {source}")]
     Transport {
@@ -199,6 +203,15 @@ pub enum ReceiveError {
     /// A participant failed to restore.
     #[error("restoring device state: {0}")]
     Participant(#[from] ParticipantError),
+    /// The connection broke during the rounds and the source did not resume the
+    /// session within the resume window.
+    #[error("{cause}; the source did not resume the session within {after:?}")]
+    NotResumed {
+        /// The resume window.
+        after: Duration,
+        /// Why the connection broke.
+        cause: Box<ReceiveError>,
+    },
 }
 
 /// What the destination reports.
@@ -245,6 +258,8 @@ pub struct ReceiveReport {
     /// The source confirmed it learned the outcome (`OutcomeKnown`); when false
     /// it may be in doubt and ask (see [`OutcomeLog::serve`]).
     pub outcome_known: bool,
+    /// Times the session resumed after its connection broke during the rounds.
+    pub resumes: u32,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -422,8 +437,40 @@ impl Receiver {
         } = self.setup(&mut control, &deadline)?;
         let page_streams =
             self.accept_page_streams(acceptor, &session, streams, stray_connections)?;
-        let stray_connections = stray_connections + page_streams.stray_connections;
-        let rounds = self.receive_rounds(&mut control, &memory, page_streams.streams)?;
+        let mut stray_connections = stray_connections + page_streams.stray_connections;
+        // What was applied outlives a broken connection: a resumed session goes on
+        // with it.
+        let shared = Arc::new(
+            ApplyShared::new(memory.clone(), streams as usize, self.config.max_rounds)
+                .caller_memory(self.memory.is_some() && !self.memory_zero),
+        );
+        let mut page_streams = page_streams.streams;
+        let (mut first_round, mut resumes) = (0u32, 0u32);
+        let rounds = loop {
+            match self.receive_rounds(
+                &mut control,
+                &shared,
+                page_streams,
+                first_round,
+                resumes == 0,
+            ) {
+                Ok(done) => break done,
+                Err(RoundsFailed { error, resumable }) => {
+                    if !resumable
+                        || resumes >= self.config.max_resumes
+                        || self.config.resume_window.is_zero()
+                    {
+                        return Err(error);
+                    }
+                    let r = self.await_resume(acceptor, &session, streams, &shared, error)?;
+                    control = r.control;
+                    page_streams = r.streams;
+                    first_round = r.round;
+                    stray_connections += r.stray_connections;
+                    resumes += 1;
+                }
+            }
+        };
         let committed = self.commit(&mut control, &memory, &rounds)?;
 
         let shared = &rounds.shared;
@@ -455,6 +502,7 @@ impl Receiver {
             session: session.to_string(),
             stray_connections,
             outcome_known: committed.outcome_known,
+            resumes,
         };
         Ok(Received { report, memory })
     }

@@ -7,9 +7,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::accept::PageStream;
-use super::apply::{apply_stream, ApplyShared};
+use super::apply::{apply_stream, ApplyShared, PageError, PageErrorKind};
 use super::{read_error, ReceiveError, Receiver};
-use crate::memory::GuestMemory;
 use crate::transport::framed::FrameReader;
 use crate::wire::ControlMsg;
 
@@ -33,46 +32,68 @@ pub(super) struct RoundsDone {
     pub commit: CommitRequest,
 }
 
+/// Why the rounds ended without a `Commit`.
+pub(super) struct RoundsFailed {
+    /// The error.
+    pub error: ReceiveError,
+    /// The connection broke before `Brownout`: the source may resume the session.
+    pub resumable: bool,
+}
+
+impl From<ReceiveError> for RoundsFailed {
+    fn from(error: ReceiveError) -> Self {
+        Self {
+            error,
+            resumable: false,
+        }
+    }
+}
+
 impl Receiver {
-    /// Run the page appliers until the source sends `Commit` (or aborts, or a
-    /// stream fails), then wait for every applier to finish.
+    /// Run the page appliers from round `first_round` until the source sends
+    /// `Commit` (or aborts, or a stream fails), then wait for every applier to
+    /// finish. `shared` (pages applied, their stamps and the digest) outlives a
+    /// broken connection, so a resumed session goes on with it.
     pub(super) fn receive_rounds(
         &self,
         control: &mut FrameReader,
-        memory: &Arc<GuestMemory>,
+        shared: &Arc<ApplyShared>,
         page_streams: Vec<PageStream>,
-    ) -> Result<RoundsDone, ReceiveError> {
+        first_round: u32,
+        prefault: bool,
+    ) -> Result<RoundsDone, RoundsFailed> {
         const PHASE: &str = "rounds";
         let _ = control
             .stream()
             .set_read_timeout(Some(self.config.idle_timeout));
-        let appliers = Appliers::start(
-            memory.clone(),
-            page_streams,
-            self.config.max_rounds,
-            self.memory.is_some() && !self.memory_zero,
-        );
+        let appliers = Appliers::start(shared.clone(), page_streams, first_round);
         // Memory the receiver allocated, or prepared in advance and not committed.
         let own_memory = self.memory.is_none() || self.memory_zero;
-        let prefault = if self.config.prefault && !self.config.prealloc && own_memory {
-            let m = memory.clone();
+        let prefault = if prefault && self.config.prefault && !self.config.prealloc && own_memory {
+            let m = shared.memory.clone();
             Some(std::thread::spawn(move || m.prefault(1)))
         } else {
             None
         };
+        // After `Brownout` the source's VM is paused and nothing resumes.
+        let mut brownout = false;
         let mut device_state = None;
         let commit = loop {
             match control.control_capped(&self.config.rounds_caps()) {
                 Ok((ControlMsg::Heartbeat { seq }, _)) => {
                     if let Err(e) = super::handoff::answer_heartbeat(control, seq) {
+                        let resumable = !brownout && e.is_link_loss();
                         appliers.fail(e.to_string());
-                        return Err(ReceiveError::Transport {
-                            phase: PHASE,
-                            source: e,
+                        return Err(RoundsFailed {
+                            error: ReceiveError::Transport {
+                                phase: PHASE,
+                                source: e,
+                            },
+                            resumable,
                         });
                     }
                 }
-                Ok((ControlMsg::Brownout { .. }, _)) => {}
+                Ok((ControlMsg::Brownout { .. }, _)) => brownout = true,
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
                 Ok((
                     ControlMsg::Commit {
@@ -92,9 +113,10 @@ impl Receiver {
                 Ok((ControlMsg::Abort { reason }, _)) => {
                     // A page error is the root cause when there is one.
                     return Err(match appliers.fail(format!("aborted: {reason}")) {
-                        Some(e) if !e.starts_with("aborted") => ReceiveError::Pages(e),
+                        Some(e) if e.kind != PageErrorKind::Stopped => ReceiveError::Pages(e),
                         _ => ReceiveError::Aborted(reason),
-                    });
+                    }
+                    .into());
                 }
                 Ok((other, _)) => {
                     let message = format!("unexpected {}", other.name());
@@ -102,30 +124,45 @@ impl Receiver {
                     return Err(ReceiveError::Protocol {
                         phase: PHASE,
                         message,
-                    });
+                    }
+                    .into());
                 }
                 Err(e) => {
+                    let link = e.is_link_loss();
                     return Err(match appliers.fail(e.to_string()) {
-                        Some(pe) if pe != e.to_string() => ReceiveError::Pages(pe),
-                        _ => read_error(
-                            PHASE,
-                            "the source sent nothing on the control stream",
-                            self.config.idle_timeout,
-                        )(e),
+                        Some(pe) if pe.kind != PageErrorKind::Stopped => RoundsFailed {
+                            resumable: !brownout && pe.is_link(),
+                            error: ReceiveError::Pages(pe),
+                        },
+                        _ => RoundsFailed {
+                            resumable: !brownout && link,
+                            error: read_error(
+                                PHASE,
+                                "the source sent nothing on the control stream",
+                                self.config.idle_timeout,
+                            )(e),
+                        },
                     });
                 }
             }
         };
-        let shared = appliers.shared.clone();
         let pages_result = appliers.finish();
         if let Some(p) = prefault {
             let _ = p.join();
         }
         if let Err(e) = pages_result {
-            let _ = control.send_control(&ControlMsg::Error { message: e.clone() }, &[]);
-            return Err(ReceiveError::Pages(e));
+            let _ = control.send_control(
+                &ControlMsg::Error {
+                    message: e.to_string(),
+                },
+                &[],
+            );
+            return Err(ReceiveError::Pages(e).into());
         }
-        Ok(RoundsDone { shared, commit })
+        Ok(RoundsDone {
+            shared: shared.clone(),
+            commit,
+        })
     }
 }
 
@@ -133,23 +170,14 @@ impl Receiver {
 /// as soon as one fails, so the source's writers fail fast instead of blocking.
 struct Appliers {
     shared: Arc<ApplyShared>,
-    threads: Vec<JoinHandle<Result<(), String>>>,
+    threads: Vec<JoinHandle<Result<(), PageError>>>,
     watcher_done: Arc<AtomicBool>,
     watcher: JoinHandle<()>,
 }
 
 impl Appliers {
-    /// `caller_memory`: the memory came from `Receiver::memory` and may hold
-    /// anything (zero pages are then checked, see [`ApplyShared::caller_memory`]).
-    fn start(
-        memory: Arc<GuestMemory>,
-        page_streams: Vec<PageStream>,
-        max_rounds: u32,
-        caller_memory: bool,
-    ) -> Self {
-        let shared = Arc::new(
-            ApplyShared::new(memory, page_streams.len(), max_rounds).caller_memory(caller_memory),
-        );
+    /// Start an applier per stream, each from round `first_round`.
+    fn start(shared: Arc<ApplyShared>, page_streams: Vec<PageStream>, first_round: u32) -> Self {
         let shutdowns: Vec<_> = page_streams
             .iter()
             .map(|p| p.reader.stream().shutdown_handle())
@@ -161,7 +189,7 @@ impl Appliers {
                 std::thread::Builder::new()
                     .name(format!("livemig-recv{index}"))
                     .spawn(move || {
-                        let res = apply_stream(&sh, reader, index);
+                        let res = apply_stream(&sh, reader, index, first_round);
                         if res.is_err() {
                             sh.gate.abort();
                         }
@@ -195,12 +223,16 @@ impl Appliers {
     }
 
     /// Wait for every applier, then stop the watcher; the first error wins.
-    fn finish(self) -> Result<(), String> {
+    fn finish(self) -> Result<(), PageError> {
         let mut first = Ok(());
-        for h in self.threads {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err("receiver thread panicked".into()));
+        for (stream, h) in self.threads.into_iter().enumerate() {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(PageError {
+                    stream: stream as u16,
+                    kind: PageErrorKind::Invalid,
+                    message: "its receiver thread panicked".into(),
+                })
+            });
             if first.is_ok() {
                 first = r;
             }
@@ -213,11 +245,10 @@ impl Appliers {
 
     /// Fail the session with `reason`, wait for every applier to stop, and return
     /// the first page error recorded (which may be `reason` itself).
-    fn fail(self, reason: String) -> Option<String> {
-        self.shared.fail(reason);
+    fn fail(self, reason: String) -> Option<PageError> {
+        self.shared.stop(reason);
         let shared = self.shared.clone();
         let _ = self.finish();
-        let first = shared.error.lock().expect("error lock").clone();
-        first
+        shared.first_error()
     }
 }

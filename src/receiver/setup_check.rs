@@ -32,6 +32,7 @@ impl super::ReceiverConfig {
         AttachmentCaps {
             setup: self.max_setup_attachment,
             device_state: 0,
+            resumed: 0,
         }
     }
     /// Attachment caps during rounds, brownout and commit (only `DeviceState`).
@@ -39,6 +40,7 @@ impl super::ReceiverConfig {
         AttachmentCaps {
             setup: 0,
             device_state: self.max_device_state,
+            resumed: 0,
         }
     }
 }

@@ -8,7 +8,7 @@
 //!                        │              │                   (blocking, its own threads)
 //!                        │              no ──▶ FIFO queue, silent, until a slot frees
 //!                        │                     or the queue deadline (then HostBusy)
-//!                        ├─ StreamHello ──▶ route by token ──▶ that session's acceptor
+//!                        ├─ StreamHello, Resume ──▶ route by token ──▶ that session's acceptor
 //!                        └─ anything else, silence, unknown token ──▶ dropped, reported
 //! ```
 //!
@@ -630,20 +630,17 @@ async fn opened(sh: Arc<Shared>, mut sock: impl Conn, peer: SocketAddr, limit: D
         Err(e) => return sh.stray(peer.to_string(), e.to_string()),
     };
     match opening {
+        Opening::Resume { token, bytes } => {
+            if let Err(e) = route(&sh, sock, &token, bytes) {
+                sh.stray(peer.to_string(), format!("resume refused: {e}"));
+            }
+        }
         Opening::Stream {
             token,
             index,
             bytes,
         } => {
-            let routed = sock
-                .into_blocking(sh.config.peer_timeout)
-                .map_err(|e| e.to_string())
-                .and_then(|s| {
-                    sh.routes
-                        .deliver(&token, Box::new(Prefixed::new(bytes, s)))
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(e) = routed {
+            if let Err(e) = route(&sh, sock, &token, bytes) {
                 sh.stray(
                     peer.to_string(),
                     format!("page stream {index} refused: {e}"),
@@ -663,6 +660,16 @@ async fn opened(sh: Arc<Shared>, mut sock: impl Conn, peer: SocketAddr, limit: D
 }
 
 /// A hello: queue for a slot, then run the session's receiver on its own thread.
+/// Hand `sock`, its first frame `bytes` replayed, to the session with `token`.
+fn route(sh: &Shared, sock: impl Conn, token: &Token, bytes: Vec<u8>) -> Result<(), String> {
+    let s = sock
+        .into_blocking(sh.config.peer_timeout)
+        .map_err(|e| e.to_string())?;
+    sh.routes
+        .deliver(token, Box::new(Prefixed::new(bytes, s)))
+        .map_err(|e| e.to_string())
+}
+
 async fn session(
     sh: Arc<Shared>,
     mut sock: impl Conn,

@@ -31,6 +31,14 @@ pub enum Opening {
         /// The frame as read, to replay to the receiver.
         bytes: Vec<u8>,
     },
+    /// A control stream's `Resume`, to resume the session with `token` after its
+    /// connection broke.
+    Resume {
+        /// The session it names.
+        token: Token,
+        /// The frame as read, to replay to the receiver.
+        bytes: Vec<u8>,
+    },
     /// A page stream's `StreamHello`, to join the session with `token`.
     Stream {
         /// The session it names.
@@ -58,7 +66,7 @@ pub enum OpeningError {
     #[error("its first frame is not a valid livemig control frame: {0}")]
     Wire(WireError),
     /// A well-formed frame that opens nothing.
-    #[error("its first frame is a {0}, not a hello or a stream hello")]
+    #[error("its first frame is a {0}, not a hello, a resume or a stream hello")]
     Unexpected(&'static str),
 }
 
@@ -121,6 +129,10 @@ async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Opening, OpeningError> 
             token: token_of(&msg).expect("a hello carries a token"),
             streams,
             capabilities: capabilities.clone(),
+            bytes,
+        }),
+        ControlMsg::Resume { .. } => Ok(Opening::Resume {
+            token: token_of(&msg).expect("a resume carries a token"),
             bytes,
         }),
         ControlMsg::StreamHello { index, .. } => Ok(Opening::Stream {

@@ -13,15 +13,16 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::ControlMsg;
 
-/// What binds a connection to its session: the token in `Hello` / `StreamHello`.
+/// What binds a connection to its session: the token in `Hello` / `StreamHello`
+/// / `Resume`.
 pub type Token = crate::session::SessionToken;
 
 /// The token a hello carries (`None` for any other message).
 pub fn token_of(msg: &ControlMsg) -> Option<Token> {
     match msg {
-        ControlMsg::Hello { session, .. } | ControlMsg::StreamHello { session, .. } => {
-            Some(*session)
-        }
+        ControlMsg::Hello { session, .. }
+        | ControlMsg::StreamHello { session, .. }
+        | ControlMsg::Resume { session, .. } => Some(*session),
         _ => None,
     }
 }

@@ -75,6 +75,20 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// Whether the connection itself was lost (refused, closed, reset, or silent
+    /// past a deadline), as opposed to a peer that sent something malformed or
+    /// failed authentication. A session can resume after a lost connection.
+    pub fn is_link_loss(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Closed(_) | Self::Io { .. } | Self::TimedOut { .. } => {
+                true
+            }
+            Self::Accept(_) | Self::Wire { .. } | Self::Tls { .. } => false,
+        }
+    }
+}
+
 /// Which way bytes were moving when an I/O error happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {

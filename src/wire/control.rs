@@ -230,6 +230,35 @@ pub enum ControlMsg {
         /// Migrations waiting for a slot, this one included.
         waiting: u32,
     },
+    /// Source → destination, first message of a new control connection that
+    /// resumes a session whose connection broke during the rounds (capability
+    /// `resume`; see docs/PROTOCOL.md, "Resumption"). Page streams follow with
+    /// `StreamHello` once the destination answers `Resumed`.
+    Resume {
+        /// Always "livemig".
+        magic: String,
+        /// Protocol major.
+        major: u16,
+        /// Protocol minor.
+        minor: u16,
+        /// The session to resume.
+        session: SessionToken,
+        /// Page streams the source opens now.
+        streams: u16,
+        /// The round the source goes on with: greater than every round it sent
+        /// before, so no page is claimed twice in one round.
+        round: u32,
+    },
+    /// Destination → source: the session is resumed. The attachment lists the
+    /// pages the destination holds from the rounds in flight
+    /// ([`crate::wire::resume::HeldRun`]s, 16 bytes each).
+    Resumed {
+        /// Rounds every page stream completed (rounds `0..complete_rounds`): every
+        /// page the source last sent in one of them is held.
+        complete_rounds: u32,
+        /// Number of held runs in the attachment.
+        held_runs: u64,
+    },
 }
 
 impl ControlMsg {
@@ -296,6 +325,8 @@ impl ControlMsg {
             Self::Outcome { .. } => "outcome",
             Self::OutcomeKnown { .. } => "outcome_known",
             Self::Queued { .. } => "queued",
+            Self::Resume { .. } => "resume",
+            Self::Resumed { .. } => "resumed",
         }
     }
 }

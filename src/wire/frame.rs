@@ -55,6 +55,8 @@ pub struct AttachmentCaps {
     pub setup: usize,
     /// Largest `DeviceState` attachment (the device-state envelope).
     pub device_state: usize,
+    /// Largest `Resumed` attachment (the held runs).
+    pub resumed: usize,
 }
 
 impl AttachmentCaps {
@@ -62,11 +64,22 @@ impl AttachmentCaps {
     pub const NONE: Self = Self {
         setup: 0,
         device_state: 0,
+        resumed: 0,
+    };
+
+    /// A source's cap when resuming: the largest held-run list.
+    pub const RESUMED: Self = Self {
+        setup: 0,
+        device_state: 0,
+        resumed: super::resume::MAX_HELD_RUNS * super::resume::HELD_RUN_LEN,
     };
 
     /// The largest attachment any message may carry under these caps.
     pub fn largest(&self) -> usize {
-        self.setup.max(self.device_state).min(MAX_CONTROL_DATA)
+        self.setup
+            .max(self.device_state)
+            .max(self.resumed)
+            .min(MAX_CONTROL_DATA)
     }
 
     /// The cap for `msg`, and a name for it in errors.
@@ -74,6 +87,7 @@ impl AttachmentCaps {
         match msg {
             super::ControlMsg::Setup { .. } => (self.setup, "setup attachment"),
             super::ControlMsg::DeviceState => (self.device_state, "device-state attachment"),
+            super::ControlMsg::Resumed { .. } => (self.resumed, "held-run list"),
             _ => (0, "control attachment"),
         }
     }

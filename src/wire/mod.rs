@@ -37,6 +37,7 @@
 pub mod batch;
 pub mod control;
 pub mod frame;
+pub mod resume;
 
 pub use batch::{BatchMeta, Extent};
 pub use control::ControlMsg;
@@ -52,7 +53,8 @@ pub fn fuzz_decode(bytes: &[u8]) {
 /// random [`crate::session::SessionToken`] (hex on the wire).
 pub const PROTOCOL_MAJOR: u16 = 2;
 /// Protocol minor version: a receiver accepts `MINOR` and `MINOR - 1`.
-pub const PROTOCOL_MINOR: u16 = 0;
+/// 1: resumption (`Resume` / `Resumed`, capability `resume`).
+pub const PROTOCOL_MINOR: u16 = 1;
 
 /// Optional features this build offers in the handshake (`Hello.capabilities` from
 /// the source, `Welcome.capabilities` from the destination).
@@ -62,6 +64,7 @@ pub const CAPABILITIES: &[&str] = &[
     "codec-zstd",
     "delta-xor",
     "queue-notice",
+    "resume",
 ];
 
 /// Largest number of pages in one batch frame.
@@ -115,6 +118,9 @@ pub enum WireError {
     /// Unknown codec id.
     #[error("unknown codec id {0}")]
     BadCodec(u8),
+    /// A `Resumed` attachment that breaks its rules (see [`resume::decode_runs`]).
+    #[error("invalid held-run list: {0}")]
+    HeldRuns(String),
     /// A `Hello` of another protocol version, whose other fields this version
     /// cannot read (see [`ControlMsg::decode`]).
     #[error("hello of protocol version {major}.{minor} (magic {magic:?}), which this build cannot parse")]

@@ -164,6 +164,10 @@ struct MigrateOpts {
     /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
     #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
     peer_timeout: Duration,
+    /// When the connection breaks during the rounds, keep trying to resume the
+    /// migration for this long (the VM runs meanwhile); 0 never resumes.
+    #[arg(long, default_value = "30s", value_parser = args::parse_secs)]
+    reconnect_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -353,6 +357,10 @@ struct RecvArgs {
     /// (write deadline, TCP keepalive and TCP_USER_TIMEOUT on every stream).
     #[arg(long, default_value = "20s", value_parser = args::parse_secs)]
     peer_timeout: Duration,
+    /// Keep a session whose connection broke during the rounds this long for its
+    /// source to resume it; 0 fails it at once.
+    #[arg(long, default_value = "60s", value_parser = args::parse_secs)]
+    resume_window: Duration,
     /// Refuse a guest needing more than SIZE of memory here (e.g. 2G). Default:
     /// what this host can commit (MemAvailable and the cgroup limit).
     #[arg(long, value_name = "SIZE", value_parser = args::parse_size)]
@@ -431,6 +439,7 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
         splice: o.splice,
         // Heartbeat silence uses the same limit as the streams' deadlines.
         peer_timeout: o.peer_timeout,
+        reconnect_timeout: o.reconnect_timeout,
         audit: livemig::proof::AuditConfig {
             sample_pages: o.audit_sample_pages,
             ..Default::default()
@@ -977,6 +986,8 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         let receiver = ReceiverConfig {
             prealloc: a.prealloc,
             max_memory: a.max_memory,
+            idle_timeout: a.peer_timeout,
+            resume_window: a.resume_window,
             ..ReceiverConfig::default()
         };
         return serve::run(&a.listen, config, receiver, a.out_dir, a.json);
@@ -984,6 +995,9 @@ fn recv(a: RecvArgs) -> Result<(), String> {
     let config = ReceiverConfig {
         prealloc: a.prealloc,
         max_memory: a.max_memory,
+        // The source's heartbeats come several times per peer timeout.
+        idle_timeout: a.peer_timeout,
+        resume_window: a.resume_window,
         outcome_linger: Duration::from_secs(a.outcome_linger),
         ..ReceiverConfig::default()
     };

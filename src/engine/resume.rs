@@ -1,0 +1,154 @@
+//! Resuming a session whose connection broke during the rounds (source side;
+//! docs/PROTOCOL.md, "Resumption").
+//!
+//! The VM keeps running and the tracker keeps tracking. The round loop's
+//! [`Run::resume`] stops the workers and the heartbeat, reconnects through the
+//! migration's `Connector` (every listed address, in order) with exponential
+//! backoff until [`MigrationConfig::reconnect_timeout`], and sends `Resume` with a
+//! fresh round number. The destination answers which pages it holds from the
+//! rounds it had not completed; every page the source last queued in such a round
+//! and the destination does not hold as that round's copy is sent again, as the
+//! resumed round. Pages dirtied meanwhile are in the tracker's next harvest, as
+//! always. The memory digest at commit proves the result either way: a page the
+//! destination claimed to hold but did not would change it.
+//!
+//! [`MigrationConfig::reconnect_timeout`]: super::MigrationConfig::reconnect_timeout
+
+use std::time::{Duration, Instant};
+
+use super::control::{ControlLink, Heartbeat};
+use super::precopy::{Run, Workers};
+use super::{setup, MigrationError};
+use crate::memory::PageSet;
+use crate::stats::Event;
+use crate::wire::resume::HeldRun;
+
+/// First pause between reconnection attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Whether `e`, met during the rounds, is a lost connection the session can
+/// resume from (as opposed to a refusal, a protocol violation, a cancel, or a
+/// failure of the source itself).
+pub fn is_lost_connection(e: &MigrationError) -> bool {
+    match e {
+        MigrationError::Transport { source, .. } => source.is_link_loss(),
+        MigrationError::PageStreamLost { .. } | MigrationError::TimedOut { .. } => true,
+        _ => false,
+    }
+}
+
+impl Run<'_> {
+    /// Whether the round loop may resume after `e`.
+    pub(crate) fn may_resume(&self, e: &MigrationError) -> bool {
+        self.resumable && self.deadline.is_none() && is_lost_connection(e)
+    }
+
+    /// Reconnect after `cause` broke round `cut_round`, and set `to_send` to the
+    /// pages the destination lacks from the rounds it did not complete. Returns
+    /// the round to send them in. Fails (the VM still running) when the
+    /// reconnection budget runs out, the destination refuses, or on cancel.
+    pub(crate) fn resume(
+        &mut self,
+        cut_round: u32,
+        cause: MigrationError,
+        to_send: &mut PageSet,
+    ) -> Result<u32, MigrationError> {
+        self.emit(Event::Reconnecting {
+            round: cut_round,
+            error: cause.to_string(),
+        });
+        // Stop everything of the broken connection: the heartbeat (its control
+        // stream is dropped with it) and the workers (their streams cut).
+        if let Some(hb) = self.heartbeat.take() {
+            let _ = hb.stop();
+        }
+        self.link = None;
+        self.stop_workers(true, Instant::now())?;
+        let round = cut_round + 1;
+        let budget = self.m.config.reconnect_timeout;
+        let give_up = Instant::now() + budget;
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        let mut last = cause;
+        let back = loop {
+            if self.m.cancel.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MigrationError::ResumeFailed {
+                    attempts,
+                    after: budget,
+                    last: Box::new(last),
+                });
+            }
+            attempts += 1;
+            let reply = left.min(self.m.config.peer_timeout);
+            match setup::reconnect(self.m, self.connector, self.session_id, round, reply) {
+                Ok(back) => break back,
+                Err(e) if is_lost_connection(&e) => last = e,
+                Err(e) => return Err(e),
+            }
+            // Wait out the backoff in slices, so a cancel is seen at once.
+            let wake =
+                Instant::now() + backoff.min(give_up.saturating_duration_since(Instant::now()));
+            while Instant::now() < wake && !self.m.cancel.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(10).min(wake - Instant::now()));
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        let held = self.resend_set(back.complete_rounds, &back.held, to_send);
+        let resent = to_send.count();
+        self.shared.reopen(to_send.iter());
+        let workers = Workers::spawn(&self.shared, back.pages);
+        self.tx = Some(workers.tx);
+        self.ctl = workers.ctl;
+        self.handles = workers.handles;
+        self.shutdowns = workers.shutdowns;
+        let interval = self
+            .m
+            .config
+            .heartbeat_interval
+            .min(self.m.config.peer_timeout / 4)
+            .max(Duration::from_millis(1));
+        self.heartbeat = Some(Heartbeat::start(
+            ControlLink::new(back.control.into_stream()),
+            interval,
+            self.m.config.peer_timeout,
+        ));
+        self.reconnects += 1;
+        self.resent_pages += resent;
+        self.emit(Event::Resumed {
+            round,
+            attempts,
+            held_pages: held,
+            resent_pages: resent,
+        });
+        Ok(round)
+    }
+
+    /// Into `out`: every page last queued in round `complete_rounds` or later
+    /// that `held` does not list with that same round. Returns the pages of those
+    /// rounds the destination holds.
+    fn resend_set(&self, complete_rounds: u32, held: &[HeldRun], out: &mut PageSet) -> u64 {
+        out.clear();
+        let mut runs = held.iter().peekable();
+        let mut kept = 0u64;
+        for (page, &round) in self.sent_round.iter().enumerate() {
+            if round < complete_rounds {
+                continue;
+            }
+            let page = page as u64;
+            while runs.peek().is_some_and(|r| r.end() <= page) {
+                runs.next();
+            }
+            match runs.peek() {
+                Some(r) if r.first <= page && r.round == round => kept += 1,
+                _ => out.insert(page),
+            }
+        }
+        kept
+    }
+}

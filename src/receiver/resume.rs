@@ -1,0 +1,164 @@
+//! Between rounds and rounds: a session whose connection broke before `Brownout`
+//! waits for its source to come back (docs/PROTOCOL.md, "Resumption").
+//!
+//! The destination keeps everything it applied (memory, per-page round stamps,
+//! ledger) and accepts connections for [`ReceiverConfig::resume_window`]. The one
+//! that opens with `Resume` for this session gets `Resumed`: the rounds every
+//! stream completed and the runs of pages applied completely since. Its page
+//! streams follow, and the rounds go on from the source's fresh round number.
+//! Outcome queries are answered meanwhile; a `Hello` of another migration is told
+//! this destination is busy; anything else is stray.
+//!
+//! [`ReceiverConfig::resume_window`]: super::ReceiverConfig::resume_window
+
+use std::time::Instant;
+
+use super::accept::PageStream;
+use super::apply::ApplyShared;
+use super::{next_connection, refuse, setup_check, transport_error, ReceiveError, Receiver};
+use crate::session::{Deadline, DeadlineStream, SessionToken};
+use crate::transport::framed::FrameReader;
+use crate::transport::Acceptor;
+use crate::wire::control::RefuseCode;
+use crate::wire::resume::encode_runs;
+use crate::wire::ControlMsg;
+
+const PHASE: &str = "resuming";
+
+/// A resumed session: its new control stream and page streams, and the round
+/// they start at.
+pub(super) struct Resumed {
+    /// The new control stream, past `Resumed`.
+    pub control: FrameReader,
+    /// The new page streams.
+    pub streams: Vec<PageStream>,
+    /// The round the source goes on with.
+    pub round: u32,
+    /// Connections dropped while waiting.
+    pub stray_connections: u32,
+}
+
+impl Receiver {
+    /// Wait for the source of `session` to resume it, within the resume window.
+    /// `cause` is why the connection broke; it is the error when nobody resumes.
+    pub(super) fn await_resume(
+        &self,
+        acceptor: &dyn Acceptor,
+        session: &SessionToken,
+        streams: u16,
+        shared: &ApplyShared,
+        cause: ReceiveError,
+    ) -> Result<Resumed, ReceiveError> {
+        let window = self.config.resume_window;
+        let give_up = Instant::now() + window;
+        let mut strays = 0u32;
+        loop {
+            let Some(stream) = next_connection(PHASE, acceptor, give_up)? else {
+                return Err(ReceiveError::NotResumed {
+                    after: window,
+                    cause: Box::new(cause),
+                });
+            };
+            let deadline = Deadline::new();
+            deadline.arm(Instant::now() + self.config.hello_timeout);
+            let stream = DeadlineStream::new(stream, deadline.clone());
+            let mut control = FrameReader::new(Box::new(stream), "control");
+            match control.control() {
+                Ok((
+                    ControlMsg::Resume {
+                        magic,
+                        major,
+                        minor,
+                        session: s,
+                        streams: n,
+                        round,
+                    },
+                    _,
+                )) if s == *session => {
+                    if let Err(m) = setup_check::check_version(&magic, major, minor) {
+                        return Err(refuse(&mut control, RefuseCode::Version, m));
+                    }
+                    if n != streams {
+                        return Err(refuse(
+                            &mut control,
+                            RefuseCode::Other,
+                            format!("resume with {n} page streams; this session has {streams}"),
+                        ));
+                    }
+                    let complete = shared.gate.rounds_done();
+                    let (runs, highest) = shared.held_since(complete);
+                    if round < complete || highest.is_some_and(|h| round <= h) {
+                        return Err(refuse(
+                            &mut control,
+                            RefuseCode::Other,
+                            format!(
+                                "resume at round {round}, which is not after every round \
+                                 already sent (complete: {complete}, highest seen: {})",
+                                highest.map_or("none".into(), |h| h.to_string())
+                            ),
+                        ));
+                    }
+                    if round >= self.config.max_rounds {
+                        return Err(refuse(
+                            &mut control,
+                            RefuseCode::Other,
+                            format!(
+                                "resume at round {round}, beyond this receiver's limit of {} rounds",
+                                self.config.max_rounds
+                            ),
+                        ));
+                    }
+                    shared.reopen(round);
+                    let mut attachment = Vec::new();
+                    encode_runs(&runs, &mut attachment);
+                    control
+                        .send_control(
+                            &ControlMsg::Resumed {
+                                complete_rounds: complete,
+                                held_runs: runs.len() as u64,
+                            },
+                            &attachment,
+                        )
+                        .map_err(transport_error(PHASE))?;
+                    deadline.disarm();
+                    let page_streams =
+                        self.accept_page_streams(acceptor, session, streams, strays)?;
+                    return Ok(Resumed {
+                        control,
+                        streams: page_streams.streams,
+                        round,
+                        stray_connections: strays + page_streams.stray_connections,
+                    });
+                }
+                Ok((ControlMsg::QueryOutcome { session }, _)) => {
+                    self.outcomes.answer(&mut control, session);
+                    control.stream().shutdown();
+                }
+                Ok((ControlMsg::Hello { .. }, _)) => {
+                    strays += 1;
+                    let _ = refuse(
+                        &mut control,
+                        RefuseCode::HostBusy,
+                        format!(
+                            "this destination holds session {session} for its source to resume"
+                        ),
+                    );
+                    control.stream().shutdown();
+                }
+                Ok((ControlMsg::Resume { .. }, _)) => {
+                    strays += 1;
+                    let _ = refuse(
+                        &mut control,
+                        RefuseCode::Other,
+                        "no such session to resume here".into(),
+                    );
+                    control.stream().shutdown();
+                }
+                Ok(_) | Err(_) => {
+                    strays += 1;
+                    control.stream().shutdown();
+                }
+            }
+        }
+    }
+}
