@@ -296,8 +296,11 @@ fn long_round(heartbeats: bool) -> (Outcome, Arc<livemig::GuestMemory>) {
         cfg.heartbeat_interval = Duration::from_secs(3600);
         cfg.peer_timeout = Duration::from_secs(3600);
     }
+    // No resumption: a silent control stream fails the session.
     let rcfg = ReceiverConfig {
         idle_timeout: Duration::from_secs(1),
+        control_timeout: Duration::from_secs(1),
+        resume_window: Duration::ZERO,
         ..receiver_config()
     };
     let m = Migration::new(mem.clone()).config(cfg);

@@ -90,8 +90,13 @@ pub struct ReceiverConfig {
     /// Longest the source may take from the first byte of its `Hello` to the last
     /// byte of its `Setup`, however it spreads them (a trickling peer is cut here).
     pub setup_timeout: Duration,
-    /// Longest silence on the control stream before giving up (source vanished).
+    /// Longest silence on a page stream before giving up on it.
     pub idle_timeout: Duration,
+    /// Longest silence on the control stream while the rounds run (the source
+    /// sends heartbeats, every second by default and at least four times per its
+    /// peer timeout), before the session is taken as broken: it then waits for
+    /// the source to resume it ([`ReceiverConfig::resume_window`]) or fails.
+    pub control_timeout: Duration,
     /// Most page streams accepted.
     pub max_streams: u16,
     /// Host capabilities.
@@ -128,6 +133,7 @@ impl Default for ReceiverConfig {
             hello_timeout: Duration::from_secs(5),
             setup_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(600),
+            control_timeout: Duration::from_secs(30),
             max_streams: 64,
             host: HostCaps::default(),
             max_memory: None,

@@ -65,8 +65,15 @@ impl Receiver {
         const PHASE: &str = "rounds";
         let _ = control
             .stream()
-            .set_read_timeout(Some(self.config.idle_timeout));
-        let appliers = Appliers::start(shared.clone(), page_streams, first_round);
+            .set_read_timeout(Some(self.config.control_timeout));
+        // A page stream that loses its link ends the control stream's wait too, so
+        // the session moves on to resumption at once.
+        let appliers = Appliers::start(
+            shared.clone(),
+            page_streams,
+            first_round,
+            control.stream().shutdown_handle(),
+        );
         // Memory the receiver allocated, or prepared in advance and not committed.
         let own_memory = self.memory.is_none() || self.memory_zero;
         let prefault = if prefault && self.config.prefault && !self.config.prealloc && own_memory {
@@ -139,7 +146,7 @@ impl Receiver {
                             error: read_error(
                                 PHASE,
                                 "the source sent nothing on the control stream",
-                                self.config.idle_timeout,
+                                self.config.control_timeout,
                             )(e),
                         },
                     });
@@ -176,8 +183,14 @@ struct Appliers {
 }
 
 impl Appliers {
-    /// Start an applier per stream, each from round `first_round`.
-    fn start(shared: Arc<ApplyShared>, page_streams: Vec<PageStream>, first_round: u32) -> Self {
+    /// Start an applier per stream, each from round `first_round`; a lost page
+    /// stream also cuts the control stream (`cut_control`).
+    fn start(
+        shared: Arc<ApplyShared>,
+        page_streams: Vec<PageStream>,
+        first_round: u32,
+        cut_control: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
         let shutdowns: Vec<_> = page_streams
             .iter()
             .map(|p| p.reader.stream().shutdown_handle())
@@ -206,6 +219,9 @@ impl Appliers {
                 while !done.load(Ordering::Acquire) {
                     if sh.failed.load(Ordering::Acquire) {
                         shutdowns.iter().for_each(|cut| cut());
+                        if sh.first_error().is_some_and(|e| e.is_link()) {
+                            cut_control();
+                        }
                         return;
                     }
                     // Parked, not slept: stopping the watcher unparks it, so the

@@ -986,7 +986,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         let receiver = ReceiverConfig {
             prealloc: a.prealloc,
             max_memory: a.max_memory,
-            idle_timeout: a.peer_timeout,
+            control_timeout: a.peer_timeout,
             resume_window: a.resume_window,
             ..ReceiverConfig::default()
         };
@@ -996,7 +996,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         prealloc: a.prealloc,
         max_memory: a.max_memory,
         // The source's heartbeats come several times per peer timeout.
-        idle_timeout: a.peer_timeout,
+        control_timeout: a.peer_timeout,
         resume_window: a.resume_window,
         outcome_linger: Duration::from_secs(a.outcome_linger),
         ..ReceiverConfig::default()
