@@ -4,7 +4,8 @@
 
 use std::process::Command;
 
-use livemig::chaos::{self, CampaignConfig, Plan};
+use livemig::chaos::plan::Plan;
+use livemig::chaos::{self, CampaignConfig};
 
 const EXE: &str = env!("CARGO_BIN_EXE_livemig");
 
@@ -29,10 +30,7 @@ fn a_fixed_seed_campaign_holds_every_invariant() {
     let line = stdout.lines().last().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"));
-    let n = |k: &str| {
-        v[k].as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {line}"))
-    };
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {line}"));
     assert!(
         out.status.success(),
         "exit {:?}; stdout:\n{stdout}\nstderr:\n{}",
@@ -63,7 +61,7 @@ fn a_run_replays_from_its_seed() {
     let cfg = CampaignConfig::default();
     let plan = Plan::from_seed(SEED + 3, &cfg.deadlines);
     let mut seen = Vec::new();
-    let s = chaos::campaign(1, SEED + 3, &cfg, |r| seen.push(r.plan.clone())).unwrap();
+    let s = chaos::campaign(1, SEED + 3, 1, &cfg, |r| seen.push(r.plan.clone())).unwrap();
     assert_eq!(seen, vec![plan]);
     assert_eq!(s.runs, 1);
     assert!(s.holds(), "{s:?}");

@@ -61,17 +61,15 @@ impl Guest {
     /// `pages` of memory at version 0, and a dirtier writing `rate` pages per
     /// second among the first `hot` pages (80 % of writes to the first fifth).
     pub fn start(pages: u64, hot: u64, rate: u64, seed: u64) -> Result<Self, ChaosError> {
-        let memory = Arc::new(GuestMemory::anonymous(
-            pages as usize * PAGE_SIZE,
-            false,
-        )?);
+        let memory = Arc::new(GuestMemory::anonymous(pages as usize * PAGE_SIZE, false)?);
         let mut buf = vec![0u8; PAGE_SIZE];
         for p in 0..pages {
             page_content(seed, p, 0, &mut buf);
             memory.write_pages(p, &buf)?;
         }
         let bitmap = Arc::new(DirtyBitmap::new(pages));
-        let versions: Arc<Vec<AtomicU64>> = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
+        let versions: Arc<Vec<AtomicU64>> =
+            Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
         let ctl = Arc::new(Ctl {
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),
@@ -79,8 +77,12 @@ impl Guest {
             writes: AtomicU64::new(0),
         });
         let thread = {
-            let (memory, bitmap, versions, ctl) =
-                (memory.clone(), bitmap.clone(), versions.clone(), ctl.clone());
+            let (memory, bitmap, versions, ctl) = (
+                memory.clone(),
+                bitmap.clone(),
+                versions.clone(),
+                ctl.clone(),
+            );
             let hot = hot.clamp(1, pages);
             std::thread::Builder::new()
                 .name("chaos-guest".into())

@@ -245,7 +245,9 @@ pub struct ChaosStream {
 
 impl std::fmt::Debug for ChaosStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChaosStream").field("end", &self.end).finish()
+        f.debug_struct("ChaosStream")
+            .field("end", &self.end)
+            .finish()
     }
 }
 
@@ -337,7 +339,10 @@ impl ChaosStream {
             *lock(&self.end.role) = Role::of_first_frame(&name, &meta);
         }
         if name == "hello" {
-            if let Some(s) = meta["session"].as_str().and_then(|s| SessionId::parse(s).ok()) {
+            if let Some(s) = meta["session"]
+                .as_str()
+                .and_then(|s| SessionId::parse(s).ok())
+            {
                 self.inj.set_session(s);
             }
         }
@@ -536,7 +541,11 @@ pub struct ChaosConnector<C> {
 impl<C: Connector> Connector for ChaosConnector<C> {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
         let s = self.inner.connect()?;
-        Ok(Box::new(ChaosStream::new(s, Side::Source, self.inj.clone())))
+        Ok(Box::new(ChaosStream::new(
+            s,
+            Side::Source,
+            self.inj.clone(),
+        )))
     }
     fn describe(&self) -> String {
         format!("chaos({})", self.inner.describe())
@@ -575,11 +584,7 @@ impl Acceptor for ChaosAcceptor {
                         s.shutdown();
                         return Err(killed_error());
                     }
-                    return Ok(Box::new(ChaosStream::new(
-                        s,
-                        Side::Dest,
-                        self.inj.clone(),
-                    )));
+                    return Ok(Box::new(ChaosStream::new(s, Side::Dest, self.inj.clone())));
                 }
                 Err(TransportError::Accept(e))
                     if e.kind() == std::io::ErrorKind::TimedOut && Instant::now() < until => {}
@@ -836,7 +841,9 @@ impl Injector {
                 self.kill_destination(restart_after);
                 true
             }
-            FaultKind::SourceError => src.inspect(|e| e.failed.store(true, Ordering::SeqCst)).is_some(),
+            FaultKind::SourceError => src
+                .inspect(|e| e.failed.store(true, Ordering::SeqCst))
+                .is_some(),
             FaultKind::Stall { hold: d, .. } => match (f.dir, f.target) {
                 (Dir::SourceToDest, _) => src.inspect(|e| hold(&e.stall_write, d)).is_some(),
                 (Dir::DestToSource, Target::Control) => {

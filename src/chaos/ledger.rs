@@ -69,7 +69,10 @@ impl Ledger {
         }
         s.dest_running = running;
         s.dest_took_vm |= running;
-        let what = format!("destination {} ({why})", if running { "runs" } else { "stops" });
+        let what = format!(
+            "destination {} ({why})",
+            if running { "runs" } else { "stops" }
+        );
         self.note(&mut s, what);
     }
 

@@ -261,7 +261,12 @@ pub fn run_one(plan: &Plan, cfg: &CampaignConfig) -> Result<RunReport, ChaosErro
     let t0 = Instant::now();
     let d = &cfg.deadlines;
     let ledger = Arc::new(Ledger::new());
-    let mut guest = Guest::start(plan.pages, plan.hot_pages, plan.dirty_pages_per_s, plan.seed)?;
+    let mut guest = Guest::start(
+        plan.pages,
+        plan.hot_pages,
+        plan.dirty_pages_per_s,
+        plan.seed,
+    )?;
     let listener = Arc::new(TcpAcceptor::bind("127.0.0.1:0")?.peer_timeout(d.peer_timeout));
     let addr = listener
         .local_addr()
@@ -323,7 +328,9 @@ pub fn run_one(plan: &Plan, cfg: &CampaignConfig) -> Result<RunReport, ChaosErro
             streams: plan.streams,
             codec,
             reply_timeout: d.reply_timeout,
-            bandwidth: Some(crate::transport::shaped::TokenBucket::new(plan.bandwidth_bps)),
+            bandwidth: Some(crate::transport::shaped::TokenBucket::new(
+                plan.bandwidth_bps,
+            )),
             brownout_timeout: d.brownout_timeout,
             heartbeat_interval: d.peer_timeout / 4,
             peer_timeout: d.peer_timeout,
@@ -400,10 +407,9 @@ pub fn run_one(plan: &Plan, cfg: &CampaignConfig) -> Result<RunReport, ChaosErro
     guest.halt();
     let source_model_mismatches = guest.model_mismatches()?.len() as u64;
     let dest_pages_differing = match (&dest, dest_committed) {
-        (Some(Ok(received)), true) => Some(check::differing_pages(
-            &guest.memory,
-            &received.memory,
-        )?),
+        (Some(Ok(received)), true) => {
+            Some(check::differing_pages(&guest.memory, &received.memory)?)
+        }
         _ => None,
     };
     let observed = Observed {
@@ -545,10 +551,13 @@ impl Summary {
     }
 }
 
-/// Run `runs` runs with seeds `seed, seed + 1, …`, calling `each` after every run.
+/// Run `runs` runs with seeds `seed, seed + 1, …`, `jobs` at a time (a run
+/// spends most of its time waiting on deadlines, so runs overlap well), calling
+/// `each` after every run, in completion order.
 pub fn campaign(
     runs: u64,
     seed: u64,
+    jobs: usize,
     cfg: &CampaignConfig,
     mut each: impl FnMut(&RunReport),
 ) -> Result<Summary, ChaosError> {
@@ -557,12 +566,43 @@ pub fn campaign(
         seed,
         ..Summary::default()
     };
-    for i in 0..runs {
-        let plan = Plan::from_seed(seed.wrapping_add(i), &cfg.deadlines);
-        let r = run_one(&plan, cfg)?;
-        s.add(&r);
-        each(&r);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let failed = std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, 64) {
+            let (tx, next) = (tx.clone(), &next);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= runs {
+                    return;
+                }
+                let plan = Plan::from_seed(seed.wrapping_add(i), &cfg.deadlines);
+                let r = run_one(&plan, cfg);
+                let stop = r.is_err();
+                if tx.send(r).is_err() || stop {
+                    // Stop handing out runs after a harness failure.
+                    next.store(runs, Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        let mut failed = None;
+        for r in rx {
+            match r {
+                Ok(r) => {
+                    s.add(&r);
+                    each(&r);
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        failed
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
+    s.broken_seeds.sort_unstable();
     s.wall_ms = t0.elapsed().as_millis() as u64;
     Ok(s)
 }

@@ -77,7 +77,7 @@ impl Default for Deadlines {
             peer_timeout: Duration::from_millis(600),
             reply_timeout: Duration::from_millis(500),
             brownout_timeout: Duration::from_millis(1500),
-            outcome_timeout: Duration::from_millis(1500),
+            outcome_timeout: Duration::from_secs(3),
             reconnect_timeout: Duration::from_millis(1500),
             resume_window: Duration::from_secs(2),
             idle_timeout: Duration::from_millis(1200),
@@ -245,7 +245,10 @@ impl Class {
     /// A fault a resuming migration should ride out: a reset, a killed stream,
     /// a short stall.
     pub fn is_transient(self) -> bool {
-        matches!(self, Self::StreamKill | Self::ControlReset | Self::StallShort)
+        matches!(
+            self,
+            Self::StreamKill | Self::ControlReset | Self::StallShort
+        )
     }
 }
 
@@ -468,9 +471,12 @@ impl Plan {
                 bit: rng.below(8) as u8,
             },
             Class::SlowRestore => FaultKind::SlowRestore {
+                // From just past the reply timeout (the source learns the
+                // outcome by asking) to beyond its outcome deadline (in doubt,
+                // resolved by the operator).
                 delay: ms(rng.range(
                     d.reply_timeout.as_millis() as u64 * 6 / 5,
-                    (d.reply_timeout + d.outcome_timeout).as_millis() as u64,
+                    d.outcome_timeout.as_millis() as u64,
                 )),
             },
         };

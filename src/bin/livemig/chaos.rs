@@ -17,6 +17,9 @@ pub struct ChaosArgs {
     /// Default: drawn from the clock and printed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Runs carried out at once (each mostly waits on its shortened deadlines).
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -59,7 +62,13 @@ fn print_run(r: &RunReport, detail: bool) {
 fn print_table(s: &Summary) {
     println!(
         "{:<14} {:>6} {:>10} {:>8} {:>13} {:>18} {:>9}",
-        "fault class", "runs", "completed", "resumed", "failed_clean", "in_doubt_resolved", "problems"
+        "fault class",
+        "runs",
+        "completed",
+        "resumed",
+        "failed_clean",
+        "in_doubt_resolved",
+        "problems"
     );
     for (name, r) in &s.classes {
         println!(
@@ -90,10 +99,13 @@ pub fn run(a: ChaosArgs) -> Result<(), CliError> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    eprintln!("livemig chaos: {} run(s) from seed {seed}", a.runs);
+    eprintln!(
+        "livemig chaos: {} run(s) from seed {seed}, {} at a time",
+        a.runs, a.jobs
+    );
     let cfg = CampaignConfig::default();
     let mut n = 0u64;
-    let s = chaos::campaign(a.runs, seed, &cfg, |r| {
+    let s = chaos::campaign(a.runs, seed, a.jobs, &cfg, |r| {
         n += 1;
         let broken = r.verdict.outcome == chaos::check::Outcome::Broken;
         if broken || a.verbose {
@@ -106,10 +118,7 @@ pub fn run(a: ChaosArgs) -> Result<(), CliError> {
     .map_err(|e| e.to_string())?;
     print_table(&s);
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&s).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string(&s).map_err(|e| e.to_string())?);
     }
     if s.holds() {
         Ok(())
