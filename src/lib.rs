@@ -30,6 +30,7 @@
 
 #[cfg(feature = "tokio")]
 pub mod asyncapi;
+pub mod chaos;
 pub mod codec;
 pub mod compat;
 pub mod device;

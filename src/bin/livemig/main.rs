@@ -5,6 +5,7 @@
 //! own files, and bench/send/recv are to follow.
 
 mod args;
+mod chaos;
 mod progress;
 mod serve;
 mod sweep;
@@ -56,6 +57,9 @@ enum Cmd {
     /// destination: discard the paused source), discarded (resume the source),
     /// in_progress or unknown.
     Resolve(ResolveArgs),
+    /// Run a fault campaign: many small migrations with random faults, each
+    /// checked against the paused source (docs/FAULTS.md, "The fault campaign").
+    Chaos(chaos::ChaosArgs),
     /// Measure this machine's limits: memcpy and raw loopback TCP.
     Limits {
         /// TCP streams.
@@ -380,6 +384,7 @@ fn main() {
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a).map_err(CliError::from),
         Cmd::Resolve(a) => resolve(a),
+        Cmd::Chaos(a) => chaos::run(a),
         Cmd::Sweep(a) => sweep::run(a).map_err(CliError::from),
         Cmd::Limits { streams } => livemig::limits::measure(streams)
             .map_err(|e| e.to_string())
