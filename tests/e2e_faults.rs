@@ -455,7 +455,11 @@ fn cut_page_stream_after_pause() {
             inner: src.dirtier.control(),
             log: log.clone(),
         }))
-        .config(config(Mode::Multichannel, 1, CodecId::Raw, Verify::Digest));
+        // Without resumption (which would complete it; see tests/e2e_resume.rs).
+        .config(livemig::engine::MigrationConfig {
+            reconnect_timeout: Duration::ZERO,
+            ..config(Mode::Multichannel, 1, CodecId::Raw, Verify::Digest)
+        });
     let fc = FrameFaultConnector::new(c, fault);
     let fired = fc.fired.clone();
     let out = migrate(m, fc, Receiver::new().config(receiver_config()), a);

@@ -125,11 +125,9 @@ fn a_page_stream_cut_in_round_zero_resumes_and_sends_little_twice() {
     );
 }
 
-/// Every stream (control included) of a running, dirtying guest cut right after
-/// round 0: the session resumes and the destination ends equal to the paused
-/// source.
-#[test]
-fn every_stream_cut_after_round_zero_of_a_running_guest_resumes() {
+/// Every stream (control included) of a running, dirtying guest cut at `when`:
+/// the session resumes and the destination ends equal to the paused source.
+fn cut_everything_at(when: impl Fn(&Event) -> bool + Send + Sync + 'static) -> u32 {
     let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
     let switch = KillSwitch::default();
     let (addr, rx) = tcp_pair(resume_receiver());
@@ -141,9 +139,7 @@ fn every_stream_cut_after_round_zero_of_a_running_guest_resumes() {
         .policy(Box::new(test_policy()))
         .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest))
         .progress(Arc::new(move |e: &Event| {
-            if matches!(e, Event::RoundFinished(r) if r.round == 0)
-                && !once.swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
+            if when(e) && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 cut.cut_all();
             }
         }));
@@ -156,7 +152,21 @@ fn every_stream_cut_after_round_zero_of_a_running_guest_resumes() {
         (r, rx.join().expect("receiver thread"))
     });
     let (report, _) = assert_migrated(&src, Outcome { source, dest });
-    assert!(report.reconnects >= 1, "resumed: {}", report.reconnects);
+    report.reconnects
+}
+
+#[test]
+fn every_stream_cut_after_round_zero_of_a_running_guest_resumes() {
+    let n = cut_everything_at(|e| matches!(e, Event::RoundFinished(r) if r.round == 0));
+    assert!(n >= 1, "resumed {n} times");
+}
+
+/// Cut while the VM is paused, before it was released: the source runs the VM
+/// again, resumes the session and browns out again later.
+#[test]
+fn every_stream_cut_during_the_brownout_resumes_with_the_vm_running_again() {
+    let n = cut_everything_at(|e| matches!(e, Event::Brownout { .. }));
+    assert!(n >= 1, "resumed {n} times");
 }
 
 /// The destination is gone for good: the source tries for its reconnection budget,

@@ -269,13 +269,15 @@ pub enum MigrationError {
     },
     /// The connection broke during the rounds and could not be resumed within
     /// `reconnect_timeout`; the VM keeps running.
-    #[error("the connection broke and resuming failed after {attempts} attempt(s) within {after:?}: {last}")]
+    #[error("the connection broke ({cause}) and resuming failed after {attempts} attempt(s) within {after:?}: {last}")]
     ResumeFailed {
         /// Reconnection attempts made.
         attempts: u32,
         /// The reconnection budget.
         after: Duration,
-        /// The last attempt's error (or what broke the connection).
+        /// What broke the connection.
+        cause: Box<MigrationError>,
+        /// The last attempt's error (a refusal ends the attempts at once).
         last: Box<MigrationError>,
     },
     /// A page worker panicked.

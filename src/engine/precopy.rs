@@ -800,7 +800,28 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
                 }
                 // Every deferred page is in `owed`: the final round sends it.
                 run.held_back = 0;
-                return brownout::run(run, owed, round, predicted, reason);
+                let final_set = if run.resumable {
+                    owed.clone()
+                } else {
+                    std::mem::replace(&mut owed, PageSet::new(0))
+                };
+                match brownout::run(run, final_set, round, predicted, reason) {
+                    // The connection broke before the source released the VM: the
+                    // VM runs again, and the rounds go on after resumption.
+                    // A destination that is slow to answer (a timeout) is not a
+                    // broken connection: the migration fails and the VM runs.
+                    Err(e)
+                        if run.may_resume(&e) && !matches!(e, MigrationError::TimedOut { .. }) =>
+                    {
+                        let mut resend = PageSet::new(pages);
+                        round = run.resume(round, e, &mut resend)?;
+                        to_send.clear();
+                        to_send.union_with(&owed);
+                        to_send.union_with(&resend);
+                        deferred.clear();
+                    }
+                    r => return r,
+                }
             }
             Decision::Abort(reason) => return Err(MigrationError::PolicyAbort(reason)),
         }

@@ -71,25 +71,33 @@ impl Run<'_> {
         let give_up = Instant::now() + budget;
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u32;
-        let mut last = cause;
+        let failed = |attempts, last| MigrationError::ResumeFailed {
+            attempts,
+            after: budget,
+            cause: Box::new(cause),
+            last: Box::new(last),
+        };
+        let mut last = None;
         let back = loop {
             if self.m.cancel.is_cancelled() {
                 return Err(MigrationError::Cancelled);
             }
             let left = give_up.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(MigrationError::ResumeFailed {
-                    attempts,
+                let last = last.unwrap_or(MigrationError::TimedOut {
+                    what: "a chance to reconnect",
                     after: budget,
-                    last: Box::new(last),
                 });
+                return Err(failed(attempts, last));
             }
             attempts += 1;
             let reply = left.min(self.m.config.peer_timeout);
             match setup::reconnect(self.m, self.connector, self.session_id, round, reply) {
                 Ok(back) => break back,
-                Err(e) if is_lost_connection(&e) => last = e,
-                Err(e) => return Err(e),
+                Err(e) if is_lost_connection(&e) => last = Some(e),
+                // Refused (the destination no longer holds the session) or a
+                // broken protocol: no point in trying again.
+                Err(e) => return Err(failed(attempts, e)),
             }
             // Wait out the backoff in slices, so a cancel is seen at once.
             let wake =

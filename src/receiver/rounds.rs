@@ -36,7 +36,7 @@ pub(super) struct RoundsDone {
 pub(super) struct RoundsFailed {
     /// The error.
     pub error: ReceiveError,
-    /// The connection broke before `Brownout`: the source may resume the session.
+    /// The connection broke before `Commit`: the source may resume the session.
     pub resumable: bool,
 }
 
@@ -82,14 +82,12 @@ impl Receiver {
         } else {
             None
         };
-        // After `Brownout` the source's VM is paused and nothing resumes.
-        let mut brownout = false;
         let mut device_state = None;
         let commit = loop {
             match control.control_capped(&self.config.rounds_caps()) {
                 Ok((ControlMsg::Heartbeat { seq }, _)) => {
                     if let Err(e) = super::handoff::answer_heartbeat(control, seq) {
-                        let resumable = !brownout && e.is_link_loss();
+                        let resumable = e.is_link_loss();
                         appliers.fail(e.to_string());
                         return Err(RoundsFailed {
                             error: ReceiveError::Transport {
@@ -100,7 +98,9 @@ impl Receiver {
                         });
                     }
                 }
-                Ok((ControlMsg::Brownout { .. }, _)) => brownout = true,
+                // A break before `Commit` resumes even after `Brownout`: the source
+                // then runs its VM again and goes on with the rounds.
+                Ok((ControlMsg::Brownout { .. }, _)) => {}
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
                 Ok((
                     ControlMsg::Commit {
@@ -138,11 +138,11 @@ impl Receiver {
                     let link = e.is_link_loss();
                     return Err(match appliers.fail(e.to_string()) {
                         Some(pe) if pe.kind != PageErrorKind::Stopped => RoundsFailed {
-                            resumable: !brownout && pe.is_link(),
+                            resumable: pe.is_link(),
                             error: ReceiveError::Pages(pe),
                         },
                         _ => RoundsFailed {
-                            resumable: !brownout && link,
+                            resumable: link,
                             error: read_error(
                                 PHASE,
                                 "the source sent nothing on the control stream",
