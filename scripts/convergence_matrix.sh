@@ -15,7 +15,7 @@ HOTSETS=${HOTSETS:-"64M 1G"}
 SKEWS=${SKEWS:-"uniform 80-20"}
 # rate:hotset:skew cases rerun with --no-auto-converge --on-limit cancel.
 CANCEL_CASES=${CANCEL_CASES:-"1600:1G:uniform 1600:1G:80-20"}
-BIN=target/release/livemig
+BIN=${LIVEMIG:-target/release/livemig}
 [ -x "$BIN" ] || cargo build --release --quiet
 OUT=$(mktemp -d)
 BUSY_PID=
