@@ -15,10 +15,18 @@ HOTSETS=${HOTSETS:-"64M 1G"}
 SKEWS=${SKEWS:-"uniform 80-20"}
 # rate:hotset:skew cases rerun with --no-auto-converge --on-limit cancel.
 CANCEL_CASES=${CANCEL_CASES:-"1600:1G:uniform 1600:1G:80-20"}
-BIN=target/release/livemig
+BIN=${LIVEMIG:-target/release/livemig}
 [ -x "$BIN" ] || cargo build --release --quiet
 OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
+BUSY_PID=
+trap 'rm -rf "$OUT"; [ -z "$BUSY_PID" ] || kill "$BUSY_PID" 2>/dev/null || true' EXIT
+# BUSY=1: keep one core busy with another process (a shell busy loop) for the
+# whole matrix, as a noisy neighbour would.
+if [ "${BUSY:-0}" = 1 ]; then
+  bash -c 'while :; do :; done' &
+  BUSY_PID=$!
+  echo "busy loop: pid $BUSY_PID" >&2
+fi
 
 run() { # name, flags...
   local name=$1
@@ -45,6 +53,13 @@ for c in $CANCEL_CASES; do
     --no-auto-converge --on-limit cancel --max-rounds 12 --max-time 60 "$@"
 done
 
+# JSONL=FILE keeps the raw reports (one {"label", "report"} object per line).
+if [ -n "${JSONL:-}" ]; then
+  for f in "$OUT"/*.json; do
+    r=$(cat "$f")
+    printf '{"label":"%s","report":%s}\n' "$(basename "$f" .json)" "${r:-null}"
+  done >"$JSONL"
+fi
 python3 - "$OUT" "$MEMORY" <<'PY'
 import json, os, sys
 out, memory = sys.argv[1], sys.argv[2]
@@ -80,4 +95,12 @@ w = [max(len(str(r[i])) for r in rows + [hdr]) for i in range(len(hdr))]
 print(f"memory {memory}, target 50 ms")
 for r in [hdr] + rows:
     print("  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
+# measured ÷ predicted over the converged runs: median, 95th percentile (nearest
+# rank) and maximum.
+ratios = sorted(float(r[8]) for r in rows if r[10] == "yes" and r[8] not in ("-", "?"))
+if ratios:
+    import math
+    p95 = ratios[max(0, math.ceil(0.95 * len(ratios)) - 1)]
+    print(f"measured ÷ predicted, {len(ratios)} converged runs: median {ratios[len(ratios) // 2]:.2f}, "
+          f"p95 {p95:.2f}, max {ratios[-1]:.2f} (target p95 ≤ 1.25)")
 PY

@@ -92,6 +92,20 @@ fn recv_memory_prealloc_takes_a_guest_of_its_size_and_refuses_a_bigger_one() {
         serde_json::from_str(recv.1.lines().last().expect("recv JSON")).unwrap();
     assert_eq!(report["memory_prepared"], true, "{report}");
     assert_eq!(report["memory_bytes"], 64 * MIB as u64);
+    // The committed guest is resident, so the receiver's peak anonymous RSS holds it,
+    // and what it reports beyond the guest is that peak less the guest.
+    let peak = report["receiver_anon_rss_peak_bytes"]
+        .as_u64()
+        .expect("peak RSS");
+    assert!(
+        peak >= 64 * MIB as u64,
+        "peak {peak} below the guest: {report}"
+    );
+    assert_eq!(
+        report["receiver_anon_rss_beyond_guest_bytes"].as_u64(),
+        Some(peak - 64 * MIB as u64),
+        "{report}"
+    );
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_file(&out);
 

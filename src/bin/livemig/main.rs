@@ -1006,6 +1006,9 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         outcome_linger: Duration::from_secs(a.outcome_linger),
         ..ReceiverConfig::default()
     };
+    // Sampled from before guest memory exists: with --prealloc (the whole guest
+    // resident), peak − guest size is what the receiver costs beyond the guest.
+    let rss = livemig::stats::rss::AnonRssSampler::start(Duration::from_millis(5));
     let mut receiver = Receiver::new();
     if let Some(bytes) = a.memory {
         if let Some(max) = a.max_memory.filter(|max| bytes > *max) {
@@ -1069,6 +1072,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         write_image(&received.memory, path)?;
     }
     let r = &received.report;
+    let rss = rss.map(|s| s.finish());
     if a.json {
         let mut v = serde_json::to_value(r).map_err(|e| e.to_string())?;
         let obj = v.as_object_mut().expect("object");
@@ -1076,6 +1080,20 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             "guest_gib_per_s".into(),
             json!(r.memory_bytes as f64 / (1u64 << 30) as f64 / (r.total_ms / 1e3)),
         );
+        if let Some(rss) = rss {
+            obj.insert(
+                "receiver_anon_rss_start_bytes".into(),
+                json!(rss.start_bytes),
+            );
+            obj.insert("receiver_anon_rss_peak_bytes".into(), json!(rss.peak_bytes));
+            // Only with --prealloc is the whole guest resident (zero pages included).
+            if a.prealloc {
+                obj.insert(
+                    "receiver_anon_rss_beyond_guest_bytes".into(),
+                    json!(rss.peak_bytes.saturating_sub(r.memory_bytes)),
+                );
+            }
+        }
         obj.insert("tls".into(), json!(tls));
         println!("{}", serde_json::to_string(&v).map_err(|e| e.to_string())?);
     } else {
