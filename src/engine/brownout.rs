@@ -119,7 +119,7 @@ fn next_reply(
 /// Brown out and switch over. `set` holds the pages dirty at the last harvest.
 pub(crate) fn run(
     run: &mut Run<'_>,
-    mut set: PageSet,
+    set: &mut PageSet,
     final_round: u32,
     predicted_s: f64,
     reason: String,
@@ -160,7 +160,7 @@ pub(crate) fn run(
     };
     let r = paused(
         run,
-        &mut set,
+        set,
         final_round,
         predicted_s,
         &reason,

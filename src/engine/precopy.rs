@@ -800,12 +800,9 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
                 }
                 // Every deferred page is in `owed`: the final round sends it.
                 run.held_back = 0;
-                let final_set = if run.resumable {
-                    owed.clone()
-                } else {
-                    std::mem::replace(&mut owed, PageSet::new(0))
-                };
-                match brownout::run(run, final_set, round, predicted, reason) {
+                // The final round's set grows by the final harvest; after a
+                // break it is what the destination may still lack.
+                match brownout::run(run, &mut owed, round, predicted, reason) {
                     // The connection broke before the source released the VM: the
                     // VM runs again, and the rounds go on after resumption.
                     // A destination that is slow to answer (a timeout) is not a
