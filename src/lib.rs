@@ -39,6 +39,7 @@ pub mod engine;
 pub mod fuzz;
 #[cfg(feature = "kvm")]
 pub mod kvm;
+#[cfg(feature = "bench")]
 pub mod limits;
 pub mod memory;
 pub mod proof;
@@ -48,6 +49,8 @@ pub mod session;
 pub mod stats;
 pub mod transport;
 pub mod wire;
+#[cfg(feature = "bench")]
 pub mod workload;
+mod rng;
 
 pub use memory::{GuestMemory, GuestRegion, PAGE_SIZE};
