@@ -61,7 +61,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{CancelToken, Migration, MigrationError};
 use crate::receiver::{ReceiveError, Received, Receiver};
-use crate::stats::sink::Tee;
+use crate::stats::sink::{receive_span, trace_receive_outcome, Tee, TracingSink};
 use crate::stats::{Event, MigrationReport, ProgressSink};
 use crate::transport::{Acceptor, Connector, Stream, TransportError};
 
@@ -112,12 +112,21 @@ impl AsyncMigration {
         self.migration.cancel.clone()
     }
 
-    /// Start the migration over `connector` on its own thread.
+    /// Start the migration over `connector` on its own thread. Its events also go
+    /// to `tracing` (a [`TracingSink`]), and the migration runs in its span.
     pub fn run<C: Connector + 'static>(self, connector: C) -> MigrationFuture {
         let cancel = self.migration.cancel.clone();
-        let migration = self.migration;
-        let (outcome, thread) =
-            spawn_outcome("livemig-migration", move || migration.run(&connector));
+        let mut migration = self.migration;
+        let tracing_sink = Arc::new(TracingSink::new());
+        let span = tracing_sink.span().clone();
+        let tracing_sink: Arc<dyn ProgressSink> = tracing_sink;
+        migration.progress = Some(match migration.progress.take() {
+            Some(existing) => Arc::new(Tee(vec![tracing_sink, existing])),
+            None => tracing_sink,
+        });
+        let (outcome, thread) = spawn_outcome("livemig-migration", move || {
+            span.in_scope(|| migration.run(&connector))
+        });
         MigrationFuture {
             outcome,
             cancel,
@@ -259,7 +268,12 @@ pub fn receive<A: Acceptor + 'static>(receiver: Receiver, acceptor: A) -> Receiv
         shutdowns: Mutex::new(Vec::new()),
     });
     let handle = acceptor.clone();
-    let (outcome, thread) = spawn_outcome("livemig-receive", move || receiver.run(&*acceptor));
+    let span = receive_span();
+    let (outcome, thread) = spawn_outcome("livemig-receive", move || {
+        let result = span.in_scope(|| receiver.run(&*acceptor));
+        trace_receive_outcome(&span, &result);
+        result
+    });
     ReceiveFuture {
         outcome,
         acceptor: handle,

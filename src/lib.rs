@@ -44,6 +44,7 @@ pub mod limits;
 pub mod memory;
 pub mod proof;
 pub mod receiver;
+mod rng;
 pub mod service;
 pub mod session;
 pub mod stats;
@@ -51,6 +52,5 @@ pub mod transport;
 pub mod wire;
 #[cfg(feature = "bench")]
 pub mod workload;
-mod rng;
 
 pub use memory::{GuestMemory, GuestRegion, PAGE_SIZE};

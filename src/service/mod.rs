@@ -482,6 +482,11 @@ impl Shared {
 
     fn stray(&self, peer: String, reason: String) {
         self.counts.strays.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            peer = peer.as_str(),
+            reason = reason.as_str(),
+            "stray connection dropped"
+        );
         self.handler.event(&ServiceEvent::Refused {
             peer,
             reason,
@@ -499,6 +504,21 @@ impl Shared {
             Outcome::Failed => &self.counts.failed,
         }
         .fetch_add(1, Ordering::Relaxed);
+        match (&end.outcome, &end.error) {
+            (Outcome::Committed, _) => tracing::info!(
+                session = end.session.as_str(),
+                bytes = end.bytes,
+                verified = end.verified,
+                ms = end.ms,
+                "session committed"
+            ),
+            (outcome, error) => tracing::warn!(
+                session = end.session.as_str(),
+                outcome = ?outcome,
+                error = error.as_deref().unwrap_or(""),
+                "session ended without a commit"
+            ),
+        }
         self.handler.event(&ServiceEvent::SessionEnd(end));
         self.active.fetch_sub(1, Ordering::AcqRel);
         self.ended.notify_one();
@@ -687,6 +707,11 @@ async fn session(
             )),
             Err(_) => {
                 let position = sh.queued.fetch_add(1, Ordering::AcqRel) + 1;
+                tracing::info!(
+                    session = name.as_str(),
+                    position,
+                    "session queued for a slot"
+                );
                 sh.handler.event(&ServiceEvent::Queued {
                     session: name.clone(),
                     position,
@@ -732,6 +757,12 @@ async fn session(
         Ok(a) => a,
         Err(e) => return sh.end(end(Outcome::Failed, e)),
     };
+    tracing::info!(
+        session = name.as_str(),
+        streams,
+        waited_ms,
+        "session started"
+    );
     sh.handler.event(&ServiceEvent::SessionStart {
         session: name.clone(),
         streams,
@@ -761,8 +792,9 @@ fn run_session(
 ) {
     let name = token.to_string();
     let started = Instant::now();
+    let span = tracing::info_span!("service_session", session = %name);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        sh.handler.receiver(&name).run(&acceptor)
+        span.in_scope(|| sh.handler.receiver(&name).run(&acceptor))
     }));
     sh.routes.close(&token);
     drop(acceptor);

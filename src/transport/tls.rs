@@ -699,8 +699,16 @@ impl<C: Connector> Connector for TlsConnector<C> {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
         let stream = self.inner.connect()?;
         let peer = stream.peer_addr().unwrap_or_else(|| self.inner.describe());
-        self.handshake(stream)
-            .map_err(|source| TransportError::Tls { peer, source })
+        match self.handshake(stream) {
+            Ok(s) => {
+                tracing::debug!(peer = peer.as_str(), "TLS handshake done (client)");
+                Ok(s)
+            }
+            Err(source) => {
+                tracing::warn!(peer = peer.as_str(), error = %source, "TLS handshake refused (client)");
+                Err(TransportError::Tls { peer, source })
+            }
+        }
     }
     fn describe(&self) -> String {
         format!("tls+{}", self.inner.describe())
@@ -784,8 +792,16 @@ impl<A: Acceptor> Acceptor for TlsAcceptor<A> {
     fn accept(&self, timeout: Duration) -> Result<Box<dyn Stream>, TransportError> {
         let stream = self.inner.accept(timeout)?;
         let peer = stream.peer_addr().unwrap_or_else(|| "the peer".into());
-        self.handshake(stream)
-            .map_err(|source| TransportError::Tls { peer, source })
+        match self.handshake(stream) {
+            Ok(s) => {
+                tracing::debug!(peer = peer.as_str(), "TLS handshake done (server)");
+                Ok(s)
+            }
+            Err(source) => {
+                tracing::warn!(peer = peer.as_str(), error = %source, "TLS handshake refused (server)");
+                Err(TransportError::Tls { peer, source })
+            }
+        }
     }
 }
 

@@ -38,6 +38,31 @@ use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log more on stderr: -v info, -vv debug, -vvv trace (default: warnings).
+    /// `RUST_LOG` (e.g. `livemig=debug`) overrides it. Logs never go to stdout.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+/// Send the library's `tracing` output to stderr, filtered by `RUST_LOG` when set,
+/// otherwise by the `-v` count.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::new(spec),
+        _ => EnvFilter::new(match verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }),
+    };
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 #[derive(Subcommand, Debug)]
@@ -367,6 +392,7 @@ struct RecvArgs {
 
 fn main() {
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     let r = match cli.cmd {
         Cmd::Bench(a) => bench(a),
         Cmd::Send(a) => send(a),
@@ -463,7 +489,8 @@ fn sinks_of(
     file: Option<EventFile>,
     bar: bool,
 ) -> Option<Arc<dyn ProgressSink>> {
-    let mut v: Vec<Arc<dyn ProgressSink>> = Vec::new();
+    let mut v: Vec<Arc<dyn ProgressSink>> =
+        vec![Arc::new(livemig::stats::sink::TracingSink::new())];
     if let Some(f) = file {
         v.push(Arc::new(move |e: &Event| {
             use std::io::Write;
@@ -1021,10 +1048,14 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         None => livemig::receiver::OutcomeLog::default(),
     });
     let linger = config.outcome_linger;
-    let result = receiver
-        .config(config)
-        .outcome_log(log.clone())
-        .run(&*acceptor);
+    let span = livemig::stats::sink::receive_span();
+    let result = span.in_scope(|| {
+        receiver
+            .config(config)
+            .outcome_log(log.clone())
+            .run(&*acceptor)
+    });
+    livemig::stats::sink::trace_receive_outcome(&span, &result);
     // A source that released the VM but may not know the outcome asks: answer it
     // (after reporting, so the report is not held up).
     let serve = || {
