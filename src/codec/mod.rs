@@ -7,7 +7,6 @@
 
 pub mod cache;
 pub mod delta;
-pub mod select;
 pub mod zero;
 
 use serde::{Deserialize, Serialize};

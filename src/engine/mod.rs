@@ -9,6 +9,7 @@
 pub mod auto;
 pub mod brownout;
 pub mod cancel;
+pub mod codec_policy;
 pub mod commit;
 pub mod control;
 pub mod gate;
