@@ -14,7 +14,7 @@ use livemig::device::{ParticipantError, RestoreState, SaveState, Veto};
 use livemig::engine::{
     CancelToken, Migration, MigrationConfig, MigrationError, Mode, Verify, VmControl,
 };
-use livemig::receiver::{ReceiveError, Receiver, ReceiverConfig};
+use livemig::receiver::{ReceiveError, Receiver};
 use livemig::stats::Event;
 use livemig::transport::fault::{Fault, FaultyConnector};
 use livemig::transport::framed::FrameReader;
@@ -296,9 +296,10 @@ fn long_round(heartbeats: bool) -> (Outcome, Arc<livemig::GuestMemory>) {
         cfg.heartbeat_interval = Duration::from_secs(3600);
         cfg.peer_timeout = Duration::from_secs(3600);
     }
-    let rcfg = ReceiverConfig {
-        idle_timeout: Duration::from_secs(1),
-        ..receiver_config()
+    let rcfg = {
+        let mut settings = receiver_config();
+        settings.idle_timeout = Duration::from_secs(1);
+        settings
     };
     let m = Migration::new(mem.clone()).config(cfg);
     (migrate(m, c, Receiver::new().config(rcfg), a), mem)
@@ -412,9 +413,10 @@ fn cancel_during_setup_returns_promptly() {
     let stop = Arc::new(AtomicBool::new(false));
     // The destination reads Hello and never answers.
     let dest = silent_destination(a, false, stop.clone());
-    let cfg = MigrationConfig {
-        reply_timeout: Duration::from_secs(30),
-        ..config(Mode::Multichannel, 1, CodecId::Raw, Verify::Digest)
+    let cfg = {
+        let mut settings = config(Mode::Multichannel, 1, CodecId::Raw, Verify::Digest);
+        settings.reply_timeout = Duration::from_secs(30);
+        settings
     };
     let token = CancelToken::new();
     let at = cancel_after(&token, Duration::from_millis(200));

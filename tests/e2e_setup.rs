@@ -32,19 +32,21 @@ fn dest_host() -> HostCaps {
 }
 
 fn receiver(host: HostCaps) -> Receiver {
-    Receiver::new().config(ReceiverConfig {
-        host,
-        ..Default::default()
+    Receiver::new().config({
+        let mut settings = ReceiverConfig::default();
+        settings.host = host;
+        settings
     })
 }
 
 fn vm_compat(cpu: &[&str], switches: &[&str]) -> MigrationConfig {
-    MigrationConfig {
-        compat: CompatVector {
+    {
+        let mut settings = MigrationConfig::default();
+        settings.compat = CompatVector {
             cpu_features: strings(cpu),
             switches: strings(switches),
-        },
-        ..Default::default()
+        };
+        settings
     }
 }
 

@@ -37,21 +37,23 @@ struct Dest {
 }
 
 fn config() -> ReceiverConfig {
-    ReceiverConfig {
-        huge_pages: false,
-        prefault: false,
-        accept_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(30),
-        ..Default::default()
+    {
+        let mut settings = ReceiverConfig::default();
+        settings.huge_pages = false;
+        settings.prefault = false;
+        settings.accept_timeout = Duration::from_secs(30);
+        settings.idle_timeout = Duration::from_secs(30);
+        settings
     }
 }
 
 /// A receiver that drops a malformed connection as a stray and keeps waiting, for
 /// a short while: the test then reads why it dropped it from the timeout.
 fn stray_config() -> ReceiverConfig {
-    ReceiverConfig {
-        accept_timeout: Duration::from_secs(1),
-        ..config()
+    {
+        let mut settings = config();
+        settings.accept_timeout = Duration::from_secs(1);
+        settings
     }
 }
 
@@ -269,9 +271,10 @@ fn oversize_control_attachment() {
 
 #[test]
 fn setup_attachment_over_its_configured_cap() {
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_setup_attachment: 4096,
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_setup_attachment = 4096;
+        settings
     }));
     let t = Instant::now();
     let mut c = dest.connect();
@@ -316,9 +319,10 @@ fn hello_with_an_attachment() {
 
 #[test]
 fn device_state_over_its_configured_cap() {
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_device_state: 4096,
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_device_state = 4096;
+        settings
     }));
     let t = Instant::now();
     let (mut c, _pages) = session(&dest, 1);
@@ -457,16 +461,18 @@ fn region_past_the_address_space() {
 #[test]
 fn guest_larger_than_max_memory() {
     // A real source with a 128 MiB guest; the receiver may commit 64 MiB.
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_memory: Some(64 * MIB as u64),
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_memory = Some(64 * MIB as u64);
+        settings
     }));
     let t = Instant::now();
     let src = Arc::new(GuestMemory::anonymous(128 * MIB, false).unwrap());
     let r = Migration::new(src)
-        .config(MigrationConfig {
-            streams: 1,
-            ..Default::default()
+        .config({
+            let mut settings = MigrationConfig::default();
+            settings.streams = 1;
+            settings
         })
         .run(&dest.connector);
     match r {
@@ -591,9 +597,10 @@ fn stream_end_before_any_round() {
 
 #[test]
 fn too_many_rounds() {
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_rounds: 3,
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_rounds = 3;
+        settings
     }));
     let t = Instant::now();
     let (c, mut pages) = session(&dest, 1);
@@ -859,9 +866,10 @@ fn sender_refuses_a_reply_with_an_attachment() {
     let t = Instant::now();
     let src = Arc::new(GuestMemory::anonymous(MIB, false).unwrap());
     let e = Migration::new(src)
-        .config(MigrationConfig {
-            streams: 1,
-            ..Default::default()
+        .config({
+            let mut settings = MigrationConfig::default();
+            settings.streams = 1;
+            settings
         })
         .run(&connector)
         .expect_err("the source refuses the reply");

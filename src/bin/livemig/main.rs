@@ -439,30 +439,31 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
             (Mode::Compress, o.streams.max(1), codec, level)
         }
     };
-    Ok(MigrationConfig {
-        mode,
-        streams,
-        codec,
-        zstd_level: level,
-        verify: match o.verify {
+    Ok({
+        let mut settings = MigrationConfig::default();
+        settings.mode = mode;
+        settings.streams = streams;
+        settings.codec = codec;
+        settings.zstd_level = level;
+        settings.verify = match o.verify {
             VerifyArg::Digest => Verify::Digest,
             VerifyArg::Full => Verify::Full,
-        },
-        bandwidth: o
+        };
+        settings.bandwidth = o
             .bandwidth
-            .map(livemig::transport::shaped::TokenBucket::new),
-        expected_device_state: o.device_state_ms,
-        delta: o.delta,
-        delta_cache_bytes: o.delta_cache.unwrap_or(0),
-        splice: o.splice,
+            .map(livemig::transport::shaped::TokenBucket::new);
+        settings.expected_device_state = o.device_state_ms;
+        settings.delta = o.delta;
+        settings.delta_cache_bytes = o.delta_cache.unwrap_or(0);
+        settings.splice = o.splice;
         // Heartbeat silence uses the same limit as the streams' deadlines.
-        peer_timeout: o.peer_timeout,
-        audit: livemig::proof::AuditConfig {
+        settings.peer_timeout = o.peer_timeout;
+        settings.audit = livemig::proof::AuditConfig {
             sample_pages: o.audit_sample_pages,
             ..Default::default()
-        },
-        post_audit: !o.no_post_audit,
-        ..Default::default()
+        };
+        settings.post_audit = !o.no_post_audit;
+        settings
     })
 }
 
@@ -751,13 +752,14 @@ fn bench_one(
         let log = Arc::new(livemig::receiver::OutcomeLog::default());
         let r = Receiver::new()
             .outcome_log(log.clone())
-            .config(ReceiverConfig {
+            .config({
+                let mut settings = ReceiverConfig::default();
                 // Queued migrations connect late: wait as long as the slot queue may.
-                accept_timeout: Duration::from_secs(600),
-                prefault,
-                prealloc,
-                huge_pages,
-                ..ReceiverConfig::default()
+                settings.accept_timeout = Duration::from_secs(600);
+                settings.prefault = prefault;
+                settings.prealloc = prealloc;
+                settings.huge_pages = huge_pages;
+                settings
             })
             .run(&*acceptor);
         let _ = rtx.send(r);
@@ -1001,18 +1003,20 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             tls,
             ..Default::default()
         };
-        let receiver = ReceiverConfig {
-            prealloc: a.prealloc,
-            max_memory: a.max_memory,
-            ..ReceiverConfig::default()
+        let receiver = {
+            let mut settings = ReceiverConfig::default();
+            settings.prealloc = a.prealloc;
+            settings.max_memory = a.max_memory;
+            settings
         };
         return serve::run(&a.listen, config, receiver, a.out_dir, a.json);
     }
-    let config = ReceiverConfig {
-        prealloc: a.prealloc,
-        max_memory: a.max_memory,
-        outcome_linger: Duration::from_secs(a.outcome_linger),
-        ..ReceiverConfig::default()
+    let config = {
+        let mut settings = ReceiverConfig::default();
+        settings.prealloc = a.prealloc;
+        settings.max_memory = a.max_memory;
+        settings.outcome_linger = Duration::from_secs(a.outcome_linger);
+        settings
     };
     let mut receiver = Receiver::new();
     if let Some(bytes) = a.memory {
