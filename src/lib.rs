@@ -28,6 +28,8 @@
 //! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
 //! `livemig bench` and the tests.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "tokio")]
 pub mod asyncapi;
 pub mod codec;

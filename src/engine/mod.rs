@@ -6,17 +6,17 @@
 //! Any failure before the source releases the VM resumes it; after `Released` the
 //! source learns the outcome or stays paused, in doubt ([`commit`]).
 
-pub mod auto;
-pub mod brownout;
+pub(crate) mod auto;
+pub(crate) mod brownout;
 pub mod cancel;
 pub mod codec_policy;
 pub mod commit;
-pub mod control;
-pub mod gate;
-pub mod pipeline;
+pub(crate) mod control;
+pub(crate) mod gate;
+pub(crate) mod pipeline;
 pub mod policy;
-pub mod precopy;
-pub mod setup;
+pub(crate) mod precopy;
+pub(crate) mod setup;
 pub mod slots;
 
 use std::sync::Arc;
@@ -32,6 +32,7 @@ use crate::wire::control::{CompatVector, RefuseCode, SessionId};
 
 pub use cancel::CancelToken;
 pub use commit::SourceState;
+pub use pipeline::batches_of;
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
 pub use slots::{HostSlots, SlotGuard};
 

@@ -181,12 +181,8 @@ impl RoundGate {
         self.cv.notify_all();
     }
 
-    /// Rounds completed by all streams.
-    pub fn rounds_done(&self) -> u32 {
-        self.state.lock().expect("gate lock").round
-    }
-
     /// Whether every stream ended (after the same number of rounds).
+    #[cfg(test)]
     pub fn all_ended(&self) -> bool {
         self.state.lock().expect("gate lock").ended_count == self.n
     }

@@ -25,8 +25,8 @@
 //! failing the migration; every wait has a deadline ([`ReceiverConfig`]) and ends
 //! in [`ReceiveError::TimedOut`] saying what did not arrive.
 
-pub mod apply;
-pub mod gate;
+pub(crate) mod apply;
+pub(crate) mod gate;
 pub mod host_memory;
 pub mod limiter;
 pub mod setup_check;

@@ -46,8 +46,8 @@
 //! frame replay are already in their own files.
 
 pub mod opening;
-pub mod prefixed;
-pub mod route;
+pub(crate) mod prefixed;
+pub(crate) mod route;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
