@@ -69,16 +69,16 @@ fn parse() -> Result<Opts, String> {
 struct ModelVm(Arc<AtomicBool>, Arc<AtomicU64>);
 
 impl VmControl for ModelVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(false, Ordering::SeqCst);
         self.1.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(true, Ordering::SeqCst);
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), livemig::engine::VmControlError> {
         Ok(())
     }
 }

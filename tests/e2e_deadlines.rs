@@ -233,14 +233,14 @@ fn the_brownout_deadline_resumes_the_source() {
 struct FailingPause<V>(RecordingVm<V>);
 
 impl<V: VmControl> VmControl for FailingPause<V> {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.pause()?;
         Err("vCPU 1 did not stop".into())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.resume()
     }
-    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, percent: u8) -> Result<(), livemig::engine::VmControlError> {
         self.0.throttle(percent)
     }
 }
@@ -266,7 +266,7 @@ fn a_failed_pause_resumes_what_was_paused() {
                 resume_error,
             },
         ) => {
-            assert!(error.contains("vCPU 1"), "{error}");
+            assert!(error.to_string().contains("vCPU 1"), "{error}");
             assert!(resume_error.is_none());
             assert!(e.source_running());
         }

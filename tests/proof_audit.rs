@@ -28,15 +28,15 @@ use livemig::workload::splitmix;
 struct Vm(Arc<AtomicBool>);
 
 impl VmControl for Vm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(true, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(false, Ordering::SeqCst);
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), livemig::engine::VmControlError> {
         Ok(())
     }
 }

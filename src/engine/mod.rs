@@ -18,6 +18,7 @@ pub mod policy;
 pub(crate) mod precopy;
 pub(crate) mod setup;
 pub mod slots;
+mod vm_control;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,17 +36,18 @@ pub use commit::SourceState;
 pub use pipeline::batches_of;
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
 pub use slots::{HostSlots, SlotGuard};
+pub use vm_control::VmControlError;
 
 /// Controls the source VM's execution. Implemented by the hypervisor.
 pub trait VmControl: Send {
     /// Stop the guest's vCPUs (and device emulation that writes memory). On an
     /// error (even after stopping only some vCPUs) the engine calls
     /// [`VmControl::resume`], so it must resume whatever did stop.
-    fn pause(&mut self) -> Result<(), String>;
+    fn pause(&mut self) -> Result<(), VmControlError>;
     /// Resume after a failed or cancelled migration.
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), VmControlError>;
     /// Slow the guest down by `percent` (0 = full speed) — auto-converge.
-    fn throttle(&mut self, percent: u8) -> Result<(), String>;
+    fn throttle(&mut self, percent: u8) -> Result<(), VmControlError>;
 }
 
 /// A VM that is already stopped (e.g. sending a memory image): pause/resume do nothing.
@@ -53,13 +55,13 @@ pub trait VmControl: Send {
 pub struct StoppedVm;
 
 impl VmControl for StoppedVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), VmControlError> {
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmControlError> {
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), VmControlError> {
         Ok(())
     }
 }
@@ -237,7 +239,7 @@ pub enum MigrationError {
     Participant(#[from] ParticipantError),
     /// VM control failed.
     #[error("VM control: {0}")]
-    Vm(String),
+    Vm(#[source] VmControlError),
     /// Cancelled by the operator.
     #[error("migration cancelled; the source VM keeps running")]
     Cancelled,
@@ -284,9 +286,20 @@ pub enum MigrationError {
     #[error("pausing the VM failed: {error}{}", resume_error.as_ref().map(|r| format!("; resuming it failed too: {r}")).unwrap_or_default())]
     PauseFailed {
         /// The pause error.
-        error: String,
+        #[source]
+        error: VmControlError,
         /// The error of the resume that followed, if it failed.
-        resume_error: Option<String>,
+        resume_error: Option<VmControlError>,
+    },
+    /// The switchover failed (`cause`) and resuming the source VM failed too: the
+    /// VM is not running on either side.
+    #[error("resuming the VM failed: {error} (after a failed switchover: {cause})")]
+    ResumeFailed {
+        /// The resume error.
+        #[source]
+        error: VmControlError,
+        /// Why the switchover failed.
+        cause: Box<MigrationError>,
     },
     /// The source released the VM and could not learn whether the destination
     /// committed. The source VM stays **paused**: resuming it could run the VM
@@ -310,6 +323,7 @@ impl MigrationError {
         !matches!(
             self,
             Self::InDoubt { .. }
+                | Self::ResumeFailed { .. }
                 | Self::PauseFailed {
                     resume_error: Some(_),
                     ..

@@ -284,15 +284,15 @@ pub struct RecordingVm<V> {
 }
 
 impl<V: VmControl> VmControl for RecordingVm<V> {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.log.calls.lock().unwrap().push("pause");
         self.inner.pause()
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.log.calls.lock().unwrap().push("resume");
         self.inner.resume()
     }
-    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, percent: u8) -> Result<(), livemig::engine::VmControlError> {
         self.log.calls.lock().unwrap().push("throttle");
         self.inner.throttle(percent)
     }
