@@ -48,6 +48,37 @@
 //! }
 //! # }
 //! ```
+//!
+//! Both sides in one process over the in-memory transport:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use livemig::asyncapi::{receive, AsyncMigration};
+//! use livemig::engine::Migration;
+//! use livemig::receiver::Receiver;
+//! use livemig::stats::Event;
+//! use livemig::transport::mem;
+//!
+//! let memory = Arc::new(livemig::GuestMemory::anonymous(2 << 20, false)?);
+//! let (connector, acceptor) = mem::pair();
+//! let destination = receive(Receiver::new(), acceptor);
+//! let mut migration = AsyncMigration::new(Migration::new(memory));
+//! let mut events = migration.events();
+//! let report = migration.run(connector).await?;
+//! let received = destination.await?;
+//! assert_eq!(report.session, received.report.session);
+//!
+//! let mut seen = Vec::new();
+//! while let Some(event) = events.next().await {
+//!     seen.push(event);
+//! }
+//! assert!(matches!(seen.first(), Some(Event::Started { .. })));
+//! assert!(matches!(seen.last(), Some(Event::Completed(_))));
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;
