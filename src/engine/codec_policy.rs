@@ -1,12 +1,12 @@
 //! The codec policy of `auto` mode: the decision rules and their thresholds,
-//! apart from the mechanism that measures and obeys ([`super::auto::AutoTuner`]).
+//! apart from the mechanism that measures and obeys (`engine::auto::AutoTuner`).
 //!
 //! The tuner hands this module plain measurements (a window's rates and write
 //! time, the probes' compression speed and ratio, the CPU headroom) and gets back
 //! decisions: how many streams to keep, what the link delivers, which codec to send
 //! with and how often to probe. Nothing here touches atomics, clocks or threads, so
 //! each rule is a function a test can call with numbers. The reasoning behind each
-//! threshold is in [`super::auto`]'s module docs.
+//! threshold is in the `engine::auto` module docs (src/engine/auto.rs).
 
 use crate::codec::CodecId;
 

@@ -137,6 +137,7 @@ impl Default for ServiceConfig {
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServiceError {
     /// Binding the listener failed.
     #[error("cannot listen on {addr}: {source}")]

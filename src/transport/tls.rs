@@ -186,6 +186,7 @@ impl std::fmt::Display for TlsRefusal {
 
 /// Why a TLS handshake failed (wrapped in [`TransportError::Tls`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// The peer was not authenticated, or refused us.
     #[error("{refusal} ({source})")]
