@@ -1,8 +1,8 @@
 //! The source side: a pre-copy migration of one VM's memory.
 //!
-//! [`Migration`] wires the pieces: setup handshake ([`setup`]) → round loop
-//! ([`precopy`], mechanism only) asking a [`policy::ConvergencePolicy`] after each
-//! round → brownout ([`brownout`]: pause, final pages, device state, digest, commit).
+//! [`Migration`] wires the pieces: setup handshake (`setup`) → round loop
+//! (`precopy`, mechanism only) asking a [`policy::ConvergencePolicy`] after each
+//! round → brownout (`brownout`: pause, final pages, device state, digest, commit).
 //! Any failure before the source releases the VM resumes it; after `Released` the
 //! source learns the outcome or stays paused, in doubt ([`commit`]).
 
@@ -76,7 +76,7 @@ pub enum Mode {
     /// N raw streams (our model of SMB Multichannel).
     Multichannel,
     /// Per-batch choice of raw, lz4 or zstd and a measured stream count
-    /// (see [`auto`]); `streams` is the maximum.
+    /// (see `engine::auto`); `streams` is the maximum.
     Auto,
 }
 

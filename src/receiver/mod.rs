@@ -17,8 +17,8 @@
 //! | rounds      | `rounds.rs`    | `Rounds`, `Brownout`, `DeviceState`  | `RoundsDone`        |
 //! | commit      | `commit.rs`    | `Commit` … `Committed` / `Veto`      | `Committed`         |
 //!
-//! Pages are applied by [`apply`] (one thread per page stream, rounds kept in step
-//! by [`gate`]).
+//! Pages are applied by `apply` (one thread per page stream, rounds kept in step
+//! by `gate`).
 //!
 //! Stray connections (closed, silent, garbage, or a page stream of another
 //! session) are dropped and counted in `AwaitHello` and `AcceptStreams`, never

@@ -15,9 +15,9 @@
 //! The service owns connections; the receiver owns memory. Tokio runs only the
 //! accept / first-frame / routing plane on one thread. A session's receiver is the
 //! ordinary blocking [`Receiver`] on a dedicated thread, fed by a
-//! [`route::SessionAcceptor`]: a channel into which the service pushes the
+//! `route::SessionAcceptor`: a channel into which the service pushes the
 //! connections routed to it, each replaying the first frame the service read
-//! ([`prefixed::Prefixed`]). Page application stays on the receiver's blocking
+//! (`prefixed::Prefixed`). Page application stays on the receiver's blocking
 //! threads, one per page stream.
 //!
 //! **Queueing.** At most [`ServiceConfig::max_sessions`] sessions run; later
