@@ -12,12 +12,10 @@ use livemig::wire::control::RefuseCode;
 use setup_common::{guest, migrate, source};
 
 fn config(prealloc: bool) -> ReceiverConfig {
-    {
-        let mut settings = ReceiverConfig::default();
-        settings.prealloc = prealloc;
-        settings.huge_pages = false;
-        settings
-    }
+    let mut settings = ReceiverConfig::default();
+    settings.prealloc = prealloc;
+    settings.huge_pages = false;
+    settings
 }
 
 #[test]

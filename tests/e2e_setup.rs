@@ -40,14 +40,12 @@ fn receiver(host: HostCaps) -> Receiver {
 }
 
 fn vm_compat(cpu: &[&str], switches: &[&str]) -> MigrationConfig {
-    {
-        let mut settings = MigrationConfig::default();
-        settings.compat = CompatVector {
-            cpu_features: strings(cpu),
-            switches: strings(switches),
-        };
-        settings
-    }
+    let mut settings = MigrationConfig::default();
+    settings.compat = CompatVector {
+        cpu_features: strings(cpu),
+        switches: strings(switches),
+    };
+    settings
 }
 
 /// Run a migration the destination must refuse at setup; check everything a

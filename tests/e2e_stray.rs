@@ -25,11 +25,9 @@ use livemig::wire::{ControlMsg, FrameKind, CAPABILITIES, PROTOCOL_MAJOR, PROTOCO
 const HELLO_TIMEOUT: Duration = Duration::from_millis(300);
 
 fn stray_config() -> ReceiverConfig {
-    {
-        let mut settings = receiver_config();
-        settings.hello_timeout = HELLO_TIMEOUT;
-        settings
-    }
+    let mut settings = receiver_config();
+    settings.hello_timeout = HELLO_TIMEOUT;
+    settings
 }
 
 /// A stopped guest (no dirtier), so both ends must match byte for byte.

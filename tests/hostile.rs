@@ -37,24 +37,20 @@ struct Dest {
 }
 
 fn config() -> ReceiverConfig {
-    {
-        let mut settings = ReceiverConfig::default();
-        settings.huge_pages = false;
-        settings.prefault = false;
-        settings.accept_timeout = Duration::from_secs(30);
-        settings.idle_timeout = Duration::from_secs(30);
-        settings
-    }
+    let mut settings = ReceiverConfig::default();
+    settings.huge_pages = false;
+    settings.prefault = false;
+    settings.accept_timeout = Duration::from_secs(30);
+    settings.idle_timeout = Duration::from_secs(30);
+    settings
 }
 
 /// A receiver that drops a malformed connection as a stray and keeps waiting, for
 /// a short while: the test then reads why it dropped it from the timeout.
 fn stray_config() -> ReceiverConfig {
-    {
-        let mut settings = config();
-        settings.accept_timeout = Duration::from_secs(1);
-        settings
-    }
+    let mut settings = config();
+    settings.accept_timeout = Duration::from_secs(1);
+    settings
 }
 
 fn start(receiver: Receiver) -> Dest {

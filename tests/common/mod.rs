@@ -142,27 +142,23 @@ pub fn test_policy() -> DowntimePolicy {
 
 /// Migration settings for tests (short reply timeout so failures surface fast).
 pub fn config(mode: Mode, streams: u16, codec: CodecId, verify: Verify) -> MigrationConfig {
-    {
-        let mut settings = MigrationConfig::default();
-        settings.mode = mode;
-        settings.streams = streams;
-        settings.codec = codec;
-        settings.verify = verify;
-        settings.reply_timeout = Duration::from_secs(20);
-        settings
-    }
+    let mut settings = MigrationConfig::default();
+    settings.mode = mode;
+    settings.streams = streams;
+    settings.codec = codec;
+    settings.verify = verify;
+    settings.reply_timeout = Duration::from_secs(20);
+    settings
 }
 
 /// Receiver settings for tests.
 pub fn receiver_config() -> ReceiverConfig {
-    {
-        let mut settings = ReceiverConfig::default();
-        settings.huge_pages = false;
-        settings.prefault = false;
-        settings.accept_timeout = Duration::from_secs(20);
-        settings.idle_timeout = Duration::from_secs(30);
-        settings
-    }
+    let mut settings = ReceiverConfig::default();
+    settings.huge_pages = false;
+    settings.prefault = false;
+    settings.accept_timeout = Duration::from_secs(20);
+    settings.idle_timeout = Duration::from_secs(30);
+    settings
 }
 
 /// Run `receiver` on its own thread over `acceptor`.
