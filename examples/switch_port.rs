@@ -69,16 +69,16 @@ fn parse() -> Result<Opts, String> {
 struct ModelVm(Arc<AtomicBool>, Arc<AtomicU64>);
 
 impl VmControl for ModelVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(false, Ordering::SeqCst);
         self.1.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(true, Ordering::SeqCst);
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), livemig::engine::VmControlError> {
         Ok(())
     }
 }
@@ -123,13 +123,14 @@ fn run() -> Result<bool, String> {
     }
     let dest_handle = dest_port.handle();
     let mut receiver = Receiver::new()
-        .config(ReceiverConfig {
-            host: HostCaps {
+        .config({
+            let mut settings = ReceiverConfig::default();
+            settings.host = HostCaps {
                 cpu_features: Some(vec!["sse4.2".into(), "avx".into(), "avx2".into()]),
                 switches: Some(vec![switch.clone()]),
                 max_memory: None,
-            },
-            ..Default::default()
+            };
+            settings
         })
         .participant(Box::new(dest_port));
     for i in 0..o.slow_disks {
@@ -146,12 +147,13 @@ fn run() -> Result<bool, String> {
     let ps = pages_sent.clone();
     let mut migration = Migration::new(mem.clone())
         .vm_control(Box::new(ModelVm(running.clone(), pauses.clone())))
-        .config(MigrationConfig {
-            compat: CompatVector {
+        .config({
+            let mut settings = MigrationConfig::default();
+            settings.compat = CompatVector {
                 cpu_features: vec!["sse4.2".into(), "avx".into()],
                 switches: vec![switch.clone()],
-            },
-            ..Default::default()
+            };
+            settings
         })
         .progress(Arc::new(move |e: &Event| {
             if let Event::RoundFinished(r) = e {

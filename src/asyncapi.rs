@@ -48,6 +48,37 @@
 //! }
 //! # }
 //! ```
+//!
+//! Both sides in one process over the in-memory transport:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use livemig::asyncapi::{receive, AsyncMigration};
+//! use livemig::engine::Migration;
+//! use livemig::receiver::Receiver;
+//! use livemig::stats::Event;
+//! use livemig::transport::mem;
+//!
+//! let memory = Arc::new(livemig::GuestMemory::anonymous(2 << 20, false)?);
+//! let (connector, acceptor) = mem::pair();
+//! let destination = receive(Receiver::new(), acceptor);
+//! let mut migration = AsyncMigration::new(Migration::new(memory));
+//! let mut events = migration.events();
+//! let report = migration.run(connector).await?;
+//! let received = destination.await?;
+//! assert_eq!(report.session, received.report.session);
+//!
+//! let mut seen = Vec::new();
+//! while let Some(event) = events.next().await {
+//!     seen.push(event);
+//! }
+//! assert!(matches!(seen.first(), Some(Event::Started { .. })));
+//! assert!(matches!(seen.last(), Some(Event::Completed(_))));
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,7 +92,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{CancelToken, Migration, MigrationError};
 use crate::receiver::{ReceiveError, Received, Receiver};
-use crate::stats::sink::Tee;
+use crate::stats::sink::{receive_span, trace_receive_outcome, Tee, TracingSink};
 use crate::stats::{Event, MigrationReport, ProgressSink};
 use crate::transport::{Acceptor, Connector, Stream, TransportError};
 
@@ -112,12 +143,21 @@ impl AsyncMigration {
         self.migration.cancel.clone()
     }
 
-    /// Start the migration over `connector` on its own thread.
+    /// Start the migration over `connector` on its own thread. Its events also go
+    /// to `tracing` (a [`TracingSink`]), and the migration runs in its span.
     pub fn run<C: Connector + 'static>(self, connector: C) -> MigrationFuture {
         let cancel = self.migration.cancel.clone();
-        let migration = self.migration;
-        let (outcome, thread) =
-            spawn_outcome("livemig-migration", move || migration.run(&connector));
+        let mut migration = self.migration;
+        let tracing_sink = Arc::new(TracingSink::new());
+        let span = tracing_sink.span().clone();
+        let tracing_sink: Arc<dyn ProgressSink> = tracing_sink;
+        migration.progress = Some(match migration.progress.take() {
+            Some(existing) => Arc::new(Tee(vec![tracing_sink, existing])),
+            None => tracing_sink,
+        });
+        let (outcome, thread) = spawn_outcome("livemig-migration", move || {
+            span.in_scope(|| migration.run(&connector))
+        });
         MigrationFuture {
             outcome,
             cancel,
@@ -259,7 +299,12 @@ pub fn receive<A: Acceptor + 'static>(receiver: Receiver, acceptor: A) -> Receiv
         shutdowns: Mutex::new(Vec::new()),
     });
     let handle = acceptor.clone();
-    let (outcome, thread) = spawn_outcome("livemig-receive", move || receiver.run(&*acceptor));
+    let span = receive_span();
+    let (outcome, thread) = spawn_outcome("livemig-receive", move || {
+        let result = span.in_scope(|| receiver.run(&*acceptor));
+        trace_receive_outcome(&span, &result);
+        result
+    });
     ReceiveFuture {
         outcome,
         acceptor: handle,

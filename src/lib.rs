@@ -25,8 +25,47 @@
 //!
 //! [`device`] carries device and vCPU state at brownout (save → validate → release →
 //! restore; [`device::switch_port`] models Hyper-V's switch-port handoff),
-//! [`stats`] the progress events and report, [`workload`] the synthetic guest used by
-//! `livemig bench` and the tests.
+//! [`stats`] the progress events and report. With feature `bench` (on by default),
+//! `workload` is the synthetic guest used by `livemig bench` and the tests, and
+//! `limits` measures the machine; an embedder builds without them
+//! (`default-features = false`).
+//!
+//! # Embedding
+//!
+//! A VMM builds a [`engine::Migration`] on the source (memory, dirty tracker,
+//! [`engine::VmControl`], device participants, settings) and a
+//! [`receiver::Receiver`] on the destination, and connects them through a
+//! [`transport`] (TCP with mutual TLS between hosts). docs/EMBEDDING.md walks
+//! through it; `asyncapi` (feature `tokio`) wraps both as futures. The library
+//! prints nothing: it reports through [`stats::ProgressSink`] events and `tracing`
+//! spans and events ([`stats::sink::TracingSink`]).
+//!
+//! A stopped guest moved between two memories in one process:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use livemig::engine::{Migration, MigrationConfig};
+//! use livemig::receiver::Receiver;
+//! use livemig::transport::mem;
+//! use livemig::{GuestMemory, PAGE_SIZE};
+//!
+//! let memory = Arc::new(GuestMemory::anonymous(4 << 20, false)?);
+//! memory.write_pages(7, &[0xAB; PAGE_SIZE])?;
+//!
+//! let (connector, acceptor) = mem::pair();
+//! let destination = std::thread::spawn(move || Receiver::new().run(&acceptor));
+//! let mut config = MigrationConfig::default();
+//! config.streams = 1;
+//! let report = Migration::new(memory.clone()).config(config).run(&connector)?;
+//! let received = destination.join().expect("receiver thread")?;
+//!
+//! assert!(report.verified);
+//! assert_eq!(report.session, received.report.session);
+//! assert_eq!(memory.full_digest(1)?, received.memory.full_digest(1)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
 
 #[cfg(feature = "tokio")]
 pub mod asyncapi;
@@ -40,15 +79,18 @@ pub mod engine;
 pub mod fuzz;
 #[cfg(feature = "kvm")]
 pub mod kvm;
+#[cfg(feature = "bench")]
 pub mod limits;
 pub mod memory;
 pub mod proof;
 pub mod receiver;
+mod rng;
 pub mod service;
 pub mod session;
 pub mod stats;
 pub mod transport;
 pub mod wire;
+#[cfg(feature = "bench")]
 pub mod workload;
 
 pub use memory::{GuestMemory, GuestRegion, PAGE_SIZE};

@@ -79,15 +79,15 @@ impl Timeline {
 struct TimedVm(Timeline);
 
 impl VmControl for TimedVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.push("source pause");
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.push("source resume");
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), livemig::engine::VmControlError> {
         Ok(())
     }
 }
@@ -343,15 +343,16 @@ fn run_with<C: Connector + 'static>(
     let tl = Timeline::default();
     let (c, a) = mem::pair();
     let log = Arc::new(OutcomeLog::default());
-    let cfg = MigrationConfig {
-        mode: Mode::Multichannel,
-        streams: 1,
-        reply_timeout: s.reply_timeout,
-        outcome_timeout: s.outcome_timeout,
+    let cfg = {
+        let mut settings = MigrationConfig::default();
+        settings.mode = Mode::Multichannel;
+        settings.streams = 1;
+        settings.reply_timeout = s.reply_timeout;
+        settings.outcome_timeout = s.outcome_timeout;
         // No heartbeat in these short migrations: control frames keep their order.
-        peer_timeout: Duration::from_secs(3600),
-        heartbeat_interval: Duration::from_secs(3600),
-        ..Default::default()
+        settings.peer_timeout = Duration::from_secs(3600);
+        settings.heartbeat_interval = Duration::from_secs(3600);
+        settings
     };
     let m = Migration::new(source_memory(4 * MIB, 3))
         .vm_control(Box::new(TimedVm(tl.clone())))

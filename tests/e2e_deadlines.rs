@@ -14,7 +14,7 @@ use livemig::device::{ParticipantError, RestoreState, SaveState, Veto};
 use livemig::engine::{
     CancelToken, Migration, MigrationConfig, MigrationError, Mode, Verify, VmControl,
 };
-use livemig::receiver::{ReceiveError, Receiver, ReceiverConfig};
+use livemig::receiver::{ReceiveError, Receiver};
 use livemig::stats::Event;
 use livemig::transport::fault::{Fault, FaultyConnector};
 use livemig::transport::framed::FrameReader;
@@ -233,14 +233,14 @@ fn the_brownout_deadline_resumes_the_source() {
 struct FailingPause<V>(RecordingVm<V>);
 
 impl<V: VmControl> VmControl for FailingPause<V> {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.pause()?;
         Err("vCPU 1 did not stop".into())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.resume()
     }
-    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, percent: u8) -> Result<(), livemig::engine::VmControlError> {
         self.0.throttle(percent)
     }
 }
@@ -266,7 +266,7 @@ fn a_failed_pause_resumes_what_was_paused() {
                 resume_error,
             },
         ) => {
-            assert!(error.contains("vCPU 1"), "{error}");
+            assert!(error.to_string().contains("vCPU 1"), "{error}");
             assert!(resume_error.is_none());
             assert!(e.source_running());
         }
@@ -297,11 +297,12 @@ fn long_round(heartbeats: bool) -> (Outcome, Arc<livemig::GuestMemory>) {
         cfg.peer_timeout = Duration::from_secs(3600);
     }
     // No resumption: a silent control stream fails the session.
-    let rcfg = ReceiverConfig {
-        idle_timeout: Duration::from_secs(1),
-        control_timeout: Duration::from_secs(1),
-        resume_window: Duration::ZERO,
-        ..receiver_config()
+    let rcfg = {
+        let mut settings = receiver_config();
+        settings.idle_timeout = Duration::from_secs(1);
+        settings.control_timeout = Duration::from_secs(1);
+        settings.resume_window = Duration::ZERO;
+        settings
     };
     let m = Migration::new(mem.clone()).config(cfg);
     (migrate(m, c, Receiver::new().config(rcfg), a), mem)
@@ -415,9 +416,10 @@ fn cancel_during_setup_returns_promptly() {
     let stop = Arc::new(AtomicBool::new(false));
     // The destination reads Hello and never answers.
     let dest = silent_destination(a, false, stop.clone());
-    let cfg = MigrationConfig {
-        reply_timeout: Duration::from_secs(30),
-        ..config(Mode::Multichannel, 1, CodecId::Raw, Verify::Digest)
+    let cfg = {
+        let mut settings = config(Mode::Multichannel, 1, CodecId::Raw, Verify::Digest);
+        settings.reply_timeout = Duration::from_secs(30);
+        settings
     };
     let token = CancelToken::new();
     let at = cancel_after(&token, Duration::from_millis(200));

@@ -44,14 +44,15 @@ fn migrate(codec: CodecId, mode: Mode, cache_bytes: u64) -> MigrationReport {
             on_limit: OnLimit::ForceBrownout,
             ..Default::default()
         }))
-        .config(MigrationConfig {
-            mode,
-            streams: 2,
-            codec,
-            zstd_level: 1,
-            delta: true,
-            delta_cache_bytes: cache_bytes,
-            ..Default::default()
+        .config({
+            let mut settings = MigrationConfig::default();
+            settings.mode = mode;
+            settings.streams = 2;
+            settings.codec = codec;
+            settings.zstd_level = 1;
+            settings.delta = true;
+            settings.delta_cache_bytes = cache_bytes;
+            settings
         })
         .run(&connector);
     let received = receiver.join().unwrap().expect("receiver");

@@ -256,9 +256,10 @@ fn prealloc_commits_every_destination_page_before_transfer() {
             .vm_control(Box::new(src.dirtier.control()))
             .policy(Box::new(test_policy()))
             .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest));
-        let rc = livemig::receiver::ReceiverConfig {
-            prealloc,
-            ..receiver_config()
+        let rc = {
+            let mut settings = receiver_config();
+            settings.prealloc = prealloc;
+            settings
         };
         let out = migrate(m, c, livemig::receiver::Receiver::new().config(rc), a);
         // Count before anything reads the destination (a read maps the shared zero

@@ -12,11 +12,10 @@ use livemig::wire::control::RefuseCode;
 use setup_common::{guest, migrate, source};
 
 fn config(prealloc: bool) -> ReceiverConfig {
-    ReceiverConfig {
-        prealloc,
-        huge_pages: false,
-        ..Default::default()
-    }
+    let mut settings = ReceiverConfig::default();
+    settings.prealloc = prealloc;
+    settings.huge_pages = false;
+    settings
 }
 
 #[test]

@@ -198,11 +198,11 @@ fn the_source_gives_up_when_the_destination_never_comes_back() {
         (r, rx.join().expect("receiver thread"))
     });
     match source {
-        Err(e @ MigrationError::ResumeFailed { .. }) => {
+        Err(e @ MigrationError::ReconnectFailed { .. }) => {
             assert!(e.source_running(), "{e}");
-            assert!(e.to_string().contains("resuming failed"), "{e}");
+            assert!(e.to_string().contains("reconnecting to resume"), "{e}");
         }
-        other => panic!("expected ResumeFailed, got {other:?}"),
+        other => panic!("expected ReconnectFailed, got {other:?}"),
     }
     assert!(dest.is_err(), "the destination failed too");
     log.assert_resumed_if_paused();

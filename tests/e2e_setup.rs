@@ -32,20 +32,20 @@ fn dest_host() -> HostCaps {
 }
 
 fn receiver(host: HostCaps) -> Receiver {
-    Receiver::new().config(ReceiverConfig {
-        host,
-        ..Default::default()
+    Receiver::new().config({
+        let mut settings = ReceiverConfig::default();
+        settings.host = host;
+        settings
     })
 }
 
 fn vm_compat(cpu: &[&str], switches: &[&str]) -> MigrationConfig {
-    MigrationConfig {
-        compat: CompatVector {
-            cpu_features: strings(cpu),
-            switches: strings(switches),
-        },
-        ..Default::default()
-    }
+    let mut settings = MigrationConfig::default();
+    settings.compat = CompatVector {
+        cpu_features: strings(cpu),
+        switches: strings(switches),
+    };
+    settings
 }
 
 /// Run a migration the destination must refuse at setup; check everything a

@@ -25,18 +25,18 @@ use livemig::wire::{ControlMsg, FrameKind, CAPABILITIES, PROTOCOL_MAJOR, PROTOCO
 const HELLO_TIMEOUT: Duration = Duration::from_millis(300);
 
 fn stray_config() -> ReceiverConfig {
-    ReceiverConfig {
-        hello_timeout: HELLO_TIMEOUT,
-        ..receiver_config()
-    }
+    let mut settings = receiver_config();
+    settings.hello_timeout = HELLO_TIMEOUT;
+    settings
 }
 
 /// A stopped guest (no dirtier), so both ends must match byte for byte.
 fn migration(mem: &Arc<GuestMemory>) -> Migration {
-    Migration::new(mem.clone()).config(MigrationConfig {
-        streams: 2,
-        reply_timeout: Duration::from_secs(20),
-        ..Default::default()
+    Migration::new(mem.clone()).config({
+        let mut settings = MigrationConfig::default();
+        settings.streams = 2;
+        settings.reply_timeout = Duration::from_secs(20);
+        settings
     })
 }
 
@@ -229,10 +229,11 @@ fn foreign_and_malformed_page_streams_are_dropped_during_accept() {
 #[test]
 fn waiting_in_vain_times_out_and_says_how_long() {
     let (c, a) = mem::pair();
-    let config = ReceiverConfig {
-        accept_timeout: Duration::from_millis(600),
-        hello_timeout: Duration::from_millis(150),
-        ..receiver_config()
+    let config = {
+        let mut settings = receiver_config();
+        settings.accept_timeout = Duration::from_millis(600);
+        settings.hello_timeout = Duration::from_millis(150);
+        settings
     };
     let err = with_timeout(GUARD, "no migration", move || {
         let _silent = c.connect().unwrap();
@@ -303,9 +304,10 @@ fn setup() -> ControlMsg {
 #[test]
 fn missing_page_stream_times_out_naming_it() {
     let (c, a) = mem::pair();
-    let config = ReceiverConfig {
-        accept_timeout: Duration::from_millis(500),
-        ..stray_config()
+    let config = {
+        let mut settings = stray_config();
+        settings.accept_timeout = Duration::from_millis(500);
+        settings
     };
     let err = with_timeout(GUARD, "missing page stream", move || {
         let rx = spawn_receiver(Receiver::new().config(config), a);
@@ -349,11 +351,12 @@ fn missing_page_stream_times_out_naming_it() {
 fn trickled_setup_is_cut_at_the_setup_deadline() {
     let (c, a) = mem::pair();
     let setup_timeout = Duration::from_millis(500);
-    let config = ReceiverConfig {
-        setup_timeout,
-        hello_timeout: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(5),
-        ..receiver_config()
+    let config = {
+        let mut settings = receiver_config();
+        settings.setup_timeout = setup_timeout;
+        settings.hello_timeout = Duration::from_secs(5);
+        settings.idle_timeout = Duration::from_secs(5);
+        settings
     };
     let setup_frame = control_frame(&setup(), &[]);
     let frame_len = setup_frame.len();

@@ -192,19 +192,21 @@ fn record_session(streams: u16, mode: Mode, codec: CodecId) -> Vec<Vec<u8>> {
         let logs = rec.streams.clone();
         let rx = std::thread::spawn(move || {
             Receiver::new()
-                .config(ReceiverConfig {
-                    huge_pages: false,
-                    prefault: false,
-                    ..Default::default()
+                .config({
+                    let mut settings = ReceiverConfig::default();
+                    settings.huge_pages = false;
+                    settings.prefault = false;
+                    settings
                 })
                 .run(&a)
         });
         Migration::new(mem)
-            .config(MigrationConfig {
-                mode,
-                streams,
-                codec,
-                ..Default::default()
+            .config({
+                let mut settings = MigrationConfig::default();
+                settings.mode = mode;
+                settings.streams = streams;
+                settings.codec = codec;
+                settings
             })
             .run(&rec)
             .expect("recorded migration");

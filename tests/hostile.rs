@@ -37,22 +37,20 @@ struct Dest {
 }
 
 fn config() -> ReceiverConfig {
-    ReceiverConfig {
-        huge_pages: false,
-        prefault: false,
-        accept_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(30),
-        ..Default::default()
-    }
+    let mut settings = ReceiverConfig::default();
+    settings.huge_pages = false;
+    settings.prefault = false;
+    settings.accept_timeout = Duration::from_secs(30);
+    settings.idle_timeout = Duration::from_secs(30);
+    settings
 }
 
 /// A receiver that drops a malformed connection as a stray and keeps waiting, for
 /// a short while: the test then reads why it dropped it from the timeout.
 fn stray_config() -> ReceiverConfig {
-    ReceiverConfig {
-        accept_timeout: Duration::from_secs(1),
-        ..config()
-    }
+    let mut settings = config();
+    settings.accept_timeout = Duration::from_secs(1);
+    settings
 }
 
 fn start(receiver: Receiver) -> Dest {
@@ -232,10 +230,10 @@ fn await_cut_then_abort(mut control: Box<dyn Stream>, mut p: Box<dyn Stream>) {
 /// A hostile page stream is refused as invalid, never taken for a broken link
 /// the session could resume from.
 fn pages_error(e: ReceiveError) -> String {
-    pages_error_of_kind(e, livemig::receiver::apply::PageErrorKind::Invalid)
+    pages_error_of_kind(e, livemig::receiver::PageErrorKind::Invalid)
 }
 
-fn pages_error_of_kind(e: ReceiveError, kind: livemig::receiver::apply::PageErrorKind) -> String {
+fn pages_error_of_kind(e: ReceiveError, kind: livemig::receiver::PageErrorKind) -> String {
     match e {
         ReceiveError::Pages(m) => {
             assert_eq!(m.kind, kind, "{m}");
@@ -278,9 +276,10 @@ fn oversize_control_attachment() {
 
 #[test]
 fn setup_attachment_over_its_configured_cap() {
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_setup_attachment: 4096,
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_setup_attachment = 4096;
+        settings
     }));
     let t = Instant::now();
     let mut c = dest.connect();
@@ -325,9 +324,10 @@ fn hello_with_an_attachment() {
 
 #[test]
 fn device_state_over_its_configured_cap() {
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_device_state: 4096,
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_device_state = 4096;
+        settings
     }));
     let t = Instant::now();
     let (mut c, _pages) = session(&dest, 1);
@@ -466,16 +466,18 @@ fn region_past_the_address_space() {
 #[test]
 fn guest_larger_than_max_memory() {
     // A real source with a 128 MiB guest; the receiver may commit 64 MiB.
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_memory: Some(64 * MIB as u64),
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_memory = Some(64 * MIB as u64);
+        settings
     }));
     let t = Instant::now();
     let src = Arc::new(GuestMemory::anonymous(128 * MIB, false).unwrap());
     let r = Migration::new(src)
-        .config(MigrationConfig {
-            streams: 1,
-            ..Default::default()
+        .config({
+            let mut settings = MigrationConfig::default();
+            settings.streams = 1;
+            settings
         })
         .run(&dest.connector);
     match r {
@@ -600,9 +602,10 @@ fn stream_end_before_any_round() {
 
 #[test]
 fn too_many_rounds() {
-    let dest = start(Receiver::new().config(ReceiverConfig {
-        max_rounds: 3,
-        ..config()
+    let dest = start(Receiver::new().config({
+        let mut settings = config();
+        settings.max_rounds = 3;
+        settings
     }));
     let t = Instant::now();
     let (c, mut pages) = session(&dest, 1);
@@ -844,10 +847,7 @@ fn truncated_batch_frame() {
     // stream that ends mid-frame is a lost link (the session could resume), until
     // the source aborts.
     await_cut_then_abort(c, p1);
-    let e = pages_error_of_kind(
-        dest.finish(t),
-        livemig::receiver::apply::PageErrorKind::Link,
-    );
+    let e = pages_error_of_kind(dest.finish(t), livemig::receiver::PageErrorKind::Link);
     assert!(e.contains("closed the page stream"), "{e}");
 }
 
@@ -873,9 +873,10 @@ fn sender_refuses_a_reply_with_an_attachment() {
     let t = Instant::now();
     let src = Arc::new(GuestMemory::anonymous(MIB, false).unwrap());
     let e = Migration::new(src)
-        .config(MigrationConfig {
-            streams: 1,
-            ..Default::default()
+        .config({
+            let mut settings = MigrationConfig::default();
+            settings.streams = 1;
+            settings
         })
         .run(&connector)
         .expect_err("the source refuses the reply");

@@ -28,15 +28,15 @@ use livemig::workload::splitmix;
 struct Vm(Arc<AtomicBool>);
 
 impl VmControl for Vm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(true, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.store(false, Ordering::SeqCst);
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), livemig::engine::VmControlError> {
         Ok(())
     }
 }
@@ -201,10 +201,11 @@ fn run(seed: u64, bytes: usize, writes: u64, loss: Loss, rounds: u32, audit: Aud
         .on_stale_pages(Box::new(move |gfns: &[u64]| {
             *hg.lock().unwrap() = Some(gfns.to_vec());
         }))
-        .config(MigrationConfig {
-            streams: 2,
-            audit,
-            ..Default::default()
+        .config({
+            let mut settings = MigrationConfig::default();
+            settings.streams = 2;
+            settings.audit = audit;
+            settings
         });
     let (c, a) = mem::pair();
     let out = migrate(m, c, Receiver::new().config(receiver_config()), a);

@@ -7,7 +7,7 @@ use livemig::session::SessionToken;
 use proptest::prelude::*;
 
 use livemig::codec::CodecId;
-use livemig::engine::pipeline::batches_of;
+use livemig::engine::batches_of;
 use livemig::memory::{GuestMemory, GuestRegion, MemoryLayout, PageSet, PAGE_SIZE};
 use livemig::wire::batch::{BatchMeta, FLAG_DELTA, FLAG_RACY};
 use livemig::wire::control::{CompatVector, RefuseCode};

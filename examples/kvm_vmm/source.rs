@@ -38,7 +38,7 @@ struct KvmVmControl {
 const THROTTLE_SPINS_PER_PERCENT: u64 = 20;
 
 impl VmControl for KvmVmControl {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         if let Some(last) = &self.full_pass_before_pause {
             let start = last.load(Ordering::SeqCst);
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -54,11 +54,11 @@ impl VmControl for KvmVmControl {
         self.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.paused.store(false, Ordering::SeqCst);
-        self.vcpu.resume()
+        Ok(self.vcpu.resume()?)
     }
-    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, percent: u8) -> Result<(), livemig::engine::VmControlError> {
         // The guest's dirty rate is set by r15 (busy-wait iterations per page): pause,
         // raise it, resume. A general VMM would time-slice the vCPU instead.
         self.vcpu.pause()?;
@@ -72,7 +72,7 @@ impl VmControl for KvmVmControl {
             v.set_regs(&regs).map_err(err("KVM_SET_REGS"))
         })();
         self.vcpu.resume()?;
-        r
+        Ok(r?)
     }
 }
 

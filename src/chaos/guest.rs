@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::ledger::Ledger;
 use super::ChaosError;
-use crate::engine::VmControl;
+use crate::engine::{VmControl, VmControlError};
 use crate::memory::{DirtyBitmap, GuestMemory, MemoryError, PAGE_SIZE};
 use crate::workload::splitmix;
 
@@ -240,21 +240,21 @@ fn pause(ctl: &Ctl) -> bool {
 }
 
 impl VmControl for GuestVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), VmControlError> {
         if pause(&self.ctl) {
             self.ledger.source(false, "pause");
             Ok(())
         } else {
-            Err(format!("the guest did not pause within {PAUSE_WAIT:?}"))
+            Err(format!("the guest did not pause within {PAUSE_WAIT:?}").into())
         }
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmControlError> {
         // Running from the instant the resume starts (strict for the ledger).
         self.ledger.source(true, "resume");
         self.ctl.pause.store(false, Ordering::SeqCst);
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), VmControlError> {
         Ok(())
     }
 }

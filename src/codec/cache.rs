@@ -554,7 +554,7 @@ mod tests {
         let mut s = 17u64;
         for len in 0..200 {
             let junk: Vec<u8> = (0..len)
-                .map(|_| crate::workload::splitmix(&mut s) as u8 % 4)
+                .map(|_| crate::rng::splitmix(&mut s) as u8 % 4)
                 .collect();
             let mut rd = RecordReader::new(&junk);
             while rd.next_record().is_ok() {}

@@ -187,7 +187,7 @@ pub fn apply(delta: &[u8], page: &mut [u8]) -> Result<(), DeltaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::splitmix;
+    use crate::rng::splitmix;
 
     fn random_page(seed: &mut u64) -> Vec<u8> {
         (0..PAGE_SIZE / 8)

@@ -7,7 +7,6 @@
 
 pub mod cache;
 pub mod delta;
-pub mod select;
 pub mod zero;
 
 use serde::{Deserialize, Serialize};
@@ -47,14 +46,17 @@ impl CodecId {
 
 /// Codec failures (decode of hostile bytes lands here, never in a panic).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CodecError {
     /// The compressed block is malformed.
-    #[error("{codec} block is corrupt: {reason}")]
+    #[error("{codec} block is corrupt: {source}")]
     Corrupt {
         /// Codec name.
         codec: &'static str,
-        /// Library message.
-        reason: String,
+        /// The codec library's error (lz4_flex's `DecompressError`, zstd's
+        /// `std::io::Error`).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Decoded size differs from the declared one.
     #[error("{codec} block decoded to {actual} bytes, expected {expected}")]
@@ -67,12 +69,14 @@ pub enum CodecError {
         actual: usize,
     },
     /// Compressor failure (should not happen; reported rather than panicking).
-    #[error("{codec} compressor failed: {reason}")]
+    #[error("{codec} compressor failed: {source}")]
     Encode {
         /// Codec name.
         codec: &'static str,
-        /// Library message.
-        reason: String,
+        /// The codec library's error (lz4_flex's `CompressError`, zstd's
+        /// `std::io::Error`).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -129,7 +133,7 @@ impl PageCodec for Lz4Codec {
         out.resize(bound, 0);
         let n = lz4_flex::block::compress_into(input, out).map_err(|e| CodecError::Encode {
             codec: "lz4",
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         out.truncate(n);
         Ok(n < input.len())
@@ -137,7 +141,7 @@ impl PageCodec for Lz4Codec {
     fn decode(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
         let n = lz4_flex::block::decompress_into(input, out).map_err(|e| CodecError::Corrupt {
             codec: "lz4",
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         if n != out.len() {
             return Err(CodecError::Length {
@@ -184,7 +188,7 @@ impl PageCodec for ZstdCodec {
                 Some(
                     zstd::bulk::Compressor::new(self.level).map_err(|e| CodecError::Encode {
                         codec: "zstd",
-                        reason: e.to_string(),
+                        source: e.into(),
                     })?,
                 );
         }
@@ -195,7 +199,7 @@ impl PageCodec for ZstdCodec {
             .compress_to_buffer(input, out)
             .map_err(|e| CodecError::Encode {
                 codec: "zstd",
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         Ok(n < input.len())
     }
@@ -204,7 +208,7 @@ impl PageCodec for ZstdCodec {
             self.dec = Some(
                 zstd::bulk::Decompressor::new().map_err(|e| CodecError::Corrupt {
                     codec: "zstd",
-                    reason: e.to_string(),
+                    source: e.into(),
                 })?,
             );
         }
@@ -213,7 +217,7 @@ impl PageCodec for ZstdCodec {
             .decompress_to_buffer(input, out)
             .map_err(|e| CodecError::Corrupt {
                 codec: "zstd",
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         if n != out.len() {
             return Err(CodecError::Length {

@@ -39,6 +39,7 @@ pub struct Veto {
 
 /// A participant failed while saving or restoring.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ParticipantError {
     /// The participant's own failure.
     #[error("participant {participant}: {message}")]
@@ -48,9 +49,33 @@ pub enum ParticipantError {
         /// What went wrong.
         message: String,
     },
+    /// The participant's own failure, as its error type (match it with
+    /// `source()` and `downcast_ref`). Build it with [`ParticipantError::device`].
+    #[error("participant {participant}: {source}")]
+    Device {
+        /// Which participant.
+        participant: String,
+        /// The device's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// No participant on this side has that id.
     #[error("no participant with id {0:?} on the destination")]
     Unknown(String),
+}
+
+impl ParticipantError {
+    /// Participant `participant` failed with its own error `source` (kept as the
+    /// error's `source()`).
+    pub fn device(
+        participant: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Device {
+            participant: participant.into(),
+            source: source.into(),
+        }
+    }
 }
 
 /// Source side of a device: saves its runtime state at brownout.

@@ -65,10 +65,7 @@ impl SaveState for SlowDiskSource {
                 owner_generation: self.generation,
             },
         )
-        .map_err(|e| ParticipantError::Failed {
-            participant: self.id.clone(),
-            message: e.to_string(),
-        })
+        .map_err(|e| ParticipantError::device(self.id.clone(), e))
     }
     fn release(&mut self) -> Result<(), ParticipantError> {
         Ok(())

@@ -317,10 +317,8 @@ impl SaveState for SourcePort {
                 message: "the port is not operational".into(),
             });
         }
-        serde_json::to_writer(&mut *out, &s.runtime).map_err(|e| ParticipantError::Failed {
-            participant: self.id.clone(),
-            message: e.to_string(),
-        })?;
+        serde_json::to_writer(&mut *out, &s.runtime)
+            .map_err(|e| ParticipantError::device(self.id.clone(), e))?;
         s.saved = true;
         drop(s);
         self.log(PortStep::Save, format!("{} bytes", out.len()));
@@ -480,11 +478,8 @@ impl RestoreState for DestPort {
         Ok(())
     }
     fn restore(&mut self, _version: u32, blob: &[u8]) -> Result<(), ParticipantError> {
-        let runtime: PortRuntime =
-            serde_json::from_slice(blob).map_err(|e| ParticipantError::Failed {
-                participant: self.id.clone(),
-                message: e.to_string(),
-            })?;
+        let runtime: PortRuntime = serde_json::from_slice(blob)
+            .map_err(|e| ParticipantError::device(self.id.clone(), e))?;
         let mut s = lock(&self.state);
         self.log(PortStep::NicCreate, "");
         s.nic_connected = true;

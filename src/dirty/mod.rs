@@ -43,6 +43,7 @@ use crate::proof::PageLedger;
 
 /// Errors from a tracker backend.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TrackError {
     /// The backend is not available on this kernel/host (the string says why).
     #[error("dirty tracker {tracker} is unavailable: {reason}")]

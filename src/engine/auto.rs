@@ -48,25 +48,17 @@
 //! exist by the first decision; then every 8th batch (every 64th once raw clearly
 //! wins, see above).
 //!
-//! Why one file of over 600 lines: the tuner's state, its windows and its probes are
-//! one state machine whose rules refer to each other; about a third of the file is
-//! its unit tests. It moves to the policy directory with the codec policy split.
+//! The thresholds and decision rules live in [`super::codec_policy`]; this module
+//! is the mechanism: counters the workers update, the probes, the windows, and
+//! applying what the policy decides.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::codec_policy::{self as policy, CodecEstimate, CodecInputs, PROBE_EVERY, WINDOW};
 use crate::codec::{CodecId, CodecSet};
 
-const WINDOW: Duration = Duration::from_millis(60);
-/// Fewer streams than the maximum must beat it by this factor to be kept.
-const FEWER_STREAMS_MARGIN: f64 = 1.3;
-/// Probe spacing (in batches) while the decision is open.
-const PROBE_EVERY: u64 = 8;
-/// Probe spacing once raw clearly wins.
-const PROBE_EVERY_SETTLED: u64 = 64;
-/// Raw "clearly wins" when predicted this many times faster than every codec.
-const CLEAR_MARGIN: f64 = 1.5;
 /// Bytes compressed per probe.
 pub const PROBE_BYTES: usize = 64 * 1024;
 
@@ -83,6 +75,12 @@ impl CodecStats {
     }
     fn ratio(&self) -> Option<f64> {
         (self.input > 0.0).then(|| (self.output / self.input).clamp(0.01, 1.2))
+    }
+    fn estimate(&self) -> Option<CodecEstimate> {
+        Some(CodecEstimate {
+            speed: self.speed()?,
+            ratio: self.ratio()?,
+        })
     }
 }
 
@@ -302,7 +300,7 @@ impl AutoTuner {
         } else {
             0.0
         };
-        let saturated = busy > 0.5;
+        let saturated = policy::saturated(busy);
         c.saturated_streak = if saturated { c.saturated_streak + 1 } else { 0 };
         // Stream-count exploration (raw, during the first windows).
         if let Phase::Exploring { count, results } = &mut c.phase {
@@ -313,17 +311,7 @@ impl AutoTuner {
                 return;
             }
             let max = self.max_workers;
-            let at_max = results.iter().find(|r| r.0 == max).map(|r| r.1);
-            let pick = match at_max {
-                // Fewer streams only when clearly faster than all of them.
-                Some(full) => results
-                    .iter()
-                    .filter(|r| r.1 >= full * FEWER_STREAMS_MARGIN)
-                    .max_by(|a, b| a.1.total_cmp(&b.1))
-                    .map_or(max, |r| r.0),
-                // Saturated before trying them all: the link is the limit.
-                None => max,
-            };
+            let pick = policy::streams_after_exploring(results, max);
             let msg = format!(
                 "streams: measured {}{} → using {pick}",
                 results
@@ -331,7 +319,7 @@ impl AutoTuner {
                     .map(|(n, r)| format!("{n}:{:.2} GB/s", r / 1e9))
                     .collect::<Vec<_>>()
                     .join(", "),
-                if saturated && at_max.is_none() {
+                if saturated && !results.iter().any(|r| r.0 == max) {
                     " (link saturated)"
                 } else {
                     ""
@@ -349,62 +337,27 @@ impl AutoTuner {
         if wire <= 0.0 || write_s <= 0.0 {
             return;
         }
-        let observed = wire / secs;
-        let link = if busy > 0.5 {
-            // Saturated: the link delivers exactly what we observe.
-            observed
-        } else {
-            // Not saturated: at least what we observe; with no earlier estimate,
-            // assume it is not the bottleneck (twice the observed rate).
-            c.link_est.map_or(observed * 2.0, |l| l.max(observed))
-        };
+        let link = policy::link_rate(wire / secs, saturated, c.link_est);
         c.link_est = Some(link);
         let probes = *self.probes.lock().expect("probe lock");
-        let h = c.headroom;
-        // Compression is CPU-parallel: it runs on every worker, whatever stream count
-        // raw sending settled on (a capped link gives one stream as much as two).
-        let kc = self.max_workers as f64;
-        let mut best = (CodecId::Raw, link);
-        let mut best_codec_est: Option<f64> = Some(0.0);
-        for (i, id) in [(0, CodecId::Lz4), (1, CodecId::Zstd)] {
-            if let (Some(speed), Some(ratio)) = (probes[i].speed(), probes[i].ratio()) {
-                let est = (kc * h * speed).min(link / ratio);
-                best_codec_est = best_codec_est.map(|b| b.max(est));
-                if est > best.1 {
-                    best = (id, est);
-                }
-            } else {
-                best_codec_est = None; // not measured yet: keep probing densely
-            }
-        }
-        let raw_clearly_wins = self.codec() == CodecId::Raw
-            && best_codec_est.is_some_and(|b| link >= CLEAR_MARGIN * b);
-        self.probe_every.store(
-            if raw_clearly_wins {
-                PROBE_EVERY_SETTLED
-            } else {
-                PROBE_EVERY
-            },
-            Ordering::Relaxed,
-        );
         let current = self.codec();
-        let current_est = match current {
-            CodecId::Raw => link,
-            CodecId::Lz4 | CodecId::Zstd => {
-                let i = if current == CodecId::Lz4 { 0 } else { 1 };
-                match (probes[i].speed(), probes[i].ratio()) {
-                    (Some(s), Some(r)) => (kc * h * s).min(link / r),
-                    _ => link,
-                }
-            }
-        };
-        let confirmed_link = c.saturated_streak >= 2;
-        if best.0 != current
-            && best.1 > current_est * 1.10
-            && (current != CodecId::Raw || confirmed_link)
-        {
-            self.codec.store(best.0 as u8, Ordering::Relaxed);
-            let streams = if best.0 == CodecId::Raw {
+        let decision = policy::choose_codec(&CodecInputs {
+            current,
+            link,
+            headroom: c.headroom,
+            // Compression is CPU-parallel: it runs on every worker, whatever stream
+            // count raw sending settled on (a capped link gives one stream as much
+            // as two).
+            workers: self.max_workers as f64,
+            lz4: probes[0].estimate(),
+            zstd: probes[1].estimate(),
+            saturated_streak: c.saturated_streak,
+        });
+        self.probe_every
+            .store(decision.probe_every, Ordering::Relaxed);
+        if let Some((codec, predicted, current_est)) = decision.switch {
+            self.codec.store(codec as u8, Ordering::Relaxed);
+            let streams = if codec == CodecId::Raw {
                 c.raw_streams
             } else {
                 self.max_workers
@@ -413,10 +366,10 @@ impl AutoTuner {
             let msg = format!(
                 "codec {} → {}: link {:.2} GB/s, headroom {:.0} %, predicted {:.2} vs {:.2} GB/s",
                 current.name(),
-                best.0.name(),
+                codec.name(),
                 link / 1e9,
-                h * 100.0,
-                best.1 / 1e9,
+                c.headroom * 100.0,
+                predicted / 1e9,
                 current_est / 1e9
             );
             if c.decisions.len() < 64 {
@@ -486,6 +439,7 @@ impl CpuSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::codec_policy::PROBE_EVERY_SETTLED;
 
     #[test]
     fn disabled_tuner_is_fixed() {

@@ -229,10 +229,11 @@ pub(crate) fn run(
             for p in run.m.participants.iter_mut().take(saved) {
                 p.rolled_back();
             }
-            if let Err(re) = run.m.vm.resume() {
-                return Err(MigrationError::Vm(format!(
-                    "{re} (after a failed switchover: {e})"
-                )));
+            if let Err(error) = run.m.vm.resume() {
+                return Err(MigrationError::ResumeFailed {
+                    error,
+                    cause: Box::new(e),
+                });
             }
             Err(e)
         }

@@ -73,11 +73,6 @@ impl SendGate {
         s.aborted = false;
     }
 
-    /// Whether the gate was aborted.
-    pub fn is_aborted(&self) -> bool {
-        self.lock().aborted
-    }
-
     /// Wait until every worker arrived, then open the next round. Gives up when
     /// aborted, when `stop()` says so, or when `progress()` (a counter of bytes
     /// written) stays unchanged for `stall` and no worker arrives meanwhile.

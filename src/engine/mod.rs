@@ -1,23 +1,25 @@
 //! The source side: a pre-copy migration of one VM's memory.
 //!
-//! [`Migration`] wires the pieces: setup handshake ([`setup`]) → round loop
-//! ([`precopy`], mechanism only) asking a [`policy::ConvergencePolicy`] after each
-//! round → brownout ([`brownout`]: pause, final pages, device state, digest, commit).
+//! [`Migration`] wires the pieces: setup handshake (`setup`) → round loop
+//! (`precopy`, mechanism only) asking a [`policy::ConvergencePolicy`] after each
+//! round → brownout (`brownout`: pause, final pages, device state, digest, commit).
 //! Any failure before the source releases the VM resumes it; after `Released` the
 //! source learns the outcome or stays paused, in doubt ([`commit`]).
 
-pub mod auto;
-pub mod brownout;
+pub(crate) mod auto;
+pub(crate) mod brownout;
 pub mod cancel;
+pub mod codec_policy;
 pub mod commit;
-pub mod control;
-pub mod gate;
-pub mod pipeline;
+pub(crate) mod control;
+pub(crate) mod gate;
+pub(crate) mod pipeline;
 pub mod policy;
-pub mod precopy;
-pub mod resume;
-pub mod setup;
+pub(crate) mod precopy;
+pub(crate) mod resume;
+pub(crate) mod setup;
 pub mod slots;
+mod vm_control;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,19 +34,21 @@ use crate::wire::control::{CompatVector, RefuseCode, SessionId};
 
 pub use cancel::CancelToken;
 pub use commit::SourceState;
+pub use pipeline::batches_of;
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
 pub use slots::{HostSlots, SlotGuard};
+pub use vm_control::VmControlError;
 
 /// Controls the source VM's execution. Implemented by the hypervisor.
 pub trait VmControl: Send {
     /// Stop the guest's vCPUs (and device emulation that writes memory). On an
     /// error (even after stopping only some vCPUs) the engine calls
     /// [`VmControl::resume`], so it must resume whatever did stop.
-    fn pause(&mut self) -> Result<(), String>;
+    fn pause(&mut self) -> Result<(), VmControlError>;
     /// Resume after a failed or cancelled migration.
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), VmControlError>;
     /// Slow the guest down by `percent` (0 = full speed) — auto-converge.
-    fn throttle(&mut self, percent: u8) -> Result<(), String>;
+    fn throttle(&mut self, percent: u8) -> Result<(), VmControlError>;
 }
 
 /// A VM that is already stopped (e.g. sending a memory image): pause/resume do nothing.
@@ -52,13 +56,13 @@ pub trait VmControl: Send {
 pub struct StoppedVm;
 
 impl VmControl for StoppedVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), VmControlError> {
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmControlError> {
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), VmControlError> {
         Ok(())
     }
 }
@@ -73,7 +77,7 @@ pub enum Mode {
     /// N raw streams (our model of SMB Multichannel).
     Multichannel,
     /// Per-batch choice of raw, lz4 or zstd and a measured stream count
-    /// (see [`auto`]); `streams` is the maximum.
+    /// (see `engine::auto`); `streams` is the maximum.
     Auto,
 }
 
@@ -236,7 +240,7 @@ pub enum MigrationError {
     Participant(#[from] ParticipantError),
     /// VM control failed.
     #[error("VM control: {0}")]
-    Vm(String),
+    Vm(#[source] VmControlError),
     /// Cancelled by the operator.
     #[error("migration cancelled; the source VM keeps running")]
     Cancelled,
@@ -269,8 +273,8 @@ pub enum MigrationError {
     },
     /// The connection broke during the rounds and could not be resumed within
     /// `reconnect_timeout`; the VM keeps running.
-    #[error("the connection broke ({cause}) and resuming failed after {attempts} attempt(s) within {after:?}: {last}")]
-    ResumeFailed {
+    #[error("the connection broke ({cause}) and reconnecting to resume the migration failed after {attempts} attempt(s) within {after:?}: {last}")]
+    ReconnectFailed {
         /// Reconnection attempts made.
         attempts: u32,
         /// The reconnection budget.
@@ -306,9 +310,20 @@ pub enum MigrationError {
     #[error("pausing the VM failed: {error}{}", resume_error.as_ref().map(|r| format!("; resuming it failed too: {r}")).unwrap_or_default())]
     PauseFailed {
         /// The pause error.
-        error: String,
+        #[source]
+        error: VmControlError,
         /// The error of the resume that followed, if it failed.
-        resume_error: Option<String>,
+        resume_error: Option<VmControlError>,
+    },
+    /// The switchover failed (`cause`) and resuming the source VM failed too: the
+    /// VM is not running on either side.
+    #[error("resuming the VM failed: {error} (after a failed switchover: {cause})")]
+    ResumeFailed {
+        /// The resume error.
+        #[source]
+        error: VmControlError,
+        /// Why the switchover failed.
+        cause: Box<MigrationError>,
     },
     /// The source released the VM and could not learn whether the destination
     /// committed. The source VM stays **paused**: resuming it could run the VM
@@ -332,6 +347,7 @@ impl MigrationError {
         !matches!(
             self,
             Self::InDoubt { .. }
+                | Self::ResumeFailed { .. }
                 | Self::PauseFailed {
                     resume_error: Some(_),
                     ..

@@ -101,8 +101,6 @@ pub struct Shared {
     pub error: Mutex<Option<WorkerFailure>>,
     /// Round gate.
     pub gate: SendGate,
-    /// Codec for batch payloads.
-    pub codec: CodecId,
     /// zstd level.
     pub zstd_level: i32,
     /// Codec choice and active streams (fixed unless the mode is auto).
@@ -130,7 +128,6 @@ impl Shared {
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
             gate: SendGate::new(workers),
-            codec,
             zstd_level,
             tuner: super::auto::AutoTuner::new(auto, workers, codec),
             delta: None,

@@ -618,6 +618,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
     run.emit(Event::Started {
         pages,
         streams: run.handles.len() as u16,
+        session: crate::receiver::outcomes::session_to_string(run.session_id),
     });
     if let Some(t) = run.m.tracker.as_mut() {
         t.start(&mem)?;

@@ -71,7 +71,7 @@ impl Run<'_> {
         let give_up = Instant::now() + budget;
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u32;
-        let failed = |attempts, last| MigrationError::ResumeFailed {
+        let failed = |attempts, last| MigrationError::ReconnectFailed {
             attempts,
             after: budget,
             cause: Box::new(cause),

@@ -44,11 +44,8 @@ impl StateTimings {
     }
 }
 
-fn failed(id: &str, e: impl std::fmt::Display) -> ParticipantError {
-    ParticipantError::Failed {
-        participant: id.to_string(),
-        message: e.to_string(),
-    }
+fn failed(id: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ParticipantError {
+    ParticipantError::device(id, e)
 }
 
 fn veto(id: &str, e: impl std::fmt::Display) -> Veto {

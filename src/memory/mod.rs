@@ -24,6 +24,7 @@ pub const PAGE_SHIFT: u32 = 12;
 
 /// Errors from building or accessing guest memory.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MemoryError {
     /// A region's address or length is not page aligned (or is empty).
     #[error("region at gpa {gpa:#x} with length {len} is not page aligned or is empty")]

@@ -194,7 +194,7 @@ fn pick(set: &PageSet, k: u64, rng: &mut u64, out: &mut Vec<u64>) {
     let start = out.len();
     for _ in 0..k {
         // Lemire's multiply-shift: uniform enough in [0, n) for n ≪ 2^64.
-        let r = ((crate::workload::splitmix(rng) as u128 * n as u128) >> 64) as u64;
+        let r = ((crate::rng::splitmix(rng) as u128 * n as u128) >> 64) as u64;
         out.push(r);
     }
     out[start..].sort_unstable();

@@ -201,6 +201,7 @@ impl RoundGate {
     }
 
     /// Whether every stream ended (after the same number of rounds).
+    #[cfg(test)]
     pub fn all_ended(&self) -> bool {
         self.state.lock().expect("gate lock").ended_count == self.n
     }

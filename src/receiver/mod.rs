@@ -17,16 +17,16 @@
 //! | rounds      | `rounds.rs`    | `Rounds`, `Brownout`, `DeviceState`  | `RoundsDone`        |
 //! | commit      | `commit.rs`    | `Commit` … `Committed` / `Veto`      | `Committed`         |
 //!
-//! Pages are applied by [`apply`] (one thread per page stream, rounds kept in step
-//! by [`gate`]).
+//! Pages are applied by `apply` (one thread per page stream, rounds kept in step
+//! by `gate`).
 //!
 //! Stray connections (closed, silent, garbage, or a page stream of another
 //! session) are dropped and counted in `AwaitHello` and `AcceptStreams`, never
 //! failing the migration; every wait has a deadline ([`ReceiverConfig`]) and ends
 //! in [`ReceiveError::TimedOut`] saying what did not arrive.
 
-pub mod apply;
-pub mod gate;
+pub(crate) mod apply;
+pub(crate) mod gate;
 pub mod host_memory;
 pub mod limiter;
 pub mod setup_check;
@@ -53,6 +53,7 @@ use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::ControlMsg;
 use apply::ApplyShared;
+pub use apply::{PageError, PageErrorKind};
 use handoff::{DestEvent, DestState};
 use handshake::Handshake;
 pub use limiter::{HostLimiter, Permit};

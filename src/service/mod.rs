@@ -15,9 +15,9 @@
 //! The service owns connections; the receiver owns memory. Tokio runs only the
 //! accept / first-frame / routing plane on one thread. A session's receiver is the
 //! ordinary blocking [`Receiver`] on a dedicated thread, fed by a
-//! [`route::SessionAcceptor`]: a channel into which the service pushes the
+//! `route::SessionAcceptor`: a channel into which the service pushes the
 //! connections routed to it, each replaying the first frame the service read
-//! ([`prefixed::Prefixed`]). Page application stays on the receiver's blocking
+//! (`prefixed::Prefixed`). Page application stays on the receiver's blocking
 //! threads, one per page stream.
 //!
 //! **Queueing.** At most [`ServiceConfig::max_sessions`] sessions run; later
@@ -46,8 +46,8 @@
 //! frame replay are already in their own files.
 
 pub mod opening;
-pub mod prefixed;
-pub mod route;
+pub(crate) mod prefixed;
+pub(crate) mod route;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -137,6 +137,7 @@ impl Default for ServiceConfig {
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServiceError {
     /// Binding the listener failed.
     #[error("cannot listen on {addr}: {source}")]
@@ -482,6 +483,11 @@ impl Shared {
 
     fn stray(&self, peer: String, reason: String) {
         self.counts.strays.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            peer = peer.as_str(),
+            reason = reason.as_str(),
+            "stray connection dropped"
+        );
         self.handler.event(&ServiceEvent::Refused {
             peer,
             reason,
@@ -499,6 +505,21 @@ impl Shared {
             Outcome::Failed => &self.counts.failed,
         }
         .fetch_add(1, Ordering::Relaxed);
+        match (&end.outcome, &end.error) {
+            (Outcome::Committed, _) => tracing::info!(
+                session = end.session.as_str(),
+                bytes = end.bytes,
+                verified = end.verified,
+                ms = end.ms,
+                "session committed"
+            ),
+            (outcome, error) => tracing::warn!(
+                session = end.session.as_str(),
+                outcome = ?outcome,
+                error = error.as_deref().unwrap_or(""),
+                "session ended without a commit"
+            ),
+        }
         self.handler.event(&ServiceEvent::SessionEnd(end));
         self.active.fetch_sub(1, Ordering::AcqRel);
         self.ended.notify_one();
@@ -694,6 +715,11 @@ async fn session(
             )),
             Err(_) => {
                 let position = sh.queued.fetch_add(1, Ordering::AcqRel) + 1;
+                tracing::info!(
+                    session = name.as_str(),
+                    position,
+                    "session queued for a slot"
+                );
                 sh.handler.event(&ServiceEvent::Queued {
                     session: name.clone(),
                     position,
@@ -739,6 +765,12 @@ async fn session(
         Ok(a) => a,
         Err(e) => return sh.end(end(Outcome::Failed, e)),
     };
+    tracing::info!(
+        session = name.as_str(),
+        streams,
+        waited_ms,
+        "session started"
+    );
     sh.handler.event(&ServiceEvent::SessionStart {
         session: name.clone(),
         streams,
@@ -768,8 +800,9 @@ fn run_session(
 ) {
     let name = token.to_string();
     let started = Instant::now();
+    let span = tracing::info_span!("service_session", session = %name);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        sh.handler.receiver(&name).run(&acceptor)
+        span.in_scope(|| sh.handler.receiver(&name).run(&acceptor))
     }));
     sh.routes.close(&token);
     drop(acceptor);

@@ -201,6 +201,8 @@ pub enum Event {
         pages: u64,
         /// Page streams.
         streams: u16,
+        /// The migration's session id (as in [`MigrationReport::session`]).
+        session: String,
     },
     /// Some batches of a round were sent (for progress bars). See [`progress`]
     /// for the definition of `fraction`.

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 /// Transport failures.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// Connecting failed.
     #[error("cannot connect to {addr}: {source}")]

@@ -202,10 +202,12 @@ impl Connector for TcpConnector {
         for i in order {
             match self.connect_one(&self.addrs[i]) {
                 Ok(s) => {
+                    tracing::debug!(addr = self.addrs[i].as_str(), "connected");
                     self.active.store(i, Ordering::Release);
                     return Ok(Box::new(s));
                 }
                 Err(e) => {
+                    tracing::debug!(addr = self.addrs[i].as_str(), error = %e, "connect failed");
                     failures.push(format!("{}: {e}", self.addrs[i]));
                     last = Some(e);
                 }
@@ -269,7 +271,8 @@ impl Acceptor for TcpAcceptor {
         self.listener
             .set_nonblocking(true)
             .map_err(TransportError::Accept)?;
-        let (s, _) = super::accept_until(timeout, || self.listener.accept())?;
+        let (s, peer) = super::accept_until(timeout, || self.listener.accept())?;
+        tracing::debug!(%peer, "accepted");
         s.set_nonblocking(false).map_err(TransportError::Accept)?;
         apply_peer_timeout(&s, self.peer_timeout).map_err(TransportError::Accept)?;
         Ok(Box::new(s))

@@ -186,6 +186,7 @@ impl std::fmt::Display for TlsRefusal {
 
 /// Why a TLS handshake failed (wrapped in [`TransportError::Tls`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// The peer was not authenticated, or refused us.
     #[error("{refusal} ({source})")]
@@ -699,8 +700,16 @@ impl<C: Connector> Connector for TlsConnector<C> {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
         let stream = self.inner.connect()?;
         let peer = stream.peer_addr().unwrap_or_else(|| self.inner.describe());
-        self.handshake(stream)
-            .map_err(|source| TransportError::Tls { peer, source })
+        match self.handshake(stream) {
+            Ok(s) => {
+                tracing::debug!(peer = peer.as_str(), "TLS handshake done (client)");
+                Ok(s)
+            }
+            Err(source) => {
+                tracing::warn!(peer = peer.as_str(), error = %source, "TLS handshake refused (client)");
+                Err(TransportError::Tls { peer, source })
+            }
+        }
     }
     fn describe(&self) -> String {
         format!("tls+{}", self.inner.describe())
@@ -784,8 +793,16 @@ impl<A: Acceptor> Acceptor for TlsAcceptor<A> {
     fn accept(&self, timeout: Duration) -> Result<Box<dyn Stream>, TransportError> {
         let stream = self.inner.accept(timeout)?;
         let peer = stream.peer_addr().unwrap_or_else(|| "the peer".into());
-        self.handshake(stream)
-            .map_err(|source| TransportError::Tls { peer, source })
+        match self.handshake(stream) {
+            Ok(s) => {
+                tracing::debug!(peer = peer.as_str(), "TLS handshake done (server)");
+                Ok(s)
+            }
+            Err(source) => {
+                tracing::warn!(peer = peer.as_str(), error = %source, "TLS handshake refused (server)");
+                Err(TransportError::Tls { peer, source })
+            }
+        }
     }
 }
 

@@ -152,7 +152,7 @@ impl DirtierControl {
 }
 
 impl VmControl for DirtierControl {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), crate::engine::VmControlError> {
         self.ctl.pause.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.ctl.paused_threads.load(Ordering::SeqCst) < self.n {
@@ -166,11 +166,11 @@ impl VmControl for DirtierControl {
         }
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), crate::engine::VmControlError> {
         self.ctl.pause.store(false, Ordering::SeqCst);
         Ok(())
     }
-    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, percent: u8) -> Result<(), crate::engine::VmControlError> {
         self.ctl.throttle.store(percent.min(99), Ordering::SeqCst);
         Ok(())
     }

@@ -142,25 +142,23 @@ pub fn test_policy() -> DowntimePolicy {
 
 /// Migration settings for tests (short reply timeout so failures surface fast).
 pub fn config(mode: Mode, streams: u16, codec: CodecId, verify: Verify) -> MigrationConfig {
-    MigrationConfig {
-        mode,
-        streams,
-        codec,
-        verify,
-        reply_timeout: Duration::from_secs(20),
-        ..Default::default()
-    }
+    let mut settings = MigrationConfig::default();
+    settings.mode = mode;
+    settings.streams = streams;
+    settings.codec = codec;
+    settings.verify = verify;
+    settings.reply_timeout = Duration::from_secs(20);
+    settings
 }
 
 /// Receiver settings for tests.
 pub fn receiver_config() -> ReceiverConfig {
-    ReceiverConfig {
-        huge_pages: false,
-        prefault: false,
-        accept_timeout: Duration::from_secs(20),
-        idle_timeout: Duration::from_secs(30),
-        ..Default::default()
-    }
+    let mut settings = ReceiverConfig::default();
+    settings.huge_pages = false;
+    settings.prefault = false;
+    settings.accept_timeout = Duration::from_secs(20);
+    settings.idle_timeout = Duration::from_secs(30);
+    settings
 }
 
 /// Run `receiver` on its own thread over `acceptor`.
@@ -282,15 +280,15 @@ pub struct RecordingVm<V> {
 }
 
 impl<V: VmControl> VmControl for RecordingVm<V> {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.log.calls.lock().unwrap().push("pause");
         self.inner.pause()
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.log.calls.lock().unwrap().push("resume");
         self.inner.resume()
     }
-    fn throttle(&mut self, percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, percent: u8) -> Result<(), livemig::engine::VmControlError> {
         self.log.calls.lock().unwrap().push("throttle");
         self.inner.throttle(percent)
     }

@@ -40,17 +40,17 @@ impl VmState {
 pub struct ModelVm(pub Arc<VmState>);
 
 impl VmControl for ModelVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.paused.store(true, Ordering::SeqCst);
         self.0.pauses.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::engine::VmControlError> {
         self.0.paused.store(false, Ordering::SeqCst);
         self.0.resumes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn throttle(&mut self, _percent: u8) -> Result<(), String> {
+    fn throttle(&mut self, _percent: u8) -> Result<(), livemig::engine::VmControlError> {
         Ok(())
     }
 }

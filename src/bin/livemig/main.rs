@@ -39,6 +39,31 @@ use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log more on stderr: -v info, -vv debug, -vvv trace (default: warnings).
+    /// `RUST_LOG` (e.g. `livemig=debug`) overrides it. Logs never go to stdout.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+/// Send the library's `tracing` output to stderr, filtered by `RUST_LOG` when set,
+/// otherwise by the `-v` count.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::new(spec),
+        _ => EnvFilter::new(match verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }),
+    };
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 #[derive(Subcommand, Debug)]
@@ -379,6 +404,7 @@ struct RecvArgs {
 
 fn main() {
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     let r = match cli.cmd {
         Cmd::Bench(a) => bench(a),
         Cmd::Send(a) => send(a),
@@ -426,31 +452,32 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
             (Mode::Compress, o.streams.max(1), codec, level)
         }
     };
-    Ok(MigrationConfig {
-        mode,
-        streams,
-        codec,
-        zstd_level: level,
-        verify: match o.verify {
+    Ok({
+        let mut settings = MigrationConfig::default();
+        settings.mode = mode;
+        settings.streams = streams;
+        settings.codec = codec;
+        settings.zstd_level = level;
+        settings.verify = match o.verify {
             VerifyArg::Digest => Verify::Digest,
             VerifyArg::Full => Verify::Full,
-        },
-        bandwidth: o
+        };
+        settings.bandwidth = o
             .bandwidth
-            .map(livemig::transport::shaped::TokenBucket::new),
-        expected_device_state: o.device_state_ms,
-        delta: o.delta,
-        delta_cache_bytes: o.delta_cache.unwrap_or(0),
-        splice: o.splice,
+            .map(livemig::transport::shaped::TokenBucket::new);
+        settings.expected_device_state = o.device_state_ms;
+        settings.delta = o.delta;
+        settings.delta_cache_bytes = o.delta_cache.unwrap_or(0);
+        settings.splice = o.splice;
         // Heartbeat silence uses the same limit as the streams' deadlines.
-        peer_timeout: o.peer_timeout,
-        reconnect_timeout: o.reconnect_timeout,
-        audit: livemig::proof::AuditConfig {
+        settings.peer_timeout = o.peer_timeout;
+        settings.reconnect_timeout = o.reconnect_timeout;
+        settings.audit = livemig::proof::AuditConfig {
             sample_pages: o.audit_sample_pages,
             ..Default::default()
-        },
-        post_audit: !o.no_post_audit,
-        ..Default::default()
+        };
+        settings.post_audit = !o.no_post_audit;
+        settings
     })
 }
 
@@ -477,7 +504,8 @@ fn sinks_of(
     file: Option<EventFile>,
     bar: bool,
 ) -> Option<Arc<dyn ProgressSink>> {
-    let mut v: Vec<Arc<dyn ProgressSink>> = Vec::new();
+    let mut v: Vec<Arc<dyn ProgressSink>> =
+        vec![Arc::new(livemig::stats::sink::TracingSink::new())];
     if let Some(f) = file {
         v.push(Arc::new(move |e: &Event| {
             use std::io::Write;
@@ -738,13 +766,14 @@ fn bench_one(
         let log = Arc::new(livemig::receiver::OutcomeLog::default());
         let r = Receiver::new()
             .outcome_log(log.clone())
-            .config(ReceiverConfig {
+            .config({
+                let mut settings = ReceiverConfig::default();
                 // Queued migrations connect late: wait as long as the slot queue may.
-                accept_timeout: Duration::from_secs(600),
-                prefault,
-                prealloc,
-                huge_pages,
-                ..ReceiverConfig::default()
+                settings.accept_timeout = Duration::from_secs(600);
+                settings.prefault = prefault;
+                settings.prealloc = prealloc;
+                settings.huge_pages = huge_pages;
+                settings
             })
             .run(&*acceptor);
         let _ = rtx.send(r);
@@ -988,23 +1017,25 @@ fn recv(a: RecvArgs) -> Result<(), String> {
             tls,
             ..Default::default()
         };
-        let receiver = ReceiverConfig {
-            prealloc: a.prealloc,
-            max_memory: a.max_memory,
-            control_timeout: a.peer_timeout,
-            resume_window: a.resume_window,
-            ..ReceiverConfig::default()
+        let receiver = {
+            let mut settings = ReceiverConfig::default();
+            settings.prealloc = a.prealloc;
+            settings.max_memory = a.max_memory;
+            settings.control_timeout = a.peer_timeout;
+            settings.resume_window = a.resume_window;
+            settings
         };
         return serve::run(&a.listen, config, receiver, a.out_dir, a.json);
     }
-    let config = ReceiverConfig {
-        prealloc: a.prealloc,
-        max_memory: a.max_memory,
+    let config = {
+        let mut settings = ReceiverConfig::default();
+        settings.prealloc = a.prealloc;
+        settings.max_memory = a.max_memory;
+        settings.outcome_linger = Duration::from_secs(a.outcome_linger);
         // The source's heartbeats come several times per peer timeout.
-        control_timeout: a.peer_timeout,
-        resume_window: a.resume_window,
-        outcome_linger: Duration::from_secs(a.outcome_linger),
-        ..ReceiverConfig::default()
+        settings.control_timeout = a.peer_timeout;
+        settings.resume_window = a.resume_window;
+        settings
     };
     // Sampled from before guest memory exists: with --prealloc (the whole guest
     // resident), peak − guest size is what the receiver costs beyond the guest.
@@ -1043,10 +1074,14 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         None => livemig::receiver::OutcomeLog::default(),
     });
     let linger = config.outcome_linger;
-    let result = receiver
-        .config(config)
-        .outcome_log(log.clone())
-        .run(&*acceptor);
+    let span = livemig::stats::sink::receive_span();
+    let result = span.in_scope(|| {
+        receiver
+            .config(config)
+            .outcome_log(log.clone())
+            .run(&*acceptor)
+    });
+    livemig::stats::sink::trace_receive_outcome(&span, &result);
     // A source that released the VM but may not know the outcome asks: answer it
     // (after reporting, so the report is not held up).
     let serve = || {
