@@ -21,6 +21,12 @@ use livemig::wire::frame::RoundEnd;
 use livemig::wire::{ControlMsg, Extent, FrameKind};
 use livemig::workload::{self, splitmix, Content};
 
+/// A seed that is a whole recorded session (full or compact), not cut short.
+fn is_complete_session(name: &str) -> bool {
+    (name.starts_with("seed_session") || name.starts_with("seed_compact"))
+        && !name.contains("truncated")
+}
+
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
@@ -530,7 +536,7 @@ fn receiver_stream_corpus_replays() {
     });
     for (name, r) in results {
         // A complete recorded session is accepted; anything else must fail.
-        let complete = name.starts_with("seed_session") && !name.contains("truncated");
+        let complete = is_complete_session(&name);
         assert_eq!(r.is_ok(), complete, "{name}: {r:?}");
     }
 }
@@ -644,7 +650,7 @@ fn receiver_setup_corpus_replays() {
             .collect::<Vec<_>>()
     });
     for (name, r) in results {
-        let complete = name.starts_with("seed_session") && !name.contains("truncated");
+        let complete = is_complete_session(&name);
         assert_eq!(r.is_ok(), complete, "{name}: {r:?}");
         if name.contains("layout_overflow") {
             assert!(r.unwrap_err().contains("overflows"), "{name}");
