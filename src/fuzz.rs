@@ -27,9 +27,21 @@ use crate::wire::{ControlMsg, FrameKind};
 /// the batch payload through its codec, round end, device-state envelope), and each
 /// section decoder directly on the raw bytes.
 pub fn decode_all(bytes: &[u8]) {
+    // The codec contexts (zstd's is ~100 KiB) and the output buffer live as long as
+    // the thread, as they do on a page stream: a fresh zstd context per input made
+    // the fuzzer spend its time in the allocator.
+    thread_local! {
+        static STATE: std::cell::RefCell<(CodecSet, Vec<u8>)> =
+            std::cell::RefCell::new((CodecSet::new(1), Vec::new()));
+    }
+    STATE.with(|s| {
+        let (codecs, out) = &mut *s.borrow_mut();
+        decode_all_with(bytes, codecs, out);
+    });
+}
+
+fn decode_all_with(bytes: &[u8], codecs: &mut CodecSet, out: &mut Vec<u8>) {
     let mut meta = BatchMeta::default();
-    let mut codecs = CodecSet::new(1);
-    let mut out = Vec::new();
     // Frames back to back, as on a stream.
     let mut rest = bytes;
     while let Ok((h, m, d, used)) = decode_frame(rest) {
@@ -43,9 +55,9 @@ pub fn decode_all(bytes: &[u8]) {
                 if meta.decode_from(m).is_ok() {
                     if let Some(codec) = meta.codec {
                         // payload_len is bounded by MAX_BATCH_DATA in decode_from.
-                        out.clear();
-                        out.resize(meta.payload_len as usize, 0);
-                        let _ = codecs.get(codec).decode(d, &mut out);
+                        let len = meta.payload_len as usize;
+                        grow(out, len);
+                        let _ = codecs.get(codec).decode(d, &mut out[..len]);
                     }
                 }
             }
@@ -63,6 +75,15 @@ pub fn decode_all(bytes: &[u8]) {
     let _ = ControlMsg::decode(bytes);
     let _ = RoundEnd::decode(bytes);
     let _ = envelope::decode(bytes);
+}
+
+/// Make `out` at least `len` bytes long. The bytes are not cleared between inputs
+/// (zeroing up to a MiB per input was most of a codec target's time): a decoder
+/// must fill its whole output whatever it held, and stale bytes test that too.
+fn grow(out: &mut Vec<u8>, len: usize) {
+    if out.len() < len {
+        out.resize(len, 0);
+    }
 }
 
 /// A control message from arbitrary bytes: decoding never panics, a decoded
@@ -107,9 +128,8 @@ pub fn codec_decode(codec: CodecId, bytes: &[u8]) {
     }
     STATE.with(|s| {
         let (codecs, out) = &mut *s.borrow_mut();
-        out.clear();
-        out.resize(len, 0);
-        let _ = codecs.get(codec).decode(input, out);
+        grow(out, len);
+        let _ = codecs.get(codec).decode(input, &mut out[..len]);
     });
 }
 
@@ -271,10 +291,23 @@ pub fn receiver_setup(bytes: &[u8]) -> Result<(), String> {
 /// Feed `bytes` (see [`split_streams`]) to a whole receiver as its incoming
 /// streams: each yields its script then EOF, and replies are discarded. The
 /// receiver must fail cleanly (or succeed on a byte-perfect recorded session); the
-/// destination memory is a fixed 1 MiB at gpa 0, so a hostile layout cannot make
-/// it allocate ([`receiver_setup`] covers the layout path).
+/// destination memory is a fixed 1 MiB at gpa 0, mapped once per thread and
+/// reused, so a hostile layout cannot make it allocate ([`receiver_setup`] covers the layout path).
 pub fn receiver_stream(bytes: &[u8]) -> Result<(), String> {
-    let memory = Arc::new(GuestMemory::anonymous(1 << 20, false).map_err(|e| e.to_string())?);
+    // One mapping per thread, reused by every input: caller memory may hold
+    // anything (the receiver checks zero pages in it), so what the previous input
+    // wrote is one more hostile starting state, and no input pays for an mmap.
+    thread_local! {
+        static MEMORY: std::cell::OnceCell<Arc<GuestMemory>> = const { std::cell::OnceCell::new() };
+    }
+    let memory = MEMORY.with(|m| match m.get() {
+        Some(m) => Ok(m.clone()),
+        None => {
+            let fresh =
+                Arc::new(GuestMemory::anonymous(1 << 20, false).map_err(|e| e.to_string())?);
+            Ok::<_, String>(m.get_or_init(|| fresh).clone())
+        }
+    })?;
     let acceptor = ScriptedAcceptor(Mutex::new(split_streams(bytes).into()));
     let r = Receiver::new()
         .memory(memory)

@@ -21,6 +21,12 @@ use livemig::wire::frame::RoundEnd;
 use livemig::wire::{ControlMsg, Extent, FrameKind};
 use livemig::workload::{self, splitmix, Content};
 
+/// A seed that is a whole recorded session (full or compact), not cut short.
+fn is_complete_session(name: &str) -> bool {
+    (name.starts_with("seed_session") || name.starts_with("seed_compact"))
+        && !name.contains("truncated")
+}
+
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
@@ -180,10 +186,23 @@ impl Connector for Recorder {
 
 /// Record the source's bytes of a real 1 MiB migration (stopped VM, so the session
 /// replays identically): one control stream plus `streams` page streams.
-fn record_session(streams: u16, mode: Mode, codec: CodecId) -> Vec<Vec<u8>> {
+/// Pages of content in a compact session's guest (the rest are zero, which a
+/// batch carries as bits in its meta): a whole session in a few KiB, so the
+/// fuzzer runs the full receiver path many times a second.
+const COMPACT_PAGES: usize = 4;
+
+fn record_session(streams: u16, mode: Mode, codec: CodecId, compact: bool) -> Vec<Vec<u8>> {
     with_timeout(GUARD, "record session", move || {
         let mem = Arc::new(GuestMemory::anonymous(1 << 20, false).unwrap());
-        workload::fill(&mem, Content::Mix, 5, 1).unwrap();
+        if compact {
+            let some = GuestMemory::anonymous(COMPACT_PAGES * 4096, false).unwrap();
+            workload::fill(&some, Content::Mix, 5, 1).unwrap();
+            let mut buf = vec![0u8; COMPACT_PAGES * 4096];
+            some.read_pages(0, &mut buf).unwrap();
+            mem.write_pages(0, &buf).unwrap();
+        } else {
+            workload::fill(&mem, Content::Mix, 5, 1).unwrap();
+        }
         let (c, a) = mem::pair();
         let rec = Recorder {
             inner: c,
@@ -218,13 +237,16 @@ fn record_session(streams: u16, mode: Mode, codec: CodecId) -> Vec<Vec<u8>> {
 
 fn receiver_seeds() -> Vec<(String, Vec<u8>)> {
     let mut v = Vec::new();
-    for (name, streams, mode, codec) in [
-        ("session_raw_1", 1, Mode::Multichannel, CodecId::Raw),
-        ("session_raw_2", 2, Mode::Multichannel, CodecId::Raw),
-        ("session_lz4_1", 1, Mode::Compress, CodecId::Lz4),
-        ("session_zstd_2", 2, Mode::Compress, CodecId::Zstd),
+    for (name, streams, mode, codec, compact) in [
+        ("session_raw_1", 1, Mode::Multichannel, CodecId::Raw, false),
+        ("session_raw_2", 2, Mode::Multichannel, CodecId::Raw, false),
+        ("session_lz4_1", 1, Mode::Compress, CodecId::Lz4, false),
+        ("session_zstd_2", 2, Mode::Compress, CodecId::Zstd, false),
+        ("compact_raw_2", 2, Mode::Multichannel, CodecId::Raw, true),
+        ("compact_lz4_1", 1, Mode::Compress, CodecId::Lz4, true),
+        ("compact_zstd_2", 2, Mode::Compress, CodecId::Zstd, true),
     ] {
-        let s = record_session(streams, mode, codec);
+        let s = record_session(streams, mode, codec, compact);
         let joined = livemig::fuzz::join_streams(&s);
         v.push((
             format!("{name}_truncated"),
@@ -516,7 +538,7 @@ fn receiver_stream_corpus_replays() {
     });
     for (name, r) in results {
         // A complete recorded session is accepted; anything else must fail.
-        let complete = name.starts_with("seed_session") && !name.contains("truncated");
+        let complete = is_complete_session(&name);
         assert_eq!(r.is_ok(), complete, "{name}: {r:?}");
     }
 }
@@ -539,7 +561,7 @@ fn receiver_stream_mutations() {
 /// (otherwise the fuzzer starts from stale sessions).
 #[test]
 fn recorded_session_replays_successfully() {
-    let s = record_session(2, Mode::Multichannel, CodecId::Raw);
+    let s = record_session(2, Mode::Multichannel, CodecId::Raw, false);
     assert_eq!(s.len(), 3);
     let joined = livemig::fuzz::join_streams(&s);
     assert_eq!(livemig::fuzz::split_streams(&joined), s);
@@ -549,6 +571,12 @@ fn recorded_session_replays_successfully() {
     let i = bad.len() - 5000;
     bad[i] ^= 0x01;
     assert!(livemig::fuzz::receiver_stream(&bad).is_err());
+    // A compact session (mostly zero pages) is small and replays too, into the
+    // memory the sessions above left full of their pages.
+    let compact =
+        livemig::fuzz::join_streams(&record_session(2, Mode::Multichannel, CodecId::Raw, true));
+    assert!(compact.len() < 64 << 10, "{} bytes", compact.len());
+    livemig::fuzz::receiver_stream(&compact).expect("a compact session replays");
 }
 
 /// The decoder targets' corpora replay through their entry points (a finding
@@ -593,15 +621,21 @@ fn decoder_corpora_replay_and_mutate() {
 /// codec seeds decompress.
 #[test]
 fn decoder_seeds_are_valid() {
-    for (name, b) in corpus("envelope") {
+    // The generated seeds (`seed_*`), not what the fuzzer added beside them.
+    let seeds = |target| {
+        corpus(target)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("seed_"))
+    };
+    for (name, b) in seeds("envelope") {
         assert!(envelope::decode(&b).is_ok(), "{name}");
     }
-    for (name, b) in corpus("control_msg") {
+    for (name, b) in seeds("control_msg") {
         assert!(ControlMsg::decode(&b).is_ok(), "{name}");
     }
     let mut codecs = livemig::codec::CodecSet::new(1);
     for (target, codec) in [("codec_lz4", CodecId::Lz4), ("codec_zstd", CodecId::Zstd)] {
-        for (name, b) in corpus(target) {
+        for (name, b) in seeds(target) {
             let n = u16::from_le_bytes([b[0], b[1]]) as usize;
             let mut out = vec![0u8; (n & 0x1ff) * 4096];
             codecs
@@ -624,7 +658,7 @@ fn receiver_setup_corpus_replays() {
             .collect::<Vec<_>>()
     });
     for (name, r) in results {
-        let complete = name.starts_with("seed_session") && !name.contains("truncated");
+        let complete = is_complete_session(&name);
         assert_eq!(r.is_ok(), complete, "{name}: {r:?}");
         if name.contains("layout_overflow") {
             assert!(r.unwrap_err().contains("overflows"), "{name}");
