@@ -28,9 +28,11 @@ usage: scripts/two_host.sh [options] [-- extra send arguments]
   --rate RATE         shape both directions with tc tbf (e.g. 1gbit, 200mbit)
   --fault KIND        none | reset | blackhole | linkdown (default none)
   --fault-after SECS  inject the fault this long after the streams are up (default 1)
-  --outage SECS       linkdown only: bring the link back after SECS (default: never)
+  --outage SECS       lift the fault after SECS: delete the nft rules, or bring the
+                      link back up (default: never)
   --peer-timeout DUR  given to send and recv (default 5s)
   --livemig PATH      the binary (default: the newer of target/{release,debug}/livemig)
+Environment: SEND_JSON=FILE keeps send's standard output (its report, with -- --json).
 EOF
 }
 
@@ -152,7 +154,14 @@ table inet livemig_fault {
   }
 }
 EOF
-      done ;;
+      done
+      if [[ -n "$OUTAGE" ]]; then
+        sleep "$OUTAGE"
+        for ns in "$SRC_NS" "$DST_NS"; do
+          in_ns "$ns" nft delete table inet livemig_fault
+        done
+        echo "== network back after $OUTAGE s"
+      fi ;;
     linkdown)
       ip -n "$SRC_NS" link set "$VETH" down
       if [[ -n "$OUTAGE" ]]; then
@@ -187,6 +196,8 @@ wait "$RECV_PID"; RECV_RC=$?
 set -e
 echo "== send: exit $SEND_RC after ${SEND_S} s"
 tail -n 3 "$WORK/send.out" "$WORK/send.err" | sed 's/^/   /'
+# Keep send's standard output (its JSON report, with `-- --json`) for scripts.
+if [[ -n "${SEND_JSON:-}" ]]; then cp "$WORK/send.out" "$SEND_JSON"; fi
 echo "== recv: exit $RECV_RC"
 tail -n 3 "$WORK/recv.out" "$WORK/recv.err" | sed 's/^/   /'
 

@@ -77,6 +77,8 @@ pub(crate) struct Run<'a> {
     /// destination did not complete are sent again unless it holds exactly that
     /// round's copy (see [`super::resume`]).
     pub sent_round: Vec<u32>,
+    /// Pages of the last round that were never queued (its sending stopped early).
+    pub unqueued: u64,
     /// Successful resumptions after a broken connection.
     pub reconnects: u32,
     /// Pages sent again after resumptions.
@@ -206,6 +208,7 @@ impl Run<'_> {
             },
         );
         self.sent_total += sent;
+        self.unqueued = total - sent;
         if let Some(e) = stop {
             return Err(e);
         }
@@ -535,6 +538,7 @@ pub(crate) fn run(
             tracker_fallback: false,
             resumable,
             sent_round,
+            unqueued: 0,
             reconnects: 0,
             resent_pages: 0,
         };

@@ -108,7 +108,9 @@ impl Run<'_> {
             backoff = (backoff * 2).min(MAX_BACKOFF);
         };
         let held = self.resend_set(back.complete_rounds, &back.held, to_send);
-        let resent = to_send.count();
+        // The broken round's pages that were never queued go now for the first
+        // time: they are not sent again.
+        let resent = to_send.count().saturating_sub(self.unqueued);
         self.shared.reopen(to_send.iter());
         let workers = Workers::spawn(&self.shared, back.pages);
         self.tx = Some(workers.tx);

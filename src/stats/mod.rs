@@ -174,8 +174,9 @@ pub struct MigrationReport {
     pub resumed: bool,
     /// Successful reconnections (each one a resumption of the session).
     pub reconnects: u32,
-    /// Pages sent again because a broken connection lost them (the pages of the
-    /// rounds in flight that the destination did not hold when it resumed).
+    /// Pages sent again because a broken connection lost them: pages of the
+    /// rounds in flight that had been queued but that the destination did not hold
+    /// when the session resumed.
     pub resent_pages: u64,
 }
 
