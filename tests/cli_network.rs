@@ -69,6 +69,8 @@ fn send_gives_up_on_a_stopped_destination_within_the_peer_timeout() {
             "400mbit",
             "--peer-timeout",
             "2s",
+            "--reconnect-timeout",
+            "3s",
             "--events",
             events.to_str().unwrap(),
         ],
@@ -88,7 +90,9 @@ fn send_gives_up_on_a_stopped_destination_within_the_peer_timeout() {
     let stopped = Instant::now();
     // `send` must end on its own: the deadline plus time to fill the socket buffers
     // at the shaped rate and to shut down, with room for a loaded machine.
-    let out = send.wait_exit(peer_timeout + Duration::from_secs(15));
+    // It tries to resume for its reconnection budget (3 s) first: a stopped
+    // process still accepts connections in the kernel but never answers.
+    let out = send.wait_exit(peer_timeout + Duration::from_secs(3 + 15));
     let took = stopped.elapsed();
     eprintln!(
         "send exited {:?} {took:?} after the destination was stopped: {}",

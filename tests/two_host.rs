@@ -18,6 +18,9 @@ const PORT: u16 = 7000;
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Slack over the peer timeout for shutting down on a loaded machine.
 const SLACK: Duration = Duration::from_secs(8);
+/// How long each side keeps trying to resume in the fault tests (the source's
+/// reconnection budget, the destination's resume window).
+const RESUME: Duration = Duration::from_secs(2);
 
 fn dst_addr() -> String {
     format!("{DST_IP}:{PORT}")
@@ -93,11 +96,30 @@ fn migrate_through(
     let (image, bytes) = image_file(64 * MIB, 12);
     let out = temp_path("two-host-received.bin");
     let pt = format!("{}s", PEER_TIMEOUT.as_secs());
+    let resume = format!("{}s", RESUME.as_secs());
     let recv = start_recv(
         &hosts,
-        &["--out", out.to_str().unwrap(), "--peer-timeout", &pt],
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--peer-timeout",
+            &pt,
+            "--resume-window",
+            &resume,
+        ],
     );
-    let send = start_send(&hosts, &image, &["--streams", "2", "--peer-timeout", &pt]);
+    let send = start_send(
+        &hosts,
+        &image,
+        &[
+            "--streams",
+            "2",
+            "--peer-timeout",
+            &pt,
+            "--reconnect-timeout",
+            &resume,
+        ],
+    );
     // Control stream plus two page streams established: pages are flowing.
     let t0 = Instant::now();
     while hosts.established(Host::Dst, PORT) < 3 {
@@ -111,8 +133,9 @@ fn migrate_through(
     }
     std::thread::sleep(Duration::from_millis(500));
     hosts.inject(fault).expect("inject the fault");
-    let s = send.wait_exit(PEER_TIMEOUT + SLACK);
-    let r = recv.wait_exit(PEER_TIMEOUT + SLACK);
+    // The fault stays: both sides try to resume for their budget, then give up.
+    let s = send.wait_exit(PEER_TIMEOUT + RESUME + SLACK);
+    let r = recv.wait_exit(PEER_TIMEOUT + RESUME + SLACK);
     eprintln!(
         "{fault:?}: send exited {:?} after {:?}: {}",
         s.code,
@@ -162,7 +185,7 @@ fn blackhole_mid_transfer_times_out_on_both_sides() {
         se.contains(&dst_addr()),
         "send does not name the peer: {se}"
     );
-    assert!(s.waited <= PEER_TIMEOUT + SLACK);
+    assert!(s.waited <= PEER_TIMEOUT + RESUME + SLACK);
     let re = error_line(&r.stderr);
     assert!(re.contains("timed out"), "recv: {re}");
     assert!(!se.contains("os error 11") && !re.contains("os error 11"));
@@ -181,6 +204,51 @@ fn reset_mid_transfer_is_reported_on_both_sides() {
     );
     let re = error_line(&r.stderr);
     assert!(re.contains("reset") || re.contains("closed"), "recv: {re}");
+}
+
+/// Connections reset for a second mid-transfer, then the network heals: the
+/// migration resumes on new connections and completes, verified, having sent
+/// little twice.
+#[test]
+fn a_reset_network_that_heals_is_resumed() {
+    let Some(hosts) = two_hosts_or_skip("reset_then_heal", Some("100mbit")) else {
+        return;
+    };
+    let (image, bytes) = image_file(48 * MIB, 14);
+    let out = temp_path("two-host-received.bin");
+    let recv = start_recv(
+        &hosts,
+        &["--out", out.to_str().unwrap(), "--peer-timeout", "5s"],
+    );
+    let send = start_send(&hosts, &image, &["--json", "--peer-timeout", "5s"]);
+    let t0 = Instant::now();
+    while hosts.established(Host::Dst, PORT) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "streams never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    hosts.inject(NetFault::Reset).expect("inject resets");
+    std::thread::sleep(Duration::from_secs(1));
+    hosts.heal();
+    let s = send.wait_exit(Duration::from_secs(40));
+    let r = recv.wait_exit(Duration::from_secs(20));
+    assert!(s.ok(), "send failed across a reset: {}", s.stderr);
+    assert!(r.ok(), "recv failed across a reset: {}", r.stderr);
+    let report = last_json_line(&s.stdout);
+    assert_eq!(report["verified"], true);
+    assert_eq!(report["resumed"], true, "{report}");
+    assert!(report["reconnects"].as_u64() >= Some(1), "{report}");
+    let pages = (48 * MIB / 4096) as u64;
+    assert!(
+        report["pages_sent"].as_u64().unwrap() <= pages + pages / 10,
+        "a resumption sends little twice: {report}"
+    );
+    assert!(same_file(&out, &bytes), "received image differs");
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&out);
 }
 
 #[test]
