@@ -294,6 +294,41 @@ fn three_at_once_two_run_one_queues_strays_change_nothing() {
 
 /// A queued source whose slot does not free in time is told "host busy" (not left
 /// to time out); a source that closes while queued leaves the queue.
+/// A page stream of a served session dies mid-transfer: the source resumes on new
+/// connections, the service routes its `Resume` to the session by token, and the
+/// migration completes, verified, in that same session.
+#[test]
+fn a_served_session_resumes_after_a_page_stream_dies() {
+    let (addr, rec, stop, service) = start(1);
+    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
+    let m = Migration::new(src.mem.clone())
+        .tracker(src.tracker())
+        .vm_control(Box::new(src.dirtier.control()))
+        .policy(Box::new(test_policy()))
+        .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest));
+    let report = with_timeout(GUARD, "served migration", move || {
+        // Streams: 0 control, 1 and 2 pages; the first page stream dies early.
+        let connector = livemig::transport::fault::FaultyConnector::new(
+            TcpConnector::new(addr),
+            1,
+            livemig::transport::fault::Fault::CutAfter(256 << 10),
+        );
+        m.run(&connector)
+    })
+    .expect("the served migration resumes and completes");
+    assert!(report.verified);
+    assert_eq!(report.reconnects, 1, "one resumption");
+    rec.wait_for("the session committed", |ev| {
+        count(ev, |e| matches!(e, ServiceEvent::SessionEnd(_))) == 1
+    });
+    let guests = rec.guests.lock().unwrap().clone();
+    assert_eq!(guests.len(), 1, "one session, committed once");
+    assert_eq!(guests[0].0, report.session);
+    assert_eq!(guests[0].1, src.mem.full_digest(2).unwrap());
+    stop.stop();
+    let _ = service.join();
+}
+
 #[test]
 fn queue_deadline_refuses_with_host_busy() {
     let config = ServiceConfig {

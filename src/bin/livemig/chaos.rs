@@ -23,9 +23,10 @@ pub struct ChaosArgs {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
-    /// Print every run's plan and verdict, not only the ones that broke an invariant.
+    /// Print every run's plan and verdict, not only the ones that broke an invariant
+    /// (`-v` is the global log level).
     #[arg(long)]
-    verbose: bool,
+    every_run: bool,
 }
 
 fn print_run(r: &RunReport, detail: bool) {
@@ -108,7 +109,7 @@ pub fn run(a: ChaosArgs) -> Result<(), CliError> {
     let s = chaos::campaign(a.runs, seed, a.jobs, &cfg, |r| {
         n += 1;
         let broken = r.verdict.outcome == chaos::check::Outcome::Broken;
-        if broken || a.verbose {
+        if broken || a.every_run {
             print_run(r, true);
         }
         if n % 100 == 0 {
