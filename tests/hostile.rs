@@ -42,6 +42,9 @@ fn config() -> ReceiverConfig {
     settings.prefault = false;
     settings.accept_timeout = Duration::from_secs(30);
     settings.idle_timeout = Duration::from_secs(30);
+    // A hostile session is never waited for: resumption has its own tests
+    // (tests/e2e_resume.rs).
+    settings.resume_window = Duration::ZERO;
     settings
 }
 
@@ -209,7 +212,9 @@ fn round_end(round: u32) -> Vec<u8> {
 }
 
 /// Wait until the receiver cuts page stream `p` (it does on any page error), then
-/// abort on the control stream so the receiver reports the page error.
+/// abort on the control stream so the receiver reports the page error. (After a
+/// lost link the receiver cuts the control stream too, and the abort finds it
+/// closed.)
 fn await_cut_then_abort(mut control: Box<dyn Stream>, mut p: Box<dyn Stream>) {
     let _ = p.set_read_timeout(Some(DEADLINE));
     let mut b = [0u8; 1];
@@ -218,12 +223,15 @@ fn await_cut_then_abort(mut control: Box<dyn Stream>, mut p: Box<dyn Stream>) {
         0,
         "the receiver cuts page streams"
     );
-    send_control(
+    let abort = ControlMsg::Abort {
+        reason: "test".into(),
+    };
+    let _ = write_frame(
         &mut *control,
-        &ControlMsg::Abort {
-            reason: "test".into(),
-        },
-        &[],
+        FrameKind::Control,
+        0,
+        &abort.encode(),
+        &[&[]],
     );
 }
 
