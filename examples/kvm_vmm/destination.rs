@@ -100,7 +100,9 @@ pub fn destination(listen: &str, opts: &Opts) -> Res<Value> {
     let (mut passes, mut first, mut prev, mut stale, mut counter_ok, mut consecutive) =
         (0u32, None, 0u32, 0u32, true, true);
     let mut failure = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: a nested guest on a loaded host can run a pass in seconds; the wait
+    // ends at the last pass, not at the deadline.
+    let deadline = Instant::now() + Duration::from_secs(90);
     while passes < opts.passes_after && stale == 0 {
         let left = deadline.saturating_duration_since(Instant::now());
         match runner.events.recv_timeout(left) {
