@@ -178,6 +178,12 @@ pub(crate) fn run(
     let r = match r {
         Err(e) if state == SourceState::InDoubt => {
             // Released, then no answer: learn the outcome from the destination.
+            // The old control stream is of no more use; closing it lets a
+            // destination still waiting on it (for `OutcomeKnown`, after a late
+            // `Committed`) stop at once and answer the queries.
+            if let Some(l) = run.link.take() {
+                l.stream().shutdown();
+            }
             let cfg = &run.m.config;
             let learned = commit::resolve(
                 run.connector,
