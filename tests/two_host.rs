@@ -206,59 +206,13 @@ fn reset_mid_transfer_is_reported_on_both_sides() {
     assert!(re.contains("reset") || re.contains("closed"), "recv: {re}");
 }
 
-/// Connections reset for a second mid-transfer, then the network heals: the
-/// migration resumes on new connections and completes, verified, having sent
-/// little twice.
-#[test]
-fn a_reset_network_that_heals_is_resumed() {
-    let Some(hosts) = two_hosts_or_skip("reset_then_heal", Some("100mbit")) else {
-        return;
-    };
-    let (image, bytes) = image_file(48 * MIB, 14);
-    let out = temp_path("two-host-received.bin");
-    let recv = start_recv(
-        &hosts,
-        &["--out", out.to_str().unwrap(), "--peer-timeout", "5s"],
-    );
-    let send = start_send(&hosts, &image, &["--json", "--peer-timeout", "5s"]);
-    let t0 = Instant::now();
-    while hosts.established(Host::Dst, PORT) < 3 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "streams never came up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    hosts.inject(NetFault::Reset).expect("inject resets");
-    std::thread::sleep(Duration::from_secs(1));
-    hosts.heal();
-    let s = send.wait_exit(Duration::from_secs(40));
-    let r = recv.wait_exit(Duration::from_secs(20));
-    assert!(s.ok(), "send failed across a reset: {}", s.stderr);
-    assert!(r.ok(), "recv failed across a reset: {}", r.stderr);
-    let report = last_json_line(&s.stdout);
-    assert_eq!(report["verified"], true);
-    assert_eq!(report["resumed"], true, "{report}");
-    assert!(report["reconnects"].as_u64() >= Some(1), "{report}");
-    let pages = (48 * MIB / 4096) as u64;
-    assert!(
-        report["pages_sent"].as_u64().unwrap() <= pages + pages / 10,
-        "a resumption sends little twice: {report}"
-    );
-    assert!(same_file(&out, &bytes), "received image differs");
-    let _ = std::fs::remove_file(&image);
-    let _ = std::fs::remove_file(&out);
-}
-
-#[test]
-fn a_link_outage_shorter_than_the_peer_timeout_is_survived() {
-    // Silence is not death: the link goes down for 1 s mid-transfer and comes back;
-    // with a 5 s peer timeout TCP retransmits and the migration completes.
-    let Some(hosts) = two_hosts_or_skip("link_outage_survived", Some("100mbit")) else {
-        return;
-    };
-    let (image, bytes) = image_file(48 * MIB, 13);
+/// Migrate a 48 MiB image at 100 Mbit/s (5 s peer timeouts), calling `disrupt`
+/// half a second after every stream is up; both sides must then succeed. Returns
+/// the source's report (after checking the received image), or `None` when the
+/// test is skipped.
+fn survives(test: &str, seed: u64, disrupt: impl FnOnce(&TwoHosts)) -> Option<serde_json::Value> {
+    let hosts = two_hosts_or_skip(test, Some("100mbit"))?;
+    let (image, bytes) = image_file(48 * MIB, seed);
     let out = temp_path("two-host-received.bin");
     let recv = start_recv(
         &hosts,
@@ -280,15 +234,47 @@ fn a_link_outage_shorter_than_the_peer_timeout_is_survived() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    hosts.link(Host::Src, false).expect("link down");
-    std::thread::sleep(Duration::from_secs(1));
-    hosts.link(Host::Src, true).expect("link up");
+    disrupt(&hosts);
     let s = send.wait_exit(Duration::from_secs(40));
     let r = recv.wait_exit(Duration::from_secs(20));
-    assert!(s.ok(), "send failed across a 1 s outage: {}", s.stderr);
-    assert!(r.ok(), "recv failed across a 1 s outage: {}", r.stderr);
-    assert_eq!(last_json_line(&s.stdout)["verified"], true);
+    assert!(s.ok(), "send failed across {test}: {}", s.stderr);
+    assert!(r.ok(), "recv failed across {test}: {}", r.stderr);
+    let report = last_json_line(&s.stdout);
+    assert_eq!(report["verified"], true);
     assert!(same_file(&out, &bytes), "received image differs");
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_file(&out);
+    Some(report)
+}
+
+/// Connections reset for a second mid-transfer, then the network heals: the
+/// migration resumes on new connections and completes, verified, having sent
+/// little twice.
+#[test]
+fn a_reset_network_that_heals_is_resumed() {
+    let Some(report) = survives("reset_then_heal", 14, |hosts| {
+        hosts.inject(NetFault::Reset).expect("inject resets");
+        std::thread::sleep(Duration::from_secs(1));
+        hosts.heal();
+    }) else {
+        return;
+    };
+    assert_eq!(report["resumed"], true, "{report}");
+    assert!(report["reconnects"].as_u64() >= Some(1), "{report}");
+    let pages = (48 * MIB / 4096) as u64;
+    assert!(
+        report["pages_sent"].as_u64().unwrap() <= pages + pages / 10,
+        "a resumption sends little twice: {report}"
+    );
+}
+
+#[test]
+fn a_link_outage_shorter_than_the_peer_timeout_is_survived() {
+    // Silence is not death: the link goes down for 1 s mid-transfer and comes back;
+    // with a 5 s peer timeout TCP retransmits and the migration completes.
+    survives("link_outage_survived", 13, |hosts| {
+        hosts.link(Host::Src, false).expect("link down");
+        std::thread::sleep(Duration::from_secs(1));
+        hosts.link(Host::Src, true).expect("link up");
+    });
 }
