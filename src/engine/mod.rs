@@ -35,6 +35,9 @@ use crate::wire::control::{CompatVector, RefuseCode, SessionId};
 pub use cancel::CancelToken;
 pub use commit::SourceState;
 pub use pipeline::batches_of;
+#[cfg(feature = "bench")]
+#[doc(hidden)]
+pub use pipeline::BatchBench;
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
 pub use slots::{HostSlots, SlotGuard};
 pub use vm_control::VmControlError;

@@ -283,6 +283,82 @@ struct Scratch {
     digest: DigestDelta,
 }
 
+impl Scratch {
+    fn new(zstd_level: i32) -> Self {
+        Self {
+            pages: vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE],
+            encoded: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
+            meta: BatchMeta::default(),
+            meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
+            codecs: CodecSet::new(zstd_level),
+            present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+            indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+            records: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
+            digest: DigestDelta::default(),
+        }
+    }
+}
+
+/// One page stream's batch encoder driven by hand, for the micro-benchmark of the
+/// batch walk (`benches/batch.rs`): what a worker does with one batch (read, zero
+/// check, hash, digest record, encode, write), without the queue and the gate.
+#[cfg(feature = "bench")]
+pub struct BatchBench {
+    shared: Shared,
+    scratch: Scratch,
+    out: FrameWriter,
+}
+
+#[cfg(feature = "bench")]
+impl std::fmt::Debug for BatchBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchBench")
+            .field("out", &self.out)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "bench")]
+impl BatchBench {
+    /// An encoder of `memory`'s pages with `codec` (raw: the zero-copy path) writing
+    /// frames to `out`.
+    pub fn new(
+        memory: Arc<GuestMemory>,
+        codec: CodecId,
+        out: Box<dyn crate::transport::Stream>,
+    ) -> Self {
+        let shared = Shared::new(memory, 1, codec, 1, false);
+        let scratch = Scratch::new(shared.zstd_level);
+        Self {
+            shared,
+            scratch,
+            out: FrameWriter::new(out, "page"),
+        }
+    }
+
+    /// Send `count` pages from page index `first` (one region, at most
+    /// `MAX_BATCH_PAGES`) as one batch; returns the frame's wire bytes.
+    pub fn send(&mut self, first: u64, count: u32, quiescent: bool) -> Result<u64, String> {
+        let b = Batch {
+            round: 0,
+            quiescent,
+            extents: vec![(first, count)],
+        };
+        let before = self.out.bytes();
+        let codec = self.shared.tuner.codec();
+        let r = if codec == CodecId::Raw {
+            send_batch_zero_copy(&self.shared, &b, &mut self.scratch, &mut self.out)
+        } else {
+            send_batch(&self.shared, &b, codec, &mut self.scratch, &mut self.out)
+        };
+        match r {
+            Ok(_) => Ok(self.out.bytes() - before),
+            Err(BatchError::Stream(e)) => Err(e.to_string()),
+            Err(BatchError::Encode(e)) => Err(e),
+        }
+    }
+}
+
 /// Run one worker until `Finish` (or until its control channel closes).
 pub fn worker(
     shared: &Shared,
@@ -291,17 +367,7 @@ pub fn worker(
     ctl: Receiver<Ctl>,
     mut out: FrameWriter,
 ) {
-    let mut s = Scratch {
-        pages: vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE],
-        encoded: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
-        meta: BatchMeta::default(),
-        meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
-        codecs: CodecSet::new(shared.zstd_level),
-        present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
-        indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
-        records: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
-        digest: DigestDelta::default(),
-    };
+    let mut s = Scratch::new(shared.zstd_level);
     if shared.tuner.is_enabled() {
         // Warm the compressors (zstd allocates its context tables on first use) so
         // that the first probes time compression, not set-up.
