@@ -1,11 +1,13 @@
 //! The sender's per-batch page path: one 256-page batch read out of guest memory,
 //! zero-checked, hashed, recorded in the sent-page ledger and written as a frame to a
-//! Unix socket that a second thread drains (so the kernel's copy of the pages is part
+//! loopback TCP socket that a second thread drains (so the kernel's copy of the pages is part
 //! of the cost). Memory is 64 MiB, more than the last-level cache, walked in order
 //! as round 0 does; one page in eight is zero.
 //!
 //! `zero_copy` is the raw path (pages go to the socket straight from guest memory),
-//! `copy_lz4` the copy path with a block codec.
+//! `copy_lz4` the copy path with a block codec. `raw_seen_stream` sends raw batches
+//! through a stream wrapper that sees every byte (as TLS, shaping and fault
+//! injection do), which takes the copy path.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use livemig::codec::CodecId;
 use livemig::engine::BatchBench;
+use livemig::transport::Stream;
 use livemig::wire::MAX_BATCH_PAGES;
 use livemig::workload::splitmix;
 use livemig::{GuestMemory, PAGE_SIZE};
@@ -39,13 +42,57 @@ fn memory() -> Arc<GuestMemory> {
     Arc::new(mem)
 }
 
-fn encoder(mem: &Arc<GuestMemory>, codec: CodecId) -> (BatchBench, std::thread::JoinHandle<()>) {
-    let (tx, mut rx) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+/// A stream that passes every byte through user space (no socket descriptor).
+#[derive(Debug)]
+struct Seen {
+    inner: Box<dyn Stream>,
+}
+
+impl std::io::Read for Seen {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for Seen {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.inner.write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Stream for Seen {
+    livemig::forward_stream!(inner);
+}
+
+/// An encoder writing to a loopback TCP socket (a stream that the zero-copy path
+/// writes to straight from guest memory) drained by a second thread.
+fn encoder(
+    mem: &Arc<GuestMemory>,
+    codec: CodecId,
+    seen: bool,
+) -> (BatchBench, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let tx = std::net::TcpStream::connect(listener.local_addr().expect("address"))
+        .expect("connect loopback");
+    let (mut rx, _) = listener.accept().expect("accept loopback");
     let drain = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 20];
         while matches!(rx.read(&mut buf), Ok(n) if n > 0) {}
     });
-    (BatchBench::new(mem.clone(), codec, Box::new(tx)), drain)
+    let out: Box<dyn Stream> = if seen {
+        Box::new(Seen {
+            inner: Box::new(tx),
+        })
+    } else {
+        Box::new(tx)
+    };
+    (BatchBench::new(mem.clone(), codec, out), drain)
 }
 
 fn batch(c: &mut Criterion) {
@@ -60,8 +107,9 @@ fn batch(c: &mut Criterion) {
         ("zero_copy", CodecId::Raw, false),
         ("zero_copy_quiescent", CodecId::Raw, true),
         ("copy_lz4", CodecId::Lz4, false),
+        ("raw_seen_stream", CodecId::Raw, false),
     ] {
-        let (mut enc, drain) = encoder(&mem, codec);
+        let (mut enc, drain) = encoder(&mem, codec, name == "raw_seen_stream");
         let mut next = 0u64;
         g.bench_function(name, |b| {
             b.iter(|| {

@@ -28,7 +28,9 @@ use crossbeam_channel::Receiver;
 use super::gate::SendGate;
 use crate::codec::cache::DeltaCache;
 use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
-use crate::memory::{page_hash, zero_page_hash, GuestMemory, PAGE_SIZE};
+use crate::memory::{
+    page_hash, zero_page_hash, GuestMemory, GuestRun, MemoryError, RacyPages, PAGE_SIZE,
+};
 use crate::proof::{DigestDelta, PageLedger};
 use crate::transport::framed::FrameWriter;
 use crate::wire::batch::BatchMeta;
@@ -269,9 +271,15 @@ pub fn run_worker(
     }
 }
 
+/// One page, aligned to a cache line.
+#[repr(align(64))]
+struct PageBuf([u8; PAGE_SIZE]);
+
 /// Reusable buffers of one worker.
 struct Scratch {
     pages: Vec<u8>,
+    /// The zero-copy path's copy of one page, for its zero check and hash.
+    page: Box<PageBuf>,
     encoded: Vec<u8>,
     meta: BatchMeta,
     meta_bytes: Vec<u8>,
@@ -287,6 +295,7 @@ impl Scratch {
     fn new(zstd_level: i32) -> Self {
         Self {
             pages: vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE],
+            page: Box::new(PageBuf([0; PAGE_SIZE])),
             encoded: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
             meta: BatchMeta::default(),
             meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
@@ -346,7 +355,7 @@ impl BatchBench {
         };
         let before = self.out.bytes();
         let codec = self.shared.tuner.codec();
-        let r = if codec == CodecId::Raw {
+        let r = if zero_copy(&self.shared, codec, &self.out) {
             send_batch_zero_copy(&self.shared, &b, &mut self.scratch, &mut self.out)
         } else {
             send_batch(&self.shared, &b, codec, &mut self.scratch, &mut self.out)
@@ -469,7 +478,7 @@ fn handle_batch(
     let before = out.bytes();
     let codec = shared.tuner.codec();
     let t = std::time::Instant::now();
-    let sent = if codec == CodecId::Raw && shared.delta.is_none() {
+    let sent = if zero_copy(shared, codec, out) {
         send_batch_zero_copy(shared, b, s, out)
     } else {
         send_batch(shared, b, codec, s, out)
@@ -535,6 +544,165 @@ fn handle_batch(
     }
 }
 
+/// Where the batch walk ([`walk_batch`]) copies each page it reads, and what it
+/// keeps of the non-zero ones: the one thing the two send paths do differently.
+trait PageSink<'m> {
+    /// Whether the kept pages go through the delta encoder, which keeps the delta
+    /// cache right for them; otherwise every page sent invalidates its cached version.
+    const DELTA_ENCODED: bool;
+    /// The buffer the next page is copied into.
+    fn slot(&mut self) -> &mut [u8; PAGE_SIZE];
+    /// The page just copied is not zero: keep page `p` of `view` (page index `index`).
+    fn keep(&mut self, view: &RacyPages<'m>, p: usize, index: u64);
+    /// Page `p` of `view` is zero: it travels in the zero map only.
+    fn skip(&mut self, view: &RacyPages<'m>, p: usize) -> Result<(), MemoryError>;
+    /// The extent of `view` is done.
+    fn end_extent(&mut self, view: &RacyPages<'m>) -> Result<(), MemoryError>;
+}
+
+/// Copy path: the payload is the non-zero pages packed in order in `pages`, and
+/// `indexes` their page indexes (for the delta encoder). A zero page's slot is reused
+/// by the next page.
+struct PayloadSink<'s> {
+    pages: &'s mut [u8],
+    indexes: &'s mut Vec<u64>,
+    len: usize,
+}
+
+impl<'m> PageSink<'m> for PayloadSink<'_> {
+    const DELTA_ENCODED: bool = true;
+
+    #[inline]
+    fn slot(&mut self) -> &mut [u8; PAGE_SIZE] {
+        (&mut self.pages[self.len..self.len + PAGE_SIZE])
+            .try_into()
+            .expect("one page")
+    }
+
+    #[inline]
+    fn keep(&mut self, _: &RacyPages<'m>, _: usize, index: u64) {
+        self.indexes.push(index);
+        self.len += PAGE_SIZE;
+    }
+
+    #[inline]
+    fn skip(&mut self, _: &RacyPages<'m>, _: usize) -> Result<(), MemoryError> {
+        Ok(())
+    }
+
+    fn end_extent(&mut self, _: &RacyPages<'m>) -> Result<(), MemoryError> {
+        Ok(())
+    }
+}
+
+/// Zero-copy path: each page is copied into one page-sized `scratch` buffer, which
+/// stays in L1 cache, for the zero check and the hash only; the payload is the runs
+/// of non-zero pages in guest memory itself, which the kernel reads (`writev`).
+struct GatherSink<'s, 'm> {
+    scratch: &'s mut [u8; PAGE_SIZE],
+    runs: Vec<GuestRun<'m>>,
+    /// First page (of the current extent's view) of the open run of non-zero pages.
+    open: Option<usize>,
+}
+
+impl<'m> GatherSink<'_, 'm> {
+    /// Close the open run, if any, before page `end` of `view`.
+    fn close(&mut self, view: &RacyPages<'m>, end: usize) -> Result<(), MemoryError> {
+        if let Some(first) = self.open.take() {
+            self.runs.push(view.run(first, end - first)?);
+        }
+        Ok(())
+    }
+}
+
+impl<'m> PageSink<'m> for GatherSink<'_, 'm> {
+    const DELTA_ENCODED: bool = false;
+
+    #[inline]
+    fn slot(&mut self) -> &mut [u8; PAGE_SIZE] {
+        self.scratch
+    }
+
+    #[inline]
+    fn keep(&mut self, _: &RacyPages<'m>, p: usize, _: u64) {
+        self.open.get_or_insert(p);
+    }
+
+    #[inline]
+    fn skip(&mut self, view: &RacyPages<'m>, p: usize) -> Result<(), MemoryError> {
+        self.close(view, p)
+    }
+
+    fn end_extent(&mut self, view: &RacyPages<'m>) -> Result<(), MemoryError> {
+        self.close(view, view.pages())
+    }
+}
+
+/// The batch-encoding loop of both send paths. For each page of `b`, in order: its
+/// extent goes into `meta`; a page known unpopulated is zero without being read;
+/// any other page is copied once out of guest memory into `sink`'s slot, and the zero
+/// check and the hash read that copy. Zero pages are marked in the zero map and
+/// handed to `sink.skip`, the others to `sink.keep`. Every page's hash goes into
+/// `meta` and is recorded in the sent ledger (merged from `digest` at the end).
+/// Returns the number of zero pages.
+fn walk_batch<'m, S: PageSink<'m>>(
+    shared: &'m Shared,
+    b: &Batch,
+    meta: &mut BatchMeta,
+    present: &mut Vec<bool>,
+    digest: &mut DigestDelta,
+    sink: &mut S,
+) -> Result<u64, String> {
+    let mem = &*shared.memory;
+    let npages = b.pages() as usize;
+    meta.zero_map.resize(npages.div_ceil(8), 0);
+    meta.zero_map.iter_mut().for_each(|z| *z = 0);
+    let zero_hash = zero_page_hash();
+    let mut i = 0usize; // page number within the batch
+    let mut zeros = 0u64;
+    for &(start, count) in &b.extents {
+        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        meta.extents.push(Extent { gfn, count });
+        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        let region = &mem.regions()[r];
+        region
+            .populated(rp, count as u64, present)
+            .map_err(|e| e.to_string())?;
+        let view = region
+            .racy_pages(rp, count as u64)
+            .map_err(|e| e.to_string())?;
+        for p in 0..count as usize {
+            let index = start + p as u64;
+            let nonzero = present[p] && {
+                let slot = sink.slot();
+                view.copy_page(p, slot).map_err(|e| e.to_string())?;
+                !is_zero_page(slot)
+            };
+            let hash = if nonzero {
+                let h = page_hash(sink.slot());
+                sink.keep(&view, p, index);
+                h
+            } else {
+                meta.zero_map[i / 8] |= 1 << (i % 8);
+                zeros += 1;
+                sink.skip(&view, p).map_err(|e| e.to_string())?;
+                zero_hash
+            };
+            if !nonzero || !S::DELTA_ENCODED {
+                if let Some(cache) = &shared.delta {
+                    cache.invalidate(index); // a zero page, or bytes that were not cached
+                }
+            }
+            meta.hashes.push(hash);
+            shared.sent.record(index, hash, digest);
+            i += 1;
+        }
+        sink.end_extent(&view).map_err(|e| e.to_string())?;
+    }
+    shared.sent.merge(digest);
+    Ok(zeros)
+}
+
 /// Copy path: returns the time spent writing the frame.
 fn send_batch(
     shared: &Shared,
@@ -543,53 +711,24 @@ fn send_batch(
     s: &mut Scratch,
     out: &mut FrameWriter,
 ) -> Result<std::time::Duration, BatchError> {
-    let mem = &*shared.memory;
     s.meta.clear();
     s.meta.round = b.round;
     let npages = b.pages() as usize;
-    s.meta.zero_map.resize(npages.div_ceil(8), 0);
-    s.meta.zero_map.iter_mut().for_each(|z| *z = 0);
-    let mut pos = 0usize; // write position of the next non-zero page in s.pages
-    let mut i = 0usize; // page number within the batch
-    let mut zeros = 0u64;
-    let zero_hash = zero_page_hash();
     s.indexes.clear();
-    for &(start, count) in &b.extents {
-        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
-        s.meta.extents.push(Extent { gfn, count });
-        // Copy each populated page to the next payload slot; a zero page's slot is
-        // reused by the next page. Unpopulated pages are zero without being read.
-        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
-        mem.regions()[r]
-            .populated(rp, count as u64, &mut s.present)
-            .map_err(|e| e.to_string())?;
-        let mut wr = pos;
-        for p in 0..count as usize {
-            let is_zero = !s.present[p] || {
-                mem.read_pages(start + p as u64, &mut s.pages[wr..wr + PAGE_SIZE])
-                    .map_err(|e| e.to_string())?;
-                is_zero_page(&s.pages[wr..wr + PAGE_SIZE])
-            };
-            let hash = if is_zero {
-                s.meta.zero_map[i / 8] |= 1 << (i % 8);
-                zeros += 1;
-                if let Some(cache) = &shared.delta {
-                    cache.invalidate(start + p as u64);
-                }
-                zero_hash
-            } else {
-                let h = page_hash(&s.pages[wr..wr + PAGE_SIZE]);
-                s.indexes.push(start + p as u64);
-                wr += PAGE_SIZE;
-                h
-            };
-            s.meta.hashes.push(hash);
-            shared.sent.record(start + p as u64, hash, &mut s.digest);
-            i += 1;
-        }
-        pos = wr;
-    }
-    shared.sent.merge(&mut s.digest);
+    let mut sink = PayloadSink {
+        pages: &mut s.pages,
+        indexes: &mut s.indexes,
+        len: 0,
+    };
+    let zeros = walk_batch(
+        shared,
+        b,
+        &mut s.meta,
+        &mut s.present,
+        &mut s.digest,
+        &mut sink,
+    )?;
+    let pos = sink.len;
     let mut payload = &s.pages[..pos];
     // Delta: pages found in the cache become delta records (none can be in round 0
     // unless the cache policy caches round 0).
@@ -628,11 +767,23 @@ fn send_batch(
     } else {
         &s.encoded
     };
-    write_batch(shared, out, &s.meta_bytes, &[data], npages, zeros, false)
+    let t_write = std::time::Instant::now();
+    out.send(FrameKind::Batch, 0, &s.meta_bytes, &[data])
+        .map_err(BatchError::Stream)?;
+    Ok(count_batch(shared, t_write, npages, zeros))
 }
 
-/// Raw batches without a user-space copy: zero detection and hashing read guest
-/// memory in place and the frame is written with `writev` straight from it.
+/// Whether a raw batch goes out on `out` without a user-space copy: no delta
+/// encoding (which needs the bytes), and a stream that hands its writes straight to
+/// a kernel socket, so no Rust code reads the guest memory it is given. Streams that
+/// see every byte (TLS, shaping, fault injection, in-memory pipes) take the copy path.
+fn zero_copy(shared: &Shared, codec: CodecId, out: &FrameWriter) -> bool {
+    codec == CodecId::Raw && shared.delta.is_none() && out.stream().splice_fd().is_some()
+}
+
+/// Raw batches without a user-space copy of the payload: each page is copied into
+/// an L1-resident scratch page for the zero check and the hash, and the frame is
+/// written with `writev` straight from guest memory (see [`zero_copy`] for when).
 /// Unpopulated anonymous pages are sent as zero pages without being touched.
 ///
 /// While the VM runs, a page may change between hashing and the kernel's copy, so
@@ -645,7 +796,6 @@ fn send_batch_zero_copy(
     s: &mut Scratch,
     out: &mut FrameWriter,
 ) -> Result<std::time::Duration, BatchError> {
-    let mem = &*shared.memory;
     s.meta.clear();
     s.meta.round = b.round;
     s.meta.codec = Some(CodecId::Raw);
@@ -655,87 +805,55 @@ fn send_batch_zero_copy(
         crate::wire::batch::FLAG_RACY
     };
     let npages = b.pages() as usize;
-    s.meta.zero_map.resize(npages.div_ceil(8), 0);
-    s.meta.zero_map.iter_mut().for_each(|z| *z = 0);
-    let zero_hash = zero_page_hash();
-    let mut data: Vec<&[u8]> = Vec::with_capacity(b.extents.len() + 4);
-    let mut i = 0usize;
-    let mut zeros = 0u64;
-    let mut nonzero = 0usize;
-    for &(start, count) in &b.extents {
-        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
-        s.meta.extents.push(Extent { gfn, count });
-        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
-        let region = &mem.regions()[r];
-        region
-            .populated(rp, count as u64, &mut s.present)
-            .map_err(|e| e.to_string())?;
-        // SAFETY: a racy view of guest memory; everything derived from it is marked
-        // racy unless the batch is quiescent (VM paused/stopped), see above.
-        let view = unsafe { region.racy_slice(rp, count as u64) }.map_err(|e| e.to_string())?;
-        let mut run: Option<usize> = None;
-        for p in 0..count as usize {
-            let page = &view[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
-            let hash = if !s.present[p] || is_zero_page(page) {
-                if let Some(st) = run.take() {
-                    data.push(&view[st..p * PAGE_SIZE]);
-                }
-                s.meta.zero_map[i / 8] |= 1 << (i % 8);
-                zeros += 1;
-                zero_hash
-            } else {
-                run.get_or_insert(p * PAGE_SIZE);
-                nonzero += 1;
-                page_hash(page)
-            };
-            s.meta.hashes.push(hash);
-            shared.sent.record(start + p as u64, hash, &mut s.digest);
-            if let Some(cache) = &shared.delta {
-                cache.invalidate(start + p as u64); // bytes sent were not cached
-            }
-            i += 1;
-        }
-        if let Some(st) = run.take() {
-            data.push(&view[st..]);
-        }
-    }
-    shared.sent.merge(&mut s.digest);
-    s.meta.payload_len = (nonzero * PAGE_SIZE) as u32;
+    let mut sink = GatherSink {
+        scratch: &mut s.page.0,
+        runs: Vec::with_capacity(b.extents.len() + 4),
+        open: None,
+    };
+    let zeros = walk_batch(
+        shared,
+        b,
+        &mut s.meta,
+        &mut s.present,
+        &mut s.digest,
+        &mut sink,
+    )?;
+    s.meta.payload_len = ((npages - zeros as usize) * PAGE_SIZE) as u32;
     s.meta.encode_into(&mut s.meta_bytes);
-    write_batch(shared, out, &s.meta_bytes, &data, npages, zeros, true)
+    // SAFETY: each slice covers a run of guest pages that stays mapped while
+    // `shared.memory` lives (the runs borrow it), and is only handed to the kernel:
+    // the stream writes straight to a socket (`zero_copy`), so no Rust code reads
+    // through it. The kernel may read the pages after this returns, and the guest may
+    // write them meanwhile: a page written after the harvest that scheduled it is
+    // dirty and sent again (the batch is FLAG_RACY while the VM runs, so the
+    // receiver keeps the hash of what arrived); quiescent batches are sent with the
+    // VM stopped, and it stays stopped until the destination has received and
+    // verified them.
+    let data: Vec<&[u8]> = sink
+        .runs
+        .iter()
+        .map(|r| unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len()) })
+        .collect();
+    let t_write = std::time::Instant::now();
+    // SAFETY: as above, `data` is guest memory under dirty tracking or of a stopped VM.
+    unsafe { out.send_guest_pages(FrameKind::Batch, 0, &s.meta_bytes, &data) }
+        .map_err(BatchError::Stream)?;
+    Ok(count_batch(shared, t_write, npages, zeros))
 }
 
-/// Write one batch frame and count its pages; returns the time spent writing
-/// (back-pressure from the link, which `auto` mode measures). `guest_memory`: the
-/// `data` slices are guest memory itself (the zero-copy path), which may be spliced;
-/// otherwise they are reused buffers, which must be copied.
-fn write_batch(
+/// Count a batch written since `t_write`; returns the time spent writing
+/// (back-pressure from the link, which `auto` mode measures).
+fn count_batch(
     shared: &Shared,
-    out: &mut FrameWriter,
-    meta: &[u8],
-    data: &[&[u8]],
+    t_write: std::time::Instant,
     npages: usize,
     zeros: u64,
-    guest_memory: bool,
-) -> Result<std::time::Duration, BatchError> {
-    let t_write = std::time::Instant::now();
-    if guest_memory {
-        // SAFETY: `data` is guest memory, read by the kernel possibly after this
-        // returns. A page written after the harvest that scheduled it is dirty and
-        // sent again (the batch is FLAG_RACY while the VM runs, so the receiver keeps
-        // the hash of what arrived); quiescent batches are sent with the VM stopped,
-        // and it stays stopped until the destination has received and verified them.
-        // Guest memory stays mapped for the whole migration (`Shared` holds it).
-        unsafe { out.send_guest_pages(FrameKind::Batch, 0, meta, data) }
-    } else {
-        out.send(FrameKind::Batch, 0, meta, data)
-    }
-    .map_err(BatchError::Stream)?;
+) -> std::time::Duration {
     let write_time = t_write.elapsed();
     let c = &shared.counters;
     c.pages.fetch_add(npages as u64, Ordering::Relaxed);
     c.zero_pages.fetch_add(zeros, Ordering::Relaxed);
-    Ok(write_time)
+    write_time
 }
 
 /// Split a dirty set into batches (extents never cross a region boundary).

@@ -13,7 +13,7 @@ mod region;
 pub mod vm_memory;
 
 pub use bitmap::{DirtyBitmap, PageSet, SetBits};
-pub use region::{GuestRegion, RegionKind};
+pub use region::{GuestRegion, GuestRun, RacyPages, RegionKind};
 
 use serde::{Deserialize, Serialize};
 

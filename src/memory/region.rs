@@ -2,13 +2,15 @@
 //!
 //! This file holds the only raw-pointer accessors to guest RAM in the crate. Memory
 //! the guest may be writing is never handed out as `&[u8]`: every read is a copy into
-//! a caller buffer ([`GuestRegion::read_pages`]), every write a copy out of one
-//! ([`GuestRegion::write_pages`]). The receiver, which owns a destination mapping that
+//! a caller buffer ([`GuestRegion::read_pages`], [`RacyPages::copy_page`]), every
+//! write a copy out of one ([`GuestRegion::write_pages`]); the sender's zero-copy path
+//! gets address ranges ([`GuestRun`]) that only the kernel reads. The receiver, which owns a destination mapping that
 //! no guest runs on yet, may additionally get [`IoSliceMut`]s into it to `readv`
 //! straight from a socket ([`GuestRegion::io_slice_mut`], `unsafe`).
 
 use std::fs::File;
 use std::io::IoSliceMut;
+use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -261,21 +263,21 @@ impl GuestRegion {
         Ok(())
     }
 
-    /// A shared view of `count` pages at region-relative `page` of memory the guest
-    /// may be writing, for zero-copy sends (hash, zero check, `writev` from guest
-    /// memory).
-    ///
-    /// # Safety
-    /// The bytes may change while the slice is alive (a running guest). The caller
-    /// must treat its contents as a racy snapshot: never rely on two reads agreeing,
-    /// and mark anything derived from it as racy unless the VM is paused. The region
-    /// must outlive the slice (it does: the slice borrows `self`).
-    pub unsafe fn racy_slice(&self, page: u64, count: u64) -> Result<&[u8], MemoryError> {
-        let bytes = count as usize * PAGE_SIZE;
-        let off = self.check_range(page, bytes)?;
-        // SAFETY: bounds checked; the mapping lives as long as `self`; concurrent
-        // writes are the caller's documented, tolerated race (plain bytes).
-        Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
+    /// A view of `count` pages at region-relative `page` of memory the guest may be
+    /// writing, for the sender's page path. The view hands out no `&[u8]`: pages are
+    /// read by copying them into a caller buffer ([`RacyPages::copy_page`]) and runs
+    /// of pages are described by address and length ([`RacyPages::run`]) for the
+    /// kernel to read (`writev`, `vmsplice`).
+    pub fn racy_pages(&self, page: u64, count: u64) -> Result<RacyPages<'_>, MemoryError> {
+        let off = self.check_range(page, count as usize * PAGE_SIZE)?;
+        // SAFETY: `off` is within the mapping (checked above), so the sum stays inside
+        // the same allocation and is not null.
+        let ptr = unsafe { NonNull::new_unchecked(self.host.as_ptr().add(off)) };
+        Ok(RacyPages {
+            ptr,
+            pages: count as usize,
+            _region: PhantomData,
+        })
     }
 
     /// Guest-physical address of the first byte.
@@ -435,7 +437,11 @@ impl GuestRegion {
     }
 
     /// A shared slice over `count` pages at region-relative `page` (for hashing pages
-    /// the receiver just wrote).
+    /// the receiver just wrote). This is the one `&[u8]` over guest memory, and it is
+    /// not racy: destination memory has no running guest before the migration
+    /// commits, and the receiver's round gate lets one thread at a time apply a given
+    /// page, so nothing writes the page while it is hashed. The sender, whose guest
+    /// runs, reads through [`GuestRegion::racy_pages`] instead.
     ///
     /// # Safety
     /// Nothing may write these pages while the slice is alive (no running guest, no
@@ -445,6 +451,95 @@ impl GuestRegion {
         let off = self.check_range(page, bytes)?;
         // SAFETY: bounds checked; absence of writers is the caller's contract.
         Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
+    }
+}
+
+/// Pages of a [`GuestRegion`] that a running guest may be writing
+/// ([`GuestRegion::racy_pages`]). Reads are copies through a raw pointer into a
+/// buffer the caller owns, the access `vm-memory`'s `VolatileSlice::copy_to` makes
+/// (`ptr::copy_nonoverlapping` out of the mapping): a page the guest writes during
+/// the copy comes out as a mix of old and new bytes, which is harmless because the
+/// tracker reports it dirty and it is sent again. No reference to the guest's bytes
+/// is ever formed from a view.
+#[derive(Debug, Clone, Copy)]
+pub struct RacyPages<'a> {
+    ptr: NonNull<u8>,
+    pages: usize,
+    _region: PhantomData<&'a GuestRegion>,
+}
+
+impl<'a> RacyPages<'a> {
+    /// Pages in the view.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    fn check(&self, first: usize, count: usize) -> Result<(), MemoryError> {
+        if first.checked_add(count).is_none_or(|end| end > self.pages) {
+            return Err(MemoryError::OutOfRange {
+                page: first as u64,
+                pages: self.pages as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copy page `p` of the view into `dst`.
+    #[inline]
+    pub fn copy_page(&self, p: usize, dst: &mut [u8; PAGE_SIZE]) -> Result<(), MemoryError> {
+        self.check(p, 1)?;
+        // SAFETY: page `p` lies in the view (checked above), which lies in the region's
+        // mapping, mapped for `'a`; `dst` is a Rust buffer, so it cannot overlap guest
+        // memory. A concurrent guest write races only on plain bytes (see the type's
+        // docs); no reference to guest memory is formed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(p * PAGE_SIZE),
+                dst.as_mut_ptr(),
+                PAGE_SIZE,
+            );
+        }
+        Ok(())
+    }
+
+    /// The `count` pages from page `first` of the view, as an address range for the
+    /// kernel to read.
+    pub fn run(&self, first: usize, count: usize) -> Result<GuestRun<'a>, MemoryError> {
+        self.check(first, count)?;
+        Ok(GuestRun {
+            // SAFETY: `first` pages into the view stays inside the mapping (checked).
+            ptr: unsafe { self.ptr.as_ptr().add(first * PAGE_SIZE) },
+            len: count * PAGE_SIZE,
+            _region: PhantomData,
+        })
+    }
+}
+
+/// A run of guest pages described by address and length, for `writev` or
+/// `vmsplice` straight from guest memory ([`RacyPages::run`]). It borrows the
+/// region, so the range stays mapped while the run exists; its bytes are never read
+/// by Rust code.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRun<'a> {
+    ptr: *const u8,
+    len: usize,
+    _region: PhantomData<&'a GuestRegion>,
+}
+
+impl GuestRun<'_> {
+    /// Address of the first byte.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    /// Length in bytes (whole pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a run has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
