@@ -12,6 +12,7 @@ pub mod cancel;
 pub mod codec_policy;
 pub mod commit;
 pub(crate) mod control;
+pub(crate) mod encode;
 pub(crate) mod gate;
 pub(crate) mod pipeline;
 pub mod policy;
@@ -34,10 +35,10 @@ use crate::wire::control::{CompatVector, RefuseCode, SessionId};
 
 pub use cancel::CancelToken;
 pub use commit::SourceState;
-pub use pipeline::batches_of;
 #[cfg(feature = "bench")]
 #[doc(hidden)]
-pub use pipeline::BatchBench;
+pub use encode::BatchBench;
+pub use pipeline::batches_of;
 pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
 pub use slots::{HostSlots, SlotGuard};
 pub use vm_control::VmControlError;

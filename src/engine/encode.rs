@@ -1,0 +1,431 @@
+//! The batch encoder of a page stream: one 256-page batch read out of guest memory,
+//! zero-checked, hashed, recorded in the sent ledger, encoded and written as one
+//! frame. Both send paths share one loop ([`walk_batch`]) and differ only in where
+//! each page is copied ([`PageSink`]):
+//! - the copy path ([`send_batch`]) copies the pages into the batch's payload buffer,
+//!   which the delta encoder and the block codecs then read;
+//! - the zero-copy path ([`send_batch_zero_copy`]) copies each page into one
+//!   L1-resident scratch page for the zero check and the hash, and writes the runs of
+//!   non-zero pages with `writev` straight from guest memory.
+//!
+//! Guest memory is read only through [`RacyPages`]: no `&[u8]` is formed over memory
+//! the guest may write, except the ranges handed to the kernel for `writev`.
+
+use std::sync::atomic::Ordering;
+
+use super::pipeline::{Batch, BatchError, Shared};
+use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
+use crate::memory::{page_hash, zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
+use crate::proof::DigestDelta;
+use crate::transport::framed::FrameWriter;
+use crate::wire::batch::BatchMeta;
+use crate::wire::{Extent, FrameKind};
+
+/// One page, aligned to a cache line.
+#[repr(align(64))]
+struct PageBuf([u8; PAGE_SIZE]);
+
+/// Reusable buffers of one worker.
+pub(super) struct Scratch {
+    pub(super) pages: Vec<u8>,
+    /// The zero-copy path's copy of one page, for its zero check and hash.
+    page: Box<PageBuf>,
+    pub(super) encoded: Vec<u8>,
+    pub(super) meta: BatchMeta,
+    meta_bytes: Vec<u8>,
+    pub(super) codecs: CodecSet,
+    present: Vec<bool>,
+    indexes: Vec<u64>,
+    records: Vec<u8>,
+    /// This worker's digest updates, merged into the ledger after each batch.
+    digest: DigestDelta,
+}
+
+impl Scratch {
+    pub(super) fn new(zstd_level: i32) -> Self {
+        Self {
+            pages: vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE],
+            page: Box::new(PageBuf([0; PAGE_SIZE])),
+            encoded: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
+            meta: BatchMeta::default(),
+            meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
+            codecs: CodecSet::new(zstd_level),
+            present: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+            indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
+            records: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
+            digest: DigestDelta::default(),
+        }
+    }
+}
+
+/// One page stream's batch encoder driven by hand, for the micro-benchmark of the
+/// batch walk (`benches/batch.rs`): what a worker does with one batch (read, zero
+/// check, hash, digest record, encode, write), without the queue and the gate.
+#[cfg(feature = "bench")]
+pub struct BatchBench {
+    shared: Shared,
+    scratch: Scratch,
+    out: FrameWriter,
+}
+
+#[cfg(feature = "bench")]
+impl std::fmt::Debug for BatchBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchBench")
+            .field("out", &self.out)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "bench")]
+impl BatchBench {
+    /// An encoder of `memory`'s pages with `codec` (raw: the zero-copy path) writing
+    /// frames to `out`.
+    pub fn new(
+        memory: std::sync::Arc<crate::memory::GuestMemory>,
+        codec: CodecId,
+        out: Box<dyn crate::transport::Stream>,
+    ) -> Self {
+        let shared = Shared::new(memory, 1, codec, 1, false);
+        let scratch = Scratch::new(shared.zstd_level);
+        Self {
+            shared,
+            scratch,
+            out: FrameWriter::new(out, "page"),
+        }
+    }
+
+    /// Send `count` pages from page index `first` (one region, at most
+    /// `MAX_BATCH_PAGES`) as one batch; returns the frame's wire bytes.
+    pub fn send(&mut self, first: u64, count: u32, quiescent: bool) -> Result<u64, String> {
+        let b = Batch {
+            round: 0,
+            quiescent,
+            extents: vec![(first, count)],
+        };
+        let before = self.out.bytes();
+        let codec = self.shared.tuner.codec();
+        let r = if zero_copy(&self.shared, codec, &self.out) {
+            send_batch_zero_copy(&self.shared, &b, &mut self.scratch, &mut self.out)
+        } else {
+            send_batch(&self.shared, &b, codec, &mut self.scratch, &mut self.out)
+        };
+        match r {
+            Ok(_) => Ok(self.out.bytes() - before),
+            Err(BatchError::Stream(e)) => Err(e.to_string()),
+            Err(BatchError::Encode(e)) => Err(e),
+        }
+    }
+}
+
+/// Where the batch walk ([`walk_batch`]) copies each page it reads, and what it
+/// keeps of the non-zero ones: the one thing the two send paths do differently.
+trait PageSink<'m> {
+    /// Whether the kept pages go through the delta encoder, which keeps the delta
+    /// cache right for them; otherwise every page sent invalidates its cached version.
+    const DELTA_ENCODED: bool;
+    /// The buffer the next page is copied into.
+    fn slot(&mut self) -> &mut [u8; PAGE_SIZE];
+    /// The page just copied is not zero: keep page `p` of `view` (page index `index`).
+    fn keep(&mut self, view: &RacyPages<'m>, p: usize, index: u64);
+    /// Page `p` of `view` is zero: it travels in the zero map only.
+    fn skip(&mut self, view: &RacyPages<'m>, p: usize) -> Result<(), MemoryError>;
+    /// The extent of `view` is done.
+    fn end_extent(&mut self, view: &RacyPages<'m>) -> Result<(), MemoryError>;
+}
+
+/// Copy path: the payload is the non-zero pages packed in order in `pages`, and
+/// `indexes` their page indexes (for the delta encoder). A zero page's slot is reused
+/// by the next page.
+struct PayloadSink<'s> {
+    pages: &'s mut [u8],
+    indexes: &'s mut Vec<u64>,
+    len: usize,
+}
+
+impl<'m> PageSink<'m> for PayloadSink<'_> {
+    const DELTA_ENCODED: bool = true;
+
+    #[inline]
+    fn slot(&mut self) -> &mut [u8; PAGE_SIZE] {
+        (&mut self.pages[self.len..self.len + PAGE_SIZE])
+            .try_into()
+            .expect("one page")
+    }
+
+    #[inline]
+    fn keep(&mut self, _: &RacyPages<'m>, _: usize, index: u64) {
+        self.indexes.push(index);
+        self.len += PAGE_SIZE;
+    }
+
+    #[inline]
+    fn skip(&mut self, _: &RacyPages<'m>, _: usize) -> Result<(), MemoryError> {
+        Ok(())
+    }
+
+    fn end_extent(&mut self, _: &RacyPages<'m>) -> Result<(), MemoryError> {
+        Ok(())
+    }
+}
+
+/// Zero-copy path: each page is copied into one page-sized `scratch` buffer, which
+/// stays in L1 cache, for the zero check and the hash only; the payload is the runs
+/// of non-zero pages in guest memory itself, which the kernel reads (`writev`).
+struct GatherSink<'s, 'm> {
+    scratch: &'s mut [u8; PAGE_SIZE],
+    runs: Vec<GuestRun<'m>>,
+    /// First page (of the current extent's view) of the open run of non-zero pages.
+    open: Option<usize>,
+}
+
+impl<'m> GatherSink<'_, 'm> {
+    /// Close the open run, if any, before page `end` of `view`.
+    fn close(&mut self, view: &RacyPages<'m>, end: usize) -> Result<(), MemoryError> {
+        if let Some(first) = self.open.take() {
+            self.runs.push(view.run(first, end - first)?);
+        }
+        Ok(())
+    }
+}
+
+impl<'m> PageSink<'m> for GatherSink<'_, 'm> {
+    const DELTA_ENCODED: bool = false;
+
+    #[inline]
+    fn slot(&mut self) -> &mut [u8; PAGE_SIZE] {
+        self.scratch
+    }
+
+    #[inline]
+    fn keep(&mut self, _: &RacyPages<'m>, p: usize, _: u64) {
+        self.open.get_or_insert(p);
+    }
+
+    #[inline]
+    fn skip(&mut self, view: &RacyPages<'m>, p: usize) -> Result<(), MemoryError> {
+        self.close(view, p)
+    }
+
+    fn end_extent(&mut self, view: &RacyPages<'m>) -> Result<(), MemoryError> {
+        self.close(view, view.pages())
+    }
+}
+
+/// The batch-encoding loop of both send paths. For each page of `b`, in order: its
+/// extent goes into `meta`; a page known unpopulated is zero without being read;
+/// any other page is copied once out of guest memory into `sink`'s slot, and the zero
+/// check and the hash read that copy. Zero pages are marked in the zero map and
+/// handed to `sink.skip`, the others to `sink.keep`. Every page's hash goes into
+/// `meta` and is recorded in the sent ledger (merged from `digest` at the end).
+/// Returns the number of zero pages.
+fn walk_batch<'m, S: PageSink<'m>>(
+    shared: &'m Shared,
+    b: &Batch,
+    meta: &mut BatchMeta,
+    present: &mut Vec<bool>,
+    digest: &mut DigestDelta,
+    sink: &mut S,
+) -> Result<u64, String> {
+    let mem = &*shared.memory;
+    let npages = b.pages() as usize;
+    meta.zero_map.resize(npages.div_ceil(8), 0);
+    meta.zero_map.iter_mut().for_each(|z| *z = 0);
+    let zero_hash = zero_page_hash();
+    let mut i = 0usize; // page number within the batch
+    let mut zeros = 0u64;
+    for &(start, count) in &b.extents {
+        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        meta.extents.push(Extent { gfn, count });
+        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        let region = &mem.regions()[r];
+        region
+            .populated(rp, count as u64, present)
+            .map_err(|e| e.to_string())?;
+        let view = region
+            .racy_pages(rp, count as u64)
+            .map_err(|e| e.to_string())?;
+        for (p, &populated) in present.iter().enumerate() {
+            let index = start + p as u64;
+            let nonzero = populated && {
+                let slot = sink.slot();
+                view.copy_page(p, slot).map_err(|e| e.to_string())?;
+                !is_zero_page(slot)
+            };
+            let hash = if nonzero {
+                let h = page_hash(sink.slot());
+                sink.keep(&view, p, index);
+                h
+            } else {
+                meta.zero_map[i / 8] |= 1 << (i % 8);
+                zeros += 1;
+                sink.skip(&view, p).map_err(|e| e.to_string())?;
+                zero_hash
+            };
+            if !nonzero || !S::DELTA_ENCODED {
+                if let Some(cache) = &shared.delta {
+                    cache.invalidate(index); // a zero page, or bytes that were not cached
+                }
+            }
+            meta.hashes.push(hash);
+            shared.sent.record(index, hash, digest);
+            i += 1;
+        }
+        sink.end_extent(&view).map_err(|e| e.to_string())?;
+    }
+    shared.sent.merge(digest);
+    Ok(zeros)
+}
+
+/// Copy path: returns the time spent writing the frame.
+pub(super) fn send_batch(
+    shared: &Shared,
+    b: &Batch,
+    codec: CodecId,
+    s: &mut Scratch,
+    out: &mut FrameWriter,
+) -> Result<std::time::Duration, BatchError> {
+    s.meta.clear();
+    s.meta.round = b.round;
+    let npages = b.pages() as usize;
+    s.indexes.clear();
+    let mut sink = PayloadSink {
+        pages: &mut s.pages,
+        indexes: &mut s.indexes,
+        len: 0,
+    };
+    let zeros = walk_batch(
+        shared,
+        b,
+        &mut s.meta,
+        &mut s.present,
+        &mut s.digest,
+        &mut sink,
+    )?;
+    let pos = sink.len;
+    let mut payload = &s.pages[..pos];
+    // Delta: pages found in the cache become delta records (none can be in round 0
+    // unless the cache policy caches round 0).
+    if let Some(cache) = shared
+        .delta
+        .as_ref()
+        .filter(|_| b.round > 0 || crate::codec::cache::caches_round(b.round))
+    {
+        let (deltas, saved) = cache.encode_records(b.round, payload, &s.indexes, &mut s.records);
+        if deltas > 0 {
+            payload = &s.records;
+            s.meta.flags |= crate::wire::batch::FLAG_DELTA;
+            let c = &shared.counters;
+            c.delta_pages.fetch_add(deltas, Ordering::Relaxed);
+            c.delta_bytes_saved.fetch_add(saved, Ordering::Relaxed);
+        }
+    }
+    s.meta.payload_len = payload.len() as u32;
+    let mut codec = codec;
+    if codec != CodecId::Raw && !payload.is_empty() {
+        let smaller = s
+            .codecs
+            .get(codec)
+            .encode(payload, &mut s.encoded)
+            .map_err(|e| e.to_string())?;
+        if !smaller {
+            codec = CodecId::Raw;
+        }
+    } else {
+        codec = CodecId::Raw;
+    }
+    s.meta.codec = Some(codec);
+    s.meta.encode_into(&mut s.meta_bytes);
+    let data: &[u8] = if codec == CodecId::Raw {
+        payload
+    } else {
+        &s.encoded
+    };
+    let t_write = std::time::Instant::now();
+    out.send(FrameKind::Batch, 0, &s.meta_bytes, &[data])
+        .map_err(BatchError::Stream)?;
+    Ok(count_batch(shared, t_write, npages, zeros))
+}
+
+/// Whether a raw batch goes out on `out` without a user-space copy: no delta
+/// encoding (which needs the bytes), and a stream that hands its writes straight to
+/// a kernel socket, so no Rust code reads the guest memory it is given. Streams that
+/// see every byte (TLS, shaping, fault injection, in-memory pipes) take the copy path.
+pub(super) fn zero_copy(shared: &Shared, codec: CodecId, out: &FrameWriter) -> bool {
+    codec == CodecId::Raw && shared.delta.is_none() && out.stream().splice_fd().is_some()
+}
+
+/// Raw batches without a user-space copy of the payload: each page is copied into
+/// an L1-resident scratch page for the zero check and the hash, and the frame is
+/// written with `writev` straight from guest memory (see [`zero_copy`] for when).
+/// Unpopulated anonymous pages are sent as zero pages without being touched.
+///
+/// While the VM runs, a page may change between hashing and the kernel's copy, so
+/// such batches carry `FLAG_RACY`: the receiver stores the hash of what arrived and
+/// the page, being dirty, is sent again. Quiescent batches (final round, stopped VM)
+/// carry exact hashes.
+pub(super) fn send_batch_zero_copy(
+    shared: &Shared,
+    b: &Batch,
+    s: &mut Scratch,
+    out: &mut FrameWriter,
+) -> Result<std::time::Duration, BatchError> {
+    s.meta.clear();
+    s.meta.round = b.round;
+    s.meta.codec = Some(CodecId::Raw);
+    s.meta.flags = if b.quiescent {
+        0
+    } else {
+        crate::wire::batch::FLAG_RACY
+    };
+    let npages = b.pages() as usize;
+    let mut sink = GatherSink {
+        scratch: &mut s.page.0,
+        runs: Vec::with_capacity(b.extents.len() + 4),
+        open: None,
+    };
+    let zeros = walk_batch(
+        shared,
+        b,
+        &mut s.meta,
+        &mut s.present,
+        &mut s.digest,
+        &mut sink,
+    )?;
+    s.meta.payload_len = ((npages - zeros as usize) * PAGE_SIZE) as u32;
+    s.meta.encode_into(&mut s.meta_bytes);
+    // SAFETY: each slice covers a run of guest pages that stays mapped while
+    // `shared.memory` lives (the runs borrow it), and is only handed to the kernel:
+    // the stream writes straight to a socket (`zero_copy`), so no Rust code reads
+    // through it. The kernel may read the pages after this returns, and the guest may
+    // write them meanwhile: a page written after the harvest that scheduled it is
+    // dirty and sent again (the batch is FLAG_RACY while the VM runs, so the
+    // receiver keeps the hash of what arrived); quiescent batches are sent with the
+    // VM stopped, and it stays stopped until the destination has received and
+    // verified them.
+    let data: Vec<&[u8]> = sink
+        .runs
+        .iter()
+        .map(|r| unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len()) })
+        .collect();
+    let t_write = std::time::Instant::now();
+    // SAFETY: as above, `data` is guest memory under dirty tracking or of a stopped VM.
+    unsafe { out.send_guest_pages(FrameKind::Batch, 0, &s.meta_bytes, &data) }
+        .map_err(BatchError::Stream)?;
+    Ok(count_batch(shared, t_write, npages, zeros))
+}
+
+/// Count a batch written since `t_write`; returns the time spent writing
+/// (back-pressure from the link, which `auto` mode measures).
+fn count_batch(
+    shared: &Shared,
+    t_write: std::time::Instant,
+    npages: usize,
+    zeros: u64,
+) -> std::time::Duration {
+    let write_time = t_write.elapsed();
+    let c = &shared.counters;
+    c.pages.fetch_add(npages as u64, Ordering::Relaxed);
+    c.zero_pages.fetch_add(zeros, Ordering::Relaxed);
+    write_time
+}
