@@ -429,3 +429,123 @@ fn count_batch(
     c.zero_pages.fetch_add(zeros, Ordering::Relaxed);
     write_time
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::memory::GuestMemory;
+
+    /// 16 pages: 0-2 written, 3 written with zeros, 4-5 written, the rest never
+    /// touched; the batch covers 1..10 in two extents.
+    fn setup() -> (Shared, Batch) {
+        let mem = GuestMemory::anonymous(16 * PAGE_SIZE, false).unwrap();
+        for p in [0u64, 1, 2, 4, 5] {
+            mem.write_pages(p, &[p as u8 + 1; PAGE_SIZE]).unwrap();
+        }
+        mem.write_pages(3, &[0; PAGE_SIZE]).unwrap();
+        let shared = Shared::new(Arc::new(mem), 1, CodecId::Raw, 1, false);
+        let batch = Batch {
+            round: 0,
+            quiescent: false,
+            extents: vec![(1, 5), (8, 2)],
+        };
+        (shared, batch)
+    }
+
+    fn walk<'m, S: PageSink<'m>>(shared: &'m Shared, b: &Batch, sink: &mut S) -> (BatchMeta, u64) {
+        let mut meta = BatchMeta::default();
+        let mut present = Vec::new();
+        let mut digest = DigestDelta::default();
+        let zeros = walk_batch(shared, b, &mut meta, &mut present, &mut digest, sink).unwrap();
+        (meta, zeros)
+    }
+
+    #[test]
+    fn both_sinks_walk_a_batch_alike() {
+        let (shared, b) = setup();
+        let mut pages = vec![0u8; 7 * PAGE_SIZE];
+        let mut indexes = Vec::new();
+        let mut payload = PayloadSink {
+            pages: &mut pages,
+            indexes: &mut indexes,
+            len: 0,
+        };
+        let (copied, zeros) = walk(&shared, &b, &mut payload);
+        let len = payload.len;
+        let mut scratch = PageBuf([0; PAGE_SIZE]);
+        let mut gather = GatherSink {
+            scratch: &mut scratch.0,
+            runs: Vec::new(),
+            open: None,
+        };
+        let (gathered, gather_zeros) = walk(&shared, &b, &mut gather);
+
+        // Pages 1, 2, 4, 5 are sent; 3 (zeros), 8 and 9 (never touched) are zero.
+        assert_eq!(zeros, 3);
+        assert_eq!(gather_zeros, 3);
+        assert_eq!(copied.zero_map, vec![0b0110_0100]);
+        assert_eq!(gathered.zero_map, copied.zero_map);
+        assert_eq!(gathered.hashes, copied.hashes);
+        let gfns: Vec<_> = copied.extents.iter().map(|e| (e.gfn, e.count)).collect();
+        assert_eq!(gfns, vec![(1, 5), (8, 2)]);
+        let expect = |p: u64| page_hash(&[p as u8 + 1; PAGE_SIZE]);
+        let zero = zero_page_hash();
+        let want = [expect(1), expect(2), zero, expect(4), expect(5), zero, zero];
+        assert_eq!(copied.hashes, want);
+        // Every page is in the sent ledger with its hash.
+        for (i, p) in [1u64, 2, 3, 4, 5, 8, 9].into_iter().enumerate() {
+            assert_eq!(shared.sent.hash(p), want[i], "page {p}");
+        }
+
+        // The copy path packs the sent pages in order...
+        assert_eq!(indexes, vec![1, 2, 4, 5]);
+        assert_eq!(len, 4 * PAGE_SIZE);
+        for (k, p) in [1u64, 2, 4, 5].into_iter().enumerate() {
+            assert!(pages[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]
+                .iter()
+                .all(|&x| x == p as u8 + 1));
+        }
+        // ...and the zero-copy path gathers the same pages as runs of guest memory.
+        let base = shared.memory.regions()[0].host_addr() as usize;
+        let runs: Vec<_> = gather
+            .runs
+            .iter()
+            .map(|r| {
+                (
+                    (r.as_ptr() as usize - base) / PAGE_SIZE,
+                    r.len() / PAGE_SIZE,
+                )
+            })
+            .collect();
+        assert_eq!(runs, vec![(1, 2), (4, 2)]);
+    }
+
+    #[test]
+    fn a_batch_past_memory_is_an_error() {
+        let (shared, _) = setup();
+        let b = Batch {
+            round: 0,
+            quiescent: false,
+            extents: vec![(15, 2)],
+        };
+        let mut scratch = PageBuf([0; PAGE_SIZE]);
+        let mut gather = GatherSink {
+            scratch: &mut scratch.0,
+            runs: Vec::new(),
+            open: None,
+        };
+        let mut meta = BatchMeta::default();
+        let r = walk_batch(
+            &shared,
+            &b,
+            &mut meta,
+            &mut Vec::new(),
+            &mut DigestDelta::default(),
+            &mut gather,
+        );
+        assert!(r.is_err());
+        assert!(gather.runs.is_empty());
+    }
+}

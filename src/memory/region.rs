@@ -568,6 +568,30 @@ mod tests {
     }
 
     #[test]
+    fn racy_pages_copy_pages_and_describe_runs_within_bounds() {
+        let r = GuestRegion::anonymous(0, 8 * PAGE_SIZE, false).unwrap();
+        r.write_pages(3, &[7u8; PAGE_SIZE]).unwrap();
+        let view = r.racy_pages(2, 4).unwrap();
+        assert_eq!(view.pages(), 4);
+        let mut page = [0u8; PAGE_SIZE];
+        view.copy_page(1, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+        view.copy_page(0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        let run = view.run(1, 3).unwrap();
+        assert_eq!(
+            run.as_ptr() as usize,
+            r.host_addr() as usize + 3 * PAGE_SIZE
+        );
+        assert_eq!(run.len(), 3 * PAGE_SIZE);
+        // Nothing past the view, nor a view past the region.
+        assert!(view.copy_page(4, &mut page).is_err());
+        assert!(view.run(2, 3).is_err());
+        assert!(view.run(usize::MAX, 2).is_err());
+        assert!(r.racy_pages(6, 3).is_err());
+    }
+
+    #[test]
     fn populated_sees_written_pages_with_the_host_page_size() {
         let r = GuestRegion::anonymous(0, 64 * PAGE_SIZE, false).unwrap();
         let host = crate::memory::host_page_size();
