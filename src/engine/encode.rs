@@ -79,8 +79,8 @@ impl std::fmt::Debug for BatchBench {
 
 #[cfg(feature = "bench")]
 impl BatchBench {
-    /// An encoder of `memory`'s pages with `codec` (raw: the zero-copy path) writing
-    /// frames to `out`.
+    /// An encoder of `memory`'s pages with `codec` writing frames to `out` (raw
+    /// batches on a socket stream take the zero-copy path, see [`zero_copy`]).
     pub fn new(
         memory: std::sync::Arc<crate::memory::GuestMemory>,
         codec: CodecId,
