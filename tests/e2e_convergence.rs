@@ -291,3 +291,39 @@ fn concurrent_migrations_queue_for_host_slots() {
     assert_eq!(slots.running(), 0);
     assert_eq!(slots.waiting(), 0);
 }
+
+#[test]
+fn the_destination_drains_what_is_in_flight_before_the_pause() {
+    let g = guest(32, 200, 4, Skew::Hot80_20);
+    let sink = Arc::new(Collect::default());
+    let s: Arc<dyn ProgressSink> = sink.clone();
+    let (r, recv) = migrate(&g, DowntimePolicy::default(), CancelToken::new(), Some(s));
+    let report = r.expect("migration");
+    let received = recv.join().unwrap().expect("receiver");
+    assert_same_memory(&g, &received);
+    let events = sink.events();
+    let brownout = events
+        .iter()
+        .position(|e| matches!(e, Event::Brownout { .. }))
+        .expect("a brownout event");
+    // The last thing before the pause is the destination's answer: every round
+    // sent was applied, and nothing was sent after it.
+    match &events[brownout - 1] {
+        Event::Drained { round, applied, .. } => {
+            assert!(
+                *applied,
+                "loopback destination caught up: {:?}",
+                events[brownout - 1]
+            );
+            assert_eq!(
+                *round + 1,
+                report.rounds - 1,
+                "drained the last round before the final one"
+            );
+        }
+        other => panic!("expected Drained right before Brownout, got {other:?}"),
+    }
+    assert!(report
+        .brownout_reason
+        .contains("for the destination to apply round"));
+}

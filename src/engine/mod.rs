@@ -12,6 +12,7 @@ pub mod cancel;
 pub mod codec_policy;
 pub mod commit;
 pub(crate) mod control;
+pub(crate) mod drain;
 pub(crate) mod gate;
 pub(crate) mod pipeline;
 pub mod policy;

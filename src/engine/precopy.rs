@@ -72,6 +72,8 @@ pub(crate) struct Run<'a> {
     pub tracker_fallback: bool,
     /// The destination can resume the session after a broken connection.
     pub resumable: bool,
+    /// The destination answers `Drain` before the brownout.
+    pub drains: bool,
     /// Per page: the round that last queued it (every page of a round is marked
     /// when the round starts). After a broken connection, the pages of rounds the
     /// destination did not complete are sent again unless it holds exactly that
@@ -461,6 +463,7 @@ pub(crate) fn run(
             session: session_id,
             rtt,
             resumable,
+            drains,
         } = session;
         let mut link = ControlLink::new(control.into_stream());
         if m.cancel.is_cancelled() {
@@ -537,6 +540,7 @@ pub(crate) fn run(
             audit,
             tracker_fallback: false,
             resumable,
+            drains,
             sent_round,
             unqueued: 0,
             reconnects: 0,
@@ -760,25 +764,66 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         run.emit(Event::RoundFinished(stats.clone()));
         run.progress_after_round(round, sent_pages, owed_count);
         run.history.push(stats);
-        let decision = if run.m.tracker.is_none() {
+        let mut decision = if run.m.tracker.is_none() {
             Decision::Brownout("the VM is stopped: one pass is complete".into())
         } else {
-            let snap = PolicySnapshot {
-                rounds: round + 1,
-                elapsed: precopy_start.elapsed(),
-                remaining_pages: owed_count,
-                predicted_downtime: Duration::from_secs_f64(predicted),
-                history: &run.history,
-                throttle_percent: run.throttle,
-                bandwidth_bps: run.est.final_bandwidth(),
-                dirty_bytes_per_s: run.est.dirty_bytes_per_s(),
-                deferred_pages: deferred_count,
-                predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
-                prediction_margin: margin,
-            };
-            run.m.policy.decide(&snap)
+            decide(
+                run,
+                round + 1,
+                precopy_start,
+                owed_count,
+                deferred_count,
+                0.0,
+            )
+            .0
         };
+        let mut predicted = predicted;
         round += 1;
+        // Before pausing, let the destination apply what is in flight (the VM
+        // runs meanwhile); then the policy decides again on what is owed now.
+        if matches!(decision, Decision::Brownout(_)) && run.drains && run.m.tracker.is_some() {
+            match run.drain(round - 1) {
+                Ok(answer) => {
+                    let dirtied = run.absorb_drain(round - 1, &answer, &mut owed, &mut to_send)?;
+                    // Still behind: its backlog is at least what it waited.
+                    let behind = if answer.applied {
+                        0.0
+                    } else {
+                        answer.waited.as_secs_f64()
+                    };
+                    let (again, p) = decide(
+                        run,
+                        round,
+                        precopy_start,
+                        owed.count(),
+                        deferred.count(),
+                        behind,
+                    );
+                    predicted = p;
+                    decision = match again {
+                        Decision::Brownout(r) => Decision::Brownout(format!(
+                            "{r}; after {:.1} ms for the destination to apply round {} ({dirtied} pages dirtied meanwhile)",
+                            answer.waited.as_secs_f64() * 1e3,
+                            round - 1
+                        )),
+                        other => {
+                            run.restart_heartbeat()?;
+                            other
+                        }
+                    };
+                }
+                Err(e) if run.may_resume(&e) => {
+                    let mut resend = PageSet::new(pages);
+                    round = run.resume(round - 1, e, &mut resend)?;
+                    to_send.clear();
+                    to_send.union_with(&owed);
+                    to_send.union_with(&resend);
+                    deferred.clear();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         match decision {
             Decision::Continue => {}
             Decision::Throttle(p) => {
@@ -828,6 +873,37 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             Decision::Abort(reason) => return Err(MigrationError::PolicyAbort(reason)),
         }
     }
+}
+
+/// Ask the policy, with the model's prediction for `owed_pages` plus `behind_s`
+/// seconds the destination is known to be behind. Returns the decision and the
+/// prediction (seconds) it judged.
+fn decide(
+    run: &mut Run<'_>,
+    rounds: u32,
+    precopy_start: Instant,
+    owed_pages: u64,
+    deferred_pages: u64,
+    behind_s: f64,
+) -> (Decision, f64) {
+    let raw = run.est.predict(owed_pages);
+    let margin = run.est.margin();
+    let predicted = raw.with_margin(margin).total() + behind_s;
+    run.prediction = (raw, margin);
+    let snap = PolicySnapshot {
+        rounds,
+        elapsed: precopy_start.elapsed(),
+        remaining_pages: owed_pages,
+        predicted_downtime: Duration::from_secs_f64(predicted),
+        history: &run.history,
+        throttle_percent: run.throttle,
+        bandwidth_bps: run.est.final_bandwidth(),
+        dirty_bytes_per_s: run.est.dirty_bytes_per_s(),
+        deferred_pages,
+        predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
+        prediction_margin: margin,
+    };
+    (run.m.policy.decide(&snap), predicted)
 }
 
 #[cfg(test)]

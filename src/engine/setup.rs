@@ -26,6 +26,8 @@ pub struct Session {
     /// The destination can resume this session after a broken connection
     /// (capability `resume`).
     pub resumable: bool,
+    /// The destination answers `Drain` (capability `drain`).
+    pub drains: bool,
 }
 
 /// A session resumed on new connections (see [`reconnect`]).
@@ -94,7 +96,7 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         }
     };
     let (reply, rtt) = reply;
-    let resumable = match reply {
+    let (resumable, drains) = match reply {
         ControlMsg::Welcome { capabilities, .. } => {
             if m.config.delta && !capabilities.iter().any(|c| c == "delta-xor") {
                 return Err(MigrationError::Protocol {
@@ -104,7 +106,8 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
                         .into(),
                 });
             }
-            capabilities.iter().any(|c| c == "resume")
+            let has = |cap: &str| capabilities.iter().any(|c| c == cap);
+            (has("resume"), has("drain"))
         }
         ControlMsg::Refuse { code, message } => {
             return Err(MigrationError::Refused { code, message })
@@ -168,6 +171,7 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         session,
         rtt,
         resumable,
+        drains,
     })
 }
 

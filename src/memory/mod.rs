@@ -324,6 +324,17 @@ impl GuestMemory {
 
     /// Populate (pre-fault) all pages with `threads` threads (destination only).
     pub fn prefault(&self, threads: usize) -> Result<(), MemoryError> {
+        self.prefault_until(threads, &std::sync::atomic::AtomicBool::new(false))
+    }
+
+    /// [`GuestMemory::prefault`] that stops within one 2 MiB chunk once `stop` is
+    /// set. Each chunk is one `madvise` call, so the process's memory-map lock is
+    /// held for one chunk at a time, never for the whole guest.
+    pub fn prefault_until(
+        &self,
+        threads: usize,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), MemoryError> {
         const CHUNK: u64 = 512; // 2 MiB: one huge page per call when THP is on
         let next = std::sync::atomic::AtomicU64::new(0);
         let total = self.total_pages();
@@ -333,7 +344,7 @@ impl GuestMemory {
                     s.spawn(|| -> Result<(), MemoryError> {
                         loop {
                             let i = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
-                            if i >= total {
+                            if i >= total || stop.load(std::sync::atomic::Ordering::Relaxed) {
                                 return Ok(());
                             }
                             let (r, p) = self.locate(i)?;

@@ -4,13 +4,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::accept::PageStream;
 use super::apply::{apply_stream, ApplyShared, PageError, PageErrorKind};
 use super::{read_error, ReceiveError, Receiver};
 use crate::transport::framed::FrameReader;
 use crate::wire::ControlMsg;
+
+/// Longest wait for the appliers before answering `Drain`: the source's VM runs
+/// meanwhile, and an answer that says "still behind" lets its policy run another
+/// round instead of pausing onto a backlog.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
 /// The source's `Commit`, with the device state that came before it.
 pub(super) struct CommitRequest {
@@ -76,9 +81,14 @@ impl Receiver {
         );
         // Memory the receiver allocated, or prepared in advance and not committed.
         let own_memory = self.memory.is_none() || self.memory_zero;
+        // The background pre-fault stops when the brownout nears (`Drain` or
+        // `Brownout`): faulting in memory no page will land on would compete with
+        // the final pages and hold the memory-map lock inside the downtime.
+        let stop_prefault = Arc::new(AtomicBool::new(false));
         let prefault = if prefault && self.config.prefault && !self.config.prealloc && own_memory {
             let m = shared.memory.clone();
-            Some(std::thread::spawn(move || m.prefault(1)))
+            let stop = stop_prefault.clone();
+            Some(std::thread::spawn(move || m.prefault_until(1, &stop)))
         } else {
             None
         };
@@ -100,7 +110,31 @@ impl Receiver {
                 }
                 // A break before `Commit` resumes even after `Brownout`: the source
                 // then runs its VM again and goes on with the rounds.
-                Ok((ControlMsg::Brownout { .. }, _)) => {}
+                Ok((ControlMsg::Brownout { .. }, _)) => {
+                    stop_prefault.store(true, Ordering::Relaxed);
+                }
+                Ok((ControlMsg::Drain { round }, _)) => {
+                    stop_prefault.store(true, Ordering::Relaxed);
+                    let t = Instant::now();
+                    let wait = DRAIN_WAIT.min(self.config.control_timeout / 2);
+                    let applied = shared.gate.wait_completed(round, t + wait);
+                    let answer = ControlMsg::Drained {
+                        round,
+                        applied,
+                        waited_us: t.elapsed().as_micros() as u64,
+                    };
+                    if let Err(e) = control.send_control(&answer, &[]) {
+                        let resumable = e.is_link_loss();
+                        appliers.fail(e.to_string());
+                        return Err(RoundsFailed {
+                            error: ReceiveError::Transport {
+                                phase: PHASE,
+                                source: e,
+                            },
+                            resumable,
+                        });
+                    }
+                }
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
                 Ok((
                     ControlMsg::Commit {

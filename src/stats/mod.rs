@@ -294,6 +294,18 @@ pub enum Event {
         /// Pages sent again because the destination did not hold them.
         resent_pages: u64,
     },
+    /// Before the pause, the source waited for the destination to apply every
+    /// round sent (`Drain`); the policy then decided again.
+    Drained {
+        /// The last round sent.
+        round: u32,
+        /// Whether the destination had applied it all when it answered.
+        applied: bool,
+        /// How long the source waited for the answer, in milliseconds.
+        waited_ms: f64,
+        /// Pages the VM dirtied meanwhile (owed to the destination).
+        dirtied_pages: u64,
+    },
 }
 
 /// Receives events (called from the migration thread; keep it fast).

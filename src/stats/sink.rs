@@ -239,6 +239,19 @@ impl ProgressSink for TracingSink {
                 resent_pages,
                 "session resumed"
             ),
+            Event::Drained {
+                round,
+                applied,
+                waited_ms,
+                dirtied_pages,
+            } => tracing::debug!(
+                parent: span,
+                round,
+                applied,
+                waited_ms,
+                dirtied_pages,
+                "destination drained before the pause"
+            ),
         }
     }
 }

@@ -198,6 +198,24 @@ pub enum ControlMsg {
         /// Sender's counter.
         seq: u64,
     },
+    /// Source → destination, when its policy would brown out (capability
+    /// `drain`): answer once every page of rounds `..=round` is applied, or
+    /// after a bounded wait. The source's VM still runs meanwhile; what the
+    /// destination has yet to apply would otherwise land inside the downtime.
+    Drain {
+        /// The last round the source sent.
+        round: u32,
+    },
+    /// Destination → source: answer to [`ControlMsg::Drain`].
+    Drained {
+        /// The round asked about.
+        round: u32,
+        /// Whether every page of rounds `..=round` is applied (false: the wait
+        /// ended first, and the destination is still behind).
+        applied: bool,
+        /// How long the destination waited, in microseconds.
+        waited_us: u64,
+    },
     /// Source → destination, first (and only) message of a new control connection:
     /// what became of `session`? Sent by a source that released its VM and lost the
     /// channel before learning the outcome (in doubt), or by `livemig resolve`.
@@ -321,6 +339,8 @@ impl ControlMsg {
             Self::Abort { .. } => "abort",
             Self::Error { .. } => "error",
             Self::Heartbeat { .. } => "heartbeat",
+            Self::Drain { .. } => "drain",
+            Self::Drained { .. } => "drained",
             Self::QueryOutcome { .. } => "query_outcome",
             Self::Outcome { .. } => "outcome",
             Self::OutcomeKnown { .. } => "outcome_known",

@@ -53,7 +53,8 @@ pub fn fuzz_decode(bytes: &[u8]) {
 /// random [`crate::session::SessionToken`] (hex on the wire).
 pub const PROTOCOL_MAJOR: u16 = 2;
 /// Protocol minor version: a receiver accepts `MINOR` and `MINOR - 1`.
-/// 1: resumption (`Resume` / `Resumed`, capability `resume`).
+/// 1: resumption (`Resume` / `Resumed`, capability `resume`). Later additions
+/// that only a peer offering their capability is sent (`drain`) keep the version.
 pub const PROTOCOL_MINOR: u16 = 1;
 
 /// Optional features this build offers in the handshake (`Hello.capabilities` from
@@ -65,6 +66,7 @@ pub const CAPABILITIES: &[&str] = &[
     "delta-xor",
     "queue-notice",
     "resume",
+    "drain",
 ];
 
 /// Largest number of pages in one batch frame.

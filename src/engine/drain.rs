@@ -1,0 +1,144 @@
+//! The drain before the pause: the source asks the destination to answer once it
+//! has applied every round sent (`Drain` / `Drained`, capability `drain`).
+//!
+//! The source's rounds end when their pages are written to the sockets, not when
+//! the destination has applied them. Between the two sit the socket buffers (tens
+//! of MiB on a fast link) and, into fresh destination memory, the page faults of
+//! everything not yet written. Paused onto that backlog, the VM would wait for it
+//! inside the downtime, and no prediction made from the source's send rate covers
+//! it. So before pausing, the source waits (its VM still running) for the
+//! destination to catch up; the pages dirtied meanwhile join what is owed, and the
+//! policy decides again on a prediction that counts them (see `precopy`).
+
+use std::time::{Duration, Instant};
+
+use super::control::{ControlLink, Heartbeat};
+use super::precopy::Run;
+use super::MigrationError;
+use crate::memory::PageSet;
+use crate::stats::Event;
+use crate::wire::ControlMsg;
+
+/// The destination's answer to `Drain`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DrainAnswer {
+    /// Every page of the rounds sent is applied.
+    pub applied: bool,
+    /// How long the source waited, from sending `Drain` to the answer.
+    pub waited: Duration,
+}
+
+/// How long one read waits before the cancel flag is looked at again.
+const SLICE: Duration = Duration::from_millis(20);
+
+/// The destination answers within its own bounded wait (one second at most);
+/// this is what the source allows beyond its peer timeout before giving up.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+impl Run<'_> {
+    /// Send `Drain { round }` and wait for `Drained`. The heartbeat thread must be
+    /// stopped (the link is the caller's).
+    pub(crate) fn drain(&mut self, round: u32) -> Result<DrainAnswer, MigrationError> {
+        const PHASE: &str = "drain";
+        let deadline_after = self.m.config.peer_timeout + ANSWER_GRACE;
+        let cancel = self.m.cancel.clone();
+        let link = self.control()?;
+        let t = Instant::now();
+        link.send(&ControlMsg::Drain { round }, &[])
+            .map_err(|source| MigrationError::Transport {
+                phase: PHASE,
+                source,
+            })?;
+        let deadline = t + deadline_after;
+        loop {
+            if cancel.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MigrationError::TimedOut {
+                    what: "the destination's answer to Drain",
+                    after: deadline_after,
+                });
+            }
+            match link.poll(left.min(SLICE)) {
+                Ok(None) => {}
+                // Answers to heartbeats sent before the link was handed back.
+                Ok(Some((ControlMsg::Heartbeat { .. }, _))) => {}
+                Ok(Some((
+                    ControlMsg::Drained {
+                        round: r, applied, ..
+                    },
+                    _,
+                ))) if r == round => {
+                    return Ok(DrainAnswer {
+                        applied,
+                        waited: t.elapsed(),
+                    })
+                }
+                Ok(Some((ControlMsg::Error { message }, _))) => {
+                    return Err(MigrationError::Remote(message))
+                }
+                Ok(Some((other, _))) => {
+                    return Err(MigrationError::Protocol {
+                        phase: PHASE,
+                        message: format!("unexpected {} while waiting for drained", other.name()),
+                    })
+                }
+                Err(source) => {
+                    return Err(MigrationError::Transport {
+                        phase: PHASE,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// What the VM dirtied while the destination drained joins `owed` and
+    /// `to_send` (a harvest of its own, confirmed by the sampled audit like any
+    /// other). Returns the number of pages harvested.
+    pub(crate) fn absorb_drain(
+        &mut self,
+        round: u32,
+        answer: &DrainAnswer,
+        owed: &mut PageSet,
+        to_send: &mut PageSet,
+    ) -> Result<u64, MigrationError> {
+        let mem = self.m.memory.clone();
+        let mut fresh = PageSet::new(mem.total_pages());
+        if let Some(t) = self.m.tracker.as_mut() {
+            t.harvest(&mem, &mut fresh)?;
+        }
+        let missed = self.audit.confirm(&fresh);
+        if !missed.is_empty() {
+            self.fall_back(round, &missed)?;
+        }
+        let dirtied = fresh.count();
+        owed.union_with(&fresh);
+        to_send.union_with(&fresh);
+        self.emit(Event::Drained {
+            round,
+            applied: answer.applied,
+            waited_ms: answer.waited.as_secs_f64() * 1e3,
+            dirtied_pages: dirtied,
+        });
+        Ok(dirtied)
+    }
+
+    /// Hand the control stream back to a heartbeat thread (the rounds go on).
+    pub(crate) fn restart_heartbeat(&mut self) -> Result<(), MigrationError> {
+        self.control()?;
+        let link: ControlLink = self.link.take().ok_or(MigrationError::Protocol {
+            phase: "control",
+            message: "the control stream was lost".into(),
+        })?;
+        let c = &self.m.config;
+        let interval = c
+            .heartbeat_interval
+            .min(c.peer_timeout / 4)
+            .max(Duration::from_millis(1));
+        self.heartbeat = Some(Heartbeat::start(link, interval, c.peer_timeout));
+        Ok(())
+    }
+}
