@@ -7,15 +7,14 @@
 //! everything not yet written. Paused onto that backlog, the VM would wait for it
 //! inside the downtime, and no prediction made from the source's send rate covers
 //! it. So before pausing, the source waits (its VM still running) for the
-//! destination to catch up; the pages dirtied meanwhile join what is owed, and the
-//! policy decides again on a prediction that counts them (see `precopy`).
+//! destination to catch up, and the policy decides again on a prediction that
+//! counts what the VM is expected to have dirtied meanwhile (see `precopy`).
 
 use std::time::{Duration, Instant};
 
 use super::control::{ControlLink, Heartbeat};
 use super::precopy::Run;
 use super::MigrationError;
-use crate::memory::PageSet;
 use crate::stats::Event;
 use crate::wire::ControlMsg;
 
@@ -95,35 +94,21 @@ impl Run<'_> {
         }
     }
 
-    /// What the VM dirtied while the destination drained joins `owed` and
-    /// `to_send` (a harvest of its own, confirmed by the sampled audit like any
-    /// other). Returns the number of pages harvested.
-    pub(crate) fn absorb_drain(
-        &mut self,
-        round: u32,
-        answer: &DrainAnswer,
-        owed: &mut PageSet,
-        to_send: &mut PageSet,
-    ) -> Result<u64, MigrationError> {
-        let mem = self.m.memory.clone();
-        let mut fresh = PageSet::new(mem.total_pages());
-        if let Some(t) = self.m.tracker.as_mut() {
-            t.harvest(&mem, &mut fresh)?;
-        }
-        let missed = self.audit.confirm(&fresh);
-        if !missed.is_empty() {
-            self.fall_back(round, &missed)?;
-        }
-        let dirtied = fresh.count();
-        owed.union_with(&fresh);
-        to_send.union_with(&fresh);
+    /// Pages the VM is expected to have dirtied during the drain (the model's
+    /// dirty rate × the wait), reported in `Event::Drained`. They are not
+    /// harvested here: the final harvest (or the next round's) collects them, so
+    /// the tracker and the sampled audit keep their cadence of one harvest per
+    /// round.
+    pub(crate) fn drained(&mut self, round: u32, answer: &DrainAnswer) -> u64 {
+        let rate = self.est.dirty_rate.get().unwrap_or(0.0);
+        let expected = (rate * answer.waited.as_secs_f64()).ceil() as u64;
         self.emit(Event::Drained {
             round,
             applied: answer.applied,
             waited_ms: answer.waited.as_secs_f64() * 1e3,
-            dirtied_pages: dirtied,
+            expected_dirty_pages: expected,
         });
-        Ok(dirtied)
+        expected
     }
 
     /// Hand the control stream back to a heartbeat thread (the rounds go on).

@@ -784,7 +784,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         if matches!(decision, Decision::Brownout(_)) && run.drains && run.m.tracker.is_some() {
             match run.drain(round - 1) {
                 Ok(answer) => {
-                    let dirtied = run.absorb_drain(round - 1, &answer, &mut owed, &mut to_send)?;
+                    let dirtied = run.drained(round - 1, &answer);
                     // Still behind: its backlog is at least what it waited.
                     let behind = if answer.applied {
                         0.0
@@ -795,14 +795,14 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
                         run,
                         round,
                         precopy_start,
-                        owed.count(),
-                        deferred.count(),
+                        owed_count + dirtied,
+                        deferred_count,
                         behind,
                     );
                     predicted = p;
                     decision = match again {
                         Decision::Brownout(r) => Decision::Brownout(format!(
-                            "{r}; after {:.1} ms for the destination to apply round {} ({dirtied} pages dirtied meanwhile)",
+                            "{r}; after {:.1} ms for the destination to apply round {} (~{dirtied} pages dirtied meanwhile)",
                             answer.waited.as_secs_f64() * 1e3,
                             round - 1
                         )),

@@ -303,8 +303,9 @@ pub enum Event {
         applied: bool,
         /// How long the source waited for the answer, in milliseconds.
         waited_ms: f64,
-        /// Pages the VM dirtied meanwhile (owed to the destination).
-        dirtied_pages: u64,
+        /// Pages the VM is expected to have dirtied meanwhile (the model's dirty
+        /// rate × the wait); the next harvest collects the real ones.
+        expected_dirty_pages: u64,
     },
 }
 

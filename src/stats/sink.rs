@@ -243,13 +243,13 @@ impl ProgressSink for TracingSink {
                 round,
                 applied,
                 waited_ms,
-                dirtied_pages,
+                expected_dirty_pages,
             } => tracing::debug!(
                 parent: span,
                 round,
                 applied,
                 waited_ms,
-                dirtied_pages,
+                expected_dirty_pages,
                 "destination drained before the pause"
             ),
         }
