@@ -28,7 +28,7 @@ fn assert_size_refusal(out: Outcome) {
             code: RefuseCode::MemoryLayout,
             ref message,
         }) => assert!(
-            message.contains("memory size mismatch"),
+            message.as_str().contains("memory size mismatch"),
             "refusal does not name the reason: {message}"
         ),
         other => panic!("expected a memory-layout refusal, got {other:?}"),
@@ -128,7 +128,7 @@ fn host_memory_limit_is_refused() {
         Err(MigrationError::Refused {
             code: RefuseCode::MemoryLayout,
             message,
-        }) => assert!(message.contains("limit"), "{message}"),
+        }) => assert!(message.as_str().contains("limit"), "{message}"),
         other => panic!("{other:?}"),
     }
     assert!(out.dest.is_err());
@@ -262,7 +262,7 @@ fn version_refusal_reaches_the_source() {
         Err(MigrationError::Refused {
             code: RefuseCode::Version,
             message,
-        }) => assert!(message.contains("not supported")),
+        }) => assert!(message.as_str().contains("not supported")),
         other => panic!("{other:?}"),
     }
 }
@@ -278,7 +278,7 @@ fn too_many_streams_is_refused() {
     let out = migrate(m, c, Receiver::new().config(cfg), a);
     match out.source {
         Err(MigrationError::Refused { message, .. }) => {
-            assert!(message.contains("1 to 2"), "{message}")
+            assert!(message.as_str().contains("1 to 2"), "{message}")
         }
         other => panic!("{other:?}"),
     }
