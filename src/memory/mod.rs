@@ -58,8 +58,13 @@ pub enum MemoryError {
     #[error("mapping guest memory failed: {0}")]
     Map(std::io::Error),
     /// Image file could not be opened.
-    #[error("cannot open memory image {0}: {1}")]
-    Image(String, std::io::Error),
+    #[error("cannot open memory image {path}: {source}")]
+    Image {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// memfd name contains NUL.
     #[error("memfd name contains a NUL byte")]
     BadName,
