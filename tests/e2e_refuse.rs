@@ -267,6 +267,59 @@ fn version_refusal_reaches_the_source() {
     }
 }
 
+/// A hostile destination's refusal text is its claim, not ours: the source
+/// carries it bounded and with every control character escaped, so it cannot
+/// write terminal escape sequences or fake lines into the operator's logs.
+#[test]
+fn a_hostile_refusal_message_reaches_the_source_sanitized_and_bounded() {
+    let mem = source_memory(16 * MIB, 1);
+    let (c, a) = mem::pair();
+    let hostile = format!(
+        "\x1b[2J\x1b]0;pwned\x07\nERROR fake line\u{202e}{}",
+        "A".repeat(16 * 1024)
+    );
+    let sent = hostile.clone();
+    let result = with_timeout(GUARD, "hostile refusal", move || {
+        let fake = std::thread::spawn(move || {
+            let s = a.accept(Duration::from_secs(10)).unwrap();
+            let mut control = FrameReader::new(s, "control");
+            let _ = control.control().unwrap();
+            control
+                .send_control(
+                    &ControlMsg::Refuse {
+                        code: RefuseCode::Other,
+                        message: sent,
+                    },
+                    &[],
+                )
+                .unwrap();
+        });
+        let r = Migration::new(mem).run(&c);
+        fake.join().unwrap();
+        r
+    });
+    match result {
+        Err(e @ MigrationError::Refused { .. }) => {
+            let shown = e.to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown:?}");
+            assert!(!shown.contains('\u{202e}'), "{shown:?}");
+            assert!(shown.contains("\\u{1b}[2J"), "{shown:?}");
+            assert!(shown.contains("\\nERROR fake line"), "{shown:?}");
+            assert!(
+                shown.len() < hostile.len() / 8,
+                "bounded: {} bytes",
+                shown.len()
+            );
+            let MigrationError::Refused { message, .. } = e else {
+                unreachable!()
+            };
+            assert!(message.is_truncated());
+            assert!(message.as_str().len() <= livemig::wire::PeerText::MAX_BYTES);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Too many streams requested: refused with a message naming the limit.
 #[test]
 fn too_many_streams_is_refused() {

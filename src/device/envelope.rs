@@ -228,7 +228,10 @@ mod tests {
         let mut bad = b.clone();
         let blob_at = blob_len_at + 8;
         bad[blob_at] ^= 0xff;
-        assert_eq!(decode(&bad), Err(EnvelopeError::Checksum(PeerText::new("vcpu0"))));
+        assert_eq!(
+            decode(&bad),
+            Err(EnvelopeError::Checksum(PeerText::new("vcpu0")))
+        );
         for cut in 0..b.len() {
             assert!(decode(&b[..cut]).is_err());
         }

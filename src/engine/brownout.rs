@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use super::commit::{self, SourceEvent, SourceState};
 use super::control::ControlLink;
-use super::precopy::Run;
 use super::error::peer_veto;
+use super::precopy::Run;
 use super::{DoubtReason, MigrationError, Verify};
 use crate::device::envelope;
 use crate::memory::PageSet;

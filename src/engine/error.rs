@@ -132,3 +132,74 @@ pub(crate) fn peer_veto(participant: String, reason: String) -> crate::device::V
         reason: crate::wire::PeerText::new(reason).to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+    use crate::wire::PeerText;
+
+    /// Every error in `e`'s `source()` chain, outermost first.
+    fn chain<'a>(e: &'a (dyn Error + 'static)) -> Vec<&'a (dyn Error + 'static)> {
+        std::iter::successors(Some(e), |&e| e.source()).collect()
+    }
+
+    #[test]
+    fn a_memory_error_inside_a_send_failure_is_reachable_through_source() {
+        let e = MigrationError::Send(SendError::Stream {
+            stream: 1,
+            source: Arc::new(StreamFailure::Memory(MemoryError::ReadOnly)),
+        });
+        let links = chain(&e);
+        let memory = links
+            .iter()
+            .find_map(|l| l.downcast_ref::<MemoryError>())
+            .expect("the chain reaches the memory error");
+        assert!(matches!(memory, MemoryError::ReadOnly));
+        assert!(links
+            .iter()
+            .any(|l| l.downcast_ref::<Arc<StreamFailure>>().is_some()));
+        // The outermost message still says all of it.
+        let shown = e.to_string();
+        assert!(shown.contains("page stream 1"), "{shown}");
+        assert!(shown.contains("region is read-only"), "{shown}");
+    }
+
+    #[test]
+    fn in_doubt_keeps_what_broke_the_channel_as_its_source() {
+        let broke = MigrationError::Remote(PeerText::new("gone"));
+        let e = MigrationError::InDoubt {
+            session: crate::session::SessionToken::from_bytes([7; 16]),
+            reason: DoubtReason::Unanswered {
+                broke: Box::new(broke),
+                asked: OutcomeUnknown::NoAnswer,
+            },
+        };
+        let links = chain(&e);
+        assert!(
+            links.iter().any(|l| matches!(
+                l.downcast_ref::<MigrationError>(),
+                Some(MigrationError::Remote(t)) if t.as_str() == "gone"
+            )),
+            "{links:?}"
+        );
+        let shown = e.to_string();
+        assert!(
+            shown.contains("gone; then asking the destination: no answer"),
+            "{shown}"
+        );
+        assert!(!e.source_running());
+    }
+
+    #[test]
+    fn a_hostile_remote_message_is_displayed_sanitized() {
+        let e = MigrationError::Remote(PeerText::new("boom\x1b[2J\r\nFAKE LOG LINE"));
+        let shown = e.to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(
+            shown.contains("boom\\u{1b}[2J\\r\\nFAKE LOG LINE"),
+            "{shown}"
+        );
+    }
+}

@@ -242,7 +242,7 @@ pub enum MigrationError {
     /// A participant (or the memory check) vetoed at commit. The veto's fields
     /// come from the destination, sanitized as [`PeerText`].
     #[error("destination vetoed the switchover: {0}")]
-    Vetoed(Veto),
+    Vetoed(#[source] Veto),
     /// Transport failure.
     #[error("transport failed during {phase}: {source}")]
     Transport {
@@ -312,6 +312,7 @@ pub enum MigrationError {
         /// The reconnection budget.
         after: Duration,
         /// What broke the connection.
+        #[source]
         cause: Box<MigrationError>,
         /// The last attempt's error (a refusal ends the attempts at once).
         last: Box<MigrationError>,

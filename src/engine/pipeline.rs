@@ -497,14 +497,11 @@ fn send_batch(
         // Copy each populated page to the next payload slot; a zero page's slot is
         // reused by the next page. Unpopulated pages are zero without being read.
         let (r, rp) = mem.locate(start)?;
-        mem.regions()[r]
-            .populated(rp, count as u64, &mut s.present)
-            ?;
+        mem.regions()[r].populated(rp, count as u64, &mut s.present)?;
         let mut wr = pos;
         for p in 0..count as usize {
             let is_zero = !s.present[p] || {
-                mem.read_pages(start + p as u64, &mut s.pages[wr..wr + PAGE_SIZE])
-                    ?;
+                mem.read_pages(start + p as u64, &mut s.pages[wr..wr + PAGE_SIZE])?;
                 is_zero_page(&s.pages[wr..wr + PAGE_SIZE])
             };
             let hash = if is_zero {
@@ -547,11 +544,7 @@ fn send_batch(
     s.meta.payload_len = payload.len() as u32;
     let mut codec = codec;
     if codec != CodecId::Raw && !payload.is_empty() {
-        let smaller = s
-            .codecs
-            .get(codec)
-            .encode(payload, &mut s.encoded)
-            ?;
+        let smaller = s.codecs.get(codec).encode(payload, &mut s.encoded)?;
         if !smaller {
             codec = CodecId::Raw;
         }
@@ -604,9 +597,7 @@ fn send_batch_zero_copy(
         s.meta.extents.push(Extent { gfn, count });
         let (r, rp) = mem.locate(start)?;
         let region = &mem.regions()[r];
-        region
-            .populated(rp, count as u64, &mut s.present)
-            ?;
+        region.populated(rp, count as u64, &mut s.present)?;
         // SAFETY: a racy view of guest memory; everything derived from it is marked
         // racy unless the batch is quiescent (VM paused/stopped), see above.
         let view = unsafe { region.racy_slice(rp, count as u64) }?;

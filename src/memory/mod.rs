@@ -56,7 +56,7 @@ pub enum MemoryError {
     ReadOnly,
     /// mmap / memfd failure.
     #[error("mapping guest memory failed: {0}")]
-    Map(std::io::Error),
+    Map(#[source] std::io::Error),
     /// Image file could not be opened.
     #[error("cannot open memory image {path}: {source}")]
     Image {

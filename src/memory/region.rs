@@ -113,11 +113,10 @@ impl GuestRegion {
 
     /// An image file mapped read-only (the memory of a stopped guest, for sending).
     pub fn image_file(gpa: u64, path: &Path) -> Result<Self, MemoryError> {
-        let file =
-            File::open(path).map_err(|e| MemoryError::Image {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+        let file = File::open(path).map_err(|e| MemoryError::Image {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         let len = file
             .metadata()
             .map_err(|e| MemoryError::Image {

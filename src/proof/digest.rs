@@ -73,7 +73,11 @@ pub struct BadDigest(pub crate::wire::PeerText);
 impl std::str::FromStr for MemoryDigest {
     type Err = BadDigest;
     fn from_str(s: &str) -> Result<Self, BadDigest> {
-        let bad = || BadDigest(crate::wire::PeerText::new(s.chars().take(40).collect::<String>()));
+        let bad = || {
+            BadDigest(crate::wire::PeerText::new(
+                s.chars().take(40).collect::<String>(),
+            ))
+        };
         if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(bad());
         }

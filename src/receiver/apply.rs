@@ -4,20 +4,20 @@ use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::gate::RoundGate;
 use super::gate::GateError;
+use super::gate::RoundGate;
 use crate::codec::cache::RecordError;
 use crate::codec::delta::DeltaError;
 use crate::codec::{CodecError, CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, DirtyBitmap, GuestMemory, MemoryError, PAGE_SIZE};
-use crate::transport::TransportError;
-use crate::wire::WireError;
 use crate::proof::{DigestDelta, PageLedger};
 use crate::transport::framed::FrameReader;
+use crate::transport::TransportError;
 use crate::wire::batch::{BatchMeta, FLAG_DELTA, FLAG_RACY};
 use crate::wire::frame::RoundEnd;
 use crate::wire::resume::{HeldRun, MAX_HELD_RUNS};
 use crate::wire::FrameKind;
+use crate::wire::WireError;
 
 /// What kind of failure stopped a page stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -580,10 +580,7 @@ fn apply_batch(
     } else {
         r.data_into(h, &mut s.data)?;
         s.decoded.resize(s.meta.payload_len as usize, 0);
-        s.codecs
-            .get(codec)
-            .decode(&s.data, &mut s.decoded)
-            ?;
+        s.codecs.get(codec).decode(&s.data, &mut s.decoded)?;
         let mut off = 0;
         for i in 0..n {
             let idx = s.indexes[i];
@@ -634,10 +631,7 @@ fn apply_delta_batch(
         &s.data
     } else {
         s.decoded.resize(s.meta.payload_len as usize, 0);
-        s.codecs
-            .get(codec)
-            .decode(&s.data, &mut s.decoded)
-            ?;
+        s.codecs.get(codec).decode(&s.data, &mut s.decoded)?;
         &s.decoded
     };
     let n = s.meta.pages();

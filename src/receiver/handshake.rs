@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use super::setup_check::{RefuseReason, VersionRefusal};
 use super::{
-    next_connection, refuse, setup_check, transport_error, Awaited, Permit, ReceiveError,
-    Receiver, StrayReason,
+    next_connection, refuse, setup_check, transport_error, Awaited, Permit, ReceiveError, Receiver,
+    StrayReason,
 };
 use crate::session::{Deadline, DeadlineStream, SessionToken};
 use crate::transport::framed::FrameReader;

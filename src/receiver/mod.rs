@@ -48,9 +48,9 @@ use serde::Serialize;
 
 use crate::device::{ParticipantError, RestoreState, Veto};
 use crate::memory::{GuestMemory, MemoryError, MemoryLayout};
+use crate::proof::MemoryDigest;
 use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, Stream, TransportError};
-use crate::proof::MemoryDigest;
 use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::{ControlMsg, PeerText, ProtocolViolation};
 use apply::ApplyShared;
@@ -62,7 +62,8 @@ pub use outcomes::OutcomeLog;
 use rounds::RoundsFailed;
 use setup::Skeleton;
 pub use setup_check::{
-    HostCaps, RefuseReason, VersionRefusal, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
+    HostCaps, RefuseReason, VersionRefusal, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS,
+    DEFAULT_MAX_SETUP_ATTACHMENT,
 };
 
 /// Destination settings.
@@ -167,7 +168,7 @@ pub enum ReceiveError {
     },
     /// A participant vetoed (sent to the source).
     #[error("vetoed: {0}")]
-    Vetoed(Veto),
+    Vetoed(#[source] Veto),
     /// The memory digest did not match (sent to the source as a `memory` veto).
     #[error("memory verification failed: {0}")]
     VerifyFailed(DigestMismatch),
@@ -177,7 +178,7 @@ pub enum ReceiveError {
     /// Page application failed (a broken, corrupt, truncated or out-of-order
     /// stream; the error says which kind).
     #[error("receiving pages failed: {0}")]
-    Pages(apply::PageError),
+    Pages(#[source] apply::PageError),
     /// Transport failure.
     #[error("transport failed during {phase}: {source}")]
     Transport {
@@ -226,6 +227,7 @@ pub enum ReceiveError {
         /// The resume window.
         after: Duration,
         /// Why the connection broke.
+        #[source]
         cause: Box<ReceiveError>,
     },
 }

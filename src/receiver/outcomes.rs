@@ -145,8 +145,8 @@ impl OutcomeLog {
                     let (s, o) = line
                         .split_once(' ')
                         .ok_or_else(|| corrupt(CorruptLine::NoSeparator))?;
-                    let session = SessionId::parse(s.trim())
-                        .map_err(|e| corrupt(CorruptLine::Session(e)))?;
+                    let session =
+                        SessionId::parse(s.trim()).map_err(|e| corrupt(CorruptLine::Session(e)))?;
                     let outcome =
                         outcome_of(o.trim()).ok_or_else(|| corrupt(CorruptLine::Outcome))?;
                     // In progress when an earlier process ended: never committed.

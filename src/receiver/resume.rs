@@ -149,11 +149,7 @@ impl Receiver {
                 }
                 Ok((ControlMsg::Resume { .. }, _)) => {
                     strays += 1;
-                    let _ = refuse(
-                        &mut control,
-                        RefuseCode::Other,
-                        RefuseReason::NoSuchSession,
-                    );
+                    let _ = refuse(&mut control, RefuseCode::Other, RefuseReason::NoSuchSession);
                     control.stream().shutdown();
                 }
                 Ok(_) | Err(_) => {

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use super::accept::PageStream;
 use super::apply::{apply_stream, ApplyShared, PageError, PageErrorKind, PageFault};
-use crate::wire::ProtocolViolation;
 use super::{read_error, ReceiveError, Receiver};
 use crate::transport::framed::FrameReader;
 use crate::wire::ControlMsg;
+use crate::wire::ProtocolViolation;
 
 /// The source's `Commit`, with the device state that came before it.
 pub(super) struct CommitRequest {

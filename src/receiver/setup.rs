@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use super::setup_check::Refusal;
 use super::{
-    is_timeout, protocol_error, refuse, send_veto, transport_error, Awaited, ReceiveError,
-    Receiver,
+    is_timeout, protocol_error, refuse, send_veto, transport_error, Awaited, ReceiveError, Receiver,
 };
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::session::Deadline;

@@ -26,7 +26,9 @@ pub enum RefuseReason {
     #[error(transparent)]
     Version(#[from] VersionRefusal),
     /// This host runs its limit of incoming migrations.
-    #[error("this host already runs {limit} incoming migration(s), its limit; retry when one finishes")]
+    #[error(
+        "this host already runs {limit} incoming migration(s), its limit; retry when one finishes"
+    )]
     HostBusy {
         /// The limit.
         limit: usize,
@@ -65,7 +67,7 @@ pub enum RefuseReason {
         max: u64,
     },
     /// This host cannot commit the guest's memory and receive tables.
-    #[error("not enough memory on the destination: the guest needs {needed} bytes ({guest_bytes} of guest memory plus {tables} of receive tables), {available} bytes available ({})", from.as_deref().unwrap_or("the configured limit: max_memory, recv --max-memory"))]
+    #[error("not enough memory on the destination: the guest needs {needed} bytes ({guest_bytes} of guest memory plus {tables} of receive tables), {available} bytes available ({})", from.as_ref().map_or("the configured limit: max_memory, recv --max-memory".to_string(), ToString::to_string))]
     NotEnoughMemory {
         /// Bytes needed.
         needed: u64,
@@ -77,7 +79,7 @@ pub enum RefuseReason {
         available: u64,
         /// Where the host figure comes from ([`host_memory::Committable::source`]);
         /// `None`: the configured `max_memory`.
-        from: Option<String>,
+        from: Option<host_memory::CommitSource>,
     },
     /// The VM requires CPU features this host lacks.
     #[error("the VM requires CPU features this host lacks: {} (enable processor compatibility mode on the source)", join(.0))]

@@ -24,7 +24,7 @@ pub struct SessionToken([u8; TOKEN_BYTES]);
 pub enum TokenError {
     /// The operating system's random source failed.
     #[error("cannot draw a session token from the system random source: {0}")]
-    Random(getrandom::Error),
+    Random(#[source] getrandom::Error),
     /// The wire form is not 32 lowercase hex characters.
     #[error("malformed session token: expected {TOKEN_HEX_LEN} lowercase hex characters, got {len} characters{}", bad.map(|(at, byte)| format!(" (byte {byte:#04x} at position {at} is not a lowercase hex digit)")).unwrap_or_default())]
     Malformed {

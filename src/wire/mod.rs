@@ -43,10 +43,10 @@ mod violation;
 
 pub use batch::{BatchMeta, Extent};
 pub use control::{ControlMsg, MalformedControl};
+pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN};
 pub use peer_text::PeerText;
 pub use resume::HeldRunsError;
 pub use violation::ProtocolViolation;
-pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN};
 
 /// Run every wire decoder over arbitrary bytes, ignoring errors (the fuzz entry
 /// point; see [`crate::fuzz::decode_all`]).

@@ -124,7 +124,10 @@ mod tests {
         let t = PeerText::new(hostile);
         let shown = t.to_string();
         assert!(!shown.chars().any(is_unsafe), "{shown:?}");
-        assert!(shown.starts_with("refused\\u{1b}]0;owned\\u{7}\\r\\n"), "{shown:?}");
+        assert!(
+            shown.starts_with("refused\\u{1b}]0;owned\\u{7}\\r\\n"),
+            "{shown:?}"
+        );
         assert!(shown.contains("\\u{202e}txt.exe"), "{shown:?}");
         assert!(shown.ends_with(" end"), "{shown:?}");
         assert!(!t.is_truncated());
