@@ -179,7 +179,7 @@ mod tests {
         let links = chain(&e);
         assert!(
             links.iter().any(|l| matches!(
-                l.downcast_ref::<MigrationError>(),
+                l.downcast_ref::<Box<MigrationError>>().map(|b| &**b),
                 Some(MigrationError::Remote(t)) if t.as_str() == "gone"
             )),
             "{links:?}"

@@ -213,7 +213,9 @@ impl Default for MigrationConfig {
 /// VM keeps (or resumes) running.
 ///
 /// Every cause livemig finds itself is typed, and `source()` leads to the
-/// underlying error (a [`MemoryError`], a [`TransportError`], …). Text the
+/// underlying error (a [`MemoryError`], a [`TransportError`], …); a cause held in
+/// a `Box` or an `Arc` appears in the chain as that `Box`/`Arc` (downcast to
+/// `Box<MigrationError>`, `Arc<StreamFailure>`, …). Text the
 /// destination sent (a refusal, its failure, a veto) is its claim, carried as
 /// [`PeerText`] (sanitized and bounded) or, for a veto, with its fields sanitized
 /// the same way.
