@@ -44,7 +44,7 @@ impl DirtyTracker for ExplicitTracker {
             return Err(TrackError::Unavailable {
                 tracker: "explicit",
                 reason: super::Unavailable::BitmapSize {
-                    bits: self.bitmap.len() as u64,
+                    bits: self.bitmap.len(),
                     pages: mem.total_pages(),
                 },
             });

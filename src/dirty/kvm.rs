@@ -189,7 +189,7 @@ impl DirtyTracker for KvmDirtyLog {
                 .iter()
                 .enumerate()
                 .find(|(_, r)| r.gpa() == slot.gpa)
-                .ok_or_else(|| TrackError::Unavailable {
+                .ok_or(TrackError::Unavailable {
                     tracker: NAME,
                     reason: super::Unavailable::NoRegion {
                         slot: slot.slot,

@@ -80,17 +80,17 @@ impl Receiver {
                 }
                 Ok((other, _)) => {
                     stray_connections += 1;
-                    last_stray = Some(match other {
+                    last_stray = Some(Box::new(match other {
                         ControlMsg::StreamHello { index, .. } => {
                             StrayReason::UnawaitedStream { index }
                         }
                         other => StrayReason::OpenedWith(other.name()),
-                    });
+                    }));
                     reader.stream().shutdown();
                 }
                 Err(e) => {
                     stray_connections += 1;
-                    last_stray = Some(StrayReason::Transport(e));
+                    last_stray = Some(Box::new(StrayReason::Transport(e)));
                     reader.stream().shutdown();
                 }
             }

@@ -166,12 +166,12 @@ impl Receiver {
                 // Closed, silent, garbage, or another message: not a migration.
                 Ok((other, _)) => {
                     *strays += 1;
-                    last_stray = Some(StrayReason::OpenedWith(other.name()));
+                    last_stray = Some(Box::new(StrayReason::OpenedWith(other.name())));
                     control.stream().shutdown();
                 }
                 Err(e) => {
                     *strays += 1;
-                    last_stray = Some(StrayReason::Transport(e));
+                    last_stray = Some(Box::new(StrayReason::Transport(e)));
                     control.stream().shutdown();
                 }
             }

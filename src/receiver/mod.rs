@@ -188,7 +188,7 @@ pub enum ReceiveError {
         source: TransportError,
     },
     /// Waited for the source longer than the configured deadline.
-    #[error("timed out during {phase} after {after:?}: {what}{}{}", last_stray_note(last_stray.as_ref()), stray_note(*stray_connections))]
+    #[error("timed out during {phase} after {after:?}: {what}{}{}", last_stray_note(last_stray.as_deref()), stray_note(*stray_connections))]
     TimedOut {
         /// Phase.
         phase: &'static str,
@@ -199,7 +199,7 @@ pub enum ReceiveError {
         /// Stray connections dropped while waiting.
         stray_connections: u32,
         /// Why the last stray connection was dropped, if one was.
-        last_stray: Option<StrayReason>,
+        last_stray: Option<Box<StrayReason>>,
     },
     /// The source broke the protocol.
     #[error("protocol error during {phase}: {violation}")]

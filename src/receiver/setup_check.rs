@@ -79,7 +79,7 @@ pub enum RefuseReason {
         available: u64,
         /// Where the host figure comes from ([`host_memory::Committable::source`]);
         /// `None`: the configured `max_memory`.
-        from: Option<host_memory::CommitSource>,
+        from: Option<Box<host_memory::CommitSource>>,
     },
     /// The VM requires CPU features this host lacks.
     #[error("the VM requires CPU features this host lacks: {} (enable processor compatibility mode on the source)", join(.0))]
@@ -251,7 +251,7 @@ pub(super) fn check_memory_bound(guest_bytes: u64, max_memory: Option<u64>) -> R
     let (available, from) = match max_memory {
         Some(m) => (m, None),
         None => match host_memory::committable() {
-            Some(c) => (c.bytes, Some(c.source)),
+            Some(c) => (c.bytes, Some(Box::new(c.source))),
             None => return Ok(()),
         },
     };

@@ -93,9 +93,7 @@ impl AsyncWp {
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {
                     tracker: NAME_ASYNC,
-                    reason: Unavailable::NoWriteProtect {
-                        host: s.start as u64,
-                    },
+                    reason: Unavailable::NoWriteProtect { host: s.start },
                 });
             }
             me.uffd

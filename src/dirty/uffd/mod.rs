@@ -161,7 +161,7 @@ fn register_err(tracker: &'static str, s: &Span) -> impl FnOnce(std::io::Error) 
             TrackError::Unavailable {
                 tracker,
                 reason: Unavailable::Register {
-                    host: start as u64,
+                    host: start,
                     source,
                 },
             }

@@ -124,9 +124,7 @@ impl SyncWp {
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {
                     tracker: NAME_SYNC,
-                    reason: Unavailable::NoWriteProtect {
-                        host: s.start as u64,
-                    },
+                    reason: Unavailable::NoWriteProtect { host: s.start },
                 });
             }
             if !unpopulated {
