@@ -74,11 +74,17 @@ pub enum PageFault {
         #[source]
         source: WireError,
     },
-    /// A batch or round end of another round than the one in progress.
-    #[error("{what} of round {got} arrived during round {current}")]
-    WrongRound {
-        /// `"batch"` or `"round end"`.
-        what: &'static str,
+    /// A batch of another round than the one in progress.
+    #[error("batch of round {got} arrived during round {current}")]
+    BatchRound {
+        /// Its round.
+        got: u32,
+        /// The round in progress.
+        current: u32,
+    },
+    /// A round end of another round than the one in progress.
+    #[error("round end {got} during round {current}")]
+    RoundEndRound {
         /// Its round.
         got: u32,
         /// The round in progress.
@@ -417,8 +423,7 @@ fn apply_frames(
                     }));
                 }
                 if s.meta.round != round {
-                    break Err(invalid(PageFault::WrongRound {
-                        what: "batch",
+                    break Err(invalid(PageFault::BatchRound {
                         got: s.meta.round,
                         current: round,
                     }));
@@ -456,8 +461,7 @@ fn apply_frames(
                     Err(e) => break Err(from_transport(e)),
                 };
                 if end.round != round {
-                    break Err(invalid(PageFault::WrongRound {
-                        what: "round end",
+                    break Err(invalid(PageFault::RoundEndRound {
                         got: end.round,
                         current: round,
                     }));
