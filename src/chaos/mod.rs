@@ -378,7 +378,7 @@ pub fn run_one(plan: &Plan, cfg: &CampaignConfig) -> Result<RunReport, ChaosErro
                 Instant::now() + Duration::from_secs(5),
             );
             ledger.event(format!("operator resolved: {answer:?}"));
-            if answer == Ok(SessionOutcome::Discarded) {
+            if matches!(answer, Ok(SessionOutcome::Discarded)) {
                 let _ = guest.control(ledger.clone()).resume();
             }
             SourceEnd::InDoubt {

@@ -16,7 +16,7 @@ use super::control::{ControlLink, Heartbeat};
 use super::precopy::Run;
 use super::MigrationError;
 use crate::stats::Event;
-use crate::wire::ControlMsg;
+use crate::wire::{ControlMsg, ProtocolViolation};
 
 /// The destination's answer to `Drain`.
 #[derive(Debug, Clone, Copy)]
@@ -76,12 +76,15 @@ impl Run<'_> {
                     })
                 }
                 Ok(Some((ControlMsg::Error { message }, _))) => {
-                    return Err(MigrationError::Remote(message))
+                    return Err(MigrationError::Remote(message.into()))
                 }
                 Ok(Some((other, _))) => {
                     return Err(MigrationError::Protocol {
                         phase: PHASE,
-                        message: format!("unexpected {} while waiting for drained", other.name()),
+                        violation: ProtocolViolation::Unexpected {
+                            expected: "drained",
+                            got: other.name(),
+                        },
                     })
                 }
                 Err(source) => {
@@ -116,7 +119,7 @@ impl Run<'_> {
         self.control()?;
         let link: ControlLink = self.link.take().ok_or(MigrationError::Protocol {
             phase: "control",
-            message: "the control stream was lost".into(),
+            violation: ProtocolViolation::ControlLost("no control stream to hand back"),
         })?;
         let c = &self.m.config;
         let interval = c

@@ -187,7 +187,7 @@ impl Shared {
 }
 
 /// Why a page-stream worker stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WorkerFailure {
     /// The stream's connection was lost (closed, reset, or the peer took nothing
     /// within the deadline): the session can resume on new connections.
@@ -195,32 +195,37 @@ pub enum WorkerFailure {
         /// Page stream index.
         stream: usize,
         /// The transport error.
-        message: String,
+        source: Arc<crate::transport::TransportError>,
     },
     /// Encoding or writing failed.
     Failed {
         /// Page stream index.
         stream: usize,
         /// The error.
-        message: String,
+        source: Arc<super::StreamFailure>,
     },
     /// The worker panicked (a bug, or a stream implementation that panicked).
     Panicked {
         /// Page stream index.
         stream: usize,
         /// The panic message.
-        message: String,
+        message: super::PanicMessage,
     },
 }
 
 impl WorkerFailure {
     /// The failure of writing to stream `stream`.
-    fn of_stream(stream: usize, e: &crate::transport::TransportError) -> Self {
-        let message = e.to_string();
+    fn of_stream(stream: usize, e: crate::transport::TransportError) -> Self {
         if e.is_link_loss() {
-            Self::Lost { stream, message }
+            Self::Lost {
+                stream,
+                source: Arc::new(e),
+            }
         } else {
-            Self::Failed { stream, message }
+            Self::Failed {
+                stream,
+                source: Arc::new(super::StreamFailure::Write(e)),
+            }
         }
     }
 }
@@ -231,21 +236,19 @@ pub enum BatchError {
     /// Writing the frame failed.
     Stream(crate::transport::TransportError),
     /// Reading or encoding the pages failed.
-    Encode(String),
+    Encode(super::StreamFailure),
 }
 
-impl From<String> for BatchError {
-    fn from(s: String) -> Self {
-        Self::Encode(s)
+impl From<crate::memory::MemoryError> for BatchError {
+    fn from(e: crate::memory::MemoryError) -> Self {
+        Self::Encode(super::StreamFailure::Memory(e))
     }
 }
 
-/// The text of a panic payload.
-pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic with a non-text payload".into())
+impl From<crate::codec::CodecError> for BatchError {
+    fn from(e: crate::codec::CodecError) -> Self {
+        Self::Encode(super::StreamFailure::Codec(e))
+    }
 }
 
 /// [`worker`] with its panics caught: a panic becomes
@@ -264,7 +267,7 @@ pub fn run_worker(
     if let Err(p) = r {
         shared.fail(WorkerFailure::Panicked {
             stream: index,
-            message: panic_message(&*p),
+            message: super::PanicMessage::of(&*p),
         });
     }
 }
@@ -360,7 +363,7 @@ pub fn worker(
                         }
                         Err(e) => {
                             st.broken = true;
-                            shared.fail(WorkerFailure::of_stream(index, &e));
+                            shared.fail(WorkerFailure::of_stream(index, e));
                         }
                     }
                 }
@@ -374,7 +377,7 @@ pub fn worker(
                         .send(FrameKind::StreamEnd, 0, &[], &[])
                         .and_then(|_| out.flush())
                     {
-                        shared.fail(WorkerFailure::of_stream(index, &e));
+                        shared.fail(WorkerFailure::of_stream(index, e));
                     }
                 }
                 return;
@@ -457,13 +460,13 @@ fn handle_batch(
         }
         Err(BatchError::Stream(e)) => {
             st.broken = true;
-            shared.fail(WorkerFailure::of_stream(index, &e));
+            shared.fail(WorkerFailure::of_stream(index, e));
         }
-        Err(BatchError::Encode(message)) => {
+        Err(BatchError::Encode(e)) => {
             st.broken = true;
             shared.fail(WorkerFailure::Failed {
                 stream: index,
-                message,
+                source: Arc::new(e),
             });
         }
     }
@@ -489,19 +492,16 @@ fn send_batch(
     let zero_hash = zero_page_hash();
     s.indexes.clear();
     for &(start, count) in &b.extents {
-        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        let gfn = mem.gfn_of(start)?;
         s.meta.extents.push(Extent { gfn, count });
         // Copy each populated page to the next payload slot; a zero page's slot is
         // reused by the next page. Unpopulated pages are zero without being read.
-        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
-        mem.regions()[r]
-            .populated(rp, count as u64, &mut s.present)
-            .map_err(|e| e.to_string())?;
+        let (r, rp) = mem.locate(start)?;
+        mem.regions()[r].populated(rp, count as u64, &mut s.present)?;
         let mut wr = pos;
         for p in 0..count as usize {
             let is_zero = !s.present[p] || {
-                mem.read_pages(start + p as u64, &mut s.pages[wr..wr + PAGE_SIZE])
-                    .map_err(|e| e.to_string())?;
+                mem.read_pages(start + p as u64, &mut s.pages[wr..wr + PAGE_SIZE])?;
                 is_zero_page(&s.pages[wr..wr + PAGE_SIZE])
             };
             let hash = if is_zero {
@@ -544,11 +544,7 @@ fn send_batch(
     s.meta.payload_len = payload.len() as u32;
     let mut codec = codec;
     if codec != CodecId::Raw && !payload.is_empty() {
-        let smaller = s
-            .codecs
-            .get(codec)
-            .encode(payload, &mut s.encoded)
-            .map_err(|e| e.to_string())?;
+        let smaller = s.codecs.get(codec).encode(payload, &mut s.encoded)?;
         if !smaller {
             codec = CodecId::Raw;
         }
@@ -597,16 +593,14 @@ fn send_batch_zero_copy(
     let mut zeros = 0u64;
     let mut nonzero = 0usize;
     for &(start, count) in &b.extents {
-        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        let gfn = mem.gfn_of(start)?;
         s.meta.extents.push(Extent { gfn, count });
-        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        let (r, rp) = mem.locate(start)?;
         let region = &mem.regions()[r];
-        region
-            .populated(rp, count as u64, &mut s.present)
-            .map_err(|e| e.to_string())?;
+        region.populated(rp, count as u64, &mut s.present)?;
         // SAFETY: a racy view of guest memory; everything derived from it is marked
         // racy unless the batch is quiescent (VM paused/stopped), see above.
-        let view = unsafe { region.racy_slice(rp, count as u64) }.map_err(|e| e.to_string())?;
+        let view = unsafe { region.racy_slice(rp, count as u64) }?;
         let mut run: Option<usize> = None;
         for p in 0..count as usize {
             let page = &view[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];

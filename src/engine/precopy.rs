@@ -18,7 +18,7 @@ use super::pipeline::{
     batches_of, run_worker, Batch, Ctl, Shared, WorkerFailure, QUEUE_DEPTH_PER_WORKER,
 };
 use super::policy::{Decision, PolicySnapshot};
-use super::{brownout, setup, Migration, MigrationError};
+use super::{brownout, setup, Migration, MigrationError, SendError};
 use crate::memory::PageSet;
 use crate::proof::SampledAudit;
 use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
@@ -27,7 +27,7 @@ use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::framed::FrameWriter;
 use crate::transport::Connector;
 use crate::wire::control::SessionId;
-use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
+use crate::wire::{ControlMsg, ProtocolViolation, MAX_BATCH_PAGES};
 
 /// How long workers get to exit after their streams were cut.
 const JOIN_GRACE: Duration = Duration::from_secs(2);
@@ -105,7 +105,7 @@ impl Run<'_> {
         }
         self.link.as_mut().ok_or(MigrationError::Protocol {
             phase: "control",
-            message: "the control stream was lost (heartbeat thread died)".into(),
+            violation: ProtocolViolation::ControlLost("heartbeat thread died"),
         })
     }
 
@@ -117,7 +117,9 @@ impl Run<'_> {
         if self.heartbeat.as_ref().is_some_and(|h| h.has_failed()) {
             return Some(self.control().err().unwrap_or(MigrationError::Protocol {
                 phase: "rounds",
-                message: "the heartbeat thread stopped without a reason".into(),
+                violation: ProtocolViolation::ControlLost(
+                    "the heartbeat thread stopped without a reason",
+                ),
             }));
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -140,7 +142,7 @@ impl Run<'_> {
             self.sent_round[p as usize] = round;
         }
         let Some(tx) = self.tx.as_ref() else {
-            return Err(MigrationError::Send("the page workers were stopped".into()));
+            return Err(MigrationError::Send(SendError::WorkersStopped));
         };
         let mut sent = 0u64;
         let mut since_event = 0u64;
@@ -238,7 +240,7 @@ impl Run<'_> {
             Ok(()) => self.check_workers(),
             Err(GateError::Aborted) => {
                 self.check_workers()?;
-                Err(MigrationError::Send("the round gate was aborted".into()))
+                Err(MigrationError::Send(SendError::GateAborted))
             }
             Err(GateError::Stopped) => Err(stopped.unwrap_or(MigrationError::Cancelled)),
             Err(GateError::Stalled(after)) => Err(MigrationError::TimedOut {
@@ -294,12 +296,12 @@ impl Run<'_> {
     pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
         match self.shared.failure() {
             None => Ok(()),
-            Some(WorkerFailure::Lost { stream, message }) => {
-                Err(MigrationError::PageStreamLost { stream, message })
+            Some(WorkerFailure::Lost { stream, source }) => {
+                Err(MigrationError::PageStreamLost { stream, source })
             }
-            Some(WorkerFailure::Failed { stream, message }) => Err(MigrationError::Send(format!(
-                "page stream {stream}: {message}"
-            ))),
+            Some(WorkerFailure::Failed { stream, source }) => {
+                Err(MigrationError::Send(SendError::Stream { stream, source }))
+            }
             Some(WorkerFailure::Panicked { stream, message }) => {
                 Err(MigrationError::WorkerPanicked { stream, message })
             }
@@ -425,10 +427,15 @@ pub(crate) fn link_error(f: LinkFailure) -> MigrationError {
             phase: "rounds",
             source,
         },
-        LinkFailure::Unexpected(ControlMsg::Error { message }) => MigrationError::Remote(message),
+        LinkFailure::Unexpected(ControlMsg::Error { message }) => {
+            MigrationError::Remote(message.into())
+        }
         LinkFailure::Unexpected(other) => MigrationError::Protocol {
             phase: "rounds",
-            message: format!("unexpected {} on the control stream", other.name()),
+            violation: ProtocolViolation::Unexpected {
+                expected: "heartbeat answers on the control stream",
+                got: other.name(),
+            },
         },
     }
 }

@@ -6,7 +6,7 @@ use super::{Migration, MigrationError};
 use crate::session::SessionToken;
 use crate::transport::framed::{FrameReader, FrameWriter};
 use crate::transport::{Connector, TransportError};
-use crate::wire::{ControlMsg, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use crate::wire::{ControlMsg, ProtocolViolation, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 
 /// Longest a source waits in a serving destination's queue (`ControlMsg::Queued`
 /// notices) before giving up; the destination bounds the wait too.
@@ -83,12 +83,10 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         match reply {
             ControlMsg::Queued { limit, waiting } => {
                 if t0.elapsed() > MAX_QUEUE_WAIT {
-                    return Err(MigrationError::Refused {
-                        code: crate::wire::control::RefuseCode::HostBusy,
-                        message: format!(
-                            "queued at the destination for over {MAX_QUEUE_WAIT:?} \
-                             ({limit} migration(s) at once there, {waiting} waiting)"
-                        ),
+                    return Err(MigrationError::QueuedTooLong {
+                        after: MAX_QUEUE_WAIT,
+                        limit,
+                        waiting,
                     });
                 }
             }
@@ -101,22 +99,29 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
             if m.config.delta && !capabilities.iter().any(|c| c == "delta-xor") {
                 return Err(MigrationError::Protocol {
                     phase: "handshake",
-                    message: "delta encoding requested but the destination lacks the \
-                              delta-xor capability"
-                        .into(),
+                    violation: ProtocolViolation::MissingCapability {
+                        capability: "delta-xor",
+                        wanted: "delta encoding",
+                    },
                 });
             }
             let has = |cap: &str| capabilities.iter().any(|c| c == cap);
             (has("resume"), has("drain"))
         }
         ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused { code, message })
+            return Err(MigrationError::Refused {
+                code,
+                message: message.into(),
+            })
         }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
         other => {
             return Err(MigrationError::Protocol {
                 phase: "handshake",
-                message: format!("unexpected {}", other.name()),
+                violation: ProtocolViolation::Unexpected {
+                    expected: "welcome or refuse",
+                    got: other.name(),
+                },
             })
         }
     };
@@ -144,22 +149,28 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
     match control.control().map_err(transport_error("setup"))?.0 {
         ControlMsg::SetupOk => {}
         ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused { code, message })
+            return Err(MigrationError::Refused {
+                code,
+                message: message.into(),
+            })
         }
         ControlMsg::Veto {
             participant,
             reason,
         } => {
-            return Err(MigrationError::Vetoed(crate::device::Veto {
+            return Err(MigrationError::Vetoed(super::error::peer_veto(
                 participant,
                 reason,
-            }))
+            )))
         }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
         other => {
             return Err(MigrationError::Protocol {
                 phase: "setup",
-                message: format!("unexpected {}", other.name()),
+                violation: ProtocolViolation::Unexpected {
+                    expected: "setup-ok, refuse or veto",
+                    got: other.name(),
+                },
             })
         }
     }
@@ -248,18 +259,24 @@ pub fn reconnect(
                 crate::wire::resume::decode_runs(&attachment, held_runs, m.memory.total_pages())
                     .map_err(|e| MigrationError::Protocol {
                         phase: PHASE,
-                        message: e.to_string(),
+                        violation: e.into(),
                     })?;
             (complete_rounds, held)
         }
         ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused { code, message })
+            return Err(MigrationError::Refused {
+                code,
+                message: message.into(),
+            })
         }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
         other => {
             return Err(MigrationError::Protocol {
                 phase: PHASE,
-                message: format!("unexpected {}", other.name()),
+                violation: ProtocolViolation::Unexpected {
+                    expected: "resumed or refuse",
+                    got: other.name(),
+                },
             })
         }
     };

@@ -56,10 +56,15 @@ pub enum MemoryError {
     ReadOnly,
     /// mmap / memfd failure.
     #[error("mapping guest memory failed: {0}")]
-    Map(std::io::Error),
+    Map(#[source] std::io::Error),
     /// Image file could not be opened.
-    #[error("cannot open memory image {0}: {1}")]
-    Image(String, std::io::Error),
+    #[error("cannot open memory image {path}: {source}")]
+    Image {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// memfd name contains NUL.
     #[error("memfd name contains a NUL byte")]
     BadName,

@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use super::{next_connection, ReceiveError, Receiver};
+use super::{next_connection, Awaited, ReceiveError, Receiver, StrayReason};
 use crate::session::{Deadline, DeadlineStream, SessionToken};
 use crate::transport::framed::FrameReader;
 use crate::transport::Acceptor;
@@ -54,13 +54,13 @@ impl Receiver {
             let Some(stream) = next_connection(PHASE, acceptor, give_up)? else {
                 return Err(ReceiveError::TimedOut {
                     phase: PHASE,
-                    what: format!(
-                        "only {} of {streams} page streams arrived{}",
-                        accepted.len(),
-                        super::handshake::stray_note(last_stray.as_deref())
-                    ),
+                    what: Awaited::PageStreams {
+                        arrived: accepted.len(),
+                        expected: streams,
+                    },
                     after: self.config.accept_timeout,
                     stray_connections: strays_before + stray_connections,
+                    last_stray,
                 });
             };
             let deadline = Deadline::new();
@@ -80,19 +80,17 @@ impl Receiver {
                 }
                 Ok((other, _)) => {
                     stray_connections += 1;
-                    last_stray = Some(match other {
+                    last_stray = Some(Box::new(match other {
                         ControlMsg::StreamHello { index, .. } => {
-                            format!(
-                                "its stream hello (index {index}) is not one this session awaits"
-                            )
+                            StrayReason::UnawaitedStream { index }
                         }
-                        other => format!("it opened with {}", other.name()),
-                    });
+                        other => StrayReason::OpenedWith(other.name()),
+                    }));
                     reader.stream().shutdown();
                 }
                 Err(e) => {
                     stray_connections += 1;
-                    last_stray = Some(e.to_string());
+                    last_stray = Some(Box::new(StrayReason::Transport(e)));
                     reader.stream().shutdown();
                 }
             }

@@ -15,8 +15,10 @@
 
 use std::time::Instant;
 
+use super::setup_check::{RefuseReason, VersionRefusal};
 use super::{
-    next_connection, refuse, setup_check, transport_error, Permit, ReceiveError, Receiver,
+    next_connection, refuse, setup_check, transport_error, Awaited, Permit, ReceiveError, Receiver,
+    StrayReason,
 };
 use crate::session::{Deadline, DeadlineStream, SessionToken};
 use crate::transport::framed::FrameReader;
@@ -101,12 +103,10 @@ impl Receiver {
             let Some(stream) = next_connection("accept", acceptor, give_up)? else {
                 return Err(ReceiveError::TimedOut {
                     phase: "accept",
-                    what: format!(
-                        "no connection opened with a valid hello{}",
-                        stray_note(last_stray.as_deref())
-                    ),
+                    what: Awaited::Hello,
                     after: self.config.accept_timeout,
                     stray_connections: *strays,
+                    last_stray,
                 });
             };
             let started = Instant::now();
@@ -153,10 +153,10 @@ impl Receiver {
                         },
                     ..
                 }) => {
-                    let message = setup_check::check_version(&magic, major, minor)
+                    let why = setup_check::check_version(magic.as_str(), major, minor)
                         .err()
-                        .unwrap_or_else(|| format!("unreadable hello of version {major}.{minor}"));
-                    return Err(refuse(&mut control, RefuseCode::Version, message));
+                        .unwrap_or(VersionRefusal::Unreadable { major, minor });
+                    return Err(refuse(&mut control, RefuseCode::Version, why.into()));
                 }
                 // A source in doubt (or `livemig resolve`) asking for an outcome.
                 Ok((ControlMsg::QueryOutcome { session }, _)) => {
@@ -166,12 +166,12 @@ impl Receiver {
                 // Closed, silent, garbage, or another message: not a migration.
                 Ok((other, _)) => {
                     *strays += 1;
-                    last_stray = Some(format!("it opened with {}", other.name()));
+                    last_stray = Some(Box::new(StrayReason::OpenedWith(other.name())));
                     control.stream().shutdown();
                 }
                 Err(e) => {
                     *strays += 1;
-                    last_stray = Some(e.to_string());
+                    last_stray = Some(Box::new(StrayReason::Transport(e)));
                     control.stream().shutdown();
                 }
             }
@@ -185,8 +185,8 @@ impl Receiver {
         control: &mut FrameReader,
         hello: &Hello,
     ) -> Result<Option<Permit>, ReceiveError> {
-        if let Err(message) = setup_check::check_version(&hello.magic, hello.major, hello.minor) {
-            return Err(refuse(control, RefuseCode::Version, message));
+        if let Err(why) = setup_check::check_version(&hello.magic, hello.major, hello.minor) {
+            return Err(refuse(control, RefuseCode::Version, why.into()));
         }
         let permit = match &self.limiter {
             None => None,
@@ -196,10 +196,7 @@ impl Receiver {
                     return Err(refuse(
                         control,
                         RefuseCode::HostBusy,
-                        format!(
-                            "this host already runs {} incoming migration(s), its limit; retry when one finishes",
-                            l.limit()
-                        ),
+                        RefuseReason::HostBusy { limit: l.limit() },
                     ))
                 }
             },
@@ -209,18 +206,12 @@ impl Receiver {
             return Err(refuse(
                 control,
                 RefuseCode::Other,
-                format!(
-                    "{streams} page streams requested; this destination accepts 1 to {}",
-                    self.config.max_streams
-                ),
+                RefuseReason::Streams {
+                    requested: streams,
+                    max: self.config.max_streams,
+                },
             ));
         }
         Ok(permit)
     }
-}
-
-/// `; the last stray connection was dropped because …` for a timeout message.
-pub(super) fn stray_note(last: Option<&str>) -> String {
-    last.map(|why| format!("; the last stray connection was dropped because {why}"))
-        .unwrap_or_default()
 }

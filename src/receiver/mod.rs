@@ -48,10 +48,11 @@ use serde::Serialize;
 
 use crate::device::{ParticipantError, RestoreState, Veto};
 use crate::memory::{GuestMemory, MemoryError, MemoryLayout};
+use crate::proof::MemoryDigest;
 use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
-use crate::wire::ControlMsg;
+use crate::wire::{ControlMsg, PeerText, ProtocolViolation};
 use apply::ApplyShared;
 pub use apply::{PageError, PageErrorKind};
 use handoff::{DestEvent, DestState};
@@ -61,7 +62,8 @@ pub use outcomes::OutcomeLog;
 use rounds::RoundsFailed;
 use setup::Skeleton;
 pub use setup_check::{
-    HostCaps, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
+    HostCaps, RefuseReason, VersionRefusal, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS,
+    DEFAULT_MAX_SETUP_ATTACHMENT,
 };
 
 /// Destination settings.
@@ -149,29 +151,34 @@ impl Default for ReceiverConfig {
 }
 
 /// Why receiving failed. The destination discards everything it received.
+///
+/// Every cause this side finds is typed, and `source()` leads to the underlying
+/// error; the source's own words (an abort reason) are [`PeerText`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReceiveError {
     /// We refused the source (the reason was sent to it).
-    #[error("refused the incoming migration ({code:?}): {message}")]
+    #[error("refused the incoming migration ({code:?}): {reason}")]
     Refused {
         /// Code.
         code: RefuseCode,
-        /// Message.
-        message: String,
+        /// Why (its text is what the source was sent).
+        #[source]
+        reason: RefuseReason,
     },
     /// A participant vetoed (sent to the source).
     #[error("vetoed: {0}")]
-    Vetoed(Veto),
-    /// The memory digest did not match.
+    Vetoed(#[source] Veto),
+    /// The memory digest did not match (sent to the source as a `memory` veto).
     #[error("memory verification failed: {0}")]
-    VerifyFailed(String),
+    VerifyFailed(DigestMismatch),
     /// The source cancelled.
     #[error("the source aborted the migration: {0}")]
-    Aborted(String),
+    Aborted(PeerText),
     /// Page application failed (a broken, corrupt, truncated or out-of-order
     /// stream; the error says which kind).
     #[error("receiving pages failed: {0}")]
-    Pages(apply::PageError),
+    Pages(#[source] apply::PageError),
     /// Transport failure.
     #[error("transport failed during {phase}: {source}")]
     Transport {
@@ -181,24 +188,27 @@ pub enum ReceiveError {
         source: TransportError,
     },
     /// Waited for the source longer than the configured deadline.
-    #[error("timed out during {phase} after {after:?}: {what}{}", stray_note(*stray_connections))]
+    #[error("timed out during {phase} after {after:?}: {what}{}{}", last_stray_note(last_stray.as_deref()), stray_note(*stray_connections))]
     TimedOut {
         /// Phase.
         phase: &'static str,
         /// What did not arrive in time.
-        what: String,
+        what: Awaited,
         /// How long the receiver waited.
         after: Duration,
         /// Stray connections dropped while waiting.
         stray_connections: u32,
+        /// Why the last stray connection was dropped, if one was.
+        last_stray: Option<Box<StrayReason>>,
     },
     /// The source broke the protocol.
-    #[error("protocol error during {phase}: {message}")]
+    #[error("protocol error during {phase}: {violation}")]
     Protocol {
         /// Phase.
         phase: &'static str,
-        /// What.
-        message: String,
+        /// What was wrong.
+        #[source]
+        violation: ProtocolViolation,
     },
     /// Allocating the skeleton VM failed.
     #[error("allocating destination memory: {0}")]
@@ -217,8 +227,68 @@ pub enum ReceiveError {
         /// The resume window.
         after: Duration,
         /// Why the connection broke.
+        #[source]
         cause: Box<ReceiveError>,
     },
+}
+
+/// The source's digest of what it sent differs from this side's digest of what
+/// it applied ([`ReceiveError::VerifyFailed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("memory digest mismatch: source {sent} over {sent_pages} pages, destination {applied} over {pages} pages")]
+pub struct DigestMismatch {
+    /// The source's digest of every page it sent.
+    pub sent: MemoryDigest,
+    /// The guest's pages, as the source counts them.
+    pub sent_pages: u64,
+    /// This side's digest of every page it applied.
+    pub applied: MemoryDigest,
+    /// The guest's pages here.
+    pub pages: u64,
+}
+
+/// What a receiver waited for when its deadline ran out
+/// ([`ReceiveError::TimedOut`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Awaited {
+    /// A connection opening with a valid `Hello`.
+    #[error("no connection opened with a valid hello")]
+    Hello,
+    /// The session's page streams.
+    #[error("only {arrived} of {expected} page streams arrived")]
+    PageStreams {
+        /// Streams that arrived.
+        arrived: usize,
+        /// Streams the session has.
+        expected: u16,
+    },
+    /// A message from the source, as this fixed description names it.
+    #[error("{0}")]
+    Source(&'static str),
+}
+
+/// Why a connection was dropped as stray while the receiver waited.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StrayReason {
+    /// It opened with a valid message that does not start a migration here.
+    #[error("it opened with {0}")]
+    OpenedWith(&'static str),
+    /// Its `StreamHello` names a stream this session does not await.
+    #[error("its stream hello (index {index}) is not one this session awaits")]
+    UnawaitedStream {
+        /// The stream index it named.
+        index: u16,
+    },
+    /// It sent nothing valid in time (closed, silent, garbage).
+    #[error("{0}")]
+    Transport(#[source] TransportError),
+}
+
+fn last_stray_note(last: Option<&StrayReason>) -> String {
+    last.map(|why| format!("; the last stray connection was dropped because {why}"))
+        .unwrap_or_default()
 }
 
 /// What the destination reports.
@@ -278,9 +348,17 @@ pub struct Received {
     pub memory: Arc<GuestMemory>,
 }
 
-/// Checks a setup request beyond layout and caps (a hypervisor's own policy).
-pub type SetupCheck =
-    Box<dyn FnMut(&MemoryLayout, &CompatVector, &[u8]) -> Result<(), (RefuseCode, String)> + Send>;
+/// Checks a setup request beyond layout and caps (a hypervisor's own policy): a
+/// refusal is a code and the hypervisor's error (a message converts with
+/// `.into()`), kept as [`RefuseReason::Hypervisor`].
+pub type SetupCheck = Box<
+    dyn FnMut(
+            &MemoryLayout,
+            &CompatVector,
+            &[u8],
+        ) -> Result<(), (RefuseCode, Box<dyn std::error::Error + Send + Sync>)>
+        + Send,
+>;
 
 /// The destination of one migration.
 pub struct Receiver {
@@ -562,9 +640,10 @@ fn read_error(
         if is_timeout(&source) {
             ReceiveError::TimedOut {
                 phase,
-                what: what.into(),
+                what: Awaited::Source(what),
                 after,
                 stray_connections: 0,
+                last_stray: None,
             }
         } else {
             ReceiveError::Transport { phase, source }
@@ -603,24 +682,21 @@ fn stray_note(n: u32) -> String {
 }
 
 /// The source broke the protocol in `phase`.
-fn protocol_error(phase: &'static str, message: impl Into<String>) -> ReceiveError {
-    ReceiveError::Protocol {
-        phase,
-        message: message.into(),
-    }
+fn protocol_error(phase: &'static str, violation: ProtocolViolation) -> ReceiveError {
+    ReceiveError::Protocol { phase, violation }
 }
 
 /// Tell the source why it is refused (best effort: it may be gone) and return
 /// the same refusal.
-fn refuse(control: &mut FrameReader, code: RefuseCode, message: String) -> ReceiveError {
+fn refuse(control: &mut FrameReader, code: RefuseCode, reason: RefuseReason) -> ReceiveError {
     let _ = control.send_control(
         &ControlMsg::Refuse {
             code,
-            message: message.clone(),
+            message: reason.to_string(),
         },
         &[],
     );
-    ReceiveError::Refused { code, message }
+    ReceiveError::Refused { code, reason }
 }
 
 /// Tell the source about a veto (best effort).

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use super::accept::PageStream;
 use super::apply::ApplyShared;
+use super::setup_check::RefuseReason;
 use super::{next_connection, refuse, setup_check, transport_error, ReceiveError, Receiver};
 use crate::session::{Deadline, DeadlineStream, SessionToken};
 use crate::transport::framed::FrameReader;
@@ -75,14 +76,17 @@ impl Receiver {
                     },
                     _,
                 )) if s == *session => {
-                    if let Err(m) = setup_check::check_version(&magic, major, minor) {
-                        return Err(refuse(&mut control, RefuseCode::Version, m));
+                    if let Err(why) = setup_check::check_version(&magic, major, minor) {
+                        return Err(refuse(&mut control, RefuseCode::Version, why.into()));
                     }
                     if n != streams {
                         return Err(refuse(
                             &mut control,
                             RefuseCode::Other,
-                            format!("resume with {n} page streams; this session has {streams}"),
+                            RefuseReason::ResumeStreams {
+                                requested: n,
+                                session: streams,
+                            },
                         ));
                     }
                     let complete = shared.gate.rounds_done();
@@ -91,21 +95,21 @@ impl Receiver {
                         return Err(refuse(
                             &mut control,
                             RefuseCode::Other,
-                            format!(
-                                "resume at round {round}, which is not after every round \
-                                 already sent (complete: {complete}, highest seen: {})",
-                                highest.map_or("none".into(), |h| h.to_string())
-                            ),
+                            RefuseReason::ResumeRound {
+                                round,
+                                complete,
+                                highest,
+                            },
                         ));
                     }
                     if round >= self.config.max_rounds {
                         return Err(refuse(
                             &mut control,
                             RefuseCode::Other,
-                            format!(
-                                "resume at round {round}, beyond this receiver's limit of {} rounds",
-                                self.config.max_rounds
-                            ),
+                            RefuseReason::ResumeBeyondLimit {
+                                round,
+                                max: self.config.max_rounds,
+                            },
                         ));
                     }
                     shared.reopen(round);
@@ -139,19 +143,13 @@ impl Receiver {
                     let _ = refuse(
                         &mut control,
                         RefuseCode::HostBusy,
-                        format!(
-                            "this destination holds session {session} for its source to resume"
-                        ),
+                        RefuseReason::SessionHeld(*session),
                     );
                     control.stream().shutdown();
                 }
                 Ok((ControlMsg::Resume { .. }, _)) => {
                     strays += 1;
-                    let _ = refuse(
-                        &mut control,
-                        RefuseCode::Other,
-                        "no such session to resume here".into(),
-                    );
+                    let _ = refuse(&mut control, RefuseCode::Other, RefuseReason::NoSuchSession);
                     control.stream().shutdown();
                 }
                 Ok(_) | Err(_) => {

@@ -149,7 +149,7 @@ pub enum ServiceError {
     },
     /// The runtime, the listener or the signal handlers could not be set up.
     #[error("cannot start the service: {0}")]
-    Start(std::io::Error),
+    Start(#[source] std::io::Error),
 }
 
 /// How a session ended.

@@ -310,12 +310,12 @@ impl ControlMsg {
                     minor,
                 }) if (major, minor) != (PROTOCOL_MAJOR, PROTOCOL_MINOR) => {
                     WireError::OtherVersion {
-                        magic,
+                        magic: magic.into(),
                         major,
                         minor,
                     }
                 }
-                _ => WireError::Control(e.to_string()),
+                _ => WireError::Control(MalformedControl(std::sync::Arc::new(e))),
             }
         })
     }
@@ -348,5 +348,39 @@ impl ControlMsg {
             Self::Resume { .. } => "resume",
             Self::Resumed { .. } => "resumed",
         }
+    }
+}
+
+/// A control message that does not parse (its JSON is invalid or does not match
+/// any message). Its `source()` is the JSON parser's error; its display names the
+/// position and sanitizes the parser's text, which quotes the peer's input.
+#[derive(Debug, Clone)]
+pub struct MalformedControl(std::sync::Arc<serde_json::Error>);
+
+impl MalformedControl {
+    /// The JSON parser's error.
+    pub fn json(&self) -> &serde_json::Error {
+        &self.0
+    }
+}
+
+impl PartialEq for MalformedControl {
+    fn eq(&self, other: &Self) -> bool {
+        let key = |e: &serde_json::Error| (e.classify(), e.line(), e.column());
+        key(&self.0) == key(&other.0)
+    }
+}
+
+impl Eq for MalformedControl {}
+
+impl std::fmt::Display for MalformedControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&super::PeerText::new(self.0.to_string()), f)
+    }
+}
+
+impl std::error::Error for MalformedControl {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }

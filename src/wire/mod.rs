@@ -37,11 +37,16 @@
 pub mod batch;
 pub mod control;
 pub mod frame;
+mod peer_text;
 pub mod resume;
+mod violation;
 
 pub use batch::{BatchMeta, Extent};
-pub use control::ControlMsg;
+pub use control::{ControlMsg, MalformedControl};
 pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN};
+pub use peer_text::PeerText;
+pub use resume::HeldRunsError;
+pub use violation::ProtocolViolation;
 
 /// Run every wire decoder over arbitrary bytes, ignoring errors (the fuzz entry
 /// point; see [`crate::fuzz::decode_all`]).
@@ -82,7 +87,7 @@ pub const MAX_BATCH_DATA: usize = MAX_BATCH_PAGES * (crate::memory::PAGE_SIZE + 
 pub const MAX_CONTROL_DATA: usize = 64 * 1024 * 1024;
 
 /// Decoding errors. Every malformed input maps to one of these; decoding never panics.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     /// Not a livemig frame.
     #[error("bad frame magic {0:#06x} (not a livemig stream?)")]
@@ -116,19 +121,19 @@ pub enum WireError {
     Truncated(&'static str),
     /// A control message could not be parsed.
     #[error("malformed control message: {0}")]
-    Control(String),
+    Control(#[source] MalformedControl),
     /// Unknown codec id.
     #[error("unknown codec id {0}")]
     BadCodec(u8),
     /// A `Resumed` attachment that breaks its rules (see [`resume::decode_runs`]).
     #[error("invalid held-run list: {0}")]
-    HeldRuns(String),
+    HeldRuns(#[source] HeldRunsError),
     /// A `Hello` of another protocol version, whose other fields this version
     /// cannot read (see [`ControlMsg::decode`]).
     #[error("hello of protocol version {major}.{minor} (magic {magic:?}), which this build cannot parse")]
     OtherVersion {
         /// The peer's handshake magic.
-        magic: String,
+        magic: PeerText,
         /// The peer's major version.
         major: u16,
         /// The peer's minor version.
