@@ -312,7 +312,10 @@ fn hand_receiver(resume_window: Duration) -> (String, std::thread::JoinHandle<De
         accept_timeout: Duration::from_secs(5),
         ..receiver_config()
     };
-    (addr, spawn_receiver(Receiver::new().config(config), acceptor))
+    (
+        addr,
+        spawn_receiver(Receiver::new().config(config), acceptor),
+    )
 }
 
 /// A source that drops its connection after `Welcome` and never comes back:

@@ -172,8 +172,7 @@ impl Receiver {
             let stream = DeadlineStream::new(stream, deadline.clone());
             let mut control = FrameReader::new(Box::new(stream), "control");
             match control.control() {
-                Ok((ControlMsg::Hello { session: other, .. }, _))
-                    if matches!(&awaited, Awaited::Restart { session, .. } if other != **session) =>
+                Ok((ControlMsg::Hello { session: other, .. }, _)) if matches!(&awaited, Awaited::Restart { session, .. } if other != **session) =>
                 {
                     *strays += 1;
                     last_stray = Some("it is a hello of another session".into());

@@ -64,7 +64,10 @@ pub(super) struct Established {
 impl Receiver {
     /// Handshake, setup and page streams, started over after a lost connection
     /// (see the module docs).
-    pub(super) fn establish(&mut self, acceptor: &dyn Acceptor) -> Result<Established, ReceiveError> {
+    pub(super) fn establish(
+        &mut self,
+        acceptor: &dyn Acceptor,
+    ) -> Result<Established, ReceiveError> {
         let mut strays = 0u32;
         let mut permit = None;
         let mut restarts = 0u32;

@@ -106,9 +106,8 @@ impl Receiver {
                         streams: n,
                         round,
                     };
-                    return self.take_resume(
-                        acceptor, request, session, streams, shared, strays, resumes,
-                    );
+                    return self
+                        .take_resume(acceptor, request, session, streams, shared, strays, resumes);
                 }
                 Ok((ControlMsg::QueryOutcome { session }, _)) => {
                     self.outcomes.answer(&mut control, session);
