@@ -641,8 +641,9 @@ fn finish(
         audit_ms: ms(run.audit.elapsed),
         tracker_fallback: run.tracker_fallback,
         post_audit,
-        resumed: run.reconnects > 0,
+        resumed: run.reconnects > run.setup_restarts,
         reconnects: run.reconnects,
+        setup_restarts: run.setup_restarts,
         resent_pages: run.resent_pages,
     };
     run.emit(Event::Completed(Box::new(report.clone())));

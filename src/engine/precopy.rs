@@ -81,8 +81,11 @@ pub(crate) struct Run<'a> {
     pub sent_round: Vec<u32>,
     /// Pages of the last round that were never queued (its sending stopped early).
     pub unqueued: u64,
-    /// Successful resumptions after a broken connection.
+    /// Successful reconnections after a broken connection (setup restarts
+    /// included).
     pub reconnects: u32,
+    /// Of `reconnects`, the setups started over before round 0.
+    pub setup_restarts: u32,
     /// Pages sent again after resumptions.
     pub resent_pages: u64,
 }
@@ -454,9 +457,10 @@ pub(crate) fn run(
         };
         // Setup under cancel: a cancel cuts the streams opened so far, which ends
         // a blocking handshake read at once.
+        // A connection lost before round 0 starts the setup over (same token).
         let session = {
             let cancellable = CancelConnector::new(connector, m.cancel.clone());
-            setup::connect(&m, &cancellable).map_err(|e| {
+            setup::establish(&m, &cancellable).map_err(|e| {
                 if m.cancel.is_cancelled() {
                     MigrationError::Cancelled
                 } else {
@@ -471,6 +475,7 @@ pub(crate) fn run(
             rtt,
             resumable,
             drains,
+            restarts: setup_restarts,
         } = session;
         let mut link = ControlLink::new(control.into_stream());
         if m.cancel.is_cancelled() {
@@ -550,7 +555,8 @@ pub(crate) fn run(
             drains,
             sent_round,
             unqueued: 0,
-            reconnects: 0,
+            reconnects: setup_restarts,
+            setup_restarts,
             resent_pages: 0,
         };
         let r = precopy(&mut run);

@@ -36,6 +36,7 @@ mod commit;
 pub mod handoff;
 mod handshake;
 pub mod outcomes;
+mod restart;
 mod resume;
 mod rounds;
 mod setup;
@@ -53,10 +54,8 @@ use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
 use crate::wire::{ControlMsg, PeerText, ProtocolViolation};
-use apply::ApplyShared;
 pub use apply::{PageError, PageErrorKind};
 use handoff::{DestEvent, DestState};
-use handshake::Handshake;
 pub use limiter::{HostLimiter, Permit};
 pub use outcomes::OutcomeLog;
 use rounds::RoundsFailed;
@@ -284,6 +283,9 @@ pub enum StrayReason {
     /// It sent nothing valid in time (closed, silent, garbage).
     #[error("{0}")]
     Transport(#[source] TransportError),
+    /// A `Hello` of another session while one waits for its source to start over.
+    #[error("it is a hello of another session")]
+    OtherSession,
 }
 
 fn last_stray_note(last: Option<&StrayReason>) -> String {
@@ -337,6 +339,9 @@ pub struct ReceiveReport {
     pub outcome_known: bool,
     /// Times the session resumed after its connection broke during the rounds.
     pub resumes: u32,
+    /// Times the setup started over after its connection broke before the
+    /// rounds (see docs/PROTOCOL.md, "Setup restart").
+    pub setup_restarts: u32,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -505,32 +510,28 @@ impl Receiver {
 
     /// The phases in order; each hands the next what it needs.
     fn run_inner(&mut self, acceptor: &dyn Acceptor) -> Result<Received, ReceiveError> {
-        let Handshake {
+        let restart::Established {
             mut control,
-            deadline,
             session,
             streams,
             permit: _permit,
             started,
-            stray_connections,
-        } = self.handshake(acceptor)?;
-        self.session = Some(session);
-        let Skeleton {
-            memory,
-            setup_ms,
-            prepared,
-        } = self.setup(&mut control, &deadline)?;
-        let page_streams =
-            self.accept_page_streams(acceptor, &session, streams, stray_connections)?;
-        let mut stray_connections = stray_connections + page_streams.stray_connections;
+            skeleton:
+                Skeleton {
+                    memory,
+                    setup_ms,
+                    prepared,
+                },
+            shared,
+            page_streams,
+            first_round,
+            mut stray_connections,
+            restarts: setup_restarts,
+            mut resumes,
+        } = self.establish(acceptor)?;
         // What was applied outlives a broken connection: a resumed session goes on
         // with it.
-        let shared = Arc::new(
-            ApplyShared::new(memory.clone(), streams as usize, self.config.max_rounds)
-                .caller_memory(self.memory.is_some() && !self.memory_zero),
-        );
-        let mut page_streams = page_streams.streams;
-        let (mut first_round, mut resumes) = (0u32, 0u32);
+        let (mut page_streams, mut first_round) = (page_streams, first_round);
         let rounds = loop {
             match self.receive_rounds(
                 &mut control,
@@ -547,12 +548,18 @@ impl Receiver {
                     {
                         return Err(error);
                     }
-                    let r = self.await_resume(acceptor, &session, streams, &shared, error)?;
+                    let r = self.await_resume(
+                        acceptor,
+                        &session,
+                        streams,
+                        &shared,
+                        error,
+                        &mut resumes,
+                    )?;
                     control = r.control;
                     page_streams = r.streams;
                     first_round = r.round;
                     stray_connections += r.stray_connections;
-                    resumes += 1;
                 }
             }
         };
@@ -588,6 +595,7 @@ impl Receiver {
             stray_connections,
             outcome_known: committed.outcome_known,
             resumes,
+            setup_restarts,
         };
         Ok(Received { report, memory })
     }

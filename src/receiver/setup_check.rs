@@ -33,6 +33,10 @@ pub enum RefuseReason {
         /// The limit.
         limit: usize,
     },
+    /// This destination holds another session whose source may start its setup
+    /// over (a serving destination routes such hellos to that session instead).
+    #[error("this destination holds another session for its source to start over")]
+    HeldForRestart,
     /// The source asked for a number of page streams out of range.
     #[error("{requested} page streams requested; this destination accepts 1 to {max}")]
     Streams {
@@ -132,6 +136,31 @@ pub enum RefuseReason {
     /// A resume of a session this destination does not hold.
     #[error("no such session to resume here")]
     NoSuchSession,
+    /// The session resumed (or restarted its setup) as often as this receiver
+    /// allows (`ReceiverConfig::max_resumes`).
+    #[error("session {session} already resumed {max} times, this receiver's limit")]
+    ResumeLimit {
+        /// The session.
+        session: SessionToken,
+        /// The limit.
+        max: u32,
+    },
+    /// The session started its setup over as often as this receiver allows
+    /// (`ReceiverConfig::max_resumes`).
+    #[error("session {session} already started its setup over {max} times, this receiver's limit")]
+    RestartLimit {
+        /// The session.
+        session: SessionToken,
+        /// The limit.
+        max: u32,
+    },
+    /// A second `Hello` of a session being set up, from a source that did not
+    /// offer `setup-restart`.
+    #[error("session {0} is already set up here")]
+    AlreadySetUp(SessionToken),
+    /// A `Hello` of a session past its setup: it can only resume.
+    #[error("session {0} is past its setup: it can only resume")]
+    PastSetup(SessionToken),
 }
 
 fn join(names: &[PeerText]) -> String {

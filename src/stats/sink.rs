@@ -220,8 +220,13 @@ impl ProgressSink for TracingSink {
                 mismatches = a.mismatches,
                 "post-switchover audit found stale pages"
             ),
-            Event::Reconnecting { round, error } => tracing::info!(
+            Event::Reconnecting {
+                phase,
+                round,
+                error,
+            } => tracing::info!(
                 parent: span,
+                phase = phase.as_str(),
                 round,
                 error = error.as_str(),
                 "connection broke; reconnecting"

@@ -72,7 +72,13 @@ pub const CAPABILITIES: &[&str] = &[
     "queue-notice",
     "resume",
     "drain",
+    SETUP_RESTART,
 ];
+
+/// The capability of a peer that starts a setup over when its connection is lost
+/// before round 0 (docs/PROTOCOL.md, "Setup restart"): in `Hello`, the source will
+/// come back with the same token; in `Welcome`, the destination waits for it.
+pub const SETUP_RESTART: &str = "setup-restart";
 
 /// Largest number of pages in one batch frame.
 pub const MAX_BATCH_PAGES: usize = 256;
