@@ -49,8 +49,13 @@ fn a_fixed_seed_campaign_holds_every_invariant() {
     );
     assert!(n("resumed") <= n("completed"));
     assert!(n("transient_resumed") <= n("transient_faults"));
-    // Faults did fire: not every run completed untouched.
-    assert!(n("completed") < RUNS, "no fault had an effect: {stdout}");
+    // Faults did fire and had an effect: some run reconnected, failed or was in
+    // doubt (with setup restarts, every run of a campaign may well complete).
+    assert!(n("no_fault_fired") < RUNS, "no fault fired: {stdout}");
+    assert!(
+        n("resumed") + n("failed_clean") + n("in_doubt_resolved") > 0,
+        "no fault had an effect: {stdout}"
+    );
     // The table names the classes that fired.
     assert!(stdout.contains("fault class"), "{stdout}");
 }

@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livemig::dirty::ExplicitTracker;
-use livemig::engine::{CancelToken, DowntimePolicy, HostSlots, Migration, MigrationError, OnLimit};
+use livemig::engine::{
+    AbortReason, CancelToken, DowntimePolicy, HostSlots, Migration, MigrationError, OnLimit,
+};
 use livemig::memory::{DirtyBitmap, GuestMemory};
 use livemig::receiver::{ReceiveError, Received, Receiver};
 use livemig::stats::sink::Collect;
@@ -168,7 +170,14 @@ fn no_auto_converge_with_cancel_on_limit_aborts_and_source_runs() {
     let (r, recv) = migrate(&g, policy, CancelToken::new(), Some(sink.clone()));
     match r {
         Err(MigrationError::PolicyAbort(why)) => {
-            assert!(why.contains("converg"), "{why}")
+            assert!(
+                matches!(
+                    why,
+                    AbortReason::LimitReached { .. } | AbortReason::Stalled { .. }
+                ),
+                "{why:?}"
+            );
+            assert!(why.to_string().contains("converg"), "{why}")
         }
         other => panic!("expected a policy abort, got {other:?}"),
     }
@@ -290,4 +299,40 @@ fn concurrent_migrations_queue_for_host_slots() {
     }
     assert_eq!(slots.running(), 0);
     assert_eq!(slots.waiting(), 0);
+}
+
+#[test]
+fn the_destination_drains_what_is_in_flight_before_the_pause() {
+    let g = guest(32, 200, 4, Skew::Hot80_20);
+    let sink = Arc::new(Collect::default());
+    let s: Arc<dyn ProgressSink> = sink.clone();
+    let (r, recv) = migrate(&g, DowntimePolicy::default(), CancelToken::new(), Some(s));
+    let report = r.expect("migration");
+    let received = recv.join().unwrap().expect("receiver");
+    assert_same_memory(&g, &received);
+    let events = sink.events();
+    let brownout = events
+        .iter()
+        .position(|e| matches!(e, Event::Brownout { .. }))
+        .expect("a brownout event");
+    // The last thing before the pause is the destination's answer: every round
+    // sent was applied, and nothing was sent after it.
+    match &events[brownout - 1] {
+        Event::Drained { round, applied, .. } => {
+            assert!(
+                *applied,
+                "loopback destination caught up: {:?}",
+                events[brownout - 1]
+            );
+            assert_eq!(
+                *round + 1,
+                report.rounds - 1,
+                "drained the last round before the final one"
+            );
+        }
+        other => panic!("expected Drained right before Brownout, got {other:?}"),
+    }
+    assert!(report
+        .brownout_reason
+        .contains("for the destination to apply round"));
 }

@@ -7,7 +7,7 @@ mod setup_common;
 use std::sync::Arc;
 
 use livemig::engine::MigrationError;
-use livemig::receiver::{prepare_memory, ReceiveError, Receiver, ReceiverConfig};
+use livemig::receiver::{prepare_memory, ReceiveError, Receiver, ReceiverConfig, RefuseReason};
 use livemig::wire::control::RefuseCode;
 use setup_common::{guest, migrate, source};
 
@@ -59,8 +59,21 @@ fn a_guest_bigger_than_the_prepared_memory_is_refused_at_setup() {
         .prepared_memory(prepared);
     let (res, recv) = migrate(m, r);
     match recv {
-        Err(ReceiveError::Refused { code, message }) => {
+        Err(ReceiveError::Refused { code, reason }) => {
             assert_eq!(code, RefuseCode::MemoryLayout);
+            assert!(
+                matches!(
+                    reason,
+                    RefuseReason::LayoutMismatch {
+                        source_bytes,
+                        dest_bytes,
+                        prepared: true,
+                        ..
+                    } if source_bytes == 16 << 20 && dest_bytes == 8 << 20
+                ),
+                "{reason:?}"
+            );
+            let message = reason.to_string();
             assert!(
                 message.contains(&(16u64 << 20).to_string())
                     && message.contains(&(8u64 << 20).to_string()),

@@ -28,7 +28,7 @@ fn assert_size_refusal(out: Outcome) {
             code: RefuseCode::MemoryLayout,
             ref message,
         }) => assert!(
-            message.contains("memory size mismatch"),
+            message.as_str().contains("memory size mismatch"),
             "refusal does not name the reason: {message}"
         ),
         other => panic!("expected a memory-layout refusal, got {other:?}"),
@@ -128,7 +128,7 @@ fn host_memory_limit_is_refused() {
         Err(MigrationError::Refused {
             code: RefuseCode::MemoryLayout,
             message,
-        }) => assert!(message.contains("limit"), "{message}"),
+        }) => assert!(message.as_str().contains("limit"), "{message}"),
         other => panic!("{other:?}"),
     }
     assert!(out.dest.is_err());
@@ -262,7 +262,60 @@ fn version_refusal_reaches_the_source() {
         Err(MigrationError::Refused {
             code: RefuseCode::Version,
             message,
-        }) => assert!(message.contains("not supported")),
+        }) => assert!(message.as_str().contains("not supported")),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A hostile destination's refusal text is its claim, not ours: the source
+/// carries it bounded and with every control character escaped, so it cannot
+/// write terminal escape sequences or fake lines into the operator's logs.
+#[test]
+fn a_hostile_refusal_message_reaches_the_source_sanitized_and_bounded() {
+    let mem = source_memory(16 * MIB, 1);
+    let (c, a) = mem::pair();
+    let hostile = format!(
+        "\x1b[2J\x1b]0;pwned\x07\nERROR fake line\u{202e}{}",
+        "A".repeat(16 * 1024)
+    );
+    let sent = hostile.clone();
+    let result = with_timeout(GUARD, "hostile refusal", move || {
+        let fake = std::thread::spawn(move || {
+            let s = a.accept(Duration::from_secs(10)).unwrap();
+            let mut control = FrameReader::new(s, "control");
+            let _ = control.control().unwrap();
+            control
+                .send_control(
+                    &ControlMsg::Refuse {
+                        code: RefuseCode::Other,
+                        message: sent,
+                    },
+                    &[],
+                )
+                .unwrap();
+        });
+        let r = Migration::new(mem).run(&c);
+        fake.join().unwrap();
+        r
+    });
+    match result {
+        Err(e @ MigrationError::Refused { .. }) => {
+            let shown = e.to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown:?}");
+            assert!(!shown.contains('\u{202e}'), "{shown:?}");
+            assert!(shown.contains("\\u{1b}[2J"), "{shown:?}");
+            assert!(shown.contains("\\nERROR fake line"), "{shown:?}");
+            assert!(
+                shown.len() < hostile.len() / 8,
+                "bounded: {} bytes",
+                shown.len()
+            );
+            let MigrationError::Refused { message, .. } = e else {
+                unreachable!()
+            };
+            assert!(message.is_truncated());
+            assert!(message.as_str().len() <= livemig::wire::PeerText::MAX_BYTES);
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -278,7 +331,7 @@ fn too_many_streams_is_refused() {
     let out = migrate(m, c, Receiver::new().config(cfg), a);
     match out.source {
         Err(MigrationError::Refused { message, .. }) => {
-            assert!(message.contains("1 to 2"), "{message}")
+            assert!(message.as_str().contains("1 to 2"), "{message}")
         }
         other => panic!("{other:?}"),
     }

@@ -77,18 +77,16 @@ fn expect_refusal(mib: usize, config: MigrationConfig, r: Receiver, code: Refuse
     let message = match res {
         Err(MigrationError::Refused { code: c, message }) => {
             assert_eq!(c, code, "refusal code (message: {message})");
-            message
+            message.to_string()
         }
         other => panic!("expected a {code:?} refusal, got {other:?}"),
     };
     match recv {
-        Err(ReceiveError::Refused {
-            code: c,
-            message: m2,
-        }) => {
+        Err(ReceiveError::Refused { code: c, reason }) => {
             assert_eq!(c, code);
             assert_eq!(
-                m2, message,
+                reason.to_string(),
+                message,
                 "the source reports the destination's message verbatim"
             );
         }

@@ -356,6 +356,8 @@ fn trickled_setup_is_cut_at_the_setup_deadline() {
         settings.setup_timeout = setup_timeout;
         settings.hello_timeout = Duration::from_secs(5);
         settings.idle_timeout = Duration::from_secs(5);
+        // No wait for the source to start the setup over: the deadline's error.
+        settings.resume_window = Duration::ZERO;
         settings
     };
     let setup_frame = control_frame(&setup(), &[]);

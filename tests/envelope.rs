@@ -71,7 +71,9 @@ fn bad_checksum_is_rejected() {
     b[last] ^= 1;
     assert_eq!(
         envelope::decode(&b),
-        Err(EnvelopeError::Checksum("vcpu0".into()))
+        Err(EnvelopeError::Checksum(livemig::wire::PeerText::new(
+            "vcpu0"
+        )))
     );
 }
 

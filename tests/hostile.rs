@@ -244,7 +244,7 @@ fn pages_error(e: ReceiveError) -> String {
 fn pages_error_of_kind(e: ReceiveError, kind: livemig::receiver::PageErrorKind) -> String {
     match e {
         ReceiveError::Pages(m) => {
-            assert_eq!(m.kind, kind, "{m}");
+            assert_eq!(m.kind(), kind, "{m}");
             m.to_string()
         }
         other => panic!("expected a page error, got {other:?}"),
@@ -253,7 +253,7 @@ fn pages_error_of_kind(e: ReceiveError, kind: livemig::receiver::PageErrorKind) 
 
 fn refused(e: ReceiveError, want: RefuseCode) -> String {
     match e {
-        ReceiveError::Refused { code, message } if code == want => message,
+        ReceiveError::Refused { code, reason } if code == want => reason.to_string(),
         other => panic!("expected a {want:?} refusal, got {other:?}"),
     }
 }
@@ -493,8 +493,10 @@ fn guest_larger_than_max_memory() {
             code: RefuseCode::MemoryLayout,
             message,
         }) => assert!(
-            message.contains("not enough memory")
-                && message.contains(&format!("{} bytes available", 64 * MIB)),
+            message.as_str().contains("not enough memory")
+                && message
+                    .as_str()
+                    .contains(&format!("{} bytes available", 64 * MIB)),
             "{message}"
         ),
         other => panic!("expected a memory refusal, got {other:?}"),

@@ -294,6 +294,54 @@ fn three_at_once_two_run_one_queues_strays_change_nothing() {
 
 /// A queued source whose slot does not free in time is told "host busy" (not left
 /// to time out); a source that closes while queued leaves the queue.
+/// The control connection of a served session is cut while the source sends its
+/// `Setup`: the source starts the setup over with the same token, the service
+/// hands the new `Hello` to the session that holds the token, and the migration
+/// completes in that one session, equal to the paused source.
+#[test]
+fn a_setup_cut_starts_over_within_the_same_session() {
+    let (addr, rec, stop, service) = start(1);
+    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
+    let m = Migration::new(src.mem.clone())
+        .tracker(src.tracker())
+        .vm_control(Box::new(src.dirtier.control()))
+        .policy(Box::new(test_policy()))
+        .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest));
+    let report = with_timeout(GUARD, "served migration", move || {
+        // Frame 1 of the control stream is the `Setup`.
+        let connector = FrameFaultConnector::new(
+            TcpConnector::new(addr),
+            FrameFault {
+                stream: 0,
+                frame: 1,
+                section: Section::Meta,
+                offset: 10,
+                action: Action::Cut,
+            },
+        );
+        m.run(&connector)
+    })
+    .expect("the served migration starts its setup over and completes");
+    assert!(report.verified);
+    assert_eq!(report.setup_restarts, 1, "one setup restart");
+    assert_eq!(report.reconnects, 1);
+    rec.wait_for("the session committed", |ev| {
+        count(ev, |e| matches!(e, ServiceEvent::SessionEnd(_))) == 1
+    });
+    let events = rec.events();
+    assert_eq!(
+        count(&events, |e| matches!(e, ServiceEvent::SessionStart { .. })),
+        1,
+        "one session: {events:#?}"
+    );
+    let guests = rec.guests.lock().unwrap().clone();
+    assert_eq!(guests.len(), 1, "one session, committed once");
+    assert_eq!(guests[0].0, report.session);
+    assert_eq!(guests[0].1, src.mem.full_digest(2).unwrap());
+    stop.stop();
+    let _ = service.join();
+}
+
 /// A page stream of a served session dies mid-transfer: the source resumes on new
 /// connections, the service routes its `Resume` to the session by token, and the
 /// migration completes, verified, in that same session.

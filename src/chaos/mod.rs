@@ -96,6 +96,9 @@ pub struct RunReport {
     pub verdict: Verdict,
     /// The source's error, if it failed.
     pub error: Option<String>,
+    /// The source's report counts a setup started over (the connection broke
+    /// before round 0).
+    pub setup_restarted: bool,
     /// Wall time of the run.
     pub wall: Duration,
     /// Who ran the VM, faults fired, harness actions.
@@ -378,7 +381,7 @@ pub fn run_one(plan: &Plan, cfg: &CampaignConfig) -> Result<RunReport, ChaosErro
                 Instant::now() + Duration::from_secs(5),
             );
             ledger.event(format!("operator resolved: {answer:?}"));
-            if answer == Ok(SessionOutcome::Discarded) {
+            if matches!(answer, Ok(SessionOutcome::Discarded)) {
                 let _ = guest.control(ledger.clone()).resume();
             }
             SourceEnd::InDoubt {
@@ -437,6 +440,7 @@ pub fn run_one(plan: &Plan, cfg: &CampaignConfig) -> Result<RunReport, ChaosErro
             Some(Err(e)) => Some(e.to_string()),
             _ => None,
         },
+        setup_restarted: matches!(&source, Some(Ok(r)) if r.setup_restarts > 0),
         verdict,
         wall: t0.elapsed(),
         timeline,
@@ -480,8 +484,11 @@ pub struct Summary {
     pub runs: u64,
     /// Completed and verified.
     pub completed: u64,
-    /// Completed runs whose report says the migration resumed.
+    /// Completed runs whose report says the migration reconnected after a
+    /// broken connection: the rounds resumed, or the setup started over.
     pub resumed: u64,
+    /// … of which started the setup over (the connection broke before round 0).
+    pub setup_restarted: u64,
     /// Failed with the source running and its memory intact.
     pub failed_clean: u64,
     /// In doubt, then resolved consistently.
@@ -497,8 +504,11 @@ pub struct Summary {
     pub both_running: u64,
     /// Runs whose fired faults were all transient (reset, stream kill, short stall).
     pub transient_faults: u64,
-    /// … of which completed by resuming.
+    /// … of which completed by reconnecting (`resumed`, setup restarts
+    /// included).
     pub transient_resumed: u64,
+    /// … of which completed with a setup started over.
+    pub transient_setup_restarted: u64,
     /// Runs in which no fault fired (the migration ended before the trigger).
     pub no_fault_fired: u64,
     /// The campaign's first seed (run `i` has seed `seed + i`).
@@ -526,6 +536,7 @@ impl Summary {
             }
         }
         self.resumed += u64::from(v.resumed);
+        self.setup_restarted += u64::from(v.resumed && r.setup_restarted);
         self.pages_lost += v.pages_lost;
         self.source_damaged += u64::from(v.source_damaged);
         self.both_running += u64::from(v.both_running);
@@ -535,6 +546,7 @@ impl Summary {
         } else if classes.iter().all(|c| c.is_transient()) {
             self.transient_faults += 1;
             self.transient_resumed += u64::from(v.resumed);
+            self.transient_setup_restarted += u64::from(v.resumed && r.setup_restarted);
         }
         for c in classes {
             self.classes.entry(c.name()).or_default().add(v);

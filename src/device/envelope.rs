@@ -8,6 +8,8 @@
 //! length over its cap, a bad checksum, duplicate ids and trailing bytes, all before
 //! anything is handed to a participant.
 
+use crate::wire::PeerText;
+
 /// Envelope magic.
 pub const MAGIC: [u8; 4] = *b"LMDS";
 /// Format major version (must match).
@@ -21,8 +23,10 @@ pub const MAX_ID_LEN: usize = 256;
 /// Largest single blob.
 pub const MAX_BLOB_LEN: usize = 32 * 1024 * 1024;
 
-/// Envelope decoding errors.
+/// Envelope decoding errors. Ids quoted here come from the peer's envelope and
+/// are [`PeerText`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EnvelopeError {
     /// Not a device-state envelope.
     #[error("device-state envelope has a bad magic")]
@@ -50,10 +54,13 @@ pub enum EnvelopeError {
     Truncated,
     /// Checksum mismatch for one entry.
     #[error("device-state entry {0:?} fails its checksum")]
-    Checksum(String),
-    /// Id is not UTF-8 or repeats.
+    Checksum(PeerText),
+    /// Id is empty or repeats.
     #[error("device-state envelope has a bad or duplicate id {0:?}")]
-    BadId(String),
+    BadId(PeerText),
+    /// Id is not UTF-8.
+    #[error("device-state envelope has an id that is not UTF-8")]
+    IdNotUtf8,
     /// Bytes after the last entry.
     #[error("device-state envelope has trailing bytes")]
     Trailing,
@@ -145,10 +152,10 @@ pub fn decode(b: &[u8]) -> Result<Vec<Entry>, EnvelopeError> {
             });
         }
         let id = std::str::from_utf8(c.take(id_len)?)
-            .map_err(|_| EnvelopeError::BadId("<not utf-8>".into()))?
+            .map_err(|_| EnvelopeError::IdNotUtf8)?
             .to_string();
         if id.is_empty() || out.iter().any(|e| e.id == id) {
-            return Err(EnvelopeError::BadId(id));
+            return Err(EnvelopeError::BadId(PeerText::new(id)));
         }
         let version = c.u32()?;
         let len = c.u32()? as usize;
@@ -162,7 +169,7 @@ pub fn decode(b: &[u8]) -> Result<Vec<Entry>, EnvelopeError> {
         let crc = c.u32()?;
         let blob = c.take(len)?;
         if crc32c::crc32c(blob) != crc {
-            return Err(EnvelopeError::Checksum(id));
+            return Err(EnvelopeError::Checksum(PeerText::new(id)));
         }
         out.push(Entry {
             id,
@@ -221,7 +228,10 @@ mod tests {
         let mut bad = b.clone();
         let blob_at = blob_len_at + 8;
         bad[blob_at] ^= 0xff;
-        assert_eq!(decode(&bad), Err(EnvelopeError::Checksum("vcpu0".into())));
+        assert_eq!(
+            decode(&bad),
+            Err(EnvelopeError::Checksum(PeerText::new("vcpu0")))
+        );
         for cut in 0..b.len() {
             assert!(decode(&b[..cut]).is_err());
         }

@@ -59,9 +59,9 @@ pub enum ParticipantError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// No participant on this side has that id.
+    /// No participant on this side has that id (as the peer named it).
     #[error("no participant with id {0:?} on the destination")]
-    Unknown(String),
+    Unknown(crate::wire::PeerText),
 }
 
 impl ParticipantError {

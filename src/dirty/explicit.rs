@@ -43,11 +43,10 @@ impl DirtyTracker for ExplicitTracker {
         if self.bitmap.len() != mem.total_pages() {
             return Err(TrackError::Unavailable {
                 tracker: "explicit",
-                reason: format!(
-                    "bitmap has {} bits but memory has {} pages",
-                    self.bitmap.len(),
-                    mem.total_pages()
-                ),
+                reason: super::Unavailable::BitmapSize {
+                    bits: self.bitmap.len(),
+                    pages: mem.total_pages(),
+                },
             });
         }
         // Discard marks made before start: round 0 sends everything anyway.

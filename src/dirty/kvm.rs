@@ -156,7 +156,7 @@ impl KvmDirtyLog {
         if any && mode == KvmDirtyLogMode::ManualProtect {
             let pages = u32::try_from(s.pages).map_err(|_| TrackError::Unavailable {
                 tracker: NAME,
-                reason: format!("slot {} has more than 2^32 pages", s.slot.slot),
+                reason: super::Unavailable::SlotTooLarge { slot: s.slot.slot },
             })?;
             kvm_sys::clear_dirty_log(vm, s.slot.slot, 0, pages, &mut s.bitmap)
                 .map_err(|e| os("KVM_CLEAR_DIRTY_LOG", e))?;
@@ -189,12 +189,12 @@ impl DirtyTracker for KvmDirtyLog {
                 .iter()
                 .enumerate()
                 .find(|(_, r)| r.gpa() == slot.gpa)
-                .ok_or_else(|| TrackError::Unavailable {
+                .ok_or(TrackError::Unavailable {
                     tracker: NAME,
-                    reason: format!(
-                        "slot {} at gpa {:#x} matches no guest-memory region",
-                        slot.slot, slot.gpa
-                    ),
+                    reason: super::Unavailable::NoRegion {
+                        slot: slot.slot,
+                        gpa: slot.gpa,
+                    },
                 })?;
             active.push(ActiveSlot {
                 slot,

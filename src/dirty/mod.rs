@@ -41,17 +41,82 @@ use std::sync::Arc;
 use crate::memory::{GuestMemory, MemoryError, PageSet};
 use crate::proof::PageLedger;
 
+/// Why a dirty-tracking backend cannot serve ([`TrackError::Unavailable`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// An explicit bitmap of another size than guest memory.
+    #[error("bitmap has {bits} bits but memory has {pages} pages")]
+    BitmapSize {
+        /// Bits in the bitmap.
+        bits: u64,
+        /// Guest pages.
+        pages: u64,
+    },
+    /// A KVM memory slot too large for one dirty-log clear.
+    #[error("slot {slot} has more than 2^32 pages")]
+    SlotTooLarge {
+        /// The slot.
+        slot: u32,
+    },
+    /// A KVM memory slot that matches no guest-memory region.
+    #[error("slot {slot} at gpa {gpa:#x} matches no guest-memory region")]
+    NoRegion {
+        /// The slot.
+        slot: u32,
+        /// Its guest-physical address.
+        gpa: u64,
+    },
+    /// The kernel's userfaultfd cannot write-protect.
+    #[error("kernel userfaultfd lacks write-protect support (UFFD_FEATURE_PAGEFAULT_FLAG_WP, Linux >= 5.7)")]
+    NoUffdWriteProtect,
+    /// The kernel's userfaultfd lacks asynchronous write-protect.
+    #[error("kernel userfaultfd lacks UFFD_FEATURE_WP_ASYNC (needs Linux >= 6.7); supported features {features:#x}")]
+    NoUffdWpAsync {
+        /// The features the kernel offers.
+        features: u64,
+    },
+    /// Write-protect is not offered for a region (e.g. a file mapping).
+    #[error("UFFDIO_WRITEPROTECT not offered for the region at host {host:#x}")]
+    NoWriteProtect {
+        /// The region's host address.
+        host: u64,
+    },
+    /// A region cannot be registered for write-protect tracking (a private or
+    /// read-only file mapping such as an image).
+    #[error("cannot write-protect-register the region at host {host:#x} (needs writable anonymous, shmem or hugetlbfs memory): {source}")]
+    Register {
+        /// The region's host address.
+        host: u64,
+        /// The `UFFDIO_REGISTER` error.
+        source: std::io::Error,
+    },
+    /// No userfaultfd can be opened.
+    #[error("cannot open a userfaultfd (syscall and /dev/userfaultfd): {0}")]
+    Userfaultfd(#[source] std::io::Error),
+    /// `/proc/self/pagemap` cannot be opened.
+    #[error("cannot open /proc/self/pagemap: {0}")]
+    Pagemap(#[source] std::io::Error),
+    /// The kernel lacks the `PAGEMAP_SCAN` ioctl.
+    #[error("kernel lacks the PAGEMAP_SCAN ioctl (needs Linux >= 6.7): {0}")]
+    NoPagemapScan(#[source] std::io::Error),
+    /// Probing `PAGEMAP_SCAN` failed otherwise.
+    #[error("PAGEMAP_SCAN probe failed: {0}")]
+    PagemapScan(#[source] std::io::Error),
+}
+
 /// Errors from a tracker backend.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TrackError {
-    /// The backend is not available on this kernel/host (the string says why).
+    /// The backend is not available on this kernel/host, or for this memory.
     #[error("dirty tracker {tracker} is unavailable: {reason}")]
     Unavailable {
         /// Backend name.
         tracker: &'static str,
         /// Why.
-        reason: String,
+        #[source]
+        reason: Unavailable,
     },
     /// A system call failed.
     #[error("dirty tracker {tracker}: {op} failed: {source}")]

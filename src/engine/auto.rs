@@ -100,8 +100,11 @@ struct Controller {
     cpu: CpuSampler,
     headroom: f64,
     link_est: Option<f64>,
-    /// Consecutive windows in which writes blocked (the link was the bottleneck).
+    /// Consecutive windows in which writes blocked on the link (the link was the
+    /// bottleneck; contention excluded, see [`policy::contended`]).
     saturated_streak: u32,
+    /// Guest bytes and seconds of every raw window so far (the raw average).
+    raw_sent: (f64, f64),
     /// Streams chosen by exploration (used while sending raw).
     raw_streams: usize,
     decisions: Vec<String>,
@@ -168,6 +171,7 @@ impl AutoTuner {
                 headroom: 1.0,
                 link_est: None,
                 saturated_streak: 0,
+                raw_sent: (0.0, 0.0),
                 raw_streams: max_workers,
                 decisions: Vec::new(),
             }),
@@ -301,7 +305,20 @@ impl AutoTuner {
             0.0
         };
         let saturated = policy::saturated(busy);
-        c.saturated_streak = if saturated { c.saturated_streak + 1 } else { 0 };
+        let raw = self.codec() == CodecId::Raw;
+        let raw_average = (c.raw_sent.1 > 0.0).then(|| c.raw_sent.0 / c.raw_sent.1);
+        let contended = raw && saturated && policy::contended(guest_rate, raw_average);
+        if raw {
+            c.raw_sent.0 += guest;
+            c.raw_sent.1 += secs;
+        }
+        // Blocked by contention: neither confirms nor lowers the link.
+        let link_bound = saturated && !contended;
+        c.saturated_streak = if link_bound {
+            c.saturated_streak + 1
+        } else {
+            0
+        };
         // Stream-count exploration (raw, during the first windows).
         if let Phase::Exploring { count, results } = &mut c.phase {
             results.push((*count, guest_rate));
@@ -337,7 +354,7 @@ impl AutoTuner {
         if wire <= 0.0 || write_s <= 0.0 {
             return;
         }
-        let link = policy::link_rate(wire / secs, saturated, c.link_est);
+        let link = policy::link_rate(wire / secs, link_bound, c.link_est);
         c.link_est = Some(link);
         let probes = *self.probes.lock().expect("probe lock");
         let current = self.codec();
@@ -551,6 +568,26 @@ mod tests {
         assert_eq!(t.codec(), CodecId::Raw, "one blocked window is not proof");
         // Both workers blocked 90 % of the next window: the link is confirmed.
         window(&t, 125_000_000, 125_000_000, 1800);
+        assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+    }
+
+    #[test]
+    fn blocked_windows_far_below_the_raw_rate_are_contention_and_keep_raw() {
+        // Raw ran at 0.7 GB/s; then writes block at 0.25 GB/s (the receiver starved
+        // of CPU on a loaded host): not a link to compress for.
+        let t = AutoTuner::new(true, 2, CodecId::Raw);
+        compressible(&t);
+        window(&t, 700_000_000, 700_000_000, 100);
+        window(&t, 700_000_000, 700_000_000, 100);
+        for _ in 0..4 {
+            window(&t, 250_000_000, 250_000_000, 1800);
+        }
+        assert_eq!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+        // Once the slow rate has lasted long enough to be the average's own, the
+        // link is believed and compression wins.
+        for _ in 0..12 {
+            window(&t, 250_000_000, 250_000_000, 1800);
+        }
         assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
     }
 

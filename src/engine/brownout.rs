@@ -18,15 +18,15 @@ use std::time::{Duration, Instant};
 
 use super::commit::{self, SourceEvent, SourceState};
 use super::control::ControlLink;
+use super::error::peer_veto;
 use super::precopy::Run;
-use super::{MigrationError, Verify};
+use super::{DoubtReason, MigrationError, Verify};
 use crate::device::envelope;
-use crate::device::Veto;
 use crate::memory::PageSet;
 use crate::proof::MemoryDigest;
 use crate::stats::{DowntimeBreakdown, Event, MigrationReport, PostAudit, RoundStats};
 use crate::wire::control::SessionOutcome;
-use crate::wire::ControlMsg;
+use crate::wire::{ControlMsg, ProtocolViolation};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -198,16 +198,17 @@ pub(crate) fn run(
                         sw.resolved_by_query = true;
                         Ok(())
                     } else {
-                        Err(MigrationError::Remote(format!(
-                            "the destination discarded the migration after the channel broke ({e})"
-                        )))
+                        Err(MigrationError::DiscardedAfterBreak { cause: Box::new(e) })
                     }
                 }
                 Err(why) => {
                     state = state.on(SourceEvent::GaveUp);
                     Err(MigrationError::InDoubt {
                         session: run.session_id,
-                        reason: format!("{e}; then asking the destination: {why}"),
+                        reason: DoubtReason::Unanswered {
+                            broke: Box::new(e),
+                            asked: why,
+                        },
                     })
                 }
             }
@@ -229,7 +230,7 @@ pub(crate) fn run(
         SourceState::Resumed => {
             let e = r.err().unwrap_or(MigrationError::Protocol {
                 phase: "commit",
-                message: "switchover ended without an outcome".into(),
+                violation: ProtocolViolation::NoOutcome("switchover"),
             });
             // The source VM must survive: undo device saves, resume.
             for p in run.m.participants.iter_mut().take(saved) {
@@ -246,7 +247,7 @@ pub(crate) fn run(
         // Unresolved (or, defensively, any non-terminal state): stay paused.
         _ => Err(r.err().unwrap_or(MigrationError::InDoubt {
             session: run.session_id,
-            reason: format!("switchover stopped in state {state:?}"),
+            reason: DoubtReason::Stopped(state),
         })),
     }
 }
@@ -493,7 +494,10 @@ fn paused(
             *state = state.on(SourceEvent::Failed);
             Err(MigrationError::Protocol {
                 phase: "commit",
-                message: format!("unexpected {} after released", other.name()),
+                violation: ProtocolViolation::Unexpected {
+                    expected: "committed, veto or error after released",
+                    got: other.name(),
+                },
             })
         }
         Ok(None) => {
@@ -516,14 +520,14 @@ fn refusal(m: ControlMsg) -> MigrationError {
         ControlMsg::Veto {
             participant,
             reason,
-        } => MigrationError::Vetoed(Veto {
-            participant,
-            reason,
-        }),
-        ControlMsg::Error { message } => MigrationError::Remote(message),
+        } => MigrationError::Vetoed(peer_veto(participant, reason)),
+        ControlMsg::Error { message } => MigrationError::Remote(message.into()),
         other => MigrationError::Protocol {
             phase: "commit",
-            message: format!("unexpected {}", other.name()),
+            violation: ProtocolViolation::Unexpected {
+                expected: "prepared, veto or error",
+                got: other.name(),
+            },
         },
     }
 }
@@ -637,8 +641,9 @@ fn finish(
         audit_ms: ms(run.audit.elapsed),
         tracker_fallback: run.tracker_fallback,
         post_audit,
-        resumed: run.reconnects > 0,
+        resumed: run.reconnects > run.setup_restarts,
         reconnects: run.reconnects,
+        setup_restarts: run.setup_restarts,
         resent_pages: run.resent_pages,
     };
     run.emit(Event::Completed(Box::new(report.clone())));

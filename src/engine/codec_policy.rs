@@ -36,6 +36,24 @@ pub fn saturated(busy: f64) -> bool {
     busy > SATURATED_BUSY
 }
 
+/// A raw window this many times slower than the migration's raw average so far
+/// is taken for contention, not for the link.
+pub const CONTENTION_MARGIN: f64 = 1.3;
+
+/// Whether a blocked raw window measured contention rather than the link: its
+/// rate is below the raw average of this migration so far by more than
+/// [`CONTENTION_MARGIN`]. Writes also block when the receiver (or the sender's
+/// own workers) is starved of CPU by other processes; taking that for a slow link
+/// makes `auto` compress, which spends more of the CPU that was the bottleneck
+/// (measured: 0.21–0.28 GB/s of "link" a second after 0.46–0.96 GB/s raw, on a
+/// loaded host; lz4 then ran at 0.3× raw). A real link does not slow by a third
+/// within seconds; a busy neighbour does. The average includes the start's burst
+/// into empty socket buffers, so on a slow link the first windows are discounted
+/// too, until the average settles near the link rate (a few windows).
+pub fn contended(window_rate: f64, raw_average: Option<f64>) -> bool {
+    raw_average.is_some_and(|avg| window_rate * CONTENTION_MARGIN < avg)
+}
+
 /// The stream count to keep after exploring: `results` holds (streams, guest
 /// bytes/s) per window. All `max` streams unless fewer were clearly faster; `max`
 /// too when exploration stopped early (saturated) before measuring `max`.
@@ -168,6 +186,17 @@ mod tests {
             zstd: Some(ZSTD),
             saturated_streak: streak,
         }
+    }
+
+    #[test]
+    fn a_window_far_below_the_raw_average_is_contention_not_the_link() {
+        assert!(!contended(0.25e9, None), "no raw average yet");
+        assert!(contended(0.25e9, Some(0.7e9)), "a third of the raw rate");
+        assert!(!contended(0.6e9, Some(0.7e9)), "within the margin");
+        assert!(
+            !contended(0.7e9 / CONTENTION_MARGIN, Some(0.7e9)),
+            "at the margin"
+        );
     }
 
     #[test]

@@ -10,11 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::MigrationError;
+use super::{MigrationError, OutcomeUnknown};
 use crate::transport::framed::FrameReader;
 use crate::transport::Connector;
 use crate::wire::control::{SessionId, SessionOutcome};
-use crate::wire::ControlMsg;
+use crate::wire::{ControlMsg, ProtocolViolation};
 
 /// Who may run the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,10 +155,13 @@ pub fn query_outcome(
             }
             Ok(outcome)
         }
-        ControlMsg::Error { message } => Err(MigrationError::Remote(message)),
+        ControlMsg::Error { message } => Err(MigrationError::Remote(message.into())),
         other => Err(MigrationError::Protocol {
             phase: "outcome query",
-            message: format!("unexpected {}", other.name()),
+            violation: ProtocolViolation::Unexpected {
+                expected: "this session's outcome",
+                got: other.name(),
+            },
         }),
     }
 }
@@ -170,9 +173,9 @@ pub fn resolve(
     session: SessionId,
     per_try: Duration,
     deadline: Instant,
-) -> Result<SessionOutcome, String> {
+) -> Result<SessionOutcome, OutcomeUnknown> {
     let mut backoff = Duration::from_millis(50);
-    let mut last = String::from("no answer");
+    let mut last = OutcomeUnknown::NoAnswer;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -180,8 +183,8 @@ pub fn resolve(
         }
         match query_outcome(connector, session, per_try.min(left)) {
             Ok(o) if o.is_final() => return Ok(o),
-            Ok(o) => last = format!("the destination answered {}", o.name()),
-            Err(e) => last = e.to_string(),
+            Ok(o) => last = OutcomeUnknown::NotFinal(o),
+            Err(e) => last = OutcomeUnknown::Query(Box::new(e)),
         }
         let left = deadline.saturating_duration_since(Instant::now());
         std::thread::sleep(backoff.min(left));

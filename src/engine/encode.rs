@@ -97,7 +97,12 @@ impl BatchBench {
 
     /// Send `count` pages from page index `first` (one region, at most
     /// `MAX_BATCH_PAGES`) as one batch; returns the frame's wire bytes.
-    pub fn send(&mut self, first: u64, count: u32, quiescent: bool) -> Result<u64, String> {
+    pub fn send(
+        &mut self,
+        first: u64,
+        count: u32,
+        quiescent: bool,
+    ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
         let b = Batch {
             round: 0,
             quiescent,
@@ -112,8 +117,8 @@ impl BatchBench {
         };
         match r {
             Ok(_) => Ok(self.out.bytes() - before),
-            Err(BatchError::Stream(e)) => Err(e.to_string()),
-            Err(BatchError::Encode(e)) => Err(e),
+            Err(BatchError::Stream(e)) => Err(Box::new(e)),
+            Err(BatchError::Encode(e)) => Err(Box::new(e)),
         }
     }
 }
@@ -226,7 +231,7 @@ fn walk_batch<'m, S: PageSink<'m>>(
     present: &mut Vec<bool>,
     digest: &mut DigestDelta,
     sink: &mut S,
-) -> Result<u64, String> {
+) -> Result<u64, MemoryError> {
     let mem = &*shared.memory;
     let npages = b.pages() as usize;
     meta.zero_map.resize(npages.div_ceil(8), 0);
@@ -235,21 +240,17 @@ fn walk_batch<'m, S: PageSink<'m>>(
     let mut i = 0usize; // page number within the batch
     let mut zeros = 0u64;
     for &(start, count) in &b.extents {
-        let gfn = mem.gfn_of(start).map_err(|e| e.to_string())?;
+        let gfn = mem.gfn_of(start)?;
         meta.extents.push(Extent { gfn, count });
-        let (r, rp) = mem.locate(start).map_err(|e| e.to_string())?;
+        let (r, rp) = mem.locate(start)?;
         let region = &mem.regions()[r];
-        region
-            .populated(rp, count as u64, present)
-            .map_err(|e| e.to_string())?;
-        let view = region
-            .racy_pages(rp, count as u64)
-            .map_err(|e| e.to_string())?;
+        region.populated(rp, count as u64, present)?;
+        let view = region.racy_pages(rp, count as u64)?;
         for (p, &populated) in present.iter().enumerate() {
             let index = start + p as u64;
             let nonzero = populated && {
                 let slot = sink.slot();
-                view.copy_page(p, slot).map_err(|e| e.to_string())?;
+                view.copy_page(p, slot)?;
                 !is_zero_page(slot)
             };
             let hash = if nonzero {
@@ -259,7 +260,7 @@ fn walk_batch<'m, S: PageSink<'m>>(
             } else {
                 meta.zero_map[i / 8] |= 1 << (i % 8);
                 zeros += 1;
-                sink.skip(&view, p).map_err(|e| e.to_string())?;
+                sink.skip(&view, p)?;
                 zero_hash
             };
             if !nonzero || !S::DELTA_ENCODED {
@@ -271,7 +272,7 @@ fn walk_batch<'m, S: PageSink<'m>>(
             shared.sent.record(index, hash, digest);
             i += 1;
         }
-        sink.end_extent(&view).map_err(|e| e.to_string())?;
+        sink.end_extent(&view)?;
     }
     shared.sent.merge(digest);
     Ok(zeros)
@@ -327,7 +328,7 @@ pub(super) fn send_batch(
             .codecs
             .get(codec)
             .encode(payload, &mut s.encoded)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| BatchError::Encode(super::StreamFailure::Codec(e)))?;
         if !smaller {
             codec = CodecId::Raw;
         }

@@ -12,7 +12,9 @@ pub mod cancel;
 pub mod codec_policy;
 pub mod commit;
 pub(crate) mod control;
+pub(crate) mod drain;
 pub(crate) mod encode;
+mod error;
 pub(crate) mod gate;
 pub(crate) mod pipeline;
 pub mod policy;
@@ -32,14 +34,16 @@ use crate::memory::{GuestMemory, MemoryError};
 use crate::stats::{MigrationReport, ProgressSink};
 use crate::transport::{Connector, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode, SessionId};
+use crate::wire::{PeerText, ProtocolViolation};
 
 pub use cancel::CancelToken;
 pub use commit::SourceState;
 #[cfg(feature = "bench")]
 #[doc(hidden)]
 pub use encode::BatchBench;
+pub use error::{DoubtReason, OutcomeUnknown, PanicMessage, SendError, StreamFailure};
 pub use pipeline::batches_of;
-pub use policy::{ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
+pub use policy::{AbortReason, ConvergencePolicy, Decision, DowntimePolicy, OnLimit};
 pub use slots::{HostSlots, SlotGuard};
 pub use vm_control::VmControlError;
 
@@ -212,19 +216,40 @@ impl Default for MigrationConfig {
 
 /// Why a migration failed. In every case but [`MigrationError::InDoubt`] the source
 /// VM keeps (or resumes) running.
+///
+/// Every cause livemig finds itself is typed, and `source()` leads to the
+/// underlying error (a [`MemoryError`], a [`TransportError`], …); a cause held in
+/// a `Box` or an `Arc` appears in the chain as that `Box`/`Arc` (downcast to
+/// `Box<MigrationError>`, `Arc<StreamFailure>`, …). Text the
+/// destination sent (a refusal, its failure, a veto) is its claim, carried as
+/// [`PeerText`] (sanitized and bounded) or, for a veto, with its fields sanitized
+/// the same way.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MigrationError {
     /// The destination refused at handshake or setup.
     #[error("destination refused the migration ({code:?}): {message}")]
     Refused {
         /// Reason code.
         code: RefuseCode,
-        /// Destination's message.
-        message: String,
+        /// The destination's message (untrusted peer text).
+        message: PeerText,
     },
-    /// A participant (or the memory check) vetoed at commit.
+    /// The destination kept the migration queued (its host runs its limit of
+    /// incoming migrations) for longer than the source waits.
+    #[error("queued at the destination for over {after:?} ({limit} migration(s) at once there, {waiting} waiting)")]
+    QueuedTooLong {
+        /// How long the source waited.
+        after: Duration,
+        /// The destination host's limit of concurrent migrations.
+        limit: u32,
+        /// Migrations waiting there, as last reported.
+        waiting: u32,
+    },
+    /// A participant (or the memory check) vetoed at commit. The veto's fields
+    /// come from the destination, sanitized as [`PeerText`].
     #[error("destination vetoed the switchover: {0}")]
-    Vetoed(Veto),
+    Vetoed(#[source] Veto),
     /// Transport failure.
     #[error("transport failed during {phase}: {source}")]
     Transport {
@@ -250,30 +275,40 @@ pub enum MigrationError {
     Cancelled,
     /// The policy gave up.
     #[error("migration aborted by policy: {0}")]
-    PolicyAbort(String),
+    PolicyAbort(#[source] AbortReason),
     /// The peer broke the protocol.
-    #[error("protocol error during {phase}: {message}")]
+    #[error("protocol error during {phase}: {violation}")]
     Protocol {
         /// Phase.
         phase: &'static str,
-        /// What.
-        message: String,
+        /// What was wrong.
+        #[source]
+        violation: ProtocolViolation,
     },
     /// A page worker failed.
     #[error("sending pages failed: {0}")]
-    Send(String),
+    Send(#[source] SendError),
     /// The destination reported an error.
     #[error("destination failed: {0}")]
-    Remote(String),
+    Remote(PeerText),
+    /// The channel broke after the source released the VM, and the destination,
+    /// asked, answered that it discarded the migration: the source VM resumes.
+    #[error("the destination discarded the migration after the channel broke ({cause})")]
+    DiscardedAfterBreak {
+        /// What broke the channel.
+        #[source]
+        cause: Box<MigrationError>,
+    },
     /// A page stream's connection was lost (closed, reset, or the peer took
     /// nothing within the peer timeout). During the rounds the session resumes
     /// on new connections when it can.
-    #[error("page stream {stream} lost its connection: {message}")]
+    #[error("page stream {stream} lost its connection: {source}")]
     PageStreamLost {
         /// Page stream index.
         stream: usize,
-        /// The transport error.
-        message: String,
+        /// The transport error (shared with the worker that met it).
+        #[source]
+        source: Arc<TransportError>,
     },
     /// The connection broke during the rounds and could not be resumed within
     /// `reconnect_timeout`; the VM keeps running.
@@ -284,6 +319,7 @@ pub enum MigrationError {
         /// The reconnection budget.
         after: Duration,
         /// What broke the connection.
+        #[source]
         cause: Box<MigrationError>,
         /// The last attempt's error (a refusal ends the attempts at once).
         last: Box<MigrationError>,
@@ -294,7 +330,7 @@ pub enum MigrationError {
         /// Page stream index.
         stream: usize,
         /// Panic message.
-        message: String,
+        message: PanicMessage,
     },
     /// A peer or a stream made no progress within its deadline.
     #[error("timed out waiting for {what} after {after:?}")]
@@ -337,7 +373,8 @@ pub enum MigrationError {
         /// The session to ask about.
         session: SessionId,
         /// Why the outcome is unknown.
-        reason: String,
+        #[source]
+        reason: DoubtReason,
     },
     /// No session token could be drawn (the system random source failed).
     #[error("{0}")]

@@ -186,7 +186,7 @@ impl Shared {
 }
 
 /// Why a page-stream worker stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WorkerFailure {
     /// The stream's connection was lost (closed, reset, or the peer took nothing
     /// within the deadline): the session can resume on new connections.
@@ -194,32 +194,37 @@ pub enum WorkerFailure {
         /// Page stream index.
         stream: usize,
         /// The transport error.
-        message: String,
+        source: Arc<crate::transport::TransportError>,
     },
     /// Encoding or writing failed.
     Failed {
         /// Page stream index.
         stream: usize,
         /// The error.
-        message: String,
+        source: Arc<super::StreamFailure>,
     },
     /// The worker panicked (a bug, or a stream implementation that panicked).
     Panicked {
         /// Page stream index.
         stream: usize,
         /// The panic message.
-        message: String,
+        message: super::PanicMessage,
     },
 }
 
 impl WorkerFailure {
     /// The failure of writing to stream `stream`.
-    fn of_stream(stream: usize, e: &crate::transport::TransportError) -> Self {
-        let message = e.to_string();
+    fn of_stream(stream: usize, e: crate::transport::TransportError) -> Self {
         if e.is_link_loss() {
-            Self::Lost { stream, message }
+            Self::Lost {
+                stream,
+                source: Arc::new(e),
+            }
         } else {
-            Self::Failed { stream, message }
+            Self::Failed {
+                stream,
+                source: Arc::new(super::StreamFailure::Write(e)),
+            }
         }
     }
 }
@@ -230,21 +235,19 @@ pub enum BatchError {
     /// Writing the frame failed.
     Stream(crate::transport::TransportError),
     /// Reading or encoding the pages failed.
-    Encode(String),
+    Encode(super::StreamFailure),
 }
 
-impl From<String> for BatchError {
-    fn from(s: String) -> Self {
-        Self::Encode(s)
+impl From<crate::memory::MemoryError> for BatchError {
+    fn from(e: crate::memory::MemoryError) -> Self {
+        Self::Encode(super::StreamFailure::Memory(e))
     }
 }
 
-/// The text of a panic payload.
-pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic with a non-text payload".into())
+impl From<crate::codec::CodecError> for BatchError {
+    fn from(e: crate::codec::CodecError) -> Self {
+        Self::Encode(super::StreamFailure::Codec(e))
+    }
 }
 
 /// [`worker`] with its panics caught: a panic becomes
@@ -263,7 +266,7 @@ pub fn run_worker(
     if let Err(p) = r {
         shared.fail(WorkerFailure::Panicked {
             stream: index,
-            message: panic_message(&*p),
+            message: super::PanicMessage::of(&*p),
         });
     }
 }
@@ -335,7 +338,7 @@ pub fn worker(
                         }
                         Err(e) => {
                             st.broken = true;
-                            shared.fail(WorkerFailure::of_stream(index, &e));
+                            shared.fail(WorkerFailure::of_stream(index, e));
                         }
                     }
                 }
@@ -349,7 +352,7 @@ pub fn worker(
                         .send(FrameKind::StreamEnd, 0, &[], &[])
                         .and_then(|_| out.flush())
                     {
-                        shared.fail(WorkerFailure::of_stream(index, &e));
+                        shared.fail(WorkerFailure::of_stream(index, e));
                     }
                 }
                 return;
@@ -432,13 +435,13 @@ fn handle_batch(
         }
         Err(BatchError::Stream(e)) => {
             st.broken = true;
-            shared.fail(WorkerFailure::of_stream(index, &e));
+            shared.fail(WorkerFailure::of_stream(index, e));
         }
-        Err(BatchError::Encode(message)) => {
+        Err(BatchError::Encode(e)) => {
             st.broken = true;
             shared.fail(WorkerFailure::Failed {
                 stream: index,
-                message,
+                source: Arc::new(e),
             });
         }
     }

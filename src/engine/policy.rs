@@ -18,6 +18,7 @@
 //!    brown out there with `OnLimit::ForceBrownout` (waiting cannot make the downtime
 //!    smaller), or abort with `OnLimit::Cancel` (waiting cannot make it converge).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the policy sees after each round.
@@ -58,7 +59,96 @@ pub enum Decision {
     /// Pause the VM and switch over now; the string says why.
     Brownout(String),
     /// Give up; the source keeps running.
-    Abort(String),
+    Abort(AbortReason),
+}
+
+/// Why a policy gave up ([`Decision::Abort`], then
+/// `MigrationError::PolicyAbort`): the figures it decided on, not a sentence.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AbortReason {
+    /// The round or time limit was reached before the predicted downtime met the
+    /// target (and `on_limit` is [`OnLimit::Cancel`]).
+    #[error("did not converge: {limit}; predicted downtime {:.1} ms > target {} ms", ms(*predicted), target.as_millis())]
+    LimitReached {
+        /// Which limit.
+        limit: Limit,
+        /// The predicted downtime at that point.
+        predicted: Duration,
+        /// The downtime target.
+        target: Duration,
+    },
+    /// The predicted downtime stopped improving, with no throttle step left.
+    #[error("not converging: predicted downtime stopped improving at {:.1} ms (best {:.1} ms) for {stalled_rounds} rounds, throttle {throttle_percent} %", ms(*predicted), ms(*best))]
+    Stalled {
+        /// The predicted downtime of the last round.
+        predicted: Duration,
+        /// The best prediction so far.
+        best: Duration,
+        /// Rounds without improvement.
+        stalled_rounds: u32,
+        /// The guest's throttle.
+        throttle_percent: u8,
+    },
+    /// A policy of the embedder's own, with its own error.
+    #[error("{0}")]
+    Custom(#[source] Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl AbortReason {
+    /// A policy's own reason (kept as the error's `source()`).
+    pub fn custom(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Custom(Arc::from(e.into()))
+    }
+}
+
+impl PartialEq for AbortReason {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                Self::LimitReached {
+                    limit: a,
+                    predicted: b,
+                    target: c,
+                },
+                Self::LimitReached {
+                    limit: x,
+                    predicted: y,
+                    target: z,
+                },
+            ) => (a, b, c) == (x, y, z),
+            (
+                Self::Stalled {
+                    predicted: a,
+                    best: b,
+                    stalled_rounds: c,
+                    throttle_percent: d,
+                },
+                Self::Stalled {
+                    predicted: w,
+                    best: x,
+                    stalled_rounds: y,
+                    throttle_percent: z,
+                },
+            ) => (a, b, c, d) == (w, x, y, z),
+            (Self::Custom(a), Self::Custom(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for AbortReason {}
+
+/// A limit of [`DowntimePolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Limit {
+    /// `max_rounds` rounds were sent.
+    #[error("round limit {0} reached")]
+    Rounds(u32),
+    /// `max_time` passed.
+    #[error("time limit {0:?} reached")]
+    Time(Duration),
 }
 
 /// Decides when pre-copy ends.
@@ -181,23 +271,23 @@ impl ConvergencePolicy for DowntimePolicy {
             ));
         }
         let limit = if s.rounds >= self.max_rounds {
-            Some(format!("round limit {} reached", self.max_rounds))
+            Some(Limit::Rounds(self.max_rounds))
         } else if s.elapsed >= self.max_time {
-            Some(format!("time limit {:?} reached", self.max_time))
+            Some(Limit::Time(self.max_time))
         } else {
             None
         };
-        if let Some(why) = limit {
+        if let Some(limit) = limit {
             return match self.on_limit {
                 OnLimit::ForceBrownout => Decision::Brownout(format!(
-                    "forced: {why}; predicted downtime {:.1} ms",
+                    "forced: {limit}; predicted downtime {:.1} ms",
                     ms(pred)
                 )),
-                OnLimit::Cancel => Decision::Abort(format!(
-                    "did not converge: {why}; predicted downtime {:.1} ms > target {} ms",
-                    ms(pred),
-                    self.target.as_millis()
-                )),
+                OnLimit::Cancel => Decision::Abort(AbortReason::LimitReached {
+                    limit,
+                    predicted: pred,
+                    target: self.target,
+                }),
             };
         }
         // Progress bookkeeping on the best prediction so far.
@@ -221,18 +311,21 @@ impl ConvergencePolicy for DowntimePolicy {
             }
         }
         if self.progress.stalled >= self.stall_rounds {
-            let why = format!(
-                "predicted downtime stopped improving at {:.1} ms (best {:.1} ms) for {} rounds, throttle {} %",
-                ms(pred),
-                self.progress.best_s.unwrap_or(p) * 1e3,
-                self.progress.stalled,
-                s.throttle_percent
-            );
+            let best = Duration::from_secs_f64(self.progress.best_s.unwrap_or(p));
             return match self.on_limit {
-                OnLimit::ForceBrownout => {
-                    Decision::Brownout(format!("local minimum: {why}; target unreachable"))
-                }
-                OnLimit::Cancel => Decision::Abort(format!("not converging: {why}")),
+                OnLimit::ForceBrownout => Decision::Brownout(format!(
+                    "local minimum: predicted downtime stopped improving at {:.1} ms (best {:.1} ms) for {} rounds, throttle {} %; target unreachable",
+                    ms(pred),
+                    ms(best),
+                    self.progress.stalled,
+                    s.throttle_percent
+                )),
+                OnLimit::Cancel => Decision::Abort(AbortReason::Stalled {
+                    predicted: pred,
+                    best,
+                    stalled_rounds: self.progress.stalled,
+                    throttle_percent: s.throttle_percent,
+                }),
             };
         }
         Decision::Continue
@@ -298,7 +391,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            matches!(t.decide(&snap(1, 500, 0, &[])), Decision::Abort(r) if r.contains("time limit"))
+            matches!(t.decide(&snap(1, 500, 0, &[])), Decision::Abort(r @ AbortReason::LimitReached { limit: Limit::Time(_), .. }) if r.to_string().contains("time limit"))
         );
     }
 
@@ -359,7 +452,10 @@ mod tests {
                 assert_eq!(last, Decision::Continue, "round {r}");
             }
         }
-        assert!(matches!(last, Decision::Abort(r) if r.starts_with("not converging")));
+        assert!(
+            matches!(&last, Decision::Abort(r @ AbortReason::Stalled { .. }) if r.to_string().starts_with("not converging")),
+            "{last:?}"
+        );
         let mut f = DowntimePolicy {
             auto_converge: false,
             ..Default::default()

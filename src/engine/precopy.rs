@@ -18,7 +18,7 @@ use super::pipeline::{
     batches_of, run_worker, Batch, Ctl, Shared, WorkerFailure, QUEUE_DEPTH_PER_WORKER,
 };
 use super::policy::{Decision, PolicySnapshot};
-use super::{brownout, setup, Migration, MigrationError};
+use super::{brownout, setup, Migration, MigrationError, SendError};
 use crate::memory::PageSet;
 use crate::proof::SampledAudit;
 use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
@@ -27,7 +27,7 @@ use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::framed::FrameWriter;
 use crate::transport::Connector;
 use crate::wire::control::SessionId;
-use crate::wire::{ControlMsg, MAX_BATCH_PAGES};
+use crate::wire::{ControlMsg, ProtocolViolation, MAX_BATCH_PAGES};
 
 /// How long workers get to exit after their streams were cut.
 const JOIN_GRACE: Duration = Duration::from_secs(2);
@@ -72,6 +72,8 @@ pub(crate) struct Run<'a> {
     pub tracker_fallback: bool,
     /// The destination can resume the session after a broken connection.
     pub resumable: bool,
+    /// The destination answers `Drain` before the brownout.
+    pub drains: bool,
     /// Per page: the round that last queued it (every page of a round is marked
     /// when the round starts). After a broken connection, the pages of rounds the
     /// destination did not complete are sent again unless it holds exactly that
@@ -79,8 +81,11 @@ pub(crate) struct Run<'a> {
     pub sent_round: Vec<u32>,
     /// Pages of the last round that were never queued (its sending stopped early).
     pub unqueued: u64,
-    /// Successful resumptions after a broken connection.
+    /// Successful reconnections after a broken connection (setup restarts
+    /// included).
     pub reconnects: u32,
+    /// Of `reconnects`, the setups started over before round 0.
+    pub setup_restarts: u32,
     /// Pages sent again after resumptions.
     pub resent_pages: u64,
 }
@@ -103,7 +108,7 @@ impl Run<'_> {
         }
         self.link.as_mut().ok_or(MigrationError::Protocol {
             phase: "control",
-            message: "the control stream was lost (heartbeat thread died)".into(),
+            violation: ProtocolViolation::ControlLost("heartbeat thread died"),
         })
     }
 
@@ -115,7 +120,9 @@ impl Run<'_> {
         if self.heartbeat.as_ref().is_some_and(|h| h.has_failed()) {
             return Some(self.control().err().unwrap_or(MigrationError::Protocol {
                 phase: "rounds",
-                message: "the heartbeat thread stopped without a reason".into(),
+                violation: ProtocolViolation::ControlLost(
+                    "the heartbeat thread stopped without a reason",
+                ),
             }));
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -138,7 +145,7 @@ impl Run<'_> {
             self.sent_round[p as usize] = round;
         }
         let Some(tx) = self.tx.as_ref() else {
-            return Err(MigrationError::Send("the page workers were stopped".into()));
+            return Err(MigrationError::Send(SendError::WorkersStopped));
         };
         let mut sent = 0u64;
         let mut since_event = 0u64;
@@ -236,7 +243,7 @@ impl Run<'_> {
             Ok(()) => self.check_workers(),
             Err(GateError::Aborted) => {
                 self.check_workers()?;
-                Err(MigrationError::Send("the round gate was aborted".into()))
+                Err(MigrationError::Send(SendError::GateAborted))
             }
             Err(GateError::Stopped) => Err(stopped.unwrap_or(MigrationError::Cancelled)),
             Err(GateError::Stalled(after)) => Err(MigrationError::TimedOut {
@@ -292,12 +299,12 @@ impl Run<'_> {
     pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
         match self.shared.failure() {
             None => Ok(()),
-            Some(WorkerFailure::Lost { stream, message }) => {
-                Err(MigrationError::PageStreamLost { stream, message })
+            Some(WorkerFailure::Lost { stream, source }) => {
+                Err(MigrationError::PageStreamLost { stream, source })
             }
-            Some(WorkerFailure::Failed { stream, message }) => Err(MigrationError::Send(format!(
-                "page stream {stream}: {message}"
-            ))),
+            Some(WorkerFailure::Failed { stream, source }) => {
+                Err(MigrationError::Send(SendError::Stream { stream, source }))
+            }
             Some(WorkerFailure::Panicked { stream, message }) => {
                 Err(MigrationError::WorkerPanicked { stream, message })
             }
@@ -423,10 +430,15 @@ pub(crate) fn link_error(f: LinkFailure) -> MigrationError {
             phase: "rounds",
             source,
         },
-        LinkFailure::Unexpected(ControlMsg::Error { message }) => MigrationError::Remote(message),
+        LinkFailure::Unexpected(ControlMsg::Error { message }) => {
+            MigrationError::Remote(message.into())
+        }
         LinkFailure::Unexpected(other) => MigrationError::Protocol {
             phase: "rounds",
-            message: format!("unexpected {} on the control stream", other.name()),
+            violation: ProtocolViolation::Unexpected {
+                expected: "heartbeat answers on the control stream",
+                got: other.name(),
+            },
         },
     }
 }
@@ -445,9 +457,10 @@ pub(crate) fn run(
         };
         // Setup under cancel: a cancel cuts the streams opened so far, which ends
         // a blocking handshake read at once.
+        // A connection lost before round 0 starts the setup over (same token).
         let session = {
             let cancellable = CancelConnector::new(connector, m.cancel.clone());
-            setup::connect(&m, &cancellable).map_err(|e| {
+            setup::establish(&m, &cancellable).map_err(|e| {
                 if m.cancel.is_cancelled() {
                     MigrationError::Cancelled
                 } else {
@@ -461,6 +474,8 @@ pub(crate) fn run(
             session: session_id,
             rtt,
             resumable,
+            drains,
+            restarts: setup_restarts,
         } = session;
         let mut link = ControlLink::new(control.into_stream());
         if m.cancel.is_cancelled() {
@@ -537,9 +552,11 @@ pub(crate) fn run(
             audit,
             tracker_fallback: false,
             resumable,
+            drains,
             sent_round,
             unqueued: 0,
-            reconnects: 0,
+            reconnects: setup_restarts,
+            setup_restarts,
             resent_pages: 0,
         };
         let r = precopy(&mut run);
@@ -760,25 +777,66 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         run.emit(Event::RoundFinished(stats.clone()));
         run.progress_after_round(round, sent_pages, owed_count);
         run.history.push(stats);
-        let decision = if run.m.tracker.is_none() {
+        let mut decision = if run.m.tracker.is_none() {
             Decision::Brownout("the VM is stopped: one pass is complete".into())
         } else {
-            let snap = PolicySnapshot {
-                rounds: round + 1,
-                elapsed: precopy_start.elapsed(),
-                remaining_pages: owed_count,
-                predicted_downtime: Duration::from_secs_f64(predicted),
-                history: &run.history,
-                throttle_percent: run.throttle,
-                bandwidth_bps: run.est.final_bandwidth(),
-                dirty_bytes_per_s: run.est.dirty_bytes_per_s(),
-                deferred_pages: deferred_count,
-                predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
-                prediction_margin: margin,
-            };
-            run.m.policy.decide(&snap)
+            decide(
+                run,
+                round + 1,
+                precopy_start,
+                owed_count,
+                deferred_count,
+                0.0,
+            )
+            .0
         };
+        let mut predicted = predicted;
         round += 1;
+        // Before pausing, let the destination apply what is in flight (the VM
+        // runs meanwhile); then the policy decides again on what is owed now.
+        if matches!(decision, Decision::Brownout(_)) && run.drains && run.m.tracker.is_some() {
+            match run.drain(round - 1) {
+                Ok(answer) => {
+                    let dirtied = run.drained(round - 1, &answer);
+                    // Still behind: its backlog is at least what it waited.
+                    let behind = if answer.applied {
+                        0.0
+                    } else {
+                        answer.waited.as_secs_f64()
+                    };
+                    let (again, p) = decide(
+                        run,
+                        round,
+                        precopy_start,
+                        owed_count + dirtied,
+                        deferred_count,
+                        behind,
+                    );
+                    predicted = p;
+                    decision = match again {
+                        Decision::Brownout(r) => Decision::Brownout(format!(
+                            "{r}; after {:.1} ms for the destination to apply round {} (~{dirtied} pages dirtied meanwhile)",
+                            answer.waited.as_secs_f64() * 1e3,
+                            round - 1
+                        )),
+                        other => {
+                            run.restart_heartbeat()?;
+                            other
+                        }
+                    };
+                }
+                Err(e) if run.may_resume(&e) => {
+                    let mut resend = PageSet::new(pages);
+                    round = run.resume(round - 1, e, &mut resend)?;
+                    to_send.clear();
+                    to_send.union_with(&owed);
+                    to_send.union_with(&resend);
+                    deferred.clear();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         match decision {
             Decision::Continue => {}
             Decision::Throttle(p) => {
@@ -828,6 +886,37 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
             Decision::Abort(reason) => return Err(MigrationError::PolicyAbort(reason)),
         }
     }
+}
+
+/// Ask the policy, with the model's prediction for `owed_pages` plus `behind_s`
+/// seconds the destination is known to be behind. Returns the decision and the
+/// prediction (seconds) it judged.
+fn decide(
+    run: &mut Run<'_>,
+    rounds: u32,
+    precopy_start: Instant,
+    owed_pages: u64,
+    deferred_pages: u64,
+    behind_s: f64,
+) -> (Decision, f64) {
+    let raw = run.est.predict(owed_pages);
+    let margin = run.est.margin();
+    let predicted = raw.with_margin(margin).total() + behind_s;
+    run.prediction = (raw, margin);
+    let snap = PolicySnapshot {
+        rounds,
+        elapsed: precopy_start.elapsed(),
+        remaining_pages: owed_pages,
+        predicted_downtime: Duration::from_secs_f64(predicted),
+        history: &run.history,
+        throttle_percent: run.throttle,
+        bandwidth_bps: run.est.final_bandwidth(),
+        dirty_bytes_per_s: run.est.dirty_bytes_per_s(),
+        deferred_pages,
+        predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
+        prediction_margin: margin,
+    };
+    (run.m.policy.decide(&snap), predicted)
 }
 
 #[cfg(test)]

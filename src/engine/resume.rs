@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::control::{ControlLink, Heartbeat};
 use super::precopy::{Run, Workers};
-use super::{setup, MigrationError};
+use super::{setup, CancelToken, MigrationError};
 use crate::memory::PageSet;
 use crate::stats::Event;
 use crate::wire::resume::HeldRun;
@@ -39,6 +39,61 @@ pub fn is_lost_connection(e: &MigrationError) -> bool {
     }
 }
 
+/// The reconnection budget of one lost connection: attempts, the backoff
+/// between them, and the error once the budget is spent. Used by resumption
+/// and by a setup that starts over ([`super::setup::establish`]).
+pub(crate) struct Retry {
+    budget: Duration,
+    give_up: Instant,
+    backoff: Duration,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+impl Retry {
+    /// A budget of `budget` from now.
+    pub fn new(budget: Duration) -> Self {
+        Self {
+            budget,
+            give_up: Instant::now() + budget,
+            backoff: FIRST_BACKOFF,
+            attempts: 0,
+        }
+    }
+
+    /// Time left for another attempt, `None` once the budget is spent.
+    pub fn left(&self) -> Option<Duration> {
+        Some(self.give_up.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+    }
+
+    /// Wait out the backoff (never past the budget) in slices, so a cancel is
+    /// seen at once; the next wait is twice as long, up to [`MAX_BACKOFF`].
+    pub fn back_off(&mut self, cancel: &CancelToken) {
+        let wake = Instant::now()
+            + self
+                .backoff
+                .min(self.give_up.saturating_duration_since(Instant::now()));
+        while Instant::now() < wake && !cancel.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(10).min(wake - Instant::now()));
+        }
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// The error that ends the attempts: `cause` broke the connection, `last`
+    /// is the last attempt's error (none: no attempt fitted in the budget).
+    pub fn failed(&self, cause: MigrationError, last: Option<MigrationError>) -> MigrationError {
+        MigrationError::ReconnectFailed {
+            attempts: self.attempts,
+            after: self.budget,
+            cause: Box::new(cause),
+            last: Box::new(last.unwrap_or(MigrationError::TimedOut {
+                what: "a chance to reconnect",
+                after: self.budget,
+            })),
+        }
+    }
+}
+
 impl Run<'_> {
     /// Whether the round loop may resume after `e`.
     pub(crate) fn may_resume(&self, e: &MigrationError) -> bool {
@@ -56,6 +111,7 @@ impl Run<'_> {
         to_send: &mut PageSet,
     ) -> Result<u32, MigrationError> {
         self.emit(Event::Reconnecting {
+            phase: "rounds".into(),
             round: cut_round,
             error: cause.to_string(),
         });
@@ -67,46 +123,27 @@ impl Run<'_> {
         self.link = None;
         self.stop_workers(true, Instant::now())?;
         let round = cut_round + 1;
-        let budget = self.m.config.reconnect_timeout;
-        let give_up = Instant::now() + budget;
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempts = 0u32;
-        let failed = |attempts, last| MigrationError::ReconnectFailed {
-            attempts,
-            after: budget,
-            cause: Box::new(cause),
-            last: Box::new(last),
-        };
+        let mut retry = Retry::new(self.m.config.reconnect_timeout);
         let mut last = None;
         let back = loop {
             if self.m.cancel.is_cancelled() {
                 return Err(MigrationError::Cancelled);
             }
-            let left = give_up.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let last = last.unwrap_or(MigrationError::TimedOut {
-                    what: "a chance to reconnect",
-                    after: budget,
-                });
-                return Err(failed(attempts, last));
-            }
-            attempts += 1;
+            let Some(left) = retry.left() else {
+                return Err(retry.failed(cause, last));
+            };
+            retry.attempts += 1;
             let reply = left.min(self.m.config.peer_timeout);
             match setup::reconnect(self.m, self.connector, self.session_id, round, reply) {
                 Ok(back) => break back,
                 Err(e) if is_lost_connection(&e) => last = Some(e),
                 // Refused (the destination no longer holds the session) or a
                 // broken protocol: no point in trying again.
-                Err(e) => return Err(failed(attempts, e)),
+                Err(e) => return Err(retry.failed(cause, Some(e))),
             }
-            // Wait out the backoff in slices, so a cancel is seen at once.
-            let wake =
-                Instant::now() + backoff.min(give_up.saturating_duration_since(Instant::now()));
-            while Instant::now() < wake && !self.m.cancel.is_cancelled() {
-                std::thread::sleep(Duration::from_millis(10).min(wake - Instant::now()));
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            retry.back_off(&self.m.cancel);
         };
+        let attempts = retry.attempts;
         let held = self.resend_set(back.complete_rounds, &back.held, to_send);
         // The broken round's pages that were never queued go now for the first
         // time: they are not sent again.

@@ -1,12 +1,26 @@
 //! Setup stage (source side): handshake, VM configuration, page streams.
+//!
+//! A connection lost before round 0 starts (closed, reset, silent past a
+//! deadline: [`super::resume::is_lost_connection`]) does not fail the migration:
+//! [`establish`] starts the setup over on new connections, with the same session
+//! token, within [`MigrationConfig::reconnect_timeout`] and with the backoff of
+//! resumption. Nothing was sent and the VM was not touched, so there is nothing
+//! to keep. A refusal, a veto, a corrupt frame or a cancel ends it as before
+//! (docs/PROTOCOL.md, "Setup restart").
+//!
+//! [`MigrationConfig::reconnect_timeout`]: super::MigrationConfig::reconnect_timeout
 
 use std::time::{Duration, Instant};
 
+use super::resume::{is_lost_connection, Retry};
 use super::{Migration, MigrationError};
 use crate::session::SessionToken;
+use crate::stats::Event;
 use crate::transport::framed::{FrameReader, FrameWriter};
 use crate::transport::{Connector, TransportError};
-use crate::wire::{ControlMsg, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use crate::wire::{
+    ControlMsg, ProtocolViolation, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR, SETUP_RESTART,
+};
 
 /// Longest a source waits in a serving destination's queue (`ControlMsg::Queued`
 /// notices) before giving up; the destination bounds the wait too.
@@ -26,6 +40,10 @@ pub struct Session {
     /// The destination can resume this session after a broken connection
     /// (capability `resume`).
     pub resumable: bool,
+    /// The destination answers `Drain` (capability `drain`).
+    pub drains: bool,
+    /// Times the setup started over after a lost connection.
+    pub restarts: u32,
 }
 
 /// A session resumed on new connections (see [`reconnect`]).
@@ -45,12 +63,106 @@ fn transport_error(phase: &'static str) -> impl Fn(TransportError) -> MigrationE
     move |source| MigrationError::Transport { phase, source }
 }
 
-/// Connect, negotiate, send the VM configuration and open the page streams.
-/// Nothing has touched the VM yet, so a failure here needs no rollback.
-pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, MigrationError> {
+/// Set up the session, starting over while the connection is lost before
+/// round 0 (see the module docs). Nothing has touched the VM yet, so a failure
+/// here needs no rollback.
+pub fn establish(m: &Migration, connector: &dyn Connector) -> Result<Session, MigrationError> {
+    let session = SessionToken::generate()?;
+    let budget = m.config.reconnect_timeout;
+    let first = match connect(m, connector, session, m.config.reply_timeout) {
+        Ok(s) => return Ok(s),
+        Err(f) => f,
+    };
+    // Never reached the destination (nothing to lose), or it will not take the
+    // token again, or the failure is not a lost connection: fail as it is.
+    if budget.is_zero() || !first.connected || !first.peer_restarts {
+        return Err(first.error);
+    }
+    if !is_lost_connection(&first.error) {
+        return Err(first.error);
+    }
+    let cause = first.error;
+    if let Some(p) = &m.progress {
+        p.on_event(&Event::Reconnecting {
+            phase: "setup".into(),
+            round: 0,
+            error: cause.to_string(),
+        });
+    }
+    let mut retry = Retry::new(budget);
+    let mut last = None;
+    loop {
+        if m.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let Some(left) = retry.left() else {
+            return Err(retry.failed(cause, last));
+        };
+        retry.attempts += 1;
+        match connect(m, connector, session, m.config.reply_timeout.min(left)) {
+            Ok(mut s) => {
+                s.restarts = 1;
+                return Ok(s);
+            }
+            Err(f) if f.peer_restarts && is_lost_connection(&f.error) => last = Some(f.error),
+            // Refused (too many restarts, another session holds the
+            // destination), vetoed, or a broken protocol.
+            Err(f) => return Err(retry.failed(cause, Some(f.error))),
+        }
+        retry.back_off(&m.cancel);
+    }
+}
+
+/// A setup attempt that failed, and how far it got.
+#[derive(Debug)]
+struct SetupFailed {
+    error: MigrationError,
+    /// The control connection was made (and the `Hello` perhaps delivered).
+    connected: bool,
+    /// The destination takes a `Hello` with this token again: its `Welcome`
+    /// listed `setup-restart`, or no `Welcome` arrived (a destination that never
+    /// read the `Hello` takes it as new).
+    peer_restarts: bool,
+}
+
+/// One setup attempt for `session`: connect, negotiate, send the VM
+/// configuration and open the page streams; every answer within `reply_timeout`.
+fn connect(
+    m: &Migration,
+    connector: &dyn Connector,
+    session: SessionToken,
+    reply_timeout: Duration,
+) -> Result<Session, SetupFailed> {
+    let mut connected = false;
+    let mut peer_restarts = true;
+    attempt(
+        m,
+        connector,
+        session,
+        reply_timeout,
+        &mut connected,
+        &mut peer_restarts,
+    )
+    .map_err(|error| SetupFailed {
+        error,
+        connected,
+        peer_restarts,
+    })
+}
+
+/// The body of [`connect`], recording how far it got.
+fn attempt(
+    m: &Migration,
+    connector: &dyn Connector,
+    session: SessionToken,
+    reply_timeout: Duration,
+    connected: &mut bool,
+    peer_restarts: &mut bool,
+) -> Result<Session, MigrationError> {
     let stream = connector.connect().map_err(transport_error("connect"))?;
+    *connected = true;
     stream
-        .set_read_timeout(Some(m.config.reply_timeout))
+        .set_read_timeout(Some(reply_timeout))
         .map_err(|e| MigrationError::Transport {
             phase: "connect",
             source: TransportError::Io {
@@ -59,14 +171,19 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
             },
         })?;
     let mut control = FrameReader::new(stream, "control");
-    let session = SessionToken::generate()?;
+    // A source that never reconnects does not offer to start over.
+    let restarts = !m.config.reconnect_timeout.is_zero();
     let hello = ControlMsg::Hello {
         magic: "livemig".into(),
         major: PROTOCOL_MAJOR,
         minor: PROTOCOL_MINOR,
         session,
         streams: m.config.streams,
-        capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+        capabilities: CAPABILITIES
+            .iter()
+            .filter(|c| restarts || **c != SETUP_RESTART)
+            .map(|s| s.to_string())
+            .collect(),
     };
     let t0 = Instant::now();
     control
@@ -81,12 +198,10 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         match reply {
             ControlMsg::Queued { limit, waiting } => {
                 if t0.elapsed() > MAX_QUEUE_WAIT {
-                    return Err(MigrationError::Refused {
-                        code: crate::wire::control::RefuseCode::HostBusy,
-                        message: format!(
-                            "queued at the destination for over {MAX_QUEUE_WAIT:?} \
-                             ({limit} migration(s) at once there, {waiting} waiting)"
-                        ),
+                    return Err(MigrationError::QueuedTooLong {
+                        after: MAX_QUEUE_WAIT,
+                        limit,
+                        waiting,
                     });
                 }
             }
@@ -94,26 +209,35 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         }
     };
     let (reply, rtt) = reply;
-    let resumable = match reply {
+    let (resumable, drains) = match reply {
         ControlMsg::Welcome { capabilities, .. } => {
+            *peer_restarts = capabilities.iter().any(|c| c == SETUP_RESTART);
             if m.config.delta && !capabilities.iter().any(|c| c == "delta-xor") {
                 return Err(MigrationError::Protocol {
                     phase: "handshake",
-                    message: "delta encoding requested but the destination lacks the \
-                              delta-xor capability"
-                        .into(),
+                    violation: ProtocolViolation::MissingCapability {
+                        capability: "delta-xor",
+                        wanted: "delta encoding",
+                    },
                 });
             }
-            capabilities.iter().any(|c| c == "resume")
+            let has = |cap: &str| capabilities.iter().any(|c| c == cap);
+            (has("resume"), has("drain"))
         }
         ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused { code, message })
+            return Err(MigrationError::Refused {
+                code,
+                message: message.into(),
+            })
         }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
         other => {
             return Err(MigrationError::Protocol {
                 phase: "handshake",
-                message: format!("unexpected {}", other.name()),
+                violation: ProtocolViolation::Unexpected {
+                    expected: "welcome or refuse",
+                    got: other.name(),
+                },
             })
         }
     };
@@ -141,22 +265,28 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
     match control.control().map_err(transport_error("setup"))?.0 {
         ControlMsg::SetupOk => {}
         ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused { code, message })
+            return Err(MigrationError::Refused {
+                code,
+                message: message.into(),
+            })
         }
         ControlMsg::Veto {
             participant,
             reason,
         } => {
-            return Err(MigrationError::Vetoed(crate::device::Veto {
+            return Err(MigrationError::Vetoed(super::error::peer_veto(
                 participant,
                 reason,
-            }))
+            )))
         }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
         other => {
             return Err(MigrationError::Protocol {
                 phase: "setup",
-                message: format!("unexpected {}", other.name()),
+                violation: ProtocolViolation::Unexpected {
+                    expected: "setup-ok, refuse or veto",
+                    got: other.name(),
+                },
             })
         }
     }
@@ -168,6 +298,8 @@ pub fn connect(m: &Migration, connector: &dyn Connector) -> Result<Session, Migr
         session,
         rtt,
         resumable,
+        drains,
+        restarts: 0,
     })
 }
 
@@ -244,18 +376,24 @@ pub fn reconnect(
                 crate::wire::resume::decode_runs(&attachment, held_runs, m.memory.total_pages())
                     .map_err(|e| MigrationError::Protocol {
                         phase: PHASE,
-                        message: e.to_string(),
+                        violation: e.into(),
                     })?;
             (complete_rounds, held)
         }
         ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused { code, message })
+            return Err(MigrationError::Refused {
+                code,
+                message: message.into(),
+            })
         }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message)),
+        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
         other => {
             return Err(MigrationError::Protocol {
                 phase: PHASE,
-                message: format!("unexpected {}", other.name()),
+                violation: ProtocolViolation::Unexpected {
+                    expected: "resumed or refuse",
+                    got: other.name(),
+                },
             })
         }
     };

@@ -56,10 +56,15 @@ pub enum MemoryError {
     ReadOnly,
     /// mmap / memfd failure.
     #[error("mapping guest memory failed: {0}")]
-    Map(std::io::Error),
+    Map(#[source] std::io::Error),
     /// Image file could not be opened.
-    #[error("cannot open memory image {0}: {1}")]
-    Image(String, std::io::Error),
+    #[error("cannot open memory image {path}: {source}")]
+    Image {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// memfd name contains NUL.
     #[error("memfd name contains a NUL byte")]
     BadName,
@@ -324,6 +329,17 @@ impl GuestMemory {
 
     /// Populate (pre-fault) all pages with `threads` threads (destination only).
     pub fn prefault(&self, threads: usize) -> Result<(), MemoryError> {
+        self.prefault_until(threads, &std::sync::atomic::AtomicBool::new(false))
+    }
+
+    /// [`GuestMemory::prefault`] that stops within one 2 MiB chunk once `stop` is
+    /// set. Each chunk is one `madvise` call, so the process's memory-map lock is
+    /// held for one chunk at a time, never for the whole guest.
+    pub fn prefault_until(
+        &self,
+        threads: usize,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), MemoryError> {
         const CHUNK: u64 = 512; // 2 MiB: one huge page per call when THP is on
         let next = std::sync::atomic::AtomicU64::new(0);
         let total = self.total_pages();
@@ -333,7 +349,7 @@ impl GuestMemory {
                     s.spawn(|| -> Result<(), MemoryError> {
                         loop {
                             let i = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
-                            if i >= total {
+                            if i >= total || stop.load(std::sync::atomic::Ordering::Relaxed) {
                                 return Ok(());
                             }
                             let (r, p) = self.locate(i)?;

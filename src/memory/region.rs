@@ -115,11 +115,16 @@ impl GuestRegion {
 
     /// An image file mapped read-only (the memory of a stopped guest, for sending).
     pub fn image_file(gpa: u64, path: &Path) -> Result<Self, MemoryError> {
-        let file =
-            File::open(path).map_err(|e| MemoryError::Image(path.display().to_string(), e))?;
+        let file = File::open(path).map_err(|e| MemoryError::Image {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         let len = file
             .metadata()
-            .map_err(|e| MemoryError::Image(path.display().to_string(), e))?
+            .map_err(|e| MemoryError::Image {
+                path: path.to_path_buf(),
+                source: e,
+            })?
             .len() as usize;
         check_len(gpa, len)?;
         let map = MmapOptions::new()

@@ -65,15 +65,19 @@ impl std::fmt::Display for MemoryDigest {
     }
 }
 
-/// A digest string that is not 32 hex digits.
+/// A digest string that is not 32 hex digits (the text as received, sanitized).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("memory digest must be 32 hex digits, got {0:?}")]
-pub struct BadDigest(pub String);
+pub struct BadDigest(pub crate::wire::PeerText);
 
 impl std::str::FromStr for MemoryDigest {
     type Err = BadDigest;
     fn from_str(s: &str) -> Result<Self, BadDigest> {
-        let bad = || BadDigest(s.chars().take(40).collect());
+        let bad = || {
+            BadDigest(crate::wire::PeerText::new(
+                s.chars().take(40).collect::<String>(),
+            ))
+        };
         if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(bad());
         }

@@ -7,12 +7,20 @@
 //! accepting goes on until every stream is in or
 //! [`ReceiverConfig::accept_timeout`] has passed since setup.
 //!
+//! Two connections of the session itself end the wait early: a `Hello` with
+//! its token (the source lost its connection while setting up and starts over)
+//! and a `Resume` with its token (the source lost it after opening the page
+//! streams, before this side had taken them all, or while resuming). The caller
+//! decides what each means in its phase.
+//!
 //! [`ReceiverConfig::hello_timeout`]: super::ReceiverConfig::hello_timeout
 //! [`ReceiverConfig::accept_timeout`]: super::ReceiverConfig::accept_timeout
 
 use std::time::Instant;
 
-use super::{next_connection, ReceiveError, Receiver};
+use super::handshake::{Caller, Hello};
+use super::resume::ResumeRequest;
+use super::{next_connection, Awaited, ReceiveError, Receiver, StrayReason};
 use crate::session::{Deadline, DeadlineStream, SessionToken};
 use crate::transport::framed::FrameReader;
 use crate::transport::Acceptor;
@@ -34,8 +42,29 @@ pub(super) struct PageStreams {
     pub stray_connections: u32,
 }
 
+/// How accepting ended.
+pub(super) enum Accepted {
+    /// Every page stream is in.
+    Streams(PageStreams),
+    /// The source starts the setup over: a `Hello` with the session's token.
+    Restart {
+        /// The new control connection, its `Hello` read.
+        caller: Caller,
+        /// Connections dropped before it.
+        stray_connections: u32,
+    },
+    /// The source resumes the session: a `Resume` with its token.
+    Resume {
+        /// The new control connection, its `Resume` read.
+        request: ResumeRequest,
+        /// Connections dropped before it.
+        stray_connections: u32,
+    },
+}
+
 impl Receiver {
-    /// Accept the `streams` page streams of session `session`, dropping strays.
+    /// Accept the `streams` page streams of session `session`, dropping strays,
+    /// unless the session's source comes back first (see the module docs).
     /// `strays_before` (from the handshake) only goes into a timeout's message.
     pub(super) fn accept_page_streams(
         &self,
@@ -43,7 +72,7 @@ impl Receiver {
         session: &SessionToken,
         streams: u16,
         strays_before: u32,
-    ) -> Result<PageStreams, ReceiveError> {
+    ) -> Result<Accepted, ReceiveError> {
         const PHASE: &str = "accepting page streams";
         let give_up = Instant::now() + self.config.accept_timeout;
         let mut accepted = Vec::with_capacity(streams as usize);
@@ -54,20 +83,67 @@ impl Receiver {
             let Some(stream) = next_connection(PHASE, acceptor, give_up)? else {
                 return Err(ReceiveError::TimedOut {
                     phase: PHASE,
-                    what: format!(
-                        "only {} of {streams} page streams arrived{}",
-                        accepted.len(),
-                        super::handshake::stray_note(last_stray.as_deref())
-                    ),
+                    what: Awaited::PageStreams {
+                        arrived: accepted.len(),
+                        expected: streams,
+                    },
                     after: self.config.accept_timeout,
                     stray_connections: strays_before + stray_connections,
+                    last_stray,
                 });
             };
+            let started = Instant::now();
             let deadline = Deadline::new();
-            deadline.arm(Instant::now() + self.config.hello_timeout);
+            deadline.arm(started + self.config.hello_timeout);
             let stream = DeadlineStream::new(stream, deadline.clone());
             let mut reader = FrameReader::new(Box::new(stream), "page");
             match reader.control() {
+                Ok((
+                    ControlMsg::Hello {
+                        magic,
+                        major,
+                        minor,
+                        session: s,
+                        streams: n,
+                        capabilities,
+                    },
+                    _,
+                )) if s == *session => {
+                    let hello = Hello::new(magic, major, minor, s, n, &capabilities);
+                    return Ok(Accepted::Restart {
+                        caller: Caller {
+                            control: FrameReader::new(reader.into_stream(), "control"),
+                            deadline,
+                            hello,
+                            started,
+                        },
+                        stray_connections,
+                    });
+                }
+                Ok((
+                    ControlMsg::Resume {
+                        magic,
+                        major,
+                        minor,
+                        session: s,
+                        streams: n,
+                        round,
+                    },
+                    _,
+                )) if s == *session => {
+                    return Ok(Accepted::Resume {
+                        request: ResumeRequest {
+                            control: FrameReader::new(reader.into_stream(), "control"),
+                            deadline,
+                            magic,
+                            major,
+                            minor,
+                            streams: n,
+                            round,
+                        },
+                        stray_connections,
+                    });
+                }
                 Ok((ControlMsg::StreamHello { session: s, index }, _))
                     if s == *session && seen.get(index as usize) == Some(&false) =>
                 {
@@ -80,26 +156,24 @@ impl Receiver {
                 }
                 Ok((other, _)) => {
                     stray_connections += 1;
-                    last_stray = Some(match other {
+                    last_stray = Some(Box::new(match other {
                         ControlMsg::StreamHello { index, .. } => {
-                            format!(
-                                "its stream hello (index {index}) is not one this session awaits"
-                            )
+                            StrayReason::UnawaitedStream { index }
                         }
-                        other => format!("it opened with {}", other.name()),
-                    });
+                        other => StrayReason::OpenedWith(other.name()),
+                    }));
                     reader.stream().shutdown();
                 }
                 Err(e) => {
                     stray_connections += 1;
-                    last_stray = Some(e.to_string());
+                    last_stray = Some(Box::new(StrayReason::Transport(e)));
                     reader.stream().shutdown();
                 }
             }
         }
-        Ok(PageStreams {
+        Ok(Accepted::Streams(PageStreams {
             streams: accepted,
             stray_connections,
-        })
+        }))
     }
 }

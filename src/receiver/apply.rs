@@ -4,15 +4,20 @@ use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::gate::GateError;
 use super::gate::RoundGate;
-use crate::codec::{CodecId, CodecSet};
-use crate::memory::{page_hash, zero_page_hash, DirtyBitmap, GuestMemory, PAGE_SIZE};
+use crate::codec::cache::RecordError;
+use crate::codec::delta::DeltaError;
+use crate::codec::{CodecError, CodecId, CodecSet};
+use crate::memory::{page_hash, zero_page_hash, DirtyBitmap, GuestMemory, MemoryError, PAGE_SIZE};
 use crate::proof::{DigestDelta, PageLedger};
 use crate::transport::framed::FrameReader;
+use crate::transport::TransportError;
 use crate::wire::batch::{BatchMeta, FLAG_DELTA, FLAG_RACY};
 use crate::wire::frame::RoundEnd;
 use crate::wire::resume::{HeldRun, MAX_HELD_RUNS};
 use crate::wire::FrameKind;
+use crate::wire::WireError;
 
 /// What kind of failure stopped a page stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,48 +33,203 @@ pub enum PageErrorKind {
 }
 
 /// Why applying a page stream failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("page stream {stream}: {message}")]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("page stream {stream}: {fault}")]
 pub struct PageError {
-    /// The stream's index.
+    /// The stream's index (`u16::MAX`: the session as a whole was stopped).
     pub stream: u16,
-    /// What kind of failure.
-    pub kind: PageErrorKind,
     /// What went wrong.
-    pub message: String,
+    #[source]
+    pub fault: PageFault,
 }
 
 impl PageError {
+    /// What kind of failure.
+    pub fn kind(&self) -> PageErrorKind {
+        self.fault.kind()
+    }
     /// Whether the session may resume after this failure.
     pub fn is_link(&self) -> bool {
-        self.kind == PageErrorKind::Link
+        self.kind() == PageErrorKind::Link
+    }
+}
+
+/// What stopped a page stream. Shared causes are behind `Arc` so the first
+/// failure, recorded for the session, can be handed to every stream.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PageFault {
+    /// The connection broke (closed, reset or silent past its deadline).
+    #[error("{0}")]
+    Link(#[source] Arc<TransportError>),
+    /// The stream delivered something that is no valid frame.
+    #[error("{0}")]
+    Transport(#[source] Arc<TransportError>),
+    /// A frame's metadata does not decode.
+    #[error("bad {what}: {source}")]
+    Wire {
+        /// Which metadata.
+        what: &'static str,
+        /// The decoding error.
+        #[source]
+        source: WireError,
+    },
+    /// A batch of another round than the one in progress.
+    #[error("batch of round {got} arrived during round {current}")]
+    BatchRound {
+        /// Its round.
+        got: u32,
+        /// The round in progress.
+        current: u32,
+    },
+    /// A round end of another round than the one in progress.
+    #[error("round end {got} during round {current}")]
+    RoundEndRound {
+        /// Its round.
+        got: u32,
+        /// The round in progress.
+        current: u32,
+    },
+    /// A stream end with a payload.
+    #[error("malformed stream end")]
+    MalformedStreamEnd,
+    /// A control frame on a page stream.
+    #[error("unexpected control frame")]
+    ControlFrame,
+    /// The round gate refused the stream (other than by being stopped).
+    #[error("{0}")]
+    Gate(#[source] GateError),
+    /// Another stream's failure, or the control stream's, stopped this one.
+    #[error("stopped: another stream or the control stream failed, or the source aborted")]
+    Stopped,
+    /// A batch names memory outside the guest (its gfn maps nowhere).
+    #[error("{0}")]
+    Memory(#[source] Arc<MemoryError>),
+    /// An extent that runs past the end of its memory region.
+    #[error("extent at gfn {gfn:#x} of {count} pages crosses the end of its region")]
+    ExtentCrossesRegion {
+        /// Its first guest frame.
+        gfn: u64,
+        /// Its pages.
+        count: u32,
+    },
+    /// A page index outside guest memory.
+    #[error("page at index {index} is outside guest memory")]
+    OutOfBounds {
+        /// The page index.
+        index: u64,
+    },
+    /// A page sent twice in one round.
+    #[error("page at index {index} arrives twice in round {round} (a page is sent at most once per round)")]
+    Twice {
+        /// The page index.
+        index: u64,
+        /// The round.
+        round: u32,
+    },
+    /// A batch that names no codec.
+    #[error("batch without codec")]
+    NoCodec,
+    /// A raw payload whose length differs from the batch's.
+    #[error("raw {}payload length mismatch", if *delta { "delta " } else { "" })]
+    PayloadLength {
+        /// It is a delta batch's record stream.
+        delta: bool,
+    },
+    /// The payload does not decompress.
+    #[error("{0}")]
+    Codec(#[source] Arc<CodecError>),
+    /// A page whose content does not hash to what the batch says.
+    #[error("page at index {index} fails its checksum {stage}")]
+    Checksum {
+        /// The page index.
+        index: u64,
+        /// Where it was found (a fixed description: "(corrupted in transit)",
+        /// "after lz4 decoding", …).
+        stage: &'static str,
+    },
+    /// A zero page whose hash is not the zero page's.
+    #[error("zero page at index {index} carries a non-zero hash")]
+    ZeroHash {
+        /// The page index.
+        index: u64,
+    },
+    /// A delta batch's record for one page is malformed.
+    #[error("page at index {index}: {source}")]
+    Record {
+        /// The page index.
+        index: u64,
+        /// What is wrong.
+        #[source]
+        source: RecordError,
+    },
+    /// A delta batch's record stream does not end where it should.
+    #[error("batch delta records: {0}")]
+    Records(#[source] RecordError),
+    /// A page's delta does not apply.
+    #[error("delta of page at index {index}: {source}")]
+    Delta {
+        /// The page index.
+        index: u64,
+        /// What is wrong.
+        #[source]
+        source: DeltaError,
+    },
+    /// The stream's receiver thread panicked.
+    #[error("its receiver thread panicked")]
+    Panicked,
+}
+
+impl PageFault {
+    /// What kind of failure.
+    pub fn kind(&self) -> PageErrorKind {
+        match self {
+            Self::Link(_) => PageErrorKind::Link,
+            Self::Stopped | Self::Gate(GateError::Aborted) => PageErrorKind::Stopped,
+            _ => PageErrorKind::Invalid,
+        }
     }
 }
 
 /// A failure inside one batch: the link broke, or the batch is invalid.
 enum BatchFault {
-    Link(String),
-    Invalid(String),
+    Link(Arc<TransportError>),
+    Invalid(PageFault),
 }
 
-impl From<String> for BatchFault {
-    fn from(s: String) -> Self {
-        Self::Invalid(s)
+impl From<PageFault> for BatchFault {
+    fn from(f: PageFault) -> Self {
+        Self::Invalid(f)
     }
 }
 
-impl From<&str> for BatchFault {
-    fn from(s: &str) -> Self {
-        Self::Invalid(s.into())
+impl From<MemoryError> for BatchFault {
+    fn from(e: MemoryError) -> Self {
+        Self::Invalid(PageFault::Memory(Arc::new(e)))
     }
 }
 
-impl From<crate::transport::TransportError> for BatchFault {
-    fn from(e: crate::transport::TransportError) -> Self {
+impl From<CodecError> for BatchFault {
+    fn from(e: CodecError) -> Self {
+        Self::Invalid(PageFault::Codec(Arc::new(e)))
+    }
+}
+
+impl From<TransportError> for BatchFault {
+    fn from(e: TransportError) -> Self {
+        match PageFault::of_transport(e) {
+            PageFault::Link(e) => Self::Link(e),
+            other => Self::Invalid(other),
+        }
+    }
+}
+
+impl PageFault {
+    fn of_transport(e: TransportError) -> Self {
         if e.is_link_loss() {
-            Self::Link(e.to_string())
+            Self::Link(Arc::new(e))
         } else {
-            Self::Invalid(e.to_string())
+            Self::Transport(Arc::new(e))
         }
     }
 }
@@ -141,11 +301,10 @@ impl ApplyShared {
 
     /// Stop every stream for a reason outside the page streams (the control
     /// stream failed or the source aborted).
-    pub fn stop(&self, reason: String) {
+    pub fn stop(&self) {
         self.fail(PageError {
             stream: u16::MAX,
-            kind: PageErrorKind::Stopped,
-            message: reason,
+            fault: PageFault::Stopped,
         });
     }
 
@@ -222,31 +381,7 @@ pub fn apply_stream(
     stream_index: u16,
     first_round: u32,
 ) -> Result<(), PageError> {
-    let link = |message: String| PageError {
-        stream: stream_index,
-        kind: PageErrorKind::Link,
-        message,
-    };
-    let invalid = |message: String| PageError {
-        stream: stream_index,
-        kind: PageErrorKind::Invalid,
-        message,
-    };
-    let from_transport = |e: crate::transport::TransportError| {
-        if e.is_link_loss() {
-            link(e.to_string())
-        } else {
-            invalid(e.to_string())
-        }
-    };
-    apply_frames(
-        shared,
-        r,
-        stream_index,
-        first_round,
-        &from_transport,
-        &invalid,
-    )
+    apply_frames(shared, r, stream_index, first_round)
 }
 
 fn apply_frames(
@@ -254,9 +389,12 @@ fn apply_frames(
     mut r: FrameReader,
     stream_index: u16,
     first_round: u32,
-    from_transport: &dyn Fn(crate::transport::TransportError) -> PageError,
-    invalid: &dyn Fn(String) -> PageError,
 ) -> Result<(), PageError> {
+    let invalid = |fault: PageFault| PageError {
+        stream: stream_index,
+        fault,
+    };
+    let from_transport = |e: TransportError| invalid(PageFault::of_transport(e));
     let mut s = Scratch {
         meta: BatchMeta::default(),
         indexes: Vec::with_capacity(crate::wire::MAX_BATCH_PAGES),
@@ -266,15 +404,7 @@ fn apply_frames(
         digest: DigestDelta::default(),
     };
     let mut round = first_round;
-    let stopped = |e: super::gate::GateError| PageError {
-        stream: stream_index,
-        kind: if e == super::gate::GateError::Aborted {
-            PageErrorKind::Stopped
-        } else {
-            PageErrorKind::Invalid
-        },
-        message: e.to_string(),
-    };
+    let stopped = |e: GateError| invalid(PageFault::Gate(e));
     let result = loop {
         let h = match r.header() {
             Ok(h) => h,
@@ -287,13 +417,16 @@ fn apply_frames(
                     Err(e) => break Err(from_transport(e)),
                 };
                 if let Err(e) = s.meta.decode_from(meta) {
-                    break Err(invalid(format!("bad batch: {e}")));
+                    break Err(invalid(PageFault::Wire {
+                        what: "batch",
+                        source: e,
+                    }));
                 }
                 if s.meta.round != round {
-                    break Err(invalid(format!(
-                        "batch of round {} arrived during round {round}",
-                        s.meta.round
-                    )));
+                    break Err(invalid(PageFault::BatchRound {
+                        got: s.meta.round,
+                        current: round,
+                    }));
                 }
                 s.indexes.clear();
                 let applied = apply_batch(shared, &mut r, &h, &mut s);
@@ -309,11 +442,7 @@ fn apply_frames(
                                 shared.touched.mark(idx);
                             }
                         }
-                        break Err(PageError {
-                            stream: stream_index,
-                            kind: PageErrorKind::Link,
-                            message: e,
-                        });
+                        break Err(invalid(PageFault::Link(e)));
                     }
                     Err(BatchFault::Invalid(e)) => break Err(invalid(e)),
                 }
@@ -322,15 +451,20 @@ fn apply_frames(
                 let end = match r.meta(&h) {
                     Ok(m) => match RoundEnd::decode(m) {
                         Ok(e) => e,
-                        Err(e) => break Err(invalid(e.to_string())),
+                        Err(e) => {
+                            break Err(invalid(PageFault::Wire {
+                                what: "round end",
+                                source: e,
+                            }))
+                        }
                     },
                     Err(e) => break Err(from_transport(e)),
                 };
                 if end.round != round {
-                    break Err(invalid(format!(
-                        "round end {} during round {round}",
-                        end.round
-                    )));
+                    break Err(invalid(PageFault::RoundEndRound {
+                        got: end.round,
+                        current: round,
+                    }));
                 }
                 if let Err(e) = shared.gate.arrive(round) {
                     break Err(stopped(e));
@@ -339,7 +473,7 @@ fn apply_frames(
             }
             FrameKind::StreamEnd => {
                 if h.meta_len != 0 || h.data_len != 0 {
-                    break Err(invalid("malformed stream end".into()));
+                    break Err(invalid(PageFault::MalformedStreamEnd));
                 }
                 // Valid only after the final round, with the same round count on
                 // every stream; waiters of a round that cannot finish now fail.
@@ -349,7 +483,7 @@ fn apply_frames(
                 break Ok(());
             }
             FrameKind::Control => {
-                break Err(invalid("unexpected control frame".into()));
+                break Err(invalid(PageFault::ControlFrame));
             }
         }
     };
@@ -371,20 +505,21 @@ fn apply_batch(
     let mut indexes = std::mem::take(&mut s.indexes);
     indexes.clear();
     for e in &s.meta.extents {
-        let first = mem.index_of_gfn(e.gfn).map_err(|e| e.to_string())?;
-        let left = mem.pages_left_in_region(first).map_err(|e| e.to_string())?;
+        let first = mem.index_of_gfn(e.gfn)?;
+        let left = mem.pages_left_in_region(first)?;
         if (e.count as u64) > left {
-            return Err(BatchFault::Invalid(format!(
-                "extent at gfn {:#x} of {} pages crosses the end of its region",
-                e.gfn, e.count
-            )));
+            return Err(PageFault::ExtentCrossesRegion {
+                gfn: e.gfn,
+                count: e.count,
+            }
+            .into());
         }
         indexes.extend(first..first + e.count as u64);
     }
     claim_pages(shared, &indexes, s.meta.round)?;
     // Only claimed pages are listed: a failed batch gives up exactly these.
     s.indexes = indexes;
-    let codec = s.meta.codec.ok_or("batch without codec")?;
+    let codec = s.meta.codec.ok_or(PageFault::NoCodec)?;
     let racy = s.meta.flags & FLAG_RACY != 0;
     if s.meta.flags & FLAG_DELTA != 0 {
         return apply_delta_batch(shared, r, h, s, codec);
@@ -392,7 +527,7 @@ fn apply_batch(
     let n = s.meta.pages();
     if codec == CodecId::Raw {
         if h.data_len as usize != s.meta.payload_len as usize {
-            return Err("raw payload length mismatch".into());
+            return Err(PageFault::PayloadLength { delta: false }.into());
         }
         // Scatter-read the payload straight into guest memory: merge consecutive
         // non-zero pages that are also contiguous in memory into one slice.
@@ -431,7 +566,7 @@ fn apply_batch(
             //   orders those writes before the next round's;
             // - not the prefault thread: it only asks the kernel to populate pages
             //   (no userspace read or write of their bytes).
-            slices.push(unsafe { mem.io_slice_mut(start, count) }.map_err(|e| e.to_string())?);
+            slices.push(unsafe { mem.io_slice_mut(start, count) }?);
         }
         r.data_vectored(h, &mut slices)?;
         drop(slices);
@@ -443,16 +578,13 @@ fn apply_batch(
             }
             // SAFETY: as above: this batch claimed the page for this round, so this
             // thread is its only reader and writer until it passes the gate.
-            let got = unsafe { mem.hash_page_exclusive(idx) }.map_err(|e| e.to_string())?;
+            let got = unsafe { mem.hash_page_exclusive(idx) }?;
             record(shared, idx, s.meta.hashes[i], got, racy, &mut s.digest)?;
         }
     } else {
         r.data_into(h, &mut s.data)?;
         s.decoded.resize(s.meta.payload_len as usize, 0);
-        s.codecs
-            .get(codec)
-            .decode(&s.data, &mut s.decoded)
-            .map_err(|e| e.to_string())?;
+        s.codecs.get(codec).decode(&s.data, &mut s.decoded)?;
         let mut off = 0;
         for i in 0..n {
             let idx = s.indexes[i];
@@ -464,13 +596,17 @@ fn apply_batch(
             off += PAGE_SIZE;
             let got = page_hash(page);
             if got != s.meta.hashes[i] && !racy {
-                return Err(format!(
-                    "page at index {idx} fails its checksum after {} decoding",
-                    codec.name()
-                )
+                return Err(PageFault::Checksum {
+                    index: idx,
+                    stage: match codec {
+                        CodecId::Lz4 => "after lz4 decoding",
+                        CodecId::Zstd => "after zstd decoding",
+                        CodecId::Raw => "after raw decoding",
+                    },
+                }
                 .into());
             }
-            mem.write_pages(idx, page).map_err(|e| e.to_string())?;
+            mem.write_pages(idx, page)?;
             record(shared, idx, s.meta.hashes[i], got, racy, &mut s.digest)?;
         }
     }
@@ -494,15 +630,12 @@ fn apply_delta_batch(
     r.data_into(h, &mut s.data)?;
     let records: &[u8] = if codec == CodecId::Raw {
         if s.data.len() != s.meta.payload_len as usize {
-            return Err("raw delta payload length mismatch".into());
+            return Err(PageFault::PayloadLength { delta: true }.into());
         }
         &s.data
     } else {
         s.decoded.resize(s.meta.payload_len as usize, 0);
-        s.codecs
-            .get(codec)
-            .decode(&s.data, &mut s.decoded)
-            .map_err(|e| e.to_string())?;
+        s.codecs.get(codec).decode(&s.data, &mut s.decoded)?;
         &s.decoded
     };
     let n = s.meta.pages();
@@ -516,31 +649,27 @@ fn apply_delta_batch(
         }
         let rec = rd
             .next_record()
-            .map_err(|e| format!("page at index {idx}: {e}"))?;
-        let what = match rec {
+            .map_err(|source| PageFault::Record { index: idx, source })?;
+        let stage = match rec {
             Record::Full(src) => {
                 page.copy_from_slice(src);
-                "decoding its record"
+                "after decoding its record (wrong delta base or corrupt)"
             }
             Record::Delta(delta) => {
-                mem.read_pages(idx, &mut page).map_err(|e| e.to_string())?;
+                mem.read_pages(idx, &mut page)?;
                 crate::codec::delta::apply(delta, &mut page)
-                    .map_err(|e| format!("delta of page at index {idx}: {e}"))?;
-                "applying its delta"
+                    .map_err(|source| PageFault::Delta { index: idx, source })?;
+                "after applying its delta (wrong delta base or corrupt)"
             }
         };
         let got = page_hash(&page);
         if got != s.meta.hashes[i] {
-            return Err(format!(
-                "page at index {idx} fails its checksum after {what} (wrong delta base or corrupt)"
-            )
-            .into());
+            return Err(PageFault::Checksum { index: idx, stage }.into());
         }
-        mem.write_pages(idx, &page).map_err(|e| e.to_string())?;
+        mem.write_pages(idx, &page)?;
         record(shared, idx, s.meta.hashes[i], got, false, &mut s.digest)?;
     }
-    rd.finish()
-        .map_err(|e| format!("batch delta records: {e}"))?;
+    rd.finish().map_err(PageFault::Records)?;
     shared.pages.fetch_add(n as u64, Ordering::Relaxed);
     Ok(())
 }
@@ -549,18 +678,16 @@ fn apply_delta_batch(
 /// already stamped with it (sent twice in one round, on this stream or another).
 /// All claims happen before any byte is written, so the refused batch touches
 /// nothing; the session then fails as a whole.
-pub fn claim_pages(shared: &ApplyShared, indexes: &[u64], round: u32) -> Result<(), String> {
+pub fn claim_pages(shared: &ApplyShared, indexes: &[u64], round: u32) -> Result<(), PageFault> {
     // `round < max_rounds < u32::MAX` (the gate's bound), so `round + 1` fits.
     let stamp = round.saturating_add(1);
     for &idx in indexes {
         let slot = shared
             .stamps
             .get(idx as usize)
-            .ok_or_else(|| format!("page at index {idx} is outside guest memory"))?;
+            .ok_or(PageFault::OutOfBounds { index: idx })?;
         if slot.swap(stamp, Ordering::AcqRel) == stamp {
-            return Err(format!(
-                "page at index {idx} arrives twice in round {round} (a page is sent at most once per round)"
-            ));
+            return Err(PageFault::Twice { index: idx, round });
         }
     }
     Ok(())
@@ -571,9 +698,9 @@ fn apply_zero(
     idx: u64,
     claimed: u64,
     digest: &mut DigestDelta,
-) -> Result<(), String> {
+) -> Result<(), BatchFault> {
     if claimed != zero_page_hash() {
-        return Err(format!("zero page at index {idx} carries a non-zero hash"));
+        return Err(PageFault::ZeroHash { index: idx }.into());
     }
     // An untouched page of memory this receiver allocated is zero: skip it (no
     // write, no page fault). Caller-provided memory may hold anything: read the page
@@ -582,13 +709,10 @@ fn apply_zero(
         || (shared.unknown_contents && {
             // SAFETY: the destination VM is not running, and within a round this
             // page is in one batch only, applied by this thread (round gate).
-            !unsafe { shared.memory.page_is_zero_exclusive(idx) }.map_err(|e| e.to_string())?
+            !unsafe { shared.memory.page_is_zero_exclusive(idx) }?
         });
     if write {
-        shared
-            .memory
-            .zero_pages(idx, 1)
-            .map_err(|e| e.to_string())?;
+        shared.memory.zero_pages(idx, 1)?;
     }
     shared.applied.record(idx, claimed, digest);
     shared.zero_pages.fetch_add(1, Ordering::Relaxed);
@@ -602,12 +726,13 @@ fn record(
     got: u64,
     racy: bool,
     digest: &mut DigestDelta,
-) -> Result<(), String> {
+) -> Result<(), PageFault> {
     if got != claimed {
         if !racy {
-            return Err(format!(
-                "page at index {idx} fails its checksum (corrupted in transit)"
-            ));
+            return Err(PageFault::Checksum {
+                index: idx,
+                stage: "(corrupted in transit)",
+            });
         }
         shared.torn_pages.fetch_add(1, Ordering::Relaxed);
     }

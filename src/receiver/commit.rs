@@ -13,7 +13,7 @@ use crate::memory::GuestMemory;
 use crate::proof::MemoryDigest;
 use crate::transport::framed::FrameReader;
 use crate::wire::control::SessionOutcome;
-use crate::wire::ControlMsg;
+use crate::wire::{ControlMsg, ProtocolViolation};
 
 const PHASE: &str = "commit";
 
@@ -55,7 +55,7 @@ impl Receiver {
         // discarded).
         let session = self
             .session
-            .ok_or_else(|| protocol_error(PHASE, "no session".to_string()))?;
+            .ok_or_else(|| protocol_error(PHASE, ProtocolViolation::NoSession("commit")))?;
         self.handoff(DestEvent::PreparedSent)?;
         control
             .send_control(
@@ -209,20 +209,20 @@ fn verify_memory(
     request: &CommitRequest,
 ) -> Result<MemoryDigest, ReceiveError> {
     if request.pages != memory.total_pages() || ours != request.digest {
-        let reason = format!(
-            "memory digest mismatch: source {} over {} pages, destination {ours} over {} pages",
-            request.digest,
-            request.pages,
-            memory.total_pages()
-        );
+        let mismatch = super::DigestMismatch {
+            sent: request.digest,
+            sent_pages: request.pages,
+            applied: ours,
+            pages: memory.total_pages(),
+        };
         send_veto(
             control,
             &Veto {
                 participant: "memory".into(),
-                reason: reason.clone(),
+                reason: mismatch.to_string(),
             },
         );
-        return Err(ReceiveError::VerifyFailed(reason));
+        return Err(ReceiveError::VerifyFailed(mismatch));
     }
     Ok(ours)
 }
@@ -236,10 +236,13 @@ fn await_release(control: &mut FrameReader, idle: Duration) -> Result<(), Receiv
     ))?;
     match released.0 {
         ControlMsg::Released => Ok(()),
-        ControlMsg::Abort { reason } => Err(ReceiveError::Aborted(reason)),
+        ControlMsg::Abort { reason } => Err(ReceiveError::Aborted(reason.into())),
         other => Err(protocol_error(
             PHASE,
-            format!("expected released, got {}", other.name()),
+            ProtocolViolation::Unexpected {
+                expected: "released or abort",
+                got: other.name(),
+            },
         )),
     }
 }

@@ -195,6 +195,27 @@ impl RoundGate {
         };
     }
 
+    /// Wait until every stream completed `round` (and so every round before it),
+    /// at most until `deadline`. True when it did; false when the deadline came
+    /// first, or the gate aborted or a stream ended (the page streams' own errors
+    /// report those).
+    pub fn wait_completed(&self, round: u32, deadline: std::time::Instant) -> bool {
+        let mut s = self.state.lock().expect("gate lock");
+        loop {
+            if s.round > round {
+                return true;
+            }
+            if s.aborted || s.ended.is_some() {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self.cv.wait_timeout(s, left).expect("gate lock").0;
+        }
+    }
+
     /// Rounds completed by all streams.
     pub fn rounds_done(&self) -> u32 {
         self.state.lock().expect("gate lock").round
@@ -212,6 +233,23 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn wait_completed_returns_when_the_round_completes_or_at_the_deadline() {
+        let g = Arc::new(RoundGate::new(2, 10));
+        let soon = || std::time::Instant::now() + Duration::from_millis(30);
+        assert!(!g.wait_completed(0, soon()), "nothing arrived: times out");
+        let g2 = g.clone();
+        let t = std::thread::spawn(move || g2.arrive(0));
+        let g3 = g.clone();
+        let t2 = std::thread::spawn(move || g3.arrive(0));
+        assert!(g.wait_completed(0, std::time::Instant::now() + Duration::from_secs(10)));
+        t.join().unwrap().unwrap();
+        t2.join().unwrap().unwrap();
+        assert!(!g.wait_completed(1, soon()), "round 1 has not completed");
+        g.abort();
+        assert!(!g.wait_completed(1, std::time::Instant::now() + Duration::from_secs(10)));
+    }
 
     /// Both streams of a two-stream gate finish `round`.
     fn pass(g: &Arc<RoundGate>, round: u32) {

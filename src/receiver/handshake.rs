@@ -10,19 +10,28 @@
 //! version, a busy host) is not stray: it comes from a livemig source, which is told
 //! why.
 //!
+//! A session whose connection broke during setup waits here again, for its
+//! source's next `Hello` (the same token) within
+//! [`ReceiverConfig::resume_window`]; see [`super::restart`].
+//!
 //! [`ReceiverConfig::hello_timeout`]: super::ReceiverConfig::hello_timeout
 //! [`ReceiverConfig::accept_timeout`]: super::ReceiverConfig::accept_timeout
+//! [`ReceiverConfig::resume_window`]: super::ReceiverConfig::resume_window
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::setup_check::{RefuseReason, VersionRefusal};
 use super::{
-    next_connection, refuse, setup_check, transport_error, Permit, ReceiveError, Receiver,
+    next_connection, refuse, setup_check, transport_error, Awaited, Permit, ReceiveError, Receiver,
+    StrayReason,
 };
 use crate::session::{Deadline, DeadlineStream, SessionToken};
 use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, TransportError};
 use crate::wire::control::RefuseCode;
-use crate::wire::{ControlMsg, WireError, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use crate::wire::{
+    ControlMsg, WireError, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR, SETUP_RESTART,
+};
 
 /// What the handshake hands to setup and the phases after it.
 pub(super) struct Handshake {
@@ -34,42 +43,80 @@ pub(super) struct Handshake {
     pub session: SessionToken,
     /// Page streams the source will open.
     pub streams: u16,
-    /// This migration's slot on the host (held until the receiver returns).
-    pub permit: Option<Permit>,
-    /// When the control connection arrived (the report's `total_ms` starts here).
-    pub started: Instant,
-    /// Connections dropped before the `Hello`.
-    pub stray_connections: u32,
 }
 
 /// The fields of a `Hello` the receiver checks.
-struct Hello {
+pub(super) struct Hello {
     magic: String,
     major: u16,
     minor: u16,
-    session: SessionToken,
+    pub session: SessionToken,
     streams: u16,
+    /// The source offered `setup-restart`.
+    pub restarts: bool,
 }
 
-/// The control connection, its first frame read.
-struct Caller {
-    control: FrameReader,
-    deadline: Deadline,
-    hello: Hello,
-    started: Instant,
+impl Hello {
+    /// The checked fields of a `Hello` message.
+    pub fn new(
+        magic: String,
+        major: u16,
+        minor: u16,
+        session: SessionToken,
+        streams: u16,
+        capabilities: &[String],
+    ) -> Self {
+        Self {
+            magic,
+            major,
+            minor,
+            session,
+            streams,
+            restarts: capabilities.iter().any(|c| c == SETUP_RESTART),
+        }
+    }
+}
+
+/// The control connection, its first frame (a `Hello`) read.
+pub(super) struct Caller {
+    pub control: FrameReader,
+    pub deadline: Deadline,
+    pub hello: Hello,
+    /// When the connection arrived.
+    pub started: Instant,
+}
+
+/// What [`Receiver::await_hello`] waits for.
+pub(super) enum HelloFor<'a> {
+    /// A new migration: any session, within the accept timeout.
+    New,
+    /// The session `session`, whose setup broke (`cause`), starting over within
+    /// `window`; a `Hello` of another session is refused as busy.
+    Restart {
+        /// Its token.
+        session: &'a SessionToken,
+        /// How long to wait.
+        window: Duration,
+        /// Why its setup broke (the error when nobody comes back).
+        cause: ReceiveError,
+    },
 }
 
 impl Receiver {
-    /// Wait for the control connection and agree on version, capacity and streams.
-    pub(super) fn handshake(&mut self, acceptor: &dyn Acceptor) -> Result<Handshake, ReceiveError> {
-        let mut stray_connections = 0;
+    /// Check the caller's `Hello` (taking a slot on the host unless `permit`
+    /// already holds one) and answer `Welcome`.
+    pub(super) fn welcome(
+        &self,
+        caller: Caller,
+        permit: &mut Option<Permit>,
+    ) -> Result<Handshake, ReceiveError> {
         let Caller {
             mut control,
             deadline,
             hello,
-            started,
-        } = self.await_hello(acceptor, &mut stray_connections)?;
-        let permit = self.check_hello(&mut control, &hello)?;
+            ..
+        } = caller;
+        self.check_hello(&mut control, &hello, permit)?;
         let welcome = ControlMsg::Welcome {
             major: PROTOCOL_MAJOR,
             minor: PROTOCOL_MINOR,
@@ -83,30 +130,38 @@ impl Receiver {
             deadline,
             session: hello.session,
             streams: hello.streams,
-            permit,
-            started,
-            stray_connections,
         })
     }
 
-    /// Accept connections until one opens with a `Hello`; drop and count the rest.
-    fn await_hello(
+    /// Accept connections until one opens with a `Hello` (of the session, for a
+    /// restart); drop and count the rest (added to `strays`), answer outcome
+    /// queries.
+    pub(super) fn await_hello(
         &self,
         acceptor: &dyn Acceptor,
         strays: &mut u32,
+        awaited: HelloFor<'_>,
     ) -> Result<Caller, ReceiveError> {
-        let give_up = Instant::now() + self.config.accept_timeout;
+        let wait = match &awaited {
+            HelloFor::New => self.config.accept_timeout,
+            HelloFor::Restart { window, .. } => *window,
+        };
+        let give_up = Instant::now() + wait;
         let mut last_stray = None;
         loop {
             let Some(stream) = next_connection("accept", acceptor, give_up)? else {
-                return Err(ReceiveError::TimedOut {
-                    phase: "accept",
-                    what: format!(
-                        "no connection opened with a valid hello{}",
-                        stray_note(last_stray.as_deref())
-                    ),
-                    after: self.config.accept_timeout,
-                    stray_connections: *strays,
+                return Err(match awaited {
+                    HelloFor::New => ReceiveError::TimedOut {
+                        phase: "accept",
+                        what: Awaited::Hello,
+                        after: wait,
+                        stray_connections: *strays,
+                        last_stray,
+                    },
+                    HelloFor::Restart { cause, .. } => ReceiveError::NotResumed {
+                        after: wait,
+                        cause: Box::new(cause),
+                    },
                 });
             };
             let started = Instant::now();
@@ -117,6 +172,17 @@ impl Receiver {
             let stream = DeadlineStream::new(stream, deadline.clone());
             let mut control = FrameReader::new(Box::new(stream), "control");
             match control.control() {
+                Ok((ControlMsg::Hello { session: other, .. }, _)) if matches!(&awaited, HelloFor::Restart { session, .. } if other != **session) =>
+                {
+                    *strays += 1;
+                    last_stray = Some(Box::new(StrayReason::OtherSession));
+                    let _ = refuse(
+                        &mut control,
+                        RefuseCode::HostBusy,
+                        RefuseReason::HeldForRestart,
+                    );
+                    control.stream().shutdown();
+                }
                 Ok((
                     ControlMsg::Hello {
                         magic,
@@ -124,17 +190,11 @@ impl Receiver {
                         minor,
                         session,
                         streams,
-                        ..
+                        capabilities,
                     },
                     _,
                 )) => {
-                    let hello = Hello {
-                        magic,
-                        major,
-                        minor,
-                        session,
-                        streams,
-                    };
+                    let hello = Hello::new(magic, major, minor, session, streams, &capabilities);
                     return Ok(Caller {
                         control,
                         deadline,
@@ -153,10 +213,10 @@ impl Receiver {
                         },
                     ..
                 }) => {
-                    let message = setup_check::check_version(&magic, major, minor)
+                    let why = setup_check::check_version(magic.as_str(), major, minor)
                         .err()
-                        .unwrap_or_else(|| format!("unreadable hello of version {major}.{minor}"));
-                    return Err(refuse(&mut control, RefuseCode::Version, message));
+                        .unwrap_or(VersionRefusal::Unreadable { major, minor });
+                    return Err(refuse(&mut control, RefuseCode::Version, why.into()));
                 }
                 // A source in doubt (or `livemig resolve`) asking for an outcome.
                 Ok((ControlMsg::QueryOutcome { session }, _)) => {
@@ -166,12 +226,12 @@ impl Receiver {
                 // Closed, silent, garbage, or another message: not a migration.
                 Ok((other, _)) => {
                     *strays += 1;
-                    last_stray = Some(format!("it opened with {}", other.name()));
+                    last_stray = Some(Box::new(StrayReason::OpenedWith(other.name())));
                     control.stream().shutdown();
                 }
                 Err(e) => {
                     *strays += 1;
-                    last_stray = Some(e.to_string());
+                    last_stray = Some(Box::new(StrayReason::Transport(e)));
                     control.stream().shutdown();
                 }
             }
@@ -184,43 +244,36 @@ impl Receiver {
         &self,
         control: &mut FrameReader,
         hello: &Hello,
-    ) -> Result<Option<Permit>, ReceiveError> {
-        if let Err(message) = setup_check::check_version(&hello.magic, hello.major, hello.minor) {
-            return Err(refuse(control, RefuseCode::Version, message));
+        permit: &mut Option<Permit>,
+    ) -> Result<(), ReceiveError> {
+        if let Err(why) = setup_check::check_version(&hello.magic, hello.major, hello.minor) {
+            return Err(refuse(control, RefuseCode::Version, why.into()));
         }
-        let permit = match &self.limiter {
-            None => None,
-            Some(l) => match l.try_acquire() {
-                Some(p) => Some(p),
-                None => {
-                    return Err(refuse(
-                        control,
-                        RefuseCode::HostBusy,
-                        format!(
-                            "this host already runs {} incoming migration(s), its limit; retry when one finishes",
-                            l.limit()
-                        ),
-                    ))
+        if permit.is_none() {
+            if let Some(l) = &self.limiter {
+                match l.try_acquire() {
+                    Some(p) => *permit = Some(p),
+                    None => {
+                        return Err(refuse(
+                            control,
+                            RefuseCode::HostBusy,
+                            RefuseReason::HostBusy { limit: l.limit() },
+                        ))
+                    }
                 }
-            },
-        };
+            }
+        }
         let streams = hello.streams;
         if streams == 0 || streams > self.config.max_streams {
             return Err(refuse(
                 control,
                 RefuseCode::Other,
-                format!(
-                    "{streams} page streams requested; this destination accepts 1 to {}",
-                    self.config.max_streams
-                ),
+                RefuseReason::Streams {
+                    requested: streams,
+                    max: self.config.max_streams,
+                },
             ));
         }
-        Ok(permit)
+        Ok(())
     }
-}
-
-/// `; the last stray connection was dropped because …` for a timeout message.
-pub(super) fn stray_note(last: Option<&str>) -> String {
-    last.map(|why| format!("; the last stray connection was dropped because {why}"))
-        .unwrap_or_default()
 }

@@ -14,8 +14,51 @@ use std::path::{Path, PathBuf};
 pub struct Committable {
     /// Bytes that can still be committed.
     pub bytes: u64,
-    /// Where `bytes` comes from ("MemAvailable", "cgroup v2 … memory.max − memory.current").
-    pub source: String,
+    /// Where `bytes` comes from.
+    pub source: CommitSource,
+}
+
+/// Where a [`Committable`] figure comes from (named in a refusal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommitSource {
+    /// The kernel's `MemAvailable`.
+    MemAvailable,
+    /// A memory cgroup's limit minus its usage.
+    Cgroup {
+        /// cgroup version (1 or 2).
+        version: u8,
+        /// The group's directory.
+        dir: PathBuf,
+        /// The limit file (`memory.max`, `memory.limit_in_bytes`).
+        limit_file: &'static str,
+        /// Its value.
+        limit: u64,
+        /// The usage file (`memory.current`, `memory.usage_in_bytes`).
+        usage_file: &'static str,
+        /// Its value.
+        usage: u64,
+    },
+}
+
+impl std::fmt::Display for CommitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::MemAvailable => f.write_str("MemAvailable"),
+            Self::Cgroup {
+                version,
+                dir,
+                limit_file,
+                limit,
+                usage_file,
+                usage,
+            } => write!(
+                f,
+                "cgroup v{version} {} ({limit_file} {limit} − {usage_file} {usage})",
+                dir.display()
+            ),
+        }
+    }
 }
 
 /// A limit at or above this is "no limit" (cgroup v1 reports an unlimited group as
@@ -35,7 +78,7 @@ pub fn committable() -> Option<Committable> {
 pub fn committable_in(meminfo: &str, self_cgroup: &str, cgroup_root: &Path) -> Option<Committable> {
     let mut best: Option<Committable> = parse_mem_available(meminfo).map(|bytes| Committable {
         bytes,
-        source: "MemAvailable".into(),
+        source: CommitSource::MemAvailable,
     });
     let mut consider = |c: Committable| {
         if best.as_ref().is_none_or(|b| c.bytes < b.bytes) {
@@ -53,9 +96,7 @@ pub fn committable_in(meminfo: &str, self_cgroup: &str, cgroup_root: &Path) -> O
             // `unified/` (hybrid).
             for base in [cgroup_root.to_path_buf(), cgroup_root.join("unified")] {
                 if base.join("cgroup.controllers").exists() {
-                    if let Some(c) =
-                        walk_up(&base, path, "memory.max", "memory.current", "cgroup v2")
-                    {
+                    if let Some(c) = walk_up(&base, path, "memory.max", "memory.current", 2) {
                         consider(c);
                     }
                     break;
@@ -68,7 +109,7 @@ pub fn committable_in(meminfo: &str, self_cgroup: &str, cgroup_root: &Path) -> O
                 path,
                 "memory.limit_in_bytes",
                 "memory.usage_in_bytes",
-                "cgroup v1",
+                1,
             ) {
                 consider(c);
             }
@@ -83,9 +124,9 @@ pub fn committable_in(meminfo: &str, self_cgroup: &str, cgroup_root: &Path) -> O
 fn walk_up(
     base: &Path,
     path: &str,
-    limit_file: &str,
-    usage_file: &str,
-    what: &str,
+    limit_file: &'static str,
+    usage_file: &'static str,
+    version: u8,
 ) -> Option<Committable> {
     let leaf = base.join(path.trim_start_matches('/'));
     let mut dir: PathBuf = if leaf.is_dir() {
@@ -104,10 +145,14 @@ fn walk_up(
             if best.as_ref().is_none_or(|b| left < b.bytes) {
                 best = Some(Committable {
                     bytes: left,
-                    source: format!(
-                        "{what} {} ({limit_file} {limit} − {usage_file} {usage})",
-                        dir.display()
-                    ),
+                    source: CommitSource::Cgroup {
+                        version,
+                        dir: dir.clone(),
+                        limit_file,
+                        limit,
+                        usage_file,
+                        usage,
+                    },
                 });
             }
         }
@@ -169,15 +214,16 @@ mod tests {
         // vm.scope: 2 GiB max − 512 MiB current; its parent has no limit and
         // MemAvailable (about 7.6 GiB) is larger.
         assert_eq!(c.bytes, (2 << 30) - (512 << 20));
-        assert!(c.source.contains("cgroup v2"), "{}", c.source);
-        assert!(c.source.contains("vm.scope"), "{}", c.source);
+        let shown = c.source.to_string();
+        assert!(shown.contains("cgroup v2"), "{shown}");
+        assert!(shown.contains("vm.scope"), "{shown}");
     }
 
     #[test]
     fn cgroup_v1_limit_minus_usage_is_the_bound() {
         let c = fixture("v1").expect("a bound");
         assert_eq!(c.bytes, 1 << 30);
-        assert!(c.source.contains("cgroup v1"), "{}", c.source);
+        assert!(c.source.to_string().contains("cgroup v1"), "{}", c.source);
     }
 
     #[test]
@@ -186,7 +232,7 @@ mod tests {
         // the mount root is unlimited.
         let c = fixture("nolimit").expect("a bound");
         assert_eq!(c.bytes, 24126972 * 1024);
-        assert_eq!(c.source, "MemAvailable");
+        assert_eq!(c.source, CommitSource::MemAvailable);
     }
 
     #[test]

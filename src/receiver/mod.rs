@@ -36,6 +36,7 @@ mod commit;
 pub mod handoff;
 mod handshake;
 pub mod outcomes;
+mod restart;
 mod resume;
 mod rounds;
 mod setup;
@@ -48,20 +49,20 @@ use serde::Serialize;
 
 use crate::device::{ParticipantError, RestoreState, Veto};
 use crate::memory::{GuestMemory, MemoryError, MemoryLayout};
+use crate::proof::MemoryDigest;
 use crate::transport::framed::FrameReader;
 use crate::transport::{Acceptor, Stream, TransportError};
 use crate::wire::control::{CompatVector, RefuseCode};
-use crate::wire::ControlMsg;
-use apply::ApplyShared;
+use crate::wire::{ControlMsg, PeerText, ProtocolViolation};
 pub use apply::{PageError, PageErrorKind};
 use handoff::{DestEvent, DestState};
-use handshake::Handshake;
 pub use limiter::{HostLimiter, Permit};
 pub use outcomes::OutcomeLog;
 use rounds::RoundsFailed;
 use setup::Skeleton;
 pub use setup_check::{
-    HostCaps, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_SETUP_ATTACHMENT,
+    HostCaps, RefuseReason, VersionRefusal, DEFAULT_MAX_DEVICE_STATE, DEFAULT_MAX_ROUNDS,
+    DEFAULT_MAX_SETUP_ATTACHMENT,
 };
 
 /// Destination settings.
@@ -149,29 +150,34 @@ impl Default for ReceiverConfig {
 }
 
 /// Why receiving failed. The destination discards everything it received.
+///
+/// Every cause this side finds is typed, and `source()` leads to the underlying
+/// error; the source's own words (an abort reason) are [`PeerText`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReceiveError {
     /// We refused the source (the reason was sent to it).
-    #[error("refused the incoming migration ({code:?}): {message}")]
+    #[error("refused the incoming migration ({code:?}): {reason}")]
     Refused {
         /// Code.
         code: RefuseCode,
-        /// Message.
-        message: String,
+        /// Why (its text is what the source was sent).
+        #[source]
+        reason: RefuseReason,
     },
     /// A participant vetoed (sent to the source).
     #[error("vetoed: {0}")]
-    Vetoed(Veto),
-    /// The memory digest did not match.
+    Vetoed(#[source] Veto),
+    /// The memory digest did not match (sent to the source as a `memory` veto).
     #[error("memory verification failed: {0}")]
-    VerifyFailed(String),
+    VerifyFailed(DigestMismatch),
     /// The source cancelled.
     #[error("the source aborted the migration: {0}")]
-    Aborted(String),
+    Aborted(PeerText),
     /// Page application failed (a broken, corrupt, truncated or out-of-order
     /// stream; the error says which kind).
     #[error("receiving pages failed: {0}")]
-    Pages(apply::PageError),
+    Pages(#[source] apply::PageError),
     /// Transport failure.
     #[error("transport failed during {phase}: {source}")]
     Transport {
@@ -181,24 +187,27 @@ pub enum ReceiveError {
         source: TransportError,
     },
     /// Waited for the source longer than the configured deadline.
-    #[error("timed out during {phase} after {after:?}: {what}{}", stray_note(*stray_connections))]
+    #[error("timed out during {phase} after {after:?}: {what}{}{}", last_stray_note(last_stray.as_deref()), stray_note(*stray_connections))]
     TimedOut {
         /// Phase.
         phase: &'static str,
         /// What did not arrive in time.
-        what: String,
+        what: Awaited,
         /// How long the receiver waited.
         after: Duration,
         /// Stray connections dropped while waiting.
         stray_connections: u32,
+        /// Why the last stray connection was dropped, if one was.
+        last_stray: Option<Box<StrayReason>>,
     },
     /// The source broke the protocol.
-    #[error("protocol error during {phase}: {message}")]
+    #[error("protocol error during {phase}: {violation}")]
     Protocol {
         /// Phase.
         phase: &'static str,
-        /// What.
-        message: String,
+        /// What was wrong.
+        #[source]
+        violation: ProtocolViolation,
     },
     /// Allocating the skeleton VM failed.
     #[error("allocating destination memory: {0}")]
@@ -217,8 +226,71 @@ pub enum ReceiveError {
         /// The resume window.
         after: Duration,
         /// Why the connection broke.
+        #[source]
         cause: Box<ReceiveError>,
     },
+}
+
+/// The source's digest of what it sent differs from this side's digest of what
+/// it applied ([`ReceiveError::VerifyFailed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("memory digest mismatch: source {sent} over {sent_pages} pages, destination {applied} over {pages} pages")]
+pub struct DigestMismatch {
+    /// The source's digest of every page it sent.
+    pub sent: MemoryDigest,
+    /// The guest's pages, as the source counts them.
+    pub sent_pages: u64,
+    /// This side's digest of every page it applied.
+    pub applied: MemoryDigest,
+    /// The guest's pages here.
+    pub pages: u64,
+}
+
+/// What a receiver waited for when its deadline ran out
+/// ([`ReceiveError::TimedOut`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Awaited {
+    /// A connection opening with a valid `Hello`.
+    #[error("no connection opened with a valid hello")]
+    Hello,
+    /// The session's page streams.
+    #[error("only {arrived} of {expected} page streams arrived")]
+    PageStreams {
+        /// Streams that arrived.
+        arrived: usize,
+        /// Streams the session has.
+        expected: u16,
+    },
+    /// A message from the source, as this fixed description names it.
+    #[error("{0}")]
+    Source(&'static str),
+}
+
+/// Why a connection was dropped as stray while the receiver waited.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StrayReason {
+    /// It opened with a valid message that does not start a migration here.
+    #[error("it opened with {0}")]
+    OpenedWith(&'static str),
+    /// Its `StreamHello` names a stream this session does not await.
+    #[error("its stream hello (index {index}) is not one this session awaits")]
+    UnawaitedStream {
+        /// The stream index it named.
+        index: u16,
+    },
+    /// It sent nothing valid in time (closed, silent, garbage).
+    #[error("{0}")]
+    Transport(#[source] TransportError),
+    /// A `Hello` of another session while one waits for its source to start over.
+    #[error("it is a hello of another session")]
+    OtherSession,
+}
+
+fn last_stray_note(last: Option<&StrayReason>) -> String {
+    last.map(|why| format!("; the last stray connection was dropped because {why}"))
+        .unwrap_or_default()
 }
 
 /// What the destination reports.
@@ -267,6 +339,9 @@ pub struct ReceiveReport {
     pub outcome_known: bool,
     /// Times the session resumed after its connection broke during the rounds.
     pub resumes: u32,
+    /// Times the setup started over after its connection broke before the
+    /// rounds (see docs/PROTOCOL.md, "Setup restart").
+    pub setup_restarts: u32,
 }
 
 /// A successful receive: the report and the destination memory (now the VM's).
@@ -278,9 +353,17 @@ pub struct Received {
     pub memory: Arc<GuestMemory>,
 }
 
-/// Checks a setup request beyond layout and caps (a hypervisor's own policy).
-pub type SetupCheck =
-    Box<dyn FnMut(&MemoryLayout, &CompatVector, &[u8]) -> Result<(), (RefuseCode, String)> + Send>;
+/// Checks a setup request beyond layout and caps (a hypervisor's own policy): a
+/// refusal is a code and the hypervisor's error (a message converts with
+/// `.into()`), kept as [`RefuseReason::Hypervisor`].
+pub type SetupCheck = Box<
+    dyn FnMut(
+            &MemoryLayout,
+            &CompatVector,
+            &[u8],
+        ) -> Result<(), (RefuseCode, Box<dyn std::error::Error + Send + Sync>)>
+        + Send,
+>;
 
 /// The destination of one migration.
 pub struct Receiver {
@@ -427,32 +510,28 @@ impl Receiver {
 
     /// The phases in order; each hands the next what it needs.
     fn run_inner(&mut self, acceptor: &dyn Acceptor) -> Result<Received, ReceiveError> {
-        let Handshake {
+        let restart::Established {
             mut control,
-            deadline,
             session,
             streams,
             permit: _permit,
             started,
-            stray_connections,
-        } = self.handshake(acceptor)?;
-        self.session = Some(session);
-        let Skeleton {
-            memory,
-            setup_ms,
-            prepared,
-        } = self.setup(&mut control, &deadline)?;
-        let page_streams =
-            self.accept_page_streams(acceptor, &session, streams, stray_connections)?;
-        let mut stray_connections = stray_connections + page_streams.stray_connections;
+            skeleton:
+                Skeleton {
+                    memory,
+                    setup_ms,
+                    prepared,
+                },
+            shared,
+            page_streams,
+            first_round,
+            mut stray_connections,
+            restarts: setup_restarts,
+            mut resumes,
+        } = self.establish(acceptor)?;
         // What was applied outlives a broken connection: a resumed session goes on
         // with it.
-        let shared = Arc::new(
-            ApplyShared::new(memory.clone(), streams as usize, self.config.max_rounds)
-                .caller_memory(self.memory.is_some() && !self.memory_zero),
-        );
-        let mut page_streams = page_streams.streams;
-        let (mut first_round, mut resumes) = (0u32, 0u32);
+        let (mut page_streams, mut first_round) = (page_streams, first_round);
         let rounds = loop {
             match self.receive_rounds(
                 &mut control,
@@ -469,12 +548,18 @@ impl Receiver {
                     {
                         return Err(error);
                     }
-                    let r = self.await_resume(acceptor, &session, streams, &shared, error)?;
+                    let r = self.await_resume(
+                        acceptor,
+                        &session,
+                        streams,
+                        &shared,
+                        error,
+                        &mut resumes,
+                    )?;
                     control = r.control;
                     page_streams = r.streams;
                     first_round = r.round;
                     stray_connections += r.stray_connections;
-                    resumes += 1;
                 }
             }
         };
@@ -510,6 +595,7 @@ impl Receiver {
             stray_connections,
             outcome_known: committed.outcome_known,
             resumes,
+            setup_restarts,
         };
         Ok(Received { report, memory })
     }
@@ -562,9 +648,10 @@ fn read_error(
         if is_timeout(&source) {
             ReceiveError::TimedOut {
                 phase,
-                what: what.into(),
+                what: Awaited::Source(what),
                 after,
                 stray_connections: 0,
+                last_stray: None,
             }
         } else {
             ReceiveError::Transport { phase, source }
@@ -603,24 +690,21 @@ fn stray_note(n: u32) -> String {
 }
 
 /// The source broke the protocol in `phase`.
-fn protocol_error(phase: &'static str, message: impl Into<String>) -> ReceiveError {
-    ReceiveError::Protocol {
-        phase,
-        message: message.into(),
-    }
+fn protocol_error(phase: &'static str, violation: ProtocolViolation) -> ReceiveError {
+    ReceiveError::Protocol { phase, violation }
 }
 
 /// Tell the source why it is refused (best effort: it may be gone) and return
 /// the same refusal.
-fn refuse(control: &mut FrameReader, code: RefuseCode, message: String) -> ReceiveError {
+fn refuse(control: &mut FrameReader, code: RefuseCode, reason: RefuseReason) -> ReceiveError {
     let _ = control.send_control(
         &ControlMsg::Refuse {
             code,
-            message: message.clone(),
+            message: reason.to_string(),
         },
         &[],
     );
-    ReceiveError::Refused { code, message }
+    ReceiveError::Refused { code, reason }
 }
 
 /// Tell the source about a veto (best effort).

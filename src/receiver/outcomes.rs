@@ -35,15 +35,15 @@ pub fn session_to_string(s: SessionId) -> String {
 
 /// Parse [`session_to_string`]'s form.
 pub fn parse_session(s: &str) -> Result<SessionId, OutcomeLogError> {
-    SessionId::parse(s.trim()).map_err(|_| OutcomeLogError::BadSession(s.to_string()))
+    SessionId::parse(s.trim()).map_err(OutcomeLogError::BadSession)
 }
 
 /// Outcome-record failures.
 #[derive(Debug, thiserror::Error)]
 pub enum OutcomeLogError {
     /// Not a session id.
-    #[error("not a session id: {0:?} (expected 32 hex digits)")]
-    BadSession(String),
+    #[error("not a session id: {0}")]
+    BadSession(#[source] crate::session::TokenError),
     /// The file could not be read or written.
     #[error("outcome log {path}: {source}")]
     Io {
@@ -60,8 +60,24 @@ pub enum OutcomeLogError {
         /// 1-based line.
         line: usize,
         /// What is wrong.
-        what: String,
+        #[source]
+        what: CorruptLine,
     },
+}
+
+/// What is wrong with a line of an outcome log file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CorruptLine {
+    /// No space between the session and the outcome.
+    #[error("expected `<session> <outcome>`")]
+    NoSeparator,
+    /// The session is not a session id.
+    #[error("{0}")]
+    Session(#[source] crate::session::TokenError),
+    /// The outcome is none of `committed`, `discarded`, `in_progress`, `unknown`.
+    #[error("unknown outcome (expected committed, discarded, in_progress or unknown)")]
+    Outcome,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,17 +137,18 @@ impl OutcomeLog {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    let corrupt = |what: String| OutcomeLogError::Corrupt {
+                    let corrupt = |what: CorruptLine| OutcomeLogError::Corrupt {
                         path: path.to_path_buf(),
                         line: i + 1,
                         what,
                     };
                     let (s, o) = line
                         .split_once(' ')
-                        .ok_or_else(|| corrupt("expected `<session> <outcome>`".into()))?;
-                    let session = parse_session(s).map_err(|e| corrupt(e.to_string()))?;
+                        .ok_or_else(|| corrupt(CorruptLine::NoSeparator))?;
+                    let session =
+                        SessionId::parse(s.trim()).map_err(|e| corrupt(CorruptLine::Session(e)))?;
                     let outcome =
-                        outcome_of(o.trim()).ok_or_else(|| corrupt(format!("outcome {o:?}")))?;
+                        outcome_of(o.trim()).ok_or_else(|| corrupt(CorruptLine::Outcome))?;
                     // In progress when an earlier process ended: never committed.
                     let outcome = match outcome {
                         SessionOutcome::InProgress => SessionOutcome::Discarded,

@@ -4,13 +4,19 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::accept::PageStream;
-use super::apply::{apply_stream, ApplyShared, PageError, PageErrorKind};
+use super::apply::{apply_stream, ApplyShared, PageError, PageErrorKind, PageFault};
 use super::{read_error, ReceiveError, Receiver};
 use crate::transport::framed::FrameReader;
 use crate::wire::ControlMsg;
+use crate::wire::ProtocolViolation;
+
+/// Longest wait for the appliers before answering `Drain`: the source's VM runs
+/// meanwhile, and an answer that says "still behind" lets its policy run another
+/// round instead of pausing onto a backlog.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
 /// The source's `Commit`, with the device state that came before it.
 pub(super) struct CommitRequest {
@@ -76,9 +82,14 @@ impl Receiver {
         );
         // Memory the receiver allocated, or prepared in advance and not committed.
         let own_memory = self.memory.is_none() || self.memory_zero;
+        // The background pre-fault stops when the brownout nears (`Drain` or
+        // `Brownout`): faulting in memory no page will land on would compete with
+        // the final pages and hold the memory-map lock inside the downtime.
+        let stop_prefault = Arc::new(AtomicBool::new(false));
         let prefault = if prefault && self.config.prefault && !self.config.prealloc && own_memory {
             let m = shared.memory.clone();
-            Some(std::thread::spawn(move || m.prefault(1)))
+            let stop = stop_prefault.clone();
+            Some(std::thread::spawn(move || m.prefault_until(1, &stop)))
         } else {
             None
         };
@@ -88,7 +99,7 @@ impl Receiver {
                 Ok((ControlMsg::Heartbeat { seq }, _)) => {
                     if let Err(e) = super::handoff::answer_heartbeat(control, seq) {
                         let resumable = e.is_link_loss();
-                        appliers.fail(e.to_string());
+                        appliers.fail();
                         return Err(RoundsFailed {
                             error: ReceiveError::Transport {
                                 phase: PHASE,
@@ -100,7 +111,31 @@ impl Receiver {
                 }
                 // A break before `Commit` resumes even after `Brownout`: the source
                 // then runs its VM again and goes on with the rounds.
-                Ok((ControlMsg::Brownout { .. }, _)) => {}
+                Ok((ControlMsg::Brownout { .. }, _)) => {
+                    stop_prefault.store(true, Ordering::Relaxed);
+                }
+                Ok((ControlMsg::Drain { round }, _)) => {
+                    stop_prefault.store(true, Ordering::Relaxed);
+                    let t = Instant::now();
+                    let wait = DRAIN_WAIT.min(self.config.control_timeout / 2);
+                    let applied = shared.gate.wait_completed(round, t + wait);
+                    let answer = ControlMsg::Drained {
+                        round,
+                        applied,
+                        waited_us: t.elapsed().as_micros() as u64,
+                    };
+                    if let Err(e) = control.send_control(&answer, &[]) {
+                        let resumable = e.is_link_loss();
+                        appliers.fail();
+                        return Err(RoundsFailed {
+                            error: ReceiveError::Transport {
+                                phase: PHASE,
+                                source: e,
+                            },
+                            resumable,
+                        });
+                    }
+                }
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
                 Ok((
                     ControlMsg::Commit {
@@ -119,25 +154,27 @@ impl Receiver {
                 }
                 Ok((ControlMsg::Abort { reason }, _)) => {
                     // A page error is the root cause when there is one.
-                    return Err(match appliers.fail(format!("aborted: {reason}")) {
-                        Some(e) if e.kind != PageErrorKind::Stopped => ReceiveError::Pages(e),
-                        _ => ReceiveError::Aborted(reason),
+                    return Err(match appliers.fail() {
+                        Some(e) if e.kind() != PageErrorKind::Stopped => ReceiveError::Pages(e),
+                        _ => ReceiveError::Aborted(reason.into()),
                     }
                     .into());
                 }
                 Ok((other, _)) => {
-                    let message = format!("unexpected {}", other.name());
-                    appliers.fail(message.clone());
+                    appliers.fail();
                     return Err(ReceiveError::Protocol {
                         phase: PHASE,
-                        message,
+                        violation: ProtocolViolation::Unexpected {
+                            expected: "heartbeat, brownout, device state, commit or abort",
+                            got: other.name(),
+                        },
                     }
                     .into());
                 }
                 Err(e) => {
                     let link = e.is_link_loss();
-                    return Err(match appliers.fail(e.to_string()) {
-                        Some(pe) if pe.kind != PageErrorKind::Stopped => RoundsFailed {
+                    return Err(match appliers.fail() {
+                        Some(pe) if pe.kind() != PageErrorKind::Stopped => RoundsFailed {
                             resumable: pe.is_link(),
                             error: ReceiveError::Pages(pe),
                         },
@@ -245,8 +282,7 @@ impl Appliers {
             let r = h.join().unwrap_or_else(|_| {
                 Err(PageError {
                     stream: stream as u16,
-                    kind: PageErrorKind::Invalid,
-                    message: "its receiver thread panicked".into(),
+                    fault: PageFault::Panicked,
                 })
             });
             if first.is_ok() {
@@ -259,10 +295,11 @@ impl Appliers {
         first
     }
 
-    /// Fail the session with `reason`, wait for every applier to stop, and return
-    /// the first page error recorded (which may be `reason` itself).
-    fn fail(self, reason: String) -> Option<PageError> {
-        self.shared.stop(reason);
+    /// Stop the session's page streams, wait for every applier to stop, and
+    /// return the first page error recorded (a `Stopped` one if no stream had
+    /// failed before).
+    fn fail(self) -> Option<PageError> {
+        self.shared.stop();
         let shared = self.shared.clone();
         let _ = self.finish();
         shared.first_error()

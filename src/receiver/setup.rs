@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use super::setup_check::Refusal;
 use super::{
-    is_timeout, protocol_error, refuse, send_veto, transport_error, ReceiveError, Receiver,
+    is_timeout, protocol_error, refuse, send_veto, transport_error, Awaited, ReceiveError, Receiver,
 };
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::session::Deadline;
 use crate::transport::framed::FrameReader;
 use crate::wire::control::RefuseCode;
-use crate::wire::ControlMsg;
+use crate::wire::{ControlMsg, ProtocolViolation};
 
 /// What setup hands to the page phases.
 pub(super) struct Skeleton {
@@ -44,9 +44,10 @@ impl Receiver {
             if is_timeout(&e) {
                 ReceiveError::TimedOut {
                     phase: PHASE,
-                    what: "the source's hello and setup did not arrive in full".into(),
+                    what: Awaited::Source("the source's hello and setup did not arrive in full"),
                     after: self.config.setup_timeout,
                     stray_connections: 0,
+                    last_stray: None,
                 }
             } else {
                 transport_error(PHASE)(e)
@@ -61,13 +62,16 @@ impl Receiver {
         else {
             return Err(protocol_error(
                 PHASE,
-                format!("expected setup, got {}", msg.name()),
+                ProtocolViolation::Unexpected {
+                    expected: "setup",
+                    got: msg.name(),
+                },
             ));
         };
         let started = Instant::now();
         match self.check_setup(&layout, &compat, config_len, &participants, &attachment) {
             Ok(()) => {}
-            Err(Refusal::Refuse(code, message)) => return Err(refuse(control, code, message)),
+            Err(Refusal::Refuse(code, reason)) => return Err(refuse(control, code, reason)),
             Err(Refusal::Veto(v)) => {
                 send_veto(control, &v);
                 return Err(ReceiveError::Vetoed(v));

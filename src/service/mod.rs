@@ -8,7 +8,8 @@
 //!                        │              │                   (blocking, its own threads)
 //!                        │              no ──▶ FIFO queue, silent, until a slot frees
 //!                        │                     or the queue deadline (then HostBusy)
-//!                        ├─ StreamHello, Resume ──▶ route by token ──▶ that session's acceptor
+//!                        ├─ StreamHello, Resume, Hello of a running session
+//!                        │     ──▶ route by token ──▶ that session's acceptor
 //!                        └─ anything else, silence, unknown token ──▶ dropped, reported
 //! ```
 //!
@@ -149,7 +150,7 @@ pub enum ServiceError {
     },
     /// The runtime, the listener or the signal handlers could not be set up.
     #[error("cannot start the service: {0}")]
-    Start(std::io::Error),
+    Start(#[source] std::io::Error),
 }
 
 /// How a session ended.
@@ -666,6 +667,13 @@ async fn opened(sh: Arc<Shared>, mut sock: impl Conn, peer: SocketAddr, limit: D
                     peer.to_string(),
                     format!("page stream {index} refused: {e}"),
                 );
+            }
+        }
+        // A hello of a running session: its source starts the setup over
+        // (docs/PROTOCOL.md, "Setup restart"); the session's receiver decides.
+        Opening::Session { token, bytes, .. } if sh.routes.contains(&token) => {
+            if let Err(e) = route(&sh, sock, &token, bytes) {
+                sh.stray(peer.to_string(), format!("setup restart refused: {e}"));
             }
         }
         Opening::Session {

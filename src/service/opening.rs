@@ -61,10 +61,10 @@ pub enum OpeningError {
     TimedOut(Duration),
     /// Reading failed.
     #[error("reading its first frame failed: {0}")]
-    Io(std::io::Error),
+    Io(#[source] std::io::Error),
     /// Not a well-formed livemig control frame.
     #[error("its first frame is not a valid livemig control frame: {0}")]
-    Wire(WireError),
+    Wire(#[source] WireError),
     /// A well-formed frame that opens nothing.
     #[error("its first frame is a {0}, not a hello, a resume or a stream hello")]
     Unexpected(&'static str),

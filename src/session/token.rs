@@ -24,14 +24,14 @@ pub struct SessionToken([u8; TOKEN_BYTES]);
 pub enum TokenError {
     /// The operating system's random source failed.
     #[error("cannot draw a session token from the system random source: {0}")]
-    Random(getrandom::Error),
+    Random(#[source] getrandom::Error),
     /// The wire form is not 32 lowercase hex characters.
-    #[error("malformed session token: expected {TOKEN_HEX_LEN} lowercase hex characters, got {len} characters{detail}")]
+    #[error("malformed session token: expected {TOKEN_HEX_LEN} lowercase hex characters, got {len} characters{}", bad.map(|(at, byte)| format!(" (byte {byte:#04x} at position {at} is not a lowercase hex digit)")).unwrap_or_default())]
     Malformed {
         /// Length of what arrived.
         len: usize,
-        /// The first offending character, if the length was right.
-        detail: String,
+        /// The first offending byte and its position, if the length was right.
+        bad: Option<(usize, u8)>,
     },
 }
 
@@ -58,7 +58,7 @@ impl SessionToken {
         if s.len() != TOKEN_HEX_LEN {
             return Err(TokenError::Malformed {
                 len: s.chars().count(),
-                detail: String::new(),
+                bad: None,
             });
         }
         let mut b = [0u8; TOKEN_BYTES];
@@ -72,10 +72,7 @@ impl SessionToken {
                     let bad = if hi.is_none() { 2 * i } else { 2 * i + 1 };
                     return Err(TokenError::Malformed {
                         len: TOKEN_HEX_LEN,
-                        detail: format!(
-                            " (byte {:#04x} at position {bad} is not a lowercase hex digit)",
-                            digits[bad]
-                        ),
+                        bad: Some((bad, digits[bad])),
                     });
                 }
             }

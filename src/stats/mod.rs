@@ -172,8 +172,12 @@ pub struct MigrationReport {
     /// The connection broke during the rounds and the migration went on from
     /// where it was (see docs/PROTOCOL.md, "Resumption").
     pub resumed: bool,
-    /// Successful reconnections (each one a resumption of the session).
+    /// Successful reconnections after a lost connection: resumptions of the
+    /// rounds, and setups started over (`setup_restarts`).
     pub reconnects: u32,
+    /// Of `reconnects`, those that started the setup over because the
+    /// connection broke before round 0 (see docs/PROTOCOL.md, "Setup restart").
+    pub setup_restarts: u32,
     /// Pages sent again because a broken connection lost them: pages of the
     /// rounds in flight that had been queued but that the destination did not hold
     /// when the session resumed.
@@ -276,9 +280,13 @@ pub enum Event {
     },
     /// The audit of the paused source after switchover finished.
     PostAudit(PostAudit),
-    /// The connection broke during the rounds; the source is reconnecting.
+    /// The connection broke before `Commit`; the source is reconnecting, to
+    /// resume the rounds or to start the setup over.
     Reconnecting {
-        /// Round in progress when it broke.
+        /// Where it broke: `setup` (before round 0; the setup starts over with
+        /// the same session token) or `rounds` (the session resumes).
+        phase: String,
+        /// Round in progress when it broke (0 during setup).
         round: u32,
         /// Why it broke.
         error: String,
@@ -293,6 +301,19 @@ pub enum Event {
         held_pages: u64,
         /// Pages sent again because the destination did not hold them.
         resent_pages: u64,
+    },
+    /// Before the pause, the source waited for the destination to apply every
+    /// round sent (`Drain`); the policy then decided again.
+    Drained {
+        /// The last round sent.
+        round: u32,
+        /// Whether the destination had applied it all when it answered.
+        applied: bool,
+        /// How long the source waited for the answer, in milliseconds.
+        waited_ms: f64,
+        /// Pages the VM is expected to have dirtied meanwhile (the model's dirty
+        /// rate × the wait); the next harvest collects the real ones.
+        expected_dirty_pages: u64,
     },
 }
 

@@ -220,8 +220,13 @@ impl ProgressSink for TracingSink {
                 mismatches = a.mismatches,
                 "post-switchover audit found stale pages"
             ),
-            Event::Reconnecting { round, error } => tracing::info!(
+            Event::Reconnecting {
+                phase,
+                round,
+                error,
+            } => tracing::info!(
                 parent: span,
+                phase = phase.as_str(),
                 round,
                 error = error.as_str(),
                 "connection broke; reconnecting"
@@ -238,6 +243,19 @@ impl ProgressSink for TracingSink {
                 held_pages,
                 resent_pages,
                 "session resumed"
+            ),
+            Event::Drained {
+                round,
+                applied,
+                waited_ms,
+                expected_dirty_pages,
+            } => tracing::debug!(
+                parent: span,
+                round,
+                applied,
+                waited_ms,
+                expected_dirty_pages,
+                "destination drained before the pause"
             ),
         }
     }

@@ -37,7 +37,7 @@ pub enum TransportError {
     },
     /// Accepting failed or timed out.
     #[error("accepting a connection failed: {0}")]
-    Accept(std::io::Error),
+    Accept(#[source] std::io::Error),
     /// The peer closed the stream early.
     #[error("the peer closed the {0} stream unexpectedly (truncated stream)")]
     Closed(&'static str),

@@ -198,6 +198,24 @@ pub enum ControlMsg {
         /// Sender's counter.
         seq: u64,
     },
+    /// Source → destination, when its policy would brown out (capability
+    /// `drain`): answer once every page of rounds `..=round` is applied, or
+    /// after a bounded wait. The source's VM still runs meanwhile; what the
+    /// destination has yet to apply would otherwise land inside the downtime.
+    Drain {
+        /// The last round the source sent.
+        round: u32,
+    },
+    /// Destination → source: answer to [`ControlMsg::Drain`].
+    Drained {
+        /// The round asked about.
+        round: u32,
+        /// Whether every page of rounds `..=round` is applied (false: the wait
+        /// ended first, and the destination is still behind).
+        applied: bool,
+        /// How long the destination waited, in microseconds.
+        waited_us: u64,
+    },
     /// Source → destination, first (and only) message of a new control connection:
     /// what became of `session`? Sent by a source that released its VM and lost the
     /// channel before learning the outcome (in doubt), or by `livemig resolve`.
@@ -292,12 +310,12 @@ impl ControlMsg {
                     minor,
                 }) if (major, minor) != (PROTOCOL_MAJOR, PROTOCOL_MINOR) => {
                     WireError::OtherVersion {
-                        magic,
+                        magic: magic.into(),
                         major,
                         minor,
                     }
                 }
-                _ => WireError::Control(e.to_string()),
+                _ => WireError::Control(MalformedControl(std::sync::Arc::new(e))),
             }
         })
     }
@@ -321,6 +339,8 @@ impl ControlMsg {
             Self::Abort { .. } => "abort",
             Self::Error { .. } => "error",
             Self::Heartbeat { .. } => "heartbeat",
+            Self::Drain { .. } => "drain",
+            Self::Drained { .. } => "drained",
             Self::QueryOutcome { .. } => "query_outcome",
             Self::Outcome { .. } => "outcome",
             Self::OutcomeKnown { .. } => "outcome_known",
@@ -328,5 +348,39 @@ impl ControlMsg {
             Self::Resume { .. } => "resume",
             Self::Resumed { .. } => "resumed",
         }
+    }
+}
+
+/// A control message that does not parse (its JSON is invalid or does not match
+/// any message). Its `source()` is the JSON parser's error; its display names the
+/// position and sanitizes the parser's text, which quotes the peer's input.
+#[derive(Debug, Clone)]
+pub struct MalformedControl(std::sync::Arc<serde_json::Error>);
+
+impl MalformedControl {
+    /// The JSON parser's error.
+    pub fn json(&self) -> &serde_json::Error {
+        &self.0
+    }
+}
+
+impl PartialEq for MalformedControl {
+    fn eq(&self, other: &Self) -> bool {
+        let key = |e: &serde_json::Error| (e.classify(), e.line(), e.column());
+        key(&self.0) == key(&other.0)
+    }
+}
+
+impl Eq for MalformedControl {}
+
+impl std::fmt::Display for MalformedControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&super::PeerText::new(self.0.to_string()), f)
+    }
+}
+
+impl std::error::Error for MalformedControl {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }

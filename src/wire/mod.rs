@@ -37,11 +37,16 @@
 pub mod batch;
 pub mod control;
 pub mod frame;
+mod peer_text;
 pub mod resume;
+mod violation;
 
 pub use batch::{BatchMeta, Extent};
-pub use control::ControlMsg;
+pub use control::{ControlMsg, MalformedControl};
 pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN};
+pub use peer_text::PeerText;
+pub use resume::HeldRunsError;
+pub use violation::ProtocolViolation;
 
 /// Run every wire decoder over arbitrary bytes, ignoring errors (the fuzz entry
 /// point; see [`crate::fuzz::decode_all`]).
@@ -53,7 +58,8 @@ pub fn fuzz_decode(bytes: &[u8]) {
 /// random [`crate::session::SessionToken`] (hex on the wire).
 pub const PROTOCOL_MAJOR: u16 = 2;
 /// Protocol minor version: a receiver accepts `MINOR` and `MINOR - 1`.
-/// 1: resumption (`Resume` / `Resumed`, capability `resume`).
+/// 1: resumption (`Resume` / `Resumed`, capability `resume`). Later additions
+/// that only a peer offering their capability is sent (`drain`) keep the version.
 pub const PROTOCOL_MINOR: u16 = 1;
 
 /// Optional features this build offers in the handshake (`Hello.capabilities` from
@@ -65,7 +71,14 @@ pub const CAPABILITIES: &[&str] = &[
     "delta-xor",
     "queue-notice",
     "resume",
+    "drain",
+    SETUP_RESTART,
 ];
+
+/// The capability of a peer that starts a setup over when its connection is lost
+/// before round 0 (docs/PROTOCOL.md, "Setup restart"): in `Hello`, the source will
+/// come back with the same token; in `Welcome`, the destination waits for it.
+pub const SETUP_RESTART: &str = "setup-restart";
 
 /// Largest number of pages in one batch frame.
 pub const MAX_BATCH_PAGES: usize = 256;
@@ -80,7 +93,7 @@ pub const MAX_BATCH_DATA: usize = MAX_BATCH_PAGES * (crate::memory::PAGE_SIZE + 
 pub const MAX_CONTROL_DATA: usize = 64 * 1024 * 1024;
 
 /// Decoding errors. Every malformed input maps to one of these; decoding never panics.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     /// Not a livemig frame.
     #[error("bad frame magic {0:#06x} (not a livemig stream?)")]
@@ -114,19 +127,19 @@ pub enum WireError {
     Truncated(&'static str),
     /// A control message could not be parsed.
     #[error("malformed control message: {0}")]
-    Control(String),
+    Control(#[source] MalformedControl),
     /// Unknown codec id.
     #[error("unknown codec id {0}")]
     BadCodec(u8),
     /// A `Resumed` attachment that breaks its rules (see [`resume::decode_runs`]).
     #[error("invalid held-run list: {0}")]
-    HeldRuns(String),
+    HeldRuns(#[source] HeldRunsError),
     /// A `Hello` of another protocol version, whose other fields this version
     /// cannot read (see [`ControlMsg::decode`]).
     #[error("hello of protocol version {major}.{minor} (magic {magic:?}), which this build cannot parse")]
     OtherVersion {
         /// The peer's handshake magic.
-        magic: String,
+        magic: PeerText,
         /// The peer's major version.
         major: u16,
         /// The peer's minor version.

@@ -43,6 +43,46 @@ pub fn encode_runs(runs: &[HeldRun], out: &mut Vec<u8>) {
     }
 }
 
+/// How a `Resumed` attachment breaks its rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeldRunsError {
+    /// The attachment's length does not match the announced number of runs.
+    #[error("resumed attachment is {bytes} bytes; {runs} held runs take {expected}")]
+    Length {
+        /// Bytes received.
+        bytes: usize,
+        /// Runs announced.
+        runs: usize,
+        /// Bytes those runs take.
+        expected: usize,
+    },
+    /// A run of zero pages.
+    #[error("held run at page {first} is empty")]
+    Empty {
+        /// Its first page.
+        first: u64,
+    },
+    /// A run that starts before the previous one ended.
+    #[error("held run at page {first} overlaps or precedes the run before it (ending at {previous_end})")]
+    Overlap {
+        /// Its first page.
+        first: u64,
+        /// Where the previous run ended.
+        previous_end: u64,
+    },
+    /// A run past the end of guest memory.
+    #[error("held run at page {first} of {count} pages goes past the guest's {pages} pages")]
+    PastEnd {
+        /// Its first page.
+        first: u64,
+        /// Its length in pages.
+        count: u32,
+        /// Guest pages.
+        pages: u64,
+    },
+}
+
 /// Decode `expected` runs from `b`, for a guest of `pages` pages. Refuses a length
 /// that does not match, more than [`MAX_HELD_RUNS`], empty runs, runs past the end
 /// of memory, and runs out of order or overlapping.
@@ -56,11 +96,11 @@ pub fn decode_runs(b: &[u8], expected: u64, pages: u64) -> Result<Vec<HeldRun>, 
     }
     let n = expected as usize;
     if b.len() != n * HELD_RUN_LEN {
-        return Err(WireError::HeldRuns(format!(
-            "resumed attachment is {} bytes; {n} held runs take {}",
-            b.len(),
-            n * HELD_RUN_LEN
-        )));
+        return Err(WireError::HeldRuns(HeldRunsError::Length {
+            bytes: b.len(),
+            runs: n,
+            expected: n * HELD_RUN_LEN,
+        }));
     }
     let mut runs = Vec::with_capacity(n);
     let mut end = 0u64;
@@ -71,25 +111,23 @@ pub fn decode_runs(b: &[u8], expected: u64, pages: u64) -> Result<Vec<HeldRun>, 
             round: u32::from_le_bytes(c[12..16].try_into().expect("4 bytes")),
         };
         if r.count == 0 {
-            return Err(WireError::HeldRuns(format!(
-                "held run at page {} is empty",
-                r.first
-            )));
+            return Err(WireError::HeldRuns(HeldRunsError::Empty { first: r.first }));
         }
         if r.first < end {
-            return Err(WireError::HeldRuns(format!(
-                "held run at page {} overlaps or precedes the run before it (ending at {end})",
-                r.first
-            )));
+            return Err(WireError::HeldRuns(HeldRunsError::Overlap {
+                first: r.first,
+                previous_end: end,
+            }));
         }
         if r.first
             .checked_add(r.count as u64)
             .is_none_or(|e| e > pages)
         {
-            return Err(WireError::HeldRuns(format!(
-                "held run at page {} of {} pages goes past the guest's {pages} pages",
-                r.first, r.count
-            )));
+            return Err(WireError::HeldRuns(HeldRunsError::PastEnd {
+                first: r.first,
+                count: r.count,
+                pages,
+            }));
         }
         end = r.end();
         runs.push(r);

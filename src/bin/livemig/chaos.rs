@@ -41,7 +41,11 @@ fn print_run(r: &RunReport, detail: bool) {
         r.plan.seed,
         v.outcome.name(),
         r.wall.as_millis(),
-        if v.resumed { " (resumed)" } else { "" }
+        match (v.resumed, r.setup_restarted) {
+            (true, true) => " (resumed: setup restarted)",
+            (true, false) => " (resumed)",
+            _ => "",
+        }
     );
     if !detail {
         return;
@@ -82,12 +86,13 @@ fn print_table(s: &Summary) {
         "all runs", s.runs, s.completed, s.resumed, s.failed_clean, s.in_doubt_resolved, s.broken
     );
     println!(
-        "pages_lost {}, source_damaged {}, both_running {}; {} run(s) with only transient faults, {} of them resumed; {} run(s) in which no fault fired; {} ms",
+        "pages_lost {}, source_damaged {}, both_running {}; {} run(s) with only transient faults, {} of them resumed ({} by a setup restart); {} run(s) in which no fault fired; {} ms",
         s.pages_lost,
         s.source_damaged,
         s.both_running,
         s.transient_faults,
         s.transient_resumed,
+        s.transient_setup_restarted,
         s.no_fault_fired,
         s.wall_ms
     );

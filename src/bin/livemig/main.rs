@@ -332,7 +332,7 @@ fn failure_json(e: &MigrationError) -> Value {
         MigrationError::InDoubt { session, reason } => json!({
             "outcome": "in_doubt",
             "session": livemig::receiver::outcomes::session_to_string(*session),
-            "in_doubt_reason": reason,
+            "in_doubt_reason": reason.to_string(),
         }),
         _ => json!({ "outcome": "failed" }),
     }
@@ -1149,7 +1149,7 @@ fn resolve(a: ResolveArgs) -> Result<(), CliError> {
     let r = livemig::engine::commit::resolve(&connector, session, Duration::from_secs(5), deadline);
     let (outcome, detail) = match &r {
         Ok(o) => (o.name(), None),
-        Err(why) => ("unresolved", Some(why.clone())),
+        Err(why) => ("unresolved", Some(why.to_string())),
     };
     let advice = match r {
         Ok(livemig::wire::control::SessionOutcome::Committed) => {

@@ -3,7 +3,7 @@
 
 use super::sys::{self, PageRegion, Pagemap, Uffd};
 use super::{set_range, Span, NAME_ASYNC};
-use crate::dirty::TrackError;
+use crate::dirty::{TrackError, Unavailable};
 use crate::memory::{PageSet, PAGE_SIZE};
 
 /// Output-vector entries per PAGEMAP_SCAN call (a call stops early when full and the
@@ -12,12 +12,9 @@ const SCAN_VEC: usize = 4096;
 
 pub(super) fn no_async_reason(features: u64) -> TrackError {
     let reason = if features & sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
-        "kernel userfaultfd lacks write-protect support (UFFD_FEATURE_PAGEFAULT_FLAG_WP)"
-            .to_string()
+        Unavailable::NoUffdWriteProtect
     } else {
-        format!(
-            "kernel userfaultfd lacks UFFD_FEATURE_WP_ASYNC (needs Linux >= 6.7); supported features {features:#x}"
-        )
+        Unavailable::NoUffdWpAsync { features }
     };
     TrackError::Unavailable {
         tracker: NAME_ASYNC,
@@ -60,7 +57,7 @@ impl AsyncWp {
         uffd.api(features).map_err(os("UFFDIO_API"))?;
         let pagemap = Pagemap::open().map_err(|e| TrackError::Unavailable {
             tracker: NAME_ASYNC,
-            reason: format!("cannot open /proc/self/pagemap: {e}"),
+            reason: Unavailable::Pagemap(e),
         })?;
         let mut vec = vec![PageRegion::default(); SCAN_VEC];
         // Probe PAGEMAP_SCAN (read-only: no re-protect, no registration needed).
@@ -69,10 +66,8 @@ impl AsyncWp {
                 pagemap.scan_written(s.start, s.start + PAGE_SIZE as u64, &mut vec[..1], false)
             {
                 let reason = match e.raw_os_error() {
-                    Some(libc::ENOTTY) | Some(libc::EINVAL) => {
-                        format!("kernel lacks the PAGEMAP_SCAN ioctl (needs Linux >= 6.7): {e}")
-                    }
-                    _ => format!("PAGEMAP_SCAN probe failed: {e}"),
+                    Some(libc::ENOTTY) | Some(libc::EINVAL) => Unavailable::NoPagemapScan(e),
+                    _ => Unavailable::PagemapScan(e),
                 };
                 return Err(TrackError::Unavailable {
                     tracker: NAME_ASYNC,
@@ -98,10 +93,7 @@ impl AsyncWp {
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {
                     tracker: NAME_ASYNC,
-                    reason: format!(
-                        "UFFDIO_WRITEPROTECT not offered for the region at host {:#x}",
-                        s.start
-                    ),
+                    reason: Unavailable::NoWriteProtect { host: s.start },
                 });
             }
             me.uffd

@@ -32,7 +32,7 @@ mod async_wp;
 mod sync_wp;
 mod sys;
 
-use super::{DirtyTracker, TrackError, TrackerCaps};
+use super::{DirtyTracker, TrackError, TrackerCaps, Unavailable};
 use crate::memory::{GuestMemory, PageSet, PAGE_SIZE};
 
 use async_wp::AsyncWp;
@@ -160,10 +160,10 @@ fn register_err(tracker: &'static str, s: &Span) -> impl FnOnce(std::io::Error) 
         ) {
             TrackError::Unavailable {
                 tracker,
-                reason: format!(
-                    "cannot write-protect-register the region at host {start:#x} \
-                     (needs writable anonymous, shmem or hugetlbfs memory): {source}"
-                ),
+                reason: Unavailable::Register {
+                    host: start,
+                    source,
+                },
             }
         } else {
             TrackError::Os {
@@ -179,7 +179,7 @@ fn register_err(tracker: &'static str, s: &Span) -> impl FnOnce(std::io::Error) 
 fn probe_features(tracker: &'static str) -> Result<u64, TrackError> {
     let uffd = sys::Uffd::open().map_err(|e| TrackError::Unavailable {
         tracker,
-        reason: format!("cannot open a userfaultfd (syscall and /dev/userfaultfd): {e}"),
+        reason: Unavailable::Userfaultfd(e),
     })?;
     uffd.api(0).map_err(|source| TrackError::Os {
         tracker,

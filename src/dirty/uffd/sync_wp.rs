@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use super::sys::{self, EventFd, Uffd, UffdMsg};
 use super::{for_each_run, index_of_addr, Span, NAME_SYNC};
-use crate::dirty::TrackError;
+use crate::dirty::{TrackError, Unavailable};
 use crate::memory::{DirtyBitmap, PageSet, PAGE_SIZE};
 
 /// Harvest re-protects runs of harvested pages, bridging gaps of up to this many
@@ -30,8 +30,7 @@ const MSG_BATCH: usize = 64;
 pub(super) fn no_wp_reason(tracker: &'static str) -> TrackError {
     TrackError::Unavailable {
         tracker,
-        reason: "kernel userfaultfd lacks write-protect support (UFFD_FEATURE_PAGEFAULT_FLAG_WP, Linux >= 5.7)"
-            .to_string(),
+        reason: Unavailable::NoUffdWriteProtect,
     }
 }
 
@@ -125,10 +124,7 @@ impl SyncWp {
             if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
                 return Err(TrackError::Unavailable {
                     tracker: NAME_SYNC,
-                    reason: format!(
-                        "UFFDIO_WRITEPROTECT not offered for the region at host {:#x}",
-                        s.start
-                    ),
+                    reason: Unavailable::NoWriteProtect { host: s.start },
                 });
             }
             if !unpopulated {
