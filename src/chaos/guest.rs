@@ -37,7 +37,7 @@ pub fn page_content(seed: u64, page: u64, version: u64, out: &mut [u8]) {
 }
 
 #[derive(Debug)]
-struct Ctl {
+struct GuestState {
     stop: AtomicBool,
     pause: AtomicBool,
     paused: AtomicBool,
@@ -53,7 +53,7 @@ pub struct Guest {
     pub bitmap: Arc<DirtyBitmap>,
     versions: Arc<Vec<AtomicU64>>,
     seed: u64,
-    ctl: Arc<Ctl>,
+    ctl: Arc<GuestState>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -70,7 +70,7 @@ impl Guest {
         let bitmap = Arc::new(DirtyBitmap::new(pages));
         let versions: Arc<Vec<AtomicU64>> =
             Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
-        let ctl = Arc::new(Ctl {
+        let ctl = Arc::new(GuestState {
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),
             paused: AtomicBool::new(false),
@@ -164,7 +164,7 @@ fn dirty(
     memory: &GuestMemory,
     bitmap: &DirtyBitmap,
     versions: &[AtomicU64],
-    ctl: &Ctl,
+    ctl: &GuestState,
     seed: u64,
     hot: u64,
     rate: u64,
@@ -215,7 +215,7 @@ fn dirty(
 /// The guest's `VmControl`: pauses and resumes the dirtier and tells the ledger.
 #[derive(Debug, Clone)]
 pub struct GuestVm {
-    ctl: Arc<Ctl>,
+    ctl: Arc<GuestState>,
     ledger: Arc<Ledger>,
 }
 
@@ -227,7 +227,7 @@ impl GuestVm {
     }
 }
 
-fn pause(ctl: &Ctl) -> bool {
+fn pause(ctl: &GuestState) -> bool {
     ctl.pause.store(true, Ordering::SeqCst);
     let until = Instant::now() + PAUSE_WAIT;
     while !ctl.paused.load(Ordering::Acquire) {

@@ -1,6 +1,10 @@
 //! The fault campaign (`livemig chaos`): many small migrations, each with one
 //! or more random faults, each judged against the paused source.
 //!
+//! Why over 600 lines: one run's whole judgement (migrate, inject, judge against the
+//! paused source, resolve a run in doubt, tally) reads as one sequence; the guest, the
+//! plan, the injector and the ledger are already their own modules.
+//!
 //! One run ([`run_one`]) migrates a [`guest::Guest`] of a few MiB, written by a
 //! dirtier thread while rounds run, from an in-process source (`Migration`) to
 //! an in-process destination (`Receiver`) over loopback TCP, with every

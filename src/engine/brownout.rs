@@ -1,6 +1,11 @@
 //! Brownout: pause → final harvest → final pages → device state → digest → commit
 //! (`Commit` → `Prepared` → participants' `release` → `Released` → `Committed`).
 //!
+//! Why over 600 lines: the switchover is one ordered sequence (pause, final harvest,
+//! final pages, device state, digest, commit, post-switchover audit) with the
+//! rollback of every step beside it, so that the split-brain argument can be checked
+//! in one place; the ownership state machine itself is in `commit.rs`.
+//!
 //! The handoff follows [`SourceState`] (docs/PROTOCOL.md, "Commit and ownership").
 //! Until `Released` is sent, any failure (a timeout, the brownout deadline, a
 //! cancel, a bad or missing `Prepared`) resumes the source VM and rolls back every
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 use super::commit::{self, SourceEvent, SourceState};
 use super::control::ControlLink;
 use super::error::peer_veto;
-use super::precopy::Run;
+use super::run::PrecopyRun;
 use super::{DoubtReason, MigrationError, Verify};
 use crate::device::envelope;
 use crate::memory::PageSet;
@@ -118,7 +123,7 @@ fn next_reply(
 
 /// Brown out and switch over. `set` holds the pages dirty at the last harvest.
 pub(crate) fn run(
-    run: &mut Run<'_>,
+    run: &mut PrecopyRun<'_>,
     set: &mut PageSet,
     final_round: u32,
     predicted_s: f64,
@@ -130,9 +135,9 @@ pub(crate) fn run(
     let mut state = SourceState::Running;
     let mut bd = DowntimeBreakdown::default();
     let t_pause = Instant::now();
-    if let Err(error) = run.m.vm.pause() {
+    if let Err(error) = run.migration.vm.pause() {
         // A partial pause (some vCPUs stopped) must not leave the VM half-stopped.
-        let resume_error = run.m.vm.resume().err();
+        let resume_error = run.migration.vm.resume().err();
         return Err(MigrationError::PauseFailed {
             error,
             resume_error,
@@ -140,7 +145,7 @@ pub(crate) fn run(
     }
     state = state.on(SourceEvent::Paused);
     bd.pause_ms = ms(t_pause.elapsed());
-    let deadline = t_pause + run.m.config.brownout_timeout;
+    let deadline = t_pause + run.migration.config.brownout_timeout;
     run.deadline = Some(deadline);
     let mut cut: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
     if let Some(l) = &run.link {
@@ -184,7 +189,7 @@ pub(crate) fn run(
             if let Some(l) = run.link.take() {
                 l.stream().shutdown();
             }
-            let cfg = &run.m.config;
+            let cfg = &run.migration.config;
             let learned = commit::resolve(
                 run.connector,
                 run.session_id,
@@ -217,7 +222,7 @@ pub(crate) fn run(
             // A deadline cut is the root cause of whatever error it provoked.
             Err(if timed_out && state == SourceState::Resumed {
                 MigrationError::BrownoutTimeout {
-                    after: run.m.config.brownout_timeout,
+                    after: run.migration.config.brownout_timeout,
                 }
             } else {
                 e
@@ -233,10 +238,10 @@ pub(crate) fn run(
                 violation: ProtocolViolation::NoOutcome("switchover"),
             });
             // The source VM must survive: undo device saves, resume.
-            for p in run.m.participants.iter_mut().take(saved) {
+            for p in run.migration.participants.iter_mut().take(saved) {
                 p.rolled_back();
             }
-            if let Err(error) = run.m.vm.resume() {
+            if let Err(error) = run.migration.vm.resume() {
                 return Err(MigrationError::ResumeFailed {
                     error,
                     cause: Box::new(e),
@@ -264,7 +269,7 @@ struct Switchover {
 
 #[allow(clippy::too_many_arguments)]
 fn paused(
-    run: &mut Run<'_>,
+    run: &mut PrecopyRun<'_>,
     set: &mut PageSet,
     final_round: u32,
     predicted_s: f64,
@@ -275,9 +280,9 @@ fn paused(
     watchdog: &mut Watchdog,
 ) -> Result<(), MigrationError> {
     let bd = &mut sw.bd;
-    let mem = run.m.memory.clone();
+    let mem = run.migration.memory.clone();
     let t_harvest = Instant::now();
-    if let Some(t) = run.m.tracker.as_mut() {
+    if let Some(t) = run.migration.tracker.as_mut() {
         // Harvest apart from the owed pages: the audit's suspects (owed already)
         // are confirmed against what this harvest reports.
         let mut fresh = PageSet::new(mem.total_pages());
@@ -298,7 +303,7 @@ fn paused(
         set.union_with(&fresh);
     }
     let mut tracker_misses = 0;
-    if run.m.config.verify == Verify::Full {
+    if run.migration.config.verify == Verify::Full {
         for p in crate::proof::stale_pages(&mem, &run.shared.sent, 2)? {
             if !set.contains(p) {
                 tracker_misses += 1;
@@ -338,7 +343,7 @@ fn paused(
     let deadline = run.deadline.unwrap_or_else(Instant::now);
     run.stop_workers(false, deadline)?;
     run.check_workers()?;
-    if run.m.cancel.is_cancelled() {
+    if run.migration.cancel.is_cancelled() {
         return Err(MigrationError::Cancelled);
     }
     sw.bd.final_pages_ms = ms(t_pages.elapsed());
@@ -366,8 +371,8 @@ fn paused(
 
     // Device state, in participant order.
     let t_dev = Instant::now();
-    let mut entries = Vec::with_capacity(run.m.participants.len());
-    for p in run.m.participants.iter_mut() {
+    let mut entries = Vec::with_capacity(run.migration.participants.len());
+    for p in run.migration.participants.iter_mut() {
         let t = Instant::now();
         let mut blob = Vec::new();
         *saved += 1;
@@ -410,28 +415,28 @@ fn paused(
     // Two-step commit (see `ControlMsg::Prepared`): the destination validates
     // everything and answers `Prepared`; only then do the source's devices let go
     // (switch-port step 5), and the destination restores after `Released`.
-    let reply_until = (Instant::now() + run.m.config.reply_timeout)
+    let reply_until = (Instant::now() + run.migration.config.reply_timeout)
         .min(run.deadline.unwrap_or_else(Instant::now));
-    let cancel = run.m.cancel.clone();
+    let cancel = run.migration.cancel.clone();
     let reply = next_reply(run.control()?, reply_until, Some(&cancel))?;
     // The brownout deadline covers pause → Prepared: a Prepared that arrives
     // after the streams were cut does not count.
     if watchdog.disarm() {
         return Err(MigrationError::BrownoutTimeout {
-            after: run.m.config.brownout_timeout,
+            after: run.migration.config.brownout_timeout,
         });
     }
     match reply {
         Some(ControlMsg::Prepared { .. }) => *state = state.on(SourceEvent::Prepared),
         None if run.deadline.is_some_and(|d| reply_until >= d) => {
             return Err(MigrationError::BrownoutTimeout {
-                after: run.m.config.brownout_timeout,
+                after: run.migration.config.brownout_timeout,
             })
         }
         None => {
             return Err(MigrationError::TimedOut {
                 what: "the destination's prepared answer",
-                after: run.m.config.reply_timeout,
+                after: run.migration.config.reply_timeout,
             })
         }
         Some(other) => return Err(refusal(other)),
@@ -440,7 +445,7 @@ fn paused(
         return Err(MigrationError::Cancelled);
     }
     let t_release = Instant::now();
-    for p in run.m.participants.iter_mut() {
+    for p in run.migration.participants.iter_mut() {
         if let Err(e) = p.release() {
             let _ = run.control()?.send(
                 &ControlMsg::Abort {
@@ -459,7 +464,7 @@ fn paused(
     run.control()?
         .send(&ControlMsg::Released, &[])
         .map_err(to_dest("commit"))?;
-    let until = Instant::now() + run.m.config.reply_timeout;
+    let until = Instant::now() + run.migration.config.reply_timeout;
     let reply = next_reply(run.control()?, until, None);
     match reply {
         Ok(Some(ControlMsg::Committed {
@@ -504,7 +509,7 @@ fn paused(
             *state = state.on(SourceEvent::Failed);
             Err(MigrationError::TimedOut {
                 what: "the destination's committed answer",
-                after: run.m.config.reply_timeout,
+                after: run.migration.config.reply_timeout,
             })
         }
         Err(e) => {
@@ -534,14 +539,14 @@ fn refusal(m: ControlMsg) -> MigrationError {
 
 /// The destination runs the VM: finish the source's side and report.
 fn finish(
-    run: &mut Run<'_>,
+    run: &mut PrecopyRun<'_>,
     sw: Switchover,
     final_round: u32,
     predicted_s: f64,
     reason: String,
     t_pause: Instant,
 ) -> MigrationReport {
-    let mem = run.m.memory.clone();
+    let mem = run.migration.memory.clone();
     let Switchover {
         bd,
         tracker_misses,
@@ -552,45 +557,46 @@ fn finish(
     } = sw;
     let downtime = t_pause.elapsed();
     // Committed: the VM now runs on the destination.
-    for p in run.m.participants.iter_mut() {
+    for p in run.migration.participants.iter_mut() {
         p.committed();
     }
-    if let Some(t) = run.m.tracker.as_mut() {
+    if let Some(t) = run.migration.tracker.as_mut() {
         let _ = t.stop(&mem);
     }
     let total = run.started.elapsed();
     // The audit after switchover, outside the downtime: the paused source against
     // what was sent. The source VM stays paused until `run` returns. Without a
     // tracker the VM was stopped throughout: its memory cannot have changed.
-    let (post_audit, audit_ok) = if run.m.config.post_audit && run.m.tracker.is_some() {
-        match post_switchover_audit(run) {
-            Ok(a) => {
-                let ok = a.mismatches == 0;
-                (Some(a), ok)
+    let (post_audit, audit_ok) =
+        if run.migration.config.post_audit && run.migration.tracker.is_some() {
+            match post_switchover_audit(run) {
+                Ok(a) => {
+                    let ok = a.mismatches == 0;
+                    (Some(a), ok)
+                }
+                Err(e) => {
+                    // Committed already: an audit that cannot run is reported, not a
+                    // reason to undo the switchover.
+                    run.emit(Event::Failed {
+                        phase: "post-switchover audit".into(),
+                        error: e.to_string(),
+                        source_running: false,
+                    });
+                    (None, false)
+                }
             }
-            Err(e) => {
-                // Committed already: an audit that cannot run is reported, not a
-                // reason to undo the switchover.
-                run.emit(Event::Failed {
-                    phase: "post-switchover audit".into(),
-                    error: e.to_string(),
-                    source_running: false,
-                });
-                (None, false)
-            }
-        }
-    } else {
-        (None, true)
-    };
+        } else {
+            (None, true)
+        };
     let c = &run.shared.counters;
     let wire = c.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
-    let cfg = &run.m.config;
+    let cfg = &run.migration.config;
     let report = MigrationReport {
         memory_bytes: mem.total_bytes(),
         mode: cfg.mode.name().into(),
         streams: cfg.streams,
         tracker: run
-            .m
+            .migration
             .tracker
             .as_ref()
             .map_or("none".into(), |t| t.name().into()),
@@ -652,8 +658,8 @@ fn finish(
 
 /// Hash every page of the paused source and compare it with what was sent; hand
 /// stale pages (as gfns) to the VMM's hook.
-fn post_switchover_audit(run: &mut Run<'_>) -> Result<PostAudit, MigrationError> {
-    let mem = run.m.memory.clone();
+fn post_switchover_audit(run: &mut PrecopyRun<'_>) -> Result<PostAudit, MigrationError> {
+    let mem = run.migration.memory.clone();
     let t_audit = Instant::now();
     let stale = crate::proof::stale_pages(&mem, &run.shared.sent, 2)?;
     let audit = PostAudit {
@@ -663,7 +669,7 @@ fn post_switchover_audit(run: &mut Run<'_>) -> Result<PostAudit, MigrationError>
     };
     run.emit(Event::PostAudit(audit.clone()));
     if !stale.is_empty() {
-        if let Some(hook) = run.m.stale_pages_hook.as_mut() {
+        if let Some(hook) = run.migration.stale_pages_hook.as_mut() {
             let gfns = stale
                 .iter()
                 .map(|&p| mem.gfn_of(p))

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use super::control::{ControlLink, Heartbeat};
-use super::precopy::Run;
+use super::run::PrecopyRun;
 use super::MigrationError;
 use crate::stats::Event;
 use crate::wire::{ControlMsg, ProtocolViolation};
@@ -34,13 +34,13 @@ const SLICE: Duration = Duration::from_millis(20);
 /// this is what the source allows beyond its peer timeout before giving up.
 const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
-impl Run<'_> {
+impl PrecopyRun<'_> {
     /// Send `Drain { round }` and wait for `Drained`. The heartbeat thread must be
     /// stopped (the link is the caller's).
     pub(crate) fn drain(&mut self, round: u32) -> Result<DrainAnswer, MigrationError> {
         const PHASE: &str = "drain";
-        let deadline_after = self.m.config.peer_timeout + ANSWER_GRACE;
-        let cancel = self.m.cancel.clone();
+        let deadline_after = self.migration.config.peer_timeout + ANSWER_GRACE;
+        let cancel = self.migration.cancel.clone();
         let link = self.control()?;
         let t = Instant::now();
         link.send(&ControlMsg::Drain { round }, &[])
@@ -121,7 +121,7 @@ impl Run<'_> {
             phase: "control",
             violation: ProtocolViolation::ControlLost("no control stream to hand back"),
         })?;
-        let c = &self.m.config;
+        let c = &self.migration.config;
         let interval = c
             .heartbeat_interval
             .min(c.peer_timeout / 4)

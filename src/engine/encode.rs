@@ -13,7 +13,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::pipeline::{Batch, BatchError, Shared};
+use super::pipeline::{Batch, BatchError, SendState};
 use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
 use crate::proof::DigestDelta;
@@ -63,7 +63,7 @@ impl Scratch {
 /// check, hash, digest record, encode, write), without the queue and the gate.
 #[cfg(feature = "bench")]
 pub struct BatchBench {
-    shared: Shared,
+    shared: SendState,
     scratch: Scratch,
     out: FrameWriter,
 }
@@ -86,7 +86,7 @@ impl BatchBench {
         codec: CodecId,
         out: Box<dyn crate::transport::Stream>,
     ) -> Self {
-        let shared = Shared::new(memory, 1, codec, 1, false);
+        let shared = SendState::new(memory, 1, codec, 1, false);
         let scratch = Scratch::new(shared.zstd_level);
         Self {
             shared,
@@ -225,7 +225,7 @@ impl<'m> PageSink<'m> for GatherSink<'_, 'm> {
 /// `meta` and is recorded in the sent ledger (merged from `digest` at the end).
 /// Returns the number of zero pages.
 fn walk_batch<'m, S: PageSink<'m>>(
-    shared: &'m Shared,
+    shared: &'m SendState,
     b: &Batch,
     meta: &mut BatchMeta,
     present: &mut Vec<bool>,
@@ -280,7 +280,7 @@ fn walk_batch<'m, S: PageSink<'m>>(
 
 /// Copy path: returns the time spent writing the frame.
 pub(super) fn send_batch(
-    shared: &Shared,
+    shared: &SendState,
     b: &Batch,
     codec: CodecId,
     s: &mut Scratch,
@@ -352,7 +352,7 @@ pub(super) fn send_batch(
 /// encoding (which needs the bytes), and a stream that hands its writes straight to
 /// a kernel socket, so no Rust code reads the guest memory it is given. Streams that
 /// see every byte (TLS, shaping, fault injection, in-memory pipes) take the copy path.
-pub(super) fn zero_copy(shared: &Shared, codec: CodecId, out: &FrameWriter) -> bool {
+pub(super) fn zero_copy(shared: &SendState, codec: CodecId, out: &FrameWriter) -> bool {
     codec == CodecId::Raw && shared.delta.is_none() && out.stream().splice_fd().is_some()
 }
 
@@ -366,7 +366,7 @@ pub(super) fn zero_copy(shared: &Shared, codec: CodecId, out: &FrameWriter) -> b
 /// the page, being dirty, is sent again. Quiescent batches (final round, stopped VM)
 /// carry exact hashes.
 pub(super) fn send_batch_zero_copy(
-    shared: &Shared,
+    shared: &SendState,
     b: &Batch,
     s: &mut Scratch,
     out: &mut FrameWriter,
@@ -419,7 +419,7 @@ pub(super) fn send_batch_zero_copy(
 /// Count a batch written since `t_write`; returns the time spent writing
 /// (back-pressure from the link, which `auto` mode measures).
 fn count_batch(
-    shared: &Shared,
+    shared: &SendState,
     t_write: std::time::Instant,
     npages: usize,
     zeros: u64,
@@ -440,13 +440,13 @@ mod tests {
 
     /// 16 pages: 0-2 written, 3 written with zeros, 4-5 written, the rest never
     /// touched; the batch covers 1..10 in two extents.
-    fn setup() -> (Shared, Batch) {
+    fn setup() -> (SendState, Batch) {
         let mem = GuestMemory::anonymous(16 * PAGE_SIZE, false).unwrap();
         for p in [0u64, 1, 2, 4, 5] {
             mem.write_pages(p, &[p as u8 + 1; PAGE_SIZE]).unwrap();
         }
         mem.write_pages(3, &[0; PAGE_SIZE]).unwrap();
-        let shared = Shared::new(Arc::new(mem), 1, CodecId::Raw, 1, false);
+        let shared = SendState::new(Arc::new(mem), 1, CodecId::Raw, 1, false);
         let batch = Batch {
             round: 0,
             quiescent: false,
@@ -455,7 +455,11 @@ mod tests {
         (shared, batch)
     }
 
-    fn walk<'m, S: PageSink<'m>>(shared: &'m Shared, b: &Batch, sink: &mut S) -> (BatchMeta, u64) {
+    fn walk<'m, S: PageSink<'m>>(
+        shared: &'m SendState,
+        b: &Batch,
+        sink: &mut S,
+    ) -> (BatchMeta, u64) {
         let mut meta = BatchMeta::default();
         let mut present = Vec::new();
         let mut digest = DigestDelta::default();

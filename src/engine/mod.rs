@@ -20,6 +20,7 @@ pub(crate) mod pipeline;
 pub mod policy;
 pub(crate) mod precopy;
 pub(crate) mod resume;
+pub(crate) mod run;
 pub(crate) mod setup;
 pub mod slots;
 mod vm_control;

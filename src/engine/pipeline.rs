@@ -7,7 +7,7 @@
 //! and, recorded in the sent [`PageLedger`], an entry of the brownout digest),
 //! encodes the non-zero pages with the chosen codec and writes one frame.
 //!
-//! Rounds are gated: at the end of a round the loop sends [`Ctl::RoundEnd`] on every
+//! Rounds are gated: at the end of a round the loop sends [`WorkerCommand::RoundEnd`] on every
 //! worker's own control channel and waits at a [`SendGate`] that every worker
 //! passes after draining the batch queue and writing its RoundEnd frame, so no page
 //! of round r+1 is sent before every stream finished round r. (Per-worker control
@@ -61,7 +61,7 @@ impl Batch {
 
 /// Control messages to one worker (batches come on the shared queue).
 #[derive(Debug)]
-pub enum Ctl {
+pub enum WorkerCommand {
     /// End of round: all its batches are queued. Drain the queue, send RoundEnd,
     /// then pass the gate.
     RoundEnd(u32),
@@ -86,7 +86,7 @@ pub struct Counters {
 
 /// State shared by all workers of one migration.
 #[derive(Debug)]
-pub struct Shared {
+pub struct SendState {
     /// Guest memory being migrated.
     pub memory: Arc<GuestMemory>,
     /// xxh3 of the last version of each page put on the wire, and the running
@@ -110,8 +110,8 @@ pub struct Shared {
     pub spliced_streams: u16,
 }
 
-impl Shared {
-    /// Shared state for `workers` workers.
+impl SendState {
+    /// SendState state for `workers` workers.
     pub fn new(
         memory: Arc<GuestMemory>,
         workers: usize,
@@ -254,10 +254,10 @@ impl From<crate::codec::CodecError> for BatchError {
 /// [`WorkerFailure::Panicked`], which aborts the round gate, so the round loop
 /// sees a typed failure instead of waiting for the worker forever.
 pub fn run_worker(
-    shared: &Shared,
+    shared: &SendState,
     index: usize,
     batches: Receiver<Batch>,
-    ctl: Receiver<Ctl>,
+    ctl: Receiver<WorkerCommand>,
     out: FrameWriter,
 ) {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -273,10 +273,10 @@ pub fn run_worker(
 
 /// Run one worker until `Finish` (or until its control channel closes).
 pub fn worker(
-    shared: &Shared,
+    shared: &SendState,
     index: usize,
     batches: Receiver<Batch>,
-    ctl: Receiver<Ctl>,
+    ctl: Receiver<WorkerCommand>,
     mut out: FrameWriter,
 ) {
     let mut s = Scratch::new(shared.zstd_level);
@@ -321,7 +321,7 @@ pub fn worker(
             handle_batch(shared, index, &b, &mut s, &mut out, &mut st);
         }
         match msg {
-            Ctl::RoundEnd(round) => {
+            WorkerCommand::RoundEnd(round) => {
                 if !st.broken {
                     let before = out.bytes();
                     let r = out.send_round_end(RoundEnd {
@@ -346,7 +346,7 @@ pub fn worker(
                 st.round_pages = 0;
                 shared.gate.arrive();
             }
-            Ctl::Finish => {
+            WorkerCommand::Finish => {
                 if !st.broken {
                     if let Err(e) = out
                         .send(FrameKind::StreamEnd, 0, &[], &[])
@@ -368,7 +368,7 @@ struct WorkerState {
 }
 
 fn handle_batch(
-    shared: &Shared,
+    shared: &SendState,
     index: usize,
     b: &Batch,
     s: &mut Scratch,

@@ -1,447 +1,25 @@
 //! The pre-copy round loop (mechanism only: *when* to stop is the policy's call).
 //!
-//! Why one file of over 600 lines: the round loop and the state it shares with
-//! brownout (`Run`: workers, gate, heartbeats, audit) live together; `Run` is to move
-//! to its own module.
+//! The state the loop shares with brownout, drain and resumption is
+//! [`super::run::PrecopyRun`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
-
 use super::cancel::CancelConnector;
-use super::control::{ControlLink, Heartbeat, LinkFailure};
-use super::gate::GateError;
-use super::pipeline::{
-    batches_of, run_worker, Batch, Ctl, Shared, WorkerFailure, QUEUE_DEPTH_PER_WORKER,
-};
+use super::control::{ControlLink, Heartbeat};
+use super::pipeline::SendState;
 use super::policy::{Decision, PolicySnapshot};
-use super::{brownout, setup, Migration, MigrationError, SendError};
+use super::run::{PrecopyRun, Workers};
+use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
 use crate::proof::SampledAudit;
 use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
-use crate::transport::framed::FrameWriter;
 use crate::transport::Connector;
-use crate::wire::control::SessionId;
-use crate::wire::{ControlMsg, ProtocolViolation, MAX_BATCH_PAGES};
-
-/// How long workers get to exit after their streams were cut.
-const JOIN_GRACE: Duration = Duration::from_secs(2);
-/// The gate gives up when no batch completed for this many peer timeouts (a
-/// stalled peer is normally caught sooner, by the streams' own deadlines).
-const STALL_PEER_TIMEOUTS: u32 = 4;
-
-/// Everything the loop and brownout share.
-pub(crate) struct Run<'a> {
-    pub m: &'a mut Migration,
-    /// Where the destination is (outcome queries reconnect through it).
-    pub connector: &'a dyn Connector,
-    /// Session id.
-    pub session_id: SessionId,
-    /// The control stream, when no heartbeat thread holds it.
-    pub link: Option<ControlLink>,
-    /// The heartbeat thread (it holds the control stream while rounds run).
-    pub heartbeat: Option<Heartbeat>,
-    /// Every wait gives up at this instant (set at pause: the brownout deadline).
-    pub deadline: Option<Instant>,
-    pub shared: Arc<Shared>,
-    pub tx: Option<Sender<Batch>>,
-    pub ctl: Vec<Sender<Ctl>>,
-    pub handles: Vec<JoinHandle<()>>,
-    pub shutdowns: Arc<Vec<Box<dyn Fn() + Send + Sync>>>,
-    pub history: Vec<RoundStats>,
-    pub est: Estimator,
-    pub started: Instant,
-    pub throttle: u8,
-    pub throttle_max: u8,
-    /// Monotone progress (see [`crate::stats::progress`]).
-    pub meter: ProgressMeter,
-    /// Pages sent so far, all rounds.
-    pub sent_total: u64,
-    /// Pages owed besides the round being sent (deferred hot pages).
-    pub held_back: u64,
-    /// The last prediction before its margin, and the margin the policy judged it with.
-    pub prediction: (Prediction, f64),
-    /// The sampled audit of clean pages against what was sent.
-    pub audit: SampledAudit,
-    /// The tracker was replaced by a safe one after the audit caught a miss.
-    pub tracker_fallback: bool,
-    /// The destination can resume the session after a broken connection.
-    pub resumable: bool,
-    /// The destination answers `Drain` before the brownout.
-    pub drains: bool,
-    /// Per page: the round that last queued it (every page of a round is marked
-    /// when the round starts). After a broken connection, the pages of rounds the
-    /// destination did not complete are sent again unless it holds exactly that
-    /// round's copy (see [`super::resume`]).
-    pub sent_round: Vec<u32>,
-    /// Pages of the last round that were never queued (its sending stopped early).
-    pub unqueued: u64,
-    /// Successful reconnections after a broken connection (setup restarts
-    /// included).
-    pub reconnects: u32,
-    /// Of `reconnects`, the setups started over before round 0.
-    pub setup_restarts: u32,
-    /// Pages sent again after resumptions.
-    pub resent_pages: u64,
-}
-
-impl Run<'_> {
-    pub(crate) fn emit(&self, e: Event) {
-        if let Some(p) = &self.m.progress {
-            p.on_event(&e);
-        }
-    }
-
-    /// Stop the heartbeat thread (if running) and take the control stream back.
-    pub(crate) fn control(&mut self) -> Result<&mut ControlLink, MigrationError> {
-        if let Some(hb) = self.heartbeat.take() {
-            let (link, failure) = hb.stop();
-            self.link = link;
-            if let Some(f) = failure {
-                return Err(link_error(f));
-            }
-        }
-        self.link.as_mut().ok_or(MigrationError::Protocol {
-            phase: "control",
-            violation: ProtocolViolation::ControlLost("heartbeat thread died"),
-        })
-    }
-
-    /// Why waiting stopped: cancel, heartbeat failure or the brownout deadline.
-    fn stop_reason(&mut self) -> Option<MigrationError> {
-        if self.m.cancel.is_cancelled() {
-            return Some(MigrationError::Cancelled);
-        }
-        if self.heartbeat.as_ref().is_some_and(|h| h.has_failed()) {
-            return Some(self.control().err().unwrap_or(MigrationError::Protocol {
-                phase: "rounds",
-                violation: ProtocolViolation::ControlLost(
-                    "the heartbeat thread stopped without a reason",
-                ),
-            }));
-        }
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Some(MigrationError::BrownoutTimeout {
-                after: self.m.config.brownout_timeout,
-            });
-        }
-        None
-    }
-
-    /// Queue every page of `set` for round `round`, then gate the round.
-    pub(crate) fn send_round(
-        &mut self,
-        set: &PageSet,
-        round: u32,
-        quiescent: bool,
-    ) -> Result<(), MigrationError> {
-        let total = set.count();
-        for p in set.iter() {
-            self.sent_round[p as usize] = round;
-        }
-        let Some(tx) = self.tx.as_ref() else {
-            return Err(MigrationError::Send(SendError::WorkersStopped));
-        };
-        let mut sent = 0u64;
-        let mut since_event = 0u64;
-        let shared = &self.shared;
-        let cancel = &self.m.cancel;
-        let hb = &self.heartbeat;
-        let deadline = self.deadline;
-        let progress = &self.m.progress;
-        let meter = &mut self.meter;
-        let (sent_before, held_back, started) = (self.sent_total, self.held_back, self.started);
-        let mut stop = None;
-        batches_of(
-            &shared.memory,
-            set.iter(),
-            round,
-            quiescent,
-            MAX_BATCH_PAGES,
-            |b| {
-                if cancel.is_cancelled() {
-                    stop = Some(MigrationError::Cancelled);
-                    return false;
-                }
-                if shared.failed.load(Ordering::Relaxed) {
-                    return false;
-                }
-                let n = b.pages();
-                shared.tuner.tick();
-                // Queue with a bounded wait: a stuck worker, a cancel or a silent
-                // peer must not leave the loop blocked on a full queue.
-                let mut b = b;
-                loop {
-                    match tx.send_timeout(b, Duration::from_millis(20)) {
-                        Ok(()) => break,
-                        Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
-                            if cancel.is_cancelled()
-                                || shared.failed.load(Ordering::Relaxed)
-                                || hb.as_ref().is_some_and(|h| h.has_failed())
-                                || deadline.is_some_and(|d| Instant::now() >= d)
-                            {
-                                return false;
-                            }
-                            b = back;
-                        }
-                        Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
-                    }
-                }
-                sent += n;
-                since_event += n;
-                if since_event >= 16384 {
-                    since_event = 0;
-                    if let Some(p) = progress {
-                        let sent_total = sent_before + sent;
-                        let remaining = total - sent + held_back;
-                        p.on_event(&Event::Progress {
-                            round,
-                            sent,
-                            total,
-                            sent_total,
-                            remaining,
-                            fraction: meter.update(sent_total, remaining),
-                            wire_bytes: shared.counters.wire_bytes.load(Ordering::Relaxed),
-                            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-                        });
-                    }
-                }
-                true
-            },
-        );
-        self.sent_total += sent;
-        self.unqueued = total - sent;
-        if let Some(e) = stop {
-            return Err(e);
-        }
-        self.check_workers()?;
-        if let Some(e) = self.stop_reason() {
-            return Err(e);
-        }
-        for c in &self.ctl {
-            // A healthy worker has taken the previous marker before passing the
-            // gate, so there is always room; a stuck one shows up at the gate.
-            let _ = c.try_send(Ctl::RoundEnd(round));
-        }
-        let stall = self.m.config.peer_timeout * STALL_PEER_TIMEOUTS;
-        let shared = self.shared.clone();
-        let mut stopped = None;
-        let r = shared.gate.wait(
-            stall,
-            || {
-                stopped = self.stop_reason();
-                stopped.is_some()
-            },
-            || shared.counters.wire_bytes.load(Ordering::Relaxed),
-        );
-        match r {
-            Ok(()) => self.check_workers(),
-            Err(GateError::Aborted) => {
-                self.check_workers()?;
-                Err(MigrationError::Send(SendError::GateAborted))
-            }
-            Err(GateError::Stopped) => Err(stopped.unwrap_or(MigrationError::Cancelled)),
-            Err(GateError::Stalled(after)) => Err(MigrationError::TimedOut {
-                what: "page streams (no batch completed)",
-                after,
-            }),
-        }
-    }
-
-    /// Emit a progress event after a harvest: `owed` pages are still to be sent.
-    fn progress_after_round(&mut self, round: u32, sent: u64, owed: u64) {
-        let fraction = self.meter.update(self.sent_total, owed);
-        self.emit(Event::Progress {
-            round,
-            sent,
-            total: sent,
-            sent_total: self.sent_total,
-            remaining: owed,
-            fraction,
-            wire_bytes: self.shared.counters.wire_bytes.load(Ordering::Relaxed),
-            elapsed_ms: self.started.elapsed().as_secs_f64() * 1e3,
-        });
-    }
-
-    /// The audit confirmed tracker misses (`pages`, already re-sent): report them
-    /// and continue with a tracker that compares every page with what was sent.
-    pub(crate) fn fall_back(&mut self, round: u32, pages: &[u64]) -> Result<(), MigrationError> {
-        let mem = self.m.memory.clone();
-        let gfns = pages
-            .iter()
-            .take(16)
-            .map(|&p| mem.gfn_of(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut to = String::new();
-        if !self.tracker_fallback {
-            if let Some(old) = self.m.tracker.take() {
-                to = format!("{} + hash scan against what was sent", old.name());
-                let safe = crate::proof::safe_tracker(old, &self.shared.sent, &mem, 2)?;
-                self.m.tracker = Some(safe);
-            }
-            self.tracker_fallback = true;
-            self.audit.disable();
-        }
-        self.emit(Event::TrackerMiss {
-            round,
-            pages: pages.len() as u64,
-            gfns,
-            fallback: to,
-        });
-        Ok(())
-    }
-
-    pub(crate) fn check_workers(&self) -> Result<(), MigrationError> {
-        match self.shared.failure() {
-            None => Ok(()),
-            Some(WorkerFailure::Lost { stream, source }) => {
-                Err(MigrationError::PageStreamLost { stream, source })
-            }
-            Some(WorkerFailure::Failed { stream, source }) => {
-                Err(MigrationError::Send(SendError::Stream { stream, source }))
-            }
-            Some(WorkerFailure::Panicked { stream, message }) => {
-                Err(MigrationError::WorkerPanicked { stream, message })
-            }
-        }
-    }
-
-    /// Ask every worker to end its stream (after the final round).
-    pub(crate) fn finish_workers(&mut self) {
-        for c in &self.ctl {
-            let _ = c.send(Ctl::Finish);
-        }
-    }
-
-    /// Stop workers: on failure cut their streams first. Waits for them until
-    /// `deadline` (then cuts the streams) plus a short grace; a worker still
-    /// running after that is left behind (it holds only shared references) and
-    /// reported.
-    pub(crate) fn stop_workers(
-        &mut self,
-        abort: bool,
-        deadline: Instant,
-    ) -> Result<(), MigrationError> {
-        if abort {
-            self.cut_streams();
-        }
-        self.tx.take();
-        self.ctl.clear();
-        let mut cut = abort;
-        let mut limit = if abort {
-            Instant::now() + JOIN_GRACE
-        } else {
-            deadline
-        };
-        loop {
-            if self.handles.iter().all(|h| h.is_finished()) {
-                break;
-            }
-            if Instant::now() >= limit {
-                if cut {
-                    let stuck = self.handles.iter().filter(|h| !h.is_finished()).count();
-                    self.handles.clear();
-                    return Err(MigrationError::TimedOut {
-                        what: if stuck == 1 {
-                            "a page worker's exit"
-                        } else {
-                            "the page workers' exit"
-                        },
-                        after: JOIN_GRACE,
-                    });
-                }
-                self.cut_streams();
-                cut = true;
-                limit = Instant::now() + JOIN_GRACE;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
-        Ok(())
-    }
-
-    /// Shut every page stream down (unblocks their writers).
-    pub(crate) fn cut_streams(&self) {
-        for s in self.shutdowns.iter() {
-            s();
-        }
-    }
-}
-
-/// The page-stream workers of one connection: their batch queue, control
-/// channels, threads and the handles that cut their streams.
-pub(crate) struct Workers {
-    pub tx: Sender<Batch>,
-    pub ctl: Vec<Sender<Ctl>>,
-    pub handles: Vec<JoinHandle<()>>,
-    pub shutdowns: Arc<Vec<Box<dyn Fn() + Send + Sync>>>,
-}
-
-impl Workers {
-    /// One worker thread per page stream.
-    pub(crate) fn spawn(shared: &Arc<Shared>, page_writers: Vec<FrameWriter>) -> Self {
-        let streams = page_writers.len();
-        let (tx, rx) = crossbeam_channel::bounded(streams * QUEUE_DEPTH_PER_WORKER);
-        let shutdowns = Arc::new(
-            page_writers
-                .iter()
-                .map(|w| w.stream().shutdown_handle())
-                .collect::<Vec<_>>(),
-        );
-        let mut ctl = Vec::with_capacity(streams);
-        let handles = page_writers
-            .into_iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let sh = shared.clone();
-                let rx = rx.clone();
-                let (ctx, crx) = crossbeam_channel::bounded(2);
-                ctl.push(ctx);
-                std::thread::Builder::new()
-                    .name(format!("livemig-send{i}"))
-                    .spawn(move || run_worker(&sh, i, rx, crx, w))
-                    .expect("spawn sender thread")
-            })
-            .collect();
-        Self {
-            tx,
-            ctl,
-            handles,
-            shutdowns,
-        }
-    }
-}
-
-/// The migration error for a heartbeat failure.
-pub(crate) fn link_error(f: LinkFailure) -> MigrationError {
-    match f {
-        LinkFailure::Silent(after) => MigrationError::TimedOut {
-            what: "the peer (destination) on the control stream: no heartbeat answer",
-            after,
-        },
-        LinkFailure::Transport(source) => MigrationError::Transport {
-            phase: "rounds",
-            source,
-        },
-        LinkFailure::Unexpected(ControlMsg::Error { message }) => {
-            MigrationError::Remote(message.into())
-        }
-        LinkFailure::Unexpected(other) => MigrationError::Protocol {
-            phase: "rounds",
-            violation: ProtocolViolation::Unexpected {
-                expected: "heartbeat answers on the control stream",
-                got: other.name(),
-            },
-        },
-    }
-}
+use crate::wire::ControlMsg;
 
 /// Run a whole migration.
 pub(crate) fn run(
@@ -490,7 +68,7 @@ pub(crate) fn run(
         let streams = page_writers.len();
         let spliced = page_writers.iter().filter(|w| w.splices()).count() as u16;
         let shared = Arc::new(
-            Shared::new(
+            SendState::new(
                 m.memory.clone(),
                 streams,
                 m.config.codec,
@@ -528,8 +106,8 @@ pub(crate) fn run(
         }
         let resumable = resumable && m.config.reconnect_timeout > Duration::ZERO;
         let sent_round = vec![0; m.memory.total_pages() as usize];
-        let mut run = Run {
-            m: &mut m,
+        let mut run = PrecopyRun {
+            migration: &mut m,
             connector,
             session_id,
             link: None,
@@ -576,11 +154,11 @@ pub(crate) fn run(
                 let _ = hb.stop();
             }
             let _ = run.stop_workers(true, Instant::now());
-            if let Some(t) = run.m.tracker.as_mut() {
-                let _ = t.stop(&run.m.memory);
+            if let Some(t) = run.migration.tracker.as_mut() {
+                let _ = t.stop(&run.migration.memory);
             }
             if run.throttle > 0 {
-                let _ = run.m.vm.throttle(0);
+                let _ = run.migration.vm.throttle(0);
             }
         }
         r
@@ -633,15 +211,15 @@ impl HotPages {
     }
 }
 
-fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
-    let mem = run.m.memory.clone();
+fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> {
+    let mem = run.migration.memory.clone();
     let pages = mem.total_pages();
     run.emit(Event::Started {
         pages,
         streams: run.handles.len() as u16,
         session: crate::receiver::outcomes::session_to_string(run.session_id),
     });
-    if let Some(t) = run.m.tracker.as_mut() {
+    if let Some(t) = run.migration.tracker.as_mut() {
         t.start(&mem)?;
     }
     // Page sets, reused across rounds:
@@ -656,11 +234,11 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
     let mut deferred = PageSet::new(pages);
     let mut owed = PageSet::new(pages);
     let mut scratch = PageSet::new(pages);
-    let mut hot = HotPages::new(pages, run.m.policy.hot_page_rounds());
+    let mut hot = HotPages::new(pages, run.migration.policy.hot_page_rounds());
     let mut round = 0u32;
     let precopy_start = Instant::now();
     loop {
-        if run.m.cancel.is_cancelled() {
+        if run.migration.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
         let c = &run.shared.counters;
@@ -672,7 +250,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         run.held_back = deferred.count();
         let t0 = Instant::now();
         // Without a tracker the VM is stopped: its memory cannot change.
-        let quiescent = run.m.tracker.is_none();
+        let quiescent = run.migration.tracker.is_none();
         run.est.expect_round(to_send.count());
         let mut sent = run.send_round(&to_send, round, quiescent);
         while let Err(e) = sent {
@@ -697,7 +275,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         std::mem::swap(&mut dirty, &mut prev_dirty);
         dirty.clear();
         let harvest_start = Instant::now();
-        if let Some(t) = run.m.tracker.as_mut() {
+        if let Some(t) = run.migration.tracker.as_mut() {
             t.harvest(&mem, &mut dirty)?;
         }
         let harvest_s = harvest_start.elapsed().as_secs_f64();
@@ -733,7 +311,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         }
         // Audit a sample of the clean pages; any that differ from what was sent
         // are re-sent now (and confirmed as misses, or not, by the next harvest).
-        if run.m.tracker.is_some() {
+        if run.migration.tracker.is_some() {
             for &p in run
                 .audit
                 .sample(&mem, &run.shared.sent, &owed, sent_pages)?
@@ -777,7 +355,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         run.emit(Event::RoundFinished(stats.clone()));
         run.progress_after_round(round, sent_pages, owed_count);
         run.history.push(stats);
-        let mut decision = if run.m.tracker.is_none() {
+        let mut decision = if run.migration.tracker.is_none() {
             Decision::Brownout("the VM is stopped: one pass is complete".into())
         } else {
             decide(
@@ -794,7 +372,10 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         round += 1;
         // Before pausing, let the destination apply what is in flight (the VM
         // runs meanwhile); then the policy decides again on what is owed now.
-        if matches!(decision, Decision::Brownout(_)) && run.drains && run.m.tracker.is_some() {
+        if matches!(decision, Decision::Brownout(_))
+            && run.drains
+            && run.migration.tracker.is_some()
+        {
             match run.drain(round - 1) {
                 Ok(answer) => {
                     let dirtied = run.drained(round - 1, &answer);
@@ -840,7 +421,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
         match decision {
             Decision::Continue => {}
             Decision::Throttle(p) => {
-                run.m.vm.throttle(p).map_err(MigrationError::Vm)?;
+                run.migration.vm.throttle(p).map_err(MigrationError::Vm)?;
                 run.throttle = p;
                 run.throttle_max = run.throttle_max.max(p);
                 run.emit(Event::Throttled { percent: p });
@@ -892,7 +473,7 @@ fn precopy(run: &mut Run<'_>) -> Result<MigrationReport, MigrationError> {
 /// seconds the destination is known to be behind. Returns the decision and the
 /// prediction (seconds) it judged.
 fn decide(
-    run: &mut Run<'_>,
+    run: &mut PrecopyRun<'_>,
     rounds: u32,
     precopy_start: Instant,
     owed_pages: u64,
@@ -916,7 +497,7 @@ fn decide(
         predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
         prediction_margin: margin,
     };
-    (run.m.policy.decide(&snap), predicted)
+    (run.migration.policy.decide(&snap), predicted)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! docs/PROTOCOL.md, "Resumption").
 //!
 //! The VM keeps running and the tracker keeps tracking. The round loop's
-//! [`Run::resume`] stops the workers and the heartbeat, reconnects through the
+//! [`PrecopyRun::resume`] stops the workers and the heartbeat, reconnects through the
 //! migration's `Connector` (every listed address, in order) with exponential
 //! backoff until [`MigrationConfig::reconnect_timeout`], and sends `Resume` with a
 //! fresh round number. The destination answers which pages it holds from the
@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use super::control::{ControlLink, Heartbeat};
-use super::precopy::{Run, Workers};
+use super::run::{PrecopyRun, Workers};
 use super::{setup, CancelToken, MigrationError};
 use crate::memory::PageSet;
 use crate::stats::Event;
@@ -94,7 +94,7 @@ impl Retry {
     }
 }
 
-impl Run<'_> {
+impl PrecopyRun<'_> {
     /// Whether the round loop may resume after `e`.
     pub(crate) fn may_resume(&self, e: &MigrationError) -> bool {
         self.resumable && self.deadline.is_none() && is_lost_connection(e)
@@ -123,25 +123,31 @@ impl Run<'_> {
         self.link = None;
         self.stop_workers(true, Instant::now())?;
         let round = cut_round + 1;
-        let mut retry = Retry::new(self.m.config.reconnect_timeout);
+        let mut retry = Retry::new(self.migration.config.reconnect_timeout);
         let mut last = None;
         let back = loop {
-            if self.m.cancel.is_cancelled() {
+            if self.migration.cancel.is_cancelled() {
                 return Err(MigrationError::Cancelled);
             }
             let Some(left) = retry.left() else {
                 return Err(retry.failed(cause, last));
             };
             retry.attempts += 1;
-            let reply = left.min(self.m.config.peer_timeout);
-            match setup::reconnect(self.m, self.connector, self.session_id, round, reply) {
+            let reply = left.min(self.migration.config.peer_timeout);
+            match setup::reconnect(
+                self.migration,
+                self.connector,
+                self.session_id,
+                round,
+                reply,
+            ) {
                 Ok(back) => break back,
                 Err(e) if is_lost_connection(&e) => last = Some(e),
                 // Refused (the destination no longer holds the session) or a
                 // broken protocol: no point in trying again.
                 Err(e) => return Err(retry.failed(cause, Some(e))),
             }
-            retry.back_off(&self.m.cancel);
+            retry.back_off(&self.migration.cancel);
         };
         let attempts = retry.attempts;
         let held = self.resend_set(back.complete_rounds, &back.held, to_send);
@@ -155,15 +161,15 @@ impl Run<'_> {
         self.handles = workers.handles;
         self.shutdowns = workers.shutdowns;
         let interval = self
-            .m
+            .migration
             .config
             .heartbeat_interval
-            .min(self.m.config.peer_timeout / 4)
+            .min(self.migration.config.peer_timeout / 4)
             .max(Duration::from_millis(1));
         self.heartbeat = Some(Heartbeat::start(
             ControlLink::new(back.control.into_stream()),
             interval,
-            self.m.config.peer_timeout,
+            self.migration.config.peer_timeout,
         ));
         self.reconnects += 1;
         self.resent_pages += resent;

@@ -1,4 +1,8 @@
 //! Applying batch frames to destination memory (one thread per page stream).
+//!
+//! Why over 600 lines: applying a batch writes into destination memory through
+//! `unsafe`, and its safety argument (page claims per round, stamps, the round gate)
+//! is kept in the same file as every write it covers.
 
 use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

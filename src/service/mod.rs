@@ -1,6 +1,11 @@
 //! The destination as a service: one listener for many migrations
 //! (`livemig recv --serve`), one after another and at once.
 //!
+//! Why over 600 lines: the listener, the opening exchange's routing (new session,
+//! resume, setup restart, outcome query) and the session tasks share one state
+//! (`ServiceState`) and one shutdown; the opening frame and the queue are already
+//! their own modules.
+//!
 //! ```text
 //!  listener ──accept──▶ connection task (tokio)
 //!                        │ first frame, under a deadline and a 4 KiB bound
@@ -361,7 +366,7 @@ impl Service {
                 stop.send_replace(true);
             });
         }
-        let sh = Arc::new(Shared {
+        let sh = Arc::new(ServiceState {
             slots: Arc::new(Semaphore::new(self.config.max_sessions)),
             config: self.config,
             handler,
@@ -461,7 +466,7 @@ impl Counts {
     }
 }
 
-struct Shared {
+struct ServiceState {
     config: ServiceConfig,
     handler: Arc<dyn SessionHandler>,
     routes: Arc<Routes>,
@@ -477,7 +482,7 @@ struct Shared {
     counts: Counts,
 }
 
-impl Shared {
+impl ServiceState {
     fn at_ms(&self) -> f64 {
         self.t0.elapsed().as_secs_f64() * 1e3
     }
@@ -627,7 +632,7 @@ async fn tls_accept(
 }
 
 /// One accepted connection: the TLS handshake if configured, then its first frame.
-async fn connection(sh: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
+async fn connection(sh: Arc<ServiceState>, sock: TcpStream, peer: SocketAddr) {
     let _ = sock.set_nodelay(true);
     let limit = sh.config.opening_timeout;
     match sh.config.tls.clone() {
@@ -646,7 +651,7 @@ async fn connection(sh: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
 }
 
 /// Read a connection's first frame within `limit`, then open a session or join one.
-async fn opened(sh: Arc<Shared>, mut sock: impl Conn, peer: SocketAddr, limit: Duration) {
+async fn opened(sh: Arc<ServiceState>, mut sock: impl Conn, peer: SocketAddr, limit: Duration) {
     let opening = match read_opening(&mut sock, limit).await {
         Ok(o) => o,
         Err(e) => return sh.stray(peer.to_string(), e.to_string()),
@@ -690,7 +695,7 @@ async fn opened(sh: Arc<Shared>, mut sock: impl Conn, peer: SocketAddr, limit: D
 
 /// A hello: queue for a slot, then run the session's receiver on its own thread.
 /// Hand `sock`, its first frame `bytes` replayed, to the session with `token`.
-fn route(sh: &Shared, sock: impl Conn, token: &Token, bytes: Vec<u8>) -> Result<(), String> {
+fn route(sh: &ServiceState, sock: impl Conn, token: &Token, bytes: Vec<u8>) -> Result<(), String> {
     let s = sock
         .into_blocking(sh.config.peer_timeout)
         .map_err(|e| e.to_string())?;
@@ -700,7 +705,7 @@ fn route(sh: &Shared, sock: impl Conn, token: &Token, bytes: Vec<u8>) -> Result<
 }
 
 async fn session(
-    sh: Arc<Shared>,
+    sh: Arc<ServiceState>,
     mut sock: impl Conn,
     token: Token,
     streams: u16,
@@ -800,7 +805,7 @@ async fn session(
 
 /// The session thread: the blocking receiver, then the report.
 fn run_session(
-    sh: Arc<Shared>,
+    sh: Arc<ServiceState>,
     token: Token,
     acceptor: SessionAcceptor,
     permit: OwnedSemaphorePermit,

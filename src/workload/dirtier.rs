@@ -57,7 +57,7 @@ impl Default for DirtierConfig {
 }
 
 #[derive(Debug)]
-struct Ctl {
+struct DirtierState {
     stop: AtomicBool,
     pause: AtomicBool,
     paused_threads: AtomicUsize,
@@ -68,7 +68,7 @@ struct Ctl {
 /// Running dirtier threads.
 #[derive(Debug)]
 pub struct Dirtier {
-    ctl: Arc<Ctl>,
+    ctl: Arc<DirtierState>,
     threads: Vec<JoinHandle<()>>,
     n: usize,
 }
@@ -80,7 +80,7 @@ impl Dirtier {
         bitmap: Option<Arc<DirtyBitmap>>,
         cfg: DirtierConfig,
     ) -> Self {
-        let ctl = Arc::new(Ctl {
+        let ctl = Arc::new(DirtierState {
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),
             paused_threads: AtomicUsize::new(0),
@@ -140,7 +140,7 @@ impl Drop for Dirtier {
 /// [`VmControl`] for a [`Dirtier`].
 #[derive(Debug, Clone)]
 pub struct DirtierControl {
-    ctl: Arc<Ctl>,
+    ctl: Arc<DirtierState>,
     n: usize,
 }
 
@@ -182,7 +182,7 @@ fn run(
     mem: &GuestMemory,
     bitmap: Option<&DirtyBitmap>,
     cfg: &DirtierConfig,
-    ctl: &Ctl,
+    ctl: &DirtierState,
 ) {
     let total = mem.total_pages();
     let hot_pages = (cfg.hot_set_bytes / PAGE_SIZE as u64).clamp(1, total);

@@ -44,7 +44,7 @@ fn os(op: &'static str) -> impl FnOnce(io::Error) -> TrackError {
 
 /// State shared with the handler thread.
 #[derive(Debug)]
-struct Shared {
+struct HandlerState {
     uffd: Uffd,
     stop: EventFd,
     spans: Vec<Span>,
@@ -56,7 +56,7 @@ struct Shared {
     error: Mutex<Option<io::Error>>,
 }
 
-impl Shared {
+impl HandlerState {
     fn gate(&self) -> MutexGuard<'_, ()> {
         self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -69,7 +69,7 @@ impl Shared {
 /// An armed sync-WP tracker.
 #[derive(Debug)]
 pub(super) struct SyncWp {
-    shared: Arc<Shared>,
+    shared: Arc<HandlerState>,
     thread: Option<JoinHandle<()>>,
     registered: usize,
     scratch: PageSet,
@@ -93,7 +93,7 @@ impl SyncWp {
             .map(|s| s.first_page + s.pages())
             .max()
             .unwrap_or(0);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(HandlerState {
             uffd,
             stop,
             spans,
@@ -221,7 +221,7 @@ impl Drop for SyncWp {
 }
 
 /// The fault-handler loop: runs until the stop eventfd fires.
-fn handler(sh: &Shared) {
+fn handler(sh: &HandlerState) {
     let mut msgs = [UffdMsg::default(); MSG_BATCH];
     let mut pages: Vec<u64> = Vec::with_capacity(MSG_BATCH);
     let page_mask = !(PAGE_SIZE as u64 - 1);
@@ -288,7 +288,7 @@ fn handler(sh: &Shared) {
 /// The handler cannot continue: drop the protection so that no writer blocks
 /// forever, and mark everything dirty so no write goes unreported. The recorded
 /// error surfaces at the next harvest.
-fn bail_out(sh: &Shared) {
+fn bail_out(sh: &HandlerState) {
     let _gate = sh.gate();
     for s in &sh.spans {
         let _ = sh.uffd.unregister(s.start, s.len);
