@@ -407,12 +407,7 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
                     };
                 }
                 Err(e) if run.may_resume(&e) => {
-                    let mut resend = PageSet::new(pages);
-                    round = run.resume(round - 1, e, &mut resend)?;
-                    to_send.clear();
-                    to_send.union_with(&owed);
-                    to_send.union_with(&resend);
-                    deferred.clear();
+                    round = resume_owed(run, round - 1, e, &owed, &mut to_send, &mut deferred)?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -434,12 +429,7 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
                     if !run.may_resume(&e) {
                         return Err(e);
                     }
-                    let mut resend = PageSet::new(pages);
-                    round = run.resume(round - 1, e, &mut resend)?;
-                    to_send.clear();
-                    to_send.union_with(&owed);
-                    to_send.union_with(&resend);
-                    deferred.clear();
+                    round = resume_owed(run, round - 1, e, &owed, &mut to_send, &mut deferred)?;
                     continue;
                 }
                 // Every deferred page is in `owed`: the final round sends it.
@@ -454,12 +444,7 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
                     Err(e)
                         if run.may_resume(&e) && !matches!(e, MigrationError::TimedOut { .. }) =>
                     {
-                        let mut resend = PageSet::new(pages);
-                        round = run.resume(round, e, &mut resend)?;
-                        to_send.clear();
-                        to_send.union_with(&owed);
-                        to_send.union_with(&resend);
-                        deferred.clear();
+                        round = resume_owed(run, round, e, &owed, &mut to_send, &mut deferred)?;
                     }
                     r => return r,
                 }
@@ -467,6 +452,26 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
             Decision::Abort(reason) => return Err(MigrationError::PolicyAbort(reason)),
         }
     }
+}
+
+/// Resume after a broken connection (rounds up to `last_round` were sent): the
+/// next round sends what is owed plus what the destination lacks, and nothing is
+/// deferred. Returns the round to go on with.
+fn resume_owed(
+    run: &mut PrecopyRun<'_>,
+    last_round: u32,
+    e: MigrationError,
+    owed: &PageSet,
+    to_send: &mut PageSet,
+    deferred: &mut PageSet,
+) -> Result<u32, MigrationError> {
+    let mut resend = PageSet::new(owed.capacity());
+    let round = run.resume(last_round, e, &mut resend)?;
+    to_send.clear();
+    to_send.union_with(owed);
+    to_send.union_with(&resend);
+    deferred.clear();
+    Ok(round)
 }
 
 /// Ask the policy, with the model's prediction for `owed_pages` plus `behind_s`
