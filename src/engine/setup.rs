@@ -224,22 +224,7 @@ fn attempt(
             let has = |cap: &str| capabilities.iter().any(|c| c == cap);
             (has("resume"), has("drain"))
         }
-        ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused {
-                code,
-                message: message.into(),
-            })
-        }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
-        other => {
-            return Err(MigrationError::Protocol {
-                phase: "handshake",
-                violation: ProtocolViolation::Unexpected {
-                    expected: "welcome or refuse",
-                    got: other.name(),
-                },
-            })
-        }
+        other => return Err(unexpected_answer(other, "handshake", "welcome or refuse")),
     };
 
     // Setup: layout + compat + opaque config + each participant's setup info.
@@ -264,12 +249,6 @@ fn attempt(
         .map_err(transport_error("setup"))?;
     match control.control().map_err(transport_error("setup"))?.0 {
         ControlMsg::SetupOk => {}
-        ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused {
-                code,
-                message: message.into(),
-            })
-        }
         ControlMsg::Veto {
             participant,
             reason,
@@ -279,15 +258,12 @@ fn attempt(
                 reason,
             )))
         }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
         other => {
-            return Err(MigrationError::Protocol {
-                phase: "setup",
-                violation: ProtocolViolation::Unexpected {
-                    expected: "setup-ok, refuse or veto",
-                    got: other.name(),
-                },
-            })
+            return Err(unexpected_answer(
+                other,
+                "setup",
+                "setup-ok, refuse or veto",
+            ))
         }
     }
 
@@ -380,22 +356,7 @@ pub fn reconnect(
                     })?;
             (complete_rounds, held)
         }
-        ControlMsg::Refuse { code, message } => {
-            return Err(MigrationError::Refused {
-                code,
-                message: message.into(),
-            })
-        }
-        ControlMsg::Error { message } => return Err(MigrationError::Remote(message.into())),
-        other => {
-            return Err(MigrationError::Protocol {
-                phase: PHASE,
-                violation: ProtocolViolation::Unexpected {
-                    expected: "resumed or refuse",
-                    got: other.name(),
-                },
-            })
-        }
+        other => return Err(unexpected_answer(other, PHASE, "resumed or refuse")),
     };
     let pages = open_page_streams(m, connector, session)?;
     Ok(Reconnected {
@@ -404,4 +365,27 @@ pub fn reconnect(
         complete_rounds,
         held,
     })
+}
+
+/// The error for an answer other than the one expected: the destination's
+/// refusal or error as it sent it, or a protocol violation naming what came.
+fn unexpected_answer(
+    msg: ControlMsg,
+    phase: &'static str,
+    expected: &'static str,
+) -> MigrationError {
+    match msg {
+        ControlMsg::Refuse { code, message } => MigrationError::Refused {
+            code,
+            message: message.into(),
+        },
+        ControlMsg::Error { message } => MigrationError::Remote(message.into()),
+        other => MigrationError::Protocol {
+            phase,
+            violation: ProtocolViolation::Unexpected {
+                expected,
+                got: other.name(),
+            },
+        },
+    }
 }

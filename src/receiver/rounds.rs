@@ -98,15 +98,7 @@ impl Receiver {
             match control.control_capped(&self.config.rounds_caps()) {
                 Ok((ControlMsg::Heartbeat { seq }, _)) => {
                     if let Err(e) = super::handoff::answer_heartbeat(control, seq) {
-                        let resumable = e.is_link_loss();
-                        appliers.fail();
-                        return Err(RoundsFailed {
-                            error: ReceiveError::Transport {
-                                phase: PHASE,
-                                source: e,
-                            },
-                            resumable,
-                        });
+                        return Err(appliers.control_write_failed(PHASE, e));
                     }
                 }
                 // A break before `Commit` resumes even after `Brownout`: the source
@@ -125,15 +117,7 @@ impl Receiver {
                         waited_us: t.elapsed().as_micros() as u64,
                     };
                     if let Err(e) = control.send_control(&answer, &[]) {
-                        let resumable = e.is_link_loss();
-                        appliers.fail();
-                        return Err(RoundsFailed {
-                            error: ReceiveError::Transport {
-                                phase: PHASE,
-                                source: e,
-                            },
-                            resumable,
-                        });
+                        return Err(appliers.control_write_failed(PHASE, e));
                     }
                 }
                 Ok((ControlMsg::DeviceState, blob)) => device_state = Some(blob),
@@ -298,6 +282,21 @@ impl Appliers {
     /// Stop the session's page streams, wait for every applier to stop, and
     /// return the first page error recorded (a `Stopped` one if no stream had
     /// failed before).
+    /// A write on the control stream failed: stop the appliers; the session may
+    /// resume when the link was lost.
+    fn control_write_failed(
+        self,
+        phase: &'static str,
+        e: crate::transport::TransportError,
+    ) -> RoundsFailed {
+        let resumable = e.is_link_loss();
+        self.fail();
+        RoundsFailed {
+            error: ReceiveError::Transport { phase, source: e },
+            resumable,
+        }
+    }
+
     fn fail(self) -> Option<PageError> {
         self.shared.stop();
         let shared = self.shared.clone();
