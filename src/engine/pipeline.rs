@@ -34,9 +34,15 @@ use crate::transport::framed::FrameWriter;
 use crate::wire::frame::RoundEnd;
 use crate::wire::FrameKind;
 
-/// Queue depth between the round loop and the workers, in batches. Two per worker
-/// keeps every worker busy while bounding memory to a few MiB.
-pub const QUEUE_DEPTH_PER_WORKER: usize = 2;
+/// Queue depth between the round loop and the workers, in batches. A queued batch
+/// is a list of page ranges, not data, so depth costs no memory; what it buys is
+/// slack for the round loop's thread, which on a busy host waits for a core while
+/// the workers run. A worker sends a 1 MiB batch in about 0.2-0.4 ms here, and a
+/// runnable thread can wait several ms for a core (the scheduler's latency
+/// period), so sixteen batches per worker ride that out. Two per worker left the
+/// workers waiting on the queue: 15 % of both cores idle during a loopback
+/// `send`/`recv`, against 2 % with sixteen (docs/BENCHMARKS.md, the page queue).
+pub const QUEUE_DEPTH_PER_WORKER: usize = 16;
 /// Bytes each compressor sees once before `auto` mode's first probe.
 const PROBE_WARMUP_BYTES: usize = 16 * 1024;
 
