@@ -25,6 +25,10 @@ pub(crate) struct DrainAnswer {
     pub applied: bool,
     /// How long the source waited, from sending `Drain` to the answer.
     pub waited: Duration,
+    /// The round trip itself: `waited` less the destination's own wait for its
+    /// rounds (what it reported), i.e. the time both sides' threads took to pass
+    /// the question and the answer on this host right now.
+    pub round_trip: Duration,
 }
 
 /// How long one read waits before the cancel flag is looked at again.
@@ -66,14 +70,18 @@ impl PrecopyRun<'_> {
                 Ok(Some((ControlMsg::Heartbeat { .. }, _))) => {}
                 Ok(Some((
                     ControlMsg::Drained {
-                        round: r, applied, ..
+                        round: r,
+                        applied,
+                        waited_us,
                     },
                     _,
                 ))) if r == round => {
+                    let waited = t.elapsed();
                     return Ok(DrainAnswer {
                         applied,
-                        waited: t.elapsed(),
-                    })
+                        waited,
+                        round_trip: waited.saturating_sub(Duration::from_micros(waited_us)),
+                    });
                 }
                 Ok(Some((ControlMsg::Error { message }, _))) => {
                     return Err(MigrationError::Remote(message.into()))

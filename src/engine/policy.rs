@@ -37,6 +37,10 @@ pub struct PolicySnapshot<'a> {
     pub predicted_downtime_raw: Duration,
     /// The margin (≥ 1) the model's own recent error calls for on this host.
     pub prediction_margin: f64,
+    /// Whether that margin was measured on this migration's own rounds; false while
+    /// it is still the prior (fewer than two rounds after round 0 moved enough
+    /// pages to be judged).
+    pub margin_measured: bool,
     /// Per-round history.
     pub history: &'a [crate::stats::RoundStats],
     /// Current throttle (percent).
@@ -170,6 +174,12 @@ pub enum OnLimit {
     ForceBrownout,
 }
 
+/// Owed pages below which a brownout may rest on the prior margin: a round this
+/// small times the round's fixed gate, not the pages, so it could not measure the
+/// margin anyway (the estimator ignores such rounds' error), and its final pages
+/// take well under a millisecond.
+pub const MEASURED_ROUND_PAGES: u64 = crate::stats::estimator::Calibration::MARGIN_MIN_PAGES;
+
 /// QEMU's cpu-throttle progression, capped at 95 % like `cpu-throttle-tailslow`.
 pub const DEFAULT_THROTTLE_STEPS: [u8; 5] = [20, 40, 60, 80, 95];
 
@@ -194,6 +204,11 @@ pub struct DowntimePolicy {
     pub min_improvement: f64,
     /// See [`ConvergencePolicy::hot_page_rounds`].
     pub hot_page_rounds: u32,
+    /// Run more rounds, while the limits allow, before pausing on a prediction
+    /// whose margin is still the prior rather than measured (see
+    /// [`PolicySnapshot::margin_measured`]), unless fewer than
+    /// [`MEASURED_ROUND_PAGES`] pages are owed.
+    pub measure_first: bool,
     /// Progress bookkeeping across rounds (starts empty; see [`PolicyProgress`]).
     pub progress: PolicyProgress,
 }
@@ -218,6 +233,7 @@ impl Default for DowntimePolicy {
             stall_rounds: 3,
             min_improvement: 0.10,
             hot_page_rounds: 3,
+            measure_first: true,
             progress: PolicyProgress::default(),
         }
     }
@@ -261,6 +277,18 @@ impl ConvergencePolicy for DowntimePolicy {
 
     fn decide(&mut self, s: &PolicySnapshot<'_>) -> Decision {
         let pred = s.predicted_downtime;
+        let within_limits = s.rounds < self.max_rounds && s.elapsed < self.max_time;
+        if pred <= self.target
+            && self.measure_first
+            && !s.margin_measured
+            && s.remaining_pages >= MEASURED_ROUND_PAGES
+            && within_limits
+        {
+            // Within the target only by the prior margin: how fast this host runs
+            // now is a guess until rounds like the final one were timed. Another
+            // round measures it (and sends what is owed, so the final set shrinks).
+            return Decision::Continue;
+        }
         if pred <= self.target {
             return Decision::Brownout(format!(
                 "converged: predicted downtime {:.1} ms ({:.1} ms, margin {:.2}) within target {} ms",
@@ -355,6 +383,7 @@ mod tests {
             deferred_pages: 0,
             predicted_downtime_raw: Duration::from_millis(ms),
             prediction_margin: 1.0,
+            margin_measured: true,
         }
     }
 
@@ -365,6 +394,44 @@ mod tests {
             dirty_after,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_prediction_on_the_prior_margin_runs_another_round_first() {
+        let mut p = DowntimePolicy {
+            max_rounds: 5,
+            ..Default::default()
+        };
+        let unmeasured = |rounds, pages| PolicySnapshot {
+            margin_measured: false,
+            remaining_pages: pages,
+            prediction_margin: 1.5,
+            ..snap(rounds, 10, 0, &[])
+        };
+        assert_eq!(p.decide(&unmeasured(1, 5000)), Decision::Continue);
+        // A handful of pages cannot measure the margin, nor cost the target.
+        assert!(matches!(
+            p.decide(&unmeasured(2, MEASURED_ROUND_PAGES - 1)),
+            Decision::Brownout(r) if r.starts_with("converged")
+        ));
+        // At the round limit the prediction is all there is.
+        assert!(matches!(
+            p.decide(&unmeasured(5, 5000)),
+            Decision::Brownout(r) if r.starts_with("converged")
+        ));
+        // Measured, or turned off: within the target is enough.
+        assert!(matches!(
+            p.decide(&PolicySnapshot {
+                margin_measured: true,
+                ..unmeasured(2, 5000)
+            }),
+            Decision::Brownout(_)
+        ));
+        p.measure_first = false;
+        assert!(matches!(
+            p.decide(&unmeasured(2, 5000)),
+            Decision::Brownout(_)
+        ));
     }
 
     #[test]

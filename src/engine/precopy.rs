@@ -379,6 +379,9 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
             match run.drain(round - 1) {
                 Ok(answer) => {
                     let dirtied = run.drained(round - 1, &answer);
+                    run.est
+                        .fixed
+                        .observe_round_trip(answer.round_trip.as_secs_f64());
                     // Still behind: its backlog is at least what it waited.
                     let behind = if answer.applied {
                         0.0
@@ -501,6 +504,7 @@ fn decide(
         deferred_pages,
         predicted_downtime_raw: Duration::from_secs_f64(raw.total()),
         prediction_margin: margin,
+        margin_measured: run.est.margin_measured(),
     };
     (run.migration.policy.decide(&snap), predicted)
 }

@@ -6,16 +6,18 @@
 //! |---|---|
 //! | pause | `FixedCosts::pause_s` (default 0.5 ms: the dirtier/vCPU stop handshake) |
 //! | final harvest | median pre-copy harvest time (+ full rescan if `verify=full`) |
-//! | final pages | `(bytes + min(bytes, DRAIN_BYTES)) ÷ final_bandwidth + round_overhead` |
+//! | final pages | `(bytes + min(bytes, DRAIN_BYTES)) ÷ final_bandwidth + final_round_overhead` |
 //! | device state | `FixedCosts::device_state_s` (participants/config give it) |
 //! | digest | reading the running digest: a fixed 20 µs (`digest_s`) |
 //! | commit | handshake RTT + destination verify (the same read and compare) + drain slack |
+//! | handoffs | twice the drain's round trip, measured just before the pause (pause and final gate) |
 //!
 //! `final_bandwidth` is the EWMA of the rounds after round 0 when there are any:
 //! round 0 runs into the destination's first-touch page faults and is slower than
 //! the small, cache-warm rounds that follow; the final round resembles the latter.
-//! `round_overhead` covers the end-of-round gate (RoundEnd frames + barrier) and the
-//! worker shutdown, which a tiny final round still pays.
+//! `final_round_overhead` covers the end-of-round gate (RoundEnd frames + barrier),
+//! the worker shutdown and the paused side's bookkeeping, which a final round with
+//! no page at all still pays.
 //!
 //! **The model checks itself.** Before each pre-copy round after round 0 the loop
 //! asks for the time that round's pages should take ([`Estimator::expect_round`]);
@@ -24,7 +26,11 @@
 //! 1, and [`Estimator::margin`] turns the recent ratios into a factor applied to the
 //! time-dependent terms (final harvest and final pages). The policy judges the
 //! prediction *with* its margin ([`Prediction::with_margin`]). Until two rounds have
-//! been measured the margin is [`Calibration::PRIOR_MARGIN`].
+//! been measured the margin is [`Calibration::PRIOR_MARGIN`]; the first round after
+//! round 0 is reported but not kept (its prediction rests on round 0's sequential
+//! sweep, and the bandwidth it measures corrects that from then on). The default
+//! policy does not pause the VM on the prior margin while a round could still
+//! measure it ([`crate::engine::DowntimePolicy::measure_first`]).
 //!
 //! Every machine-specific constant of the model lives in [`Calibration`].
 
@@ -51,8 +57,13 @@ impl Calibration {
     pub const MAX_RTT_S: f64 = 0.010;
     /// Pausing the VM (the dirtier/vCPU stop handshake).
     pub const PAUSE_S: f64 = 0.0005;
-    /// Gating / finishing one round (RoundEnd frames, barrier, worker shutdown).
+    /// Gating one pre-copy round (RoundEnd frames, barrier).
     pub const ROUND_OVERHEAD_S: f64 = 0.001;
+    /// The final round's own cost with no page to send: its gate, the workers'
+    /// shutdown and the paused-side bookkeeping. Measured as `final_pages_ms` of
+    /// rate-0 brownouts (`bench --memory 2G --dirty-rate 0`): 2.17-2.33 ms, on an idle
+    /// host and with one core kept busy alike.
+    pub const FINAL_ROUND_OVERHEAD_S: f64 = 0.0022;
     /// Slack for the destination draining its last frames and joining its workers.
     pub const DRAIN_S: f64 = 0.001;
     /// Margin before the model has measured its own error: a final round on this
@@ -116,6 +127,12 @@ pub struct FixedCosts {
     pub rescan_s: f64,
     /// Slack for the destination draining its last frames and joining its workers.
     pub drain_s: f64,
+    /// A round trip through both sides' threads as the host runs them now: the
+    /// drain's, measured just before the pause (0 until then). The pause (the vCPU
+    /// threads' stop handshake) and the final round's gate each wait for threads
+    /// to be scheduled as that round trip did: on a host with a core taken by
+    /// another process, 2.5-3.9 ms for the pause alone, against 0.1 ms idle.
+    pub handoff_s: f64,
 }
 
 impl Default for FixedCosts {
@@ -128,6 +145,7 @@ impl Default for FixedCosts {
             device_state_s: 0.0,
             rescan_s: 0.0,
             drain_s: Calibration::DRAIN_S,
+            handoff_s: 0.0,
         }
     }
 }
@@ -151,9 +169,21 @@ impl FixedCosts {
         }
     }
 
+    /// Take in a control round trip measured just before the pause (the drain's,
+    /// the destination's own wait taken out): the pause and the final gate cost one
+    /// each, and the commit's round trip is at least as slow. Capped at
+    /// [`Calibration::MAX_RTT_S`] like the handshake's.
+    pub fn observe_round_trip(&mut self, secs: f64) {
+        if secs.is_finite() && secs >= 0.0 {
+            self.handoff_s = secs.min(Calibration::MAX_RTT_S);
+            self.rtt_s = self.rtt_s.max(self.handoff_s);
+        }
+    }
+
     /// Sum of the fixed terms.
     pub fn total(&self) -> f64 {
         self.pause_s
+            + 2.0 * self.handoff_s
             + self.rtt_s
             + self.digest_s
             + self.dest_verify_s
@@ -205,14 +235,17 @@ pub struct Estimator {
     /// Harvest times (s) of the pre-copy rounds; the prediction uses their median
     /// (a harvest is a fixed amount of work; outliers are scheduling noise).
     pub harvests: Vec<f64>,
-    /// Fixed cost of gating / finishing a round (s).
+    /// Fixed cost of gating a pre-copy round (s).
     pub round_overhead_s: f64,
+    /// Fixed cost of the final round (s), pages aside.
+    pub final_round_overhead_s: f64,
     /// Costs independent of the page count.
     pub fixed: FixedCosts,
     /// `actual ÷ predicted` time of recent rounds (see [`Estimator::margin`]).
     pub errors: std::collections::VecDeque<f64>,
-    /// The prediction made by [`Estimator::expect_round`] for the round under way.
-    expected_s: Option<f64>,
+    /// The prediction made by [`Estimator::expect_round`] for the round under way,
+    /// and whether it rested on round 0's bandwidth alone.
+    expected_s: Option<(f64, bool)>,
     /// `actual ÷ predicted` of the last recorded round, when it had a prediction.
     last_error: Option<f64>,
     rounds: u32,
@@ -227,6 +260,7 @@ impl Default for Estimator {
             bytes_per_page: Ewma::new(0.5),
             harvests: Vec::new(),
             round_overhead_s: Calibration::ROUND_OVERHEAD_S,
+            final_round_overhead_s: Calibration::FINAL_ROUND_OVERHEAD_S,
             fixed: FixedCosts::default(),
             errors: std::collections::VecDeque::new(),
             expected_s: None,
@@ -250,11 +284,17 @@ impl Estimator {
     ) {
         // The model's own error on this round, judged before its bandwidth enters.
         self.last_error = None;
-        if let Some(expected) = self.expected_s.take() {
+        if let Some((expected, from_round0)) = self.expected_s.take() {
             if pages >= Calibration::MARGIN_MIN_PAGES && expected > 0.0 && secs > 0.0 {
                 let ratio = secs / expected;
                 self.last_error = Some(ratio);
-                self.errors.push_back(ratio);
+                // Predicted from round 0's sequential sweep, the first dirty-page
+                // round measures how much slower scattered pages go; the bandwidth
+                // of the rounds after round 0 takes that in from now on, so keeping
+                // the ratio too would count it twice.
+                if !from_round0 {
+                    self.errors.push_back(ratio);
+                }
                 while self.errors.len() > Calibration::MARGIN_WINDOW {
                     self.errors.pop_front();
                 }
@@ -287,8 +327,11 @@ impl Estimator {
     /// the destination applied everything). Round 0 has no estimate yet.
     pub fn expect_round(&mut self, pages: u64) {
         self.expected_s = (self.rounds > 0).then(|| {
-            pages as f64 * self.bytes_per_page.get().unwrap_or(4096.0) / self.final_bandwidth()
-                + self.round_overhead_s
+            (
+                pages as f64 * self.bytes_per_page.get().unwrap_or(4096.0) / self.final_bandwidth()
+                    + self.round_overhead_s,
+                self.bandwidth.get().is_none(),
+            )
         });
     }
 
@@ -310,6 +353,12 @@ impl Estimator {
             .copied()
             .fold(1.0, f64::max)
             .min(Calibration::MAX_MARGIN)
+    }
+
+    /// Whether [`Estimator::margin`] is measured (enough rounds judged) rather
+    /// than the prior.
+    pub fn margin_measured(&self) -> bool {
+        self.errors.len() >= Calibration::MARGIN_MIN_SAMPLES
     }
 
     /// Median pre-copy harvest time (s).
@@ -346,7 +395,7 @@ impl Estimator {
                 // The destination still drains what sits in the socket buffers when
                 // the source has written its last frame (up to ~2 × 4 MiB here).
                 let drain = bytes.min(Calibration::DRAIN_BYTES);
-                (bytes + drain) / self.final_bandwidth() + self.round_overhead_s
+                (bytes + drain) / self.final_bandwidth() + self.final_round_overhead_s
             },
             fixed_s: self.fixed.total(),
         }
@@ -381,26 +430,35 @@ mod tests {
         // Round 0 sets the bandwidth: 1 GiB/s, 4 KiB per page.
         e.record_round(1 << 18, 1 << 30, 1.0, 0, 1.0, 0.0);
         assert!(e.last_error().is_none(), "round 0 has no prediction");
-        // Round 1: 1 << 16 pages predicted at 0.25 s + overhead, took twice that.
+        // Round 1 (predicted from round 0's bandwidth) took three times its
+        // prediction: reported, but its bandwidth, not its error, is what is kept.
         e.expect_round(1 << 16);
         let predicted = 0.25 + e.round_overhead_s;
-        e.record_round(1 << 16, 1 << 28, 2.0 * predicted, 0, 1.0, 0.0);
+        e.record_round(1 << 16, 1 << 28, 3.0 * predicted, 0, 1.0, 0.0);
+        assert!((e.last_error().unwrap() - 3.0).abs() < 1e-9);
+        assert!(!e.margin_measured());
+        // Round 2: 1 << 12 pages at the rounds' bandwidth, took twice the prediction.
+        e.expect_round(1 << 12);
+        let bw = e.final_bandwidth();
+        let predicted = (1u64 << 12) as f64 * 4096.0 / bw + e.round_overhead_s;
+        e.record_round(1 << 12, 1 << 24, 2.0 * predicted, 0, 1.0, 0.0);
         assert!((e.last_error().unwrap() - 2.0).abs() < 1e-9);
         assert_eq!(
             e.margin(),
             Calibration::PRIOR_MARGIN,
             "one sample is not enough"
         );
-        // Round 2 ran at the predicted speed: the worst recent error stays.
+        // Round 3 ran at the predicted speed: the worst recent error stays.
         e.expect_round(1 << 10);
         let bw = e.final_bandwidth();
         let predicted = (1u64 << 10) as f64 * 4096.0 / bw + e.round_overhead_s;
         e.record_round(1 << 10, 1 << 22, predicted, 0, 1.0, 0.0);
-        assert!((e.margin() - 2.0).abs() < 1e-9);
+        assert!(e.margin_measured());
+        assert!((e.margin() - 2.0).abs() < 1e-9, "{}", e.margin());
         // Faster than predicted never lowers the margin below 1.
         let mut f = Estimator::default();
         f.record_round(1 << 18, 1 << 30, 1.0, 0, 1.0, 0.0);
-        for _ in 0..3 {
+        for _ in 0..4 {
             f.expect_round(1 << 12);
             f.record_round(1 << 12, 1 << 24, 1e-6, 0, 1.0, 0.0);
         }
@@ -424,13 +482,26 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_round_trip_before_the_pause_raises_the_fixed_costs() {
+        let mut f = FixedCosts::calibrated(1 << 30, 0.0002, false, 0.0);
+        let before = f.total();
+        f.observe_round_trip(0.003);
+        // Pause and final gate pay it once each; the commit's round trip is as slow.
+        assert!((f.total() - (before + 2.0 * 0.003 + (0.003 - 0.0002))).abs() < 1e-12);
+        f.observe_round_trip(1.0);
+        assert_eq!(f.handoff_s, Calibration::MAX_RTT_S, "a stall is capped");
+        f.observe_round_trip(f64::NAN);
+        assert_eq!(f.handoff_s, Calibration::MAX_RTT_S, "nonsense is ignored");
+    }
+
+    #[test]
     fn prediction_adds_every_term() {
         let mut e = Estimator::default();
         e.record_round(1 << 18, 1 << 30, 1.0, 0, 1.0, 0.002);
         e.fixed.device_state_s = 0.010;
         let p = e.predict(1 << 18);
         let drain = Calibration::DRAIN_BYTES / (1u64 << 30) as f64;
-        assert!((p.pages_s - (1.0 + drain + e.round_overhead_s)).abs() < 1e-9);
+        assert!((p.pages_s - (1.0 + drain + e.final_round_overhead_s)).abs() < 1e-9);
         assert_eq!(p.harvest_s, 0.002);
         assert!((p.total() - (p.pages_s + 0.002 + e.fixed.total())).abs() < 1e-12);
         assert!(e.fixed.total() >= 0.010);
