@@ -19,11 +19,13 @@ BIN=${LIVEMIG:-target/release/livemig}
 [ -x "$BIN" ] || cargo build --release --quiet
 OUT=$(mktemp -d)
 BUSY_PID=
-trap 'rm -rf "$OUT"; [ -z "$BUSY_PID" ] || kill "$BUSY_PID" 2>/dev/null || true' EXIT
+trap 'rm -rf "$OUT"; [ -z "$BUSY_PID" ] || { kill "$BUSY_PID" 2>/dev/null; wait "$BUSY_PID" 2>/dev/null; } || true' EXIT
 # BUSY=1: keep one core busy with another process (a shell busy loop) for the
-# whole matrix, as a noisy neighbour would.
+# whole matrix, as a noisy neighbour would. The loop is a subshell of this script
+# (not a `bash -c` behind one), so the PID killed on exit is the loop itself.
+spin() { while :; do :; done; }
 if [ "${BUSY:-0}" = 1 ]; then
-  bash -c 'while :; do :; done' &
+  spin &
   BUSY_PID=$!
   echo "busy loop: pid $BUSY_PID" >&2
 fi

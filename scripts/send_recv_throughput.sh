@@ -7,6 +7,9 @@
 #   SIZE in GiB, e.g. 2G (default); RUNS default 5. The image (alternating 1 MiB of
 #   random bytes and 1 MiB of zeros, all written) is made on /dev/shm and deleted on
 #   exit. JSONL=FILE keeps the raw reports ({"label", "report"} per line).
+#   QEMU=1 also migrates the same image between two QEMU processes in every pair
+#   (scripts/qemu_migrate.py: multifd with 2 channels, the destination prepared or
+#   fresh in the same way) and prints livemig ÷ QEMU for each destination.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-2G}
@@ -57,9 +60,17 @@ PY
   echo "$label done" >&2
 }
 
+qemu() { # destination: prepared | fresh
+  python3 scripts/qemu_migrate.py "$IMG" "${SIZE%G}" "$1" 2 |
+    python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print(json.dumps({"label": "qemu " + r["destination"], "report": r}))' >>"$OUT/all.jsonl"
+  echo "qemu $1 done" >&2
+}
+
 for i in $(seq 1 "$RUNS"); do
   one "prepared" --memory "$SIZE" --prealloc
+  [ "${QEMU:-0}" != 1 ] || qemu prepared
   one "fresh"
+  [ "${QEMU:-0}" != 1 ] || qemu fresh
 done
 [ -z "${JSONL:-}" ] || cp "$OUT/all.jsonl" "$JSONL"
 python3 - "$OUT/all.jsonl" <<'PY'
@@ -72,9 +83,14 @@ print("| destination | n | verified (both sides) | send total ms (runs) | guest 
 print("|---|---|---|---|---|---|")
 for label, rs in rows.items():
     good = [r for r in rs if "error" not in r]
-    ok = len(good) == len(rs) and all(r["verified"] and r["receiver_verified"] for r in good)
+    ok = len(good) == len(rs) and all(r["verified"] and r.get("receiver_verified", True) for r in good)
     g = [r["guest_gib_per_s"] for r in good]
     print(f"| {label} | {len(rs)} | {ok} | {', '.join(str(round(r['total_ms'])) for r in good)} | "
           f"{statistics.median(g):.2f} ({min(g):.2f}–{max(g):.2f}) | "
-          f"{statistics.median(r['receiver_setup_ms'] or 0 for r in good):.1f} |")
+          f"{statistics.median(r.get('receiver_setup_ms') or r.get('setup_ms') or 0 for r in good):.1f} |")
+for dest in ("prepared", "fresh"):
+    if dest in rows and "qemu " + dest in rows:
+        ours = statistics.median(r["guest_gib_per_s"] for r in rows[dest])
+        theirs = statistics.median(r["guest_gib_per_s"] for r in rows["qemu " + dest])
+        print(f"{dest}: livemig ÷ QEMU (medians) = {ours / theirs:.2f}")
 PY
