@@ -277,19 +277,25 @@ impl ConvergencePolicy for DowntimePolicy {
 
     fn decide(&mut self, s: &PolicySnapshot<'_>) -> Decision {
         let pred = s.predicted_downtime;
-        let within_limits = s.rounds < self.max_rounds && s.elapsed < self.max_time;
-        if pred <= self.target
-            && self.measure_first
-            && !s.margin_measured
-            && s.remaining_pages >= MEASURED_ROUND_PAGES
-            && within_limits
-        {
-            // Within the target only by the prior margin: how fast this host runs
-            // now is a guess until rounds like the final one were timed. Another
-            // round measures it (and sends what is owed, so the final set shrinks).
-            return Decision::Continue;
-        }
+        let limit = if s.rounds >= self.max_rounds {
+            Some(Limit::Rounds(self.max_rounds))
+        } else if s.elapsed >= self.max_time {
+            Some(Limit::Time(self.max_time))
+        } else {
+            None
+        };
         if pred <= self.target {
+            if self.measure_first
+                && !s.margin_measured
+                && s.remaining_pages >= MEASURED_ROUND_PAGES
+                && limit.is_none()
+            {
+                // Within the target only by the prior margin: how fast this host
+                // runs now is a guess until rounds like the final one were timed.
+                // Another round measures it (and sends what is owed, so the final
+                // set shrinks).
+                return Decision::Continue;
+            }
             return Decision::Brownout(format!(
                 "converged: predicted downtime {:.1} ms ({:.1} ms, margin {:.2}) within target {} ms",
                 ms(pred),
@@ -298,13 +304,6 @@ impl ConvergencePolicy for DowntimePolicy {
                 self.target.as_millis()
             ));
         }
-        let limit = if s.rounds >= self.max_rounds {
-            Some(Limit::Rounds(self.max_rounds))
-        } else if s.elapsed >= self.max_time {
-            Some(Limit::Time(self.max_time))
-        } else {
-            None
-        };
         if let Some(limit) = limit {
             return match self.on_limit {
                 OnLimit::ForceBrownout => Decision::Brownout(format!(
