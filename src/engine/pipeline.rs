@@ -34,15 +34,13 @@ use crate::transport::framed::FrameWriter;
 use crate::wire::frame::RoundEnd;
 use crate::wire::FrameKind;
 
-/// Queue depth between the round loop and the workers, in batches. A queued batch
-/// is a list of page ranges, not data, so depth costs no memory; what it buys is
-/// slack for the round loop's thread, which on a busy host waits for a core while
-/// the workers run. A worker sends a 1 MiB batch in about 0.2-0.4 ms here, and a
-/// runnable thread can wait several ms for a core (the scheduler's latency
-/// period), so sixteen batches per worker ride that out. Two per worker left the
-/// workers waiting on the queue: 15 % of both cores idle during a loopback
-/// `send`/`recv`, against 2 % with sixteen (docs/BENCHMARKS.md, the page queue).
-pub const QUEUE_DEPTH_PER_WORKER: usize = 16;
+/// Queue depth between the round loop and the workers, in batches. Two per worker
+/// keeps every worker busy while bounding memory to a few MiB. Sixteen per worker
+/// measured 7-9 % faster on the shared 2-core machine (the round loop's thread waits
+/// for a core there), but it let one worker take most of a round before the other
+/// woke, and the tests that inject a fault into one page stream after so many bytes
+/// then saw that stream carry too little (docs/BENCHMARKS.md, 2026-12-05).
+pub const QUEUE_DEPTH_PER_WORKER: usize = 2;
 /// Bytes each compressor sees once before `auto` mode's first probe.
 const PROBE_WARMUP_BYTES: usize = 16 * 1024;
 
