@@ -144,7 +144,10 @@ fn send_recv_two_processes_over_mutual_tls() {
 #[test]
 fn send_and_recv_refuse_to_run_without_tls_or_plaintext() {
     let (image, _) = make_image();
-    let addr = format!("127.0.0.1:{}", free_port());
+    // The address is held by this test: the flags are checked before `recv` binds
+    // (or `send` connects), so the refusal names them and not the busy port.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
     for args in [
         vec!["recv", "--listen", &addr],
         vec!["recv", "--serve", "--listen", &addr],

@@ -541,8 +541,25 @@ impl Stream for Tee {
     livemig::forward_stream!(inner);
 }
 
-/// A free loopback TCP port (bind :0, read the port, drop the listener).
+/// A loopback TCP port that was free when picked, for a child process to listen on.
+///
+/// Picked below Linux's ephemeral range (32768–60999 by default): a port from
+/// `bind(:0)` comes from that range, where every outgoing connection of the
+/// tests running alongside takes its source port, so one of them could take it
+/// before the child binds. Each process starts at its own offset and each call
+/// moves on, so parallel tests do not pick the same port.
 pub fn free_port() -> u16 {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (LOW + (base + step.wrapping_mul(7)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")

@@ -1039,6 +1039,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
     };
     // Sampled from before guest memory exists: with --prealloc (the whole guest
     // resident), peak − guest size is what the receiver costs beyond the guest.
+    let identity = a.tls.recv_identity(a.plaintext)?;
     let rss = livemig::stats::rss::AnonRssSampler::start(Duration::from_millis(5));
     let mut receiver = Receiver::new();
     if let Some(bytes) = a.memory {
@@ -1059,7 +1060,7 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .peer_timeout(a.peer_timeout);
     let local = tcp.local_addr().map_err(|e| e.to_string())?;
-    let (acceptor, tls) = a.tls.acceptor(tcp, a.plaintext)?;
+    let (acceptor, tls) = a.tls.acceptor(tcp, identity)?;
     if !a.json {
         eprintln!(
             "listening on {local} ({})",

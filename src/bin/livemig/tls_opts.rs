@@ -90,13 +90,21 @@ impl TlsOpts {
         Ok((Box::new(c), true))
     }
 
-    /// The destination's acceptor over `tcp`; the bool says TLS is on.
+    /// The destination's identity, `None` for `--plaintext`: checked before `recv`
+    /// allocates memory or binds its port, so a refusal costs nothing and names
+    /// the flags, whatever else would have failed.
+    pub fn recv_identity(&self, plaintext: bool) -> Result<Option<TlsIdentity>, String> {
+        self.required(plaintext, "recv")
+    }
+
+    /// The destination's acceptor over `tcp` with the identity from
+    /// [`Self::recv_identity`]; the bool says TLS is on.
     pub fn acceptor(
         &self,
         tcp: TcpAcceptor,
-        plaintext: bool,
+        identity: Option<TlsIdentity>,
     ) -> Result<(Box<dyn Acceptor>, bool), String> {
-        let Some(id) = self.required(plaintext, "recv")? else {
+        let Some(id) = identity else {
             return Ok((Box::new(tcp), false));
         };
         let a =
