@@ -30,6 +30,7 @@ pub struct SendGate {
     n: usize,
     state: Mutex<State>,
     cv: Condvar,
+    poll: Duration,
 }
 
 /// How often a waiting round loop looks at its stop condition and progress.
@@ -45,6 +46,16 @@ impl SendGate {
                 aborted: false,
             }),
             cv: Condvar::new(),
+            poll: POLL,
+        }
+    }
+
+    /// A gate that looks at its stop condition every `poll` (tests).
+    #[cfg(test)]
+    fn with_poll(n: usize, poll: Duration) -> Self {
+        Self {
+            poll,
+            ..Self::new(n)
         }
     }
 
@@ -85,12 +96,23 @@ impl SendGate {
         let mut s = self.lock();
         let mut last = (progress(), s.arrived, Instant::now());
         loop {
+            // Checked under the lock right before each wait: a worker arriving
+            // while the lock was let go (for `stop` and `progress`) is seen here,
+            // not missed until the next poll.
             if s.aborted {
                 return Err(GateError::Aborted);
             }
             if s.arrived >= self.n {
                 s.arrived = 0;
                 return Ok(());
+            }
+            s = self
+                .cv
+                .wait_timeout(s, self.poll)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if s.aborted || s.arrived >= self.n {
+                continue;
             }
             drop(s);
             if stop() {
@@ -103,11 +125,6 @@ impl SendGate {
             } else if last.2.elapsed() >= stall {
                 return Err(GateError::Stalled(stall));
             }
-            s = self
-                .cv
-                .wait_timeout(s, POLL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
     }
 }
@@ -146,6 +163,46 @@ mod tests {
         assert_eq!(
             g.wait(Duration::from_secs(30), || true, || 0),
             Err(GateError::Stopped)
+        );
+    }
+
+    #[test]
+    fn a_worker_arriving_while_the_waiter_polls_is_not_missed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // One worker arrives and wakes the waiter; the last one arrives while the
+        // waiter has let go of the lock (here: inside `stop`). A waiter that then
+        // slept on the condition variable without looking again would wait out a
+        // whole poll (a minute here).
+        let g = Arc::new(SendGate::with_poll(2, Duration::from_secs(60)));
+        let first_arriving = Arc::new(AtomicBool::new(false));
+        let first = {
+            let (g, flag) = (g.clone(), first_arriving.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                flag.store(true, Ordering::SeqCst);
+                g.arrive();
+            })
+        };
+        let t = Instant::now();
+        let mut last_arrived = false;
+        let r = g.wait(
+            Duration::from_secs(120),
+            || {
+                if first_arriving.load(Ordering::SeqCst) && !last_arrived {
+                    last_arrived = true;
+                    g.arrive();
+                }
+                false
+            },
+            || 0,
+        );
+        first.join().unwrap();
+        assert_eq!(r, Ok(()));
+        assert!(last_arrived, "the last worker arrived inside `stop`");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the waiter missed the arrival and slept for {:?}",
+            t.elapsed()
         );
     }
 
