@@ -29,6 +29,10 @@ pub(crate) struct DrainAnswer {
     /// rounds (what it reported), i.e. the time both sides' threads took to pass
     /// the question and the answer on this host right now.
     pub round_trip: Duration,
+    /// How long the VM ran from the drain's start (taking the control stream
+    /// back from the heartbeat thread included) to the answer: what it dirtied
+    /// meanwhile joins the final set.
+    pub vm_ran: Duration,
 }
 
 /// How long one read waits before the cancel flag is looked at again.
@@ -45,6 +49,7 @@ impl PrecopyRun<'_> {
         const PHASE: &str = "drain";
         let deadline_after = self.migration.config.peer_timeout + ANSWER_GRACE;
         let cancel = self.migration.cancel.clone();
+        let started = Instant::now();
         let link = self.control()?;
         let t = Instant::now();
         link.send(&ControlMsg::Drain { round }, &[])
@@ -81,6 +86,7 @@ impl PrecopyRun<'_> {
                         applied,
                         waited,
                         round_trip: waited.saturating_sub(Duration::from_micros(waited_us)),
+                        vm_ran: started.elapsed(),
                     });
                 }
                 Ok(Some((ControlMsg::Error { message }, _))) => {
@@ -106,13 +112,13 @@ impl PrecopyRun<'_> {
     }
 
     /// Pages the VM is expected to have dirtied during the drain (the model's
-    /// dirty rate × the wait), reported in `Event::Drained`. They are not
+    /// dirty rate × the time the VM ran since the drain began), reported in `Event::Drained`. They are not
     /// harvested here: the final harvest (or the next round's) collects them, so
     /// the tracker and the sampled audit keep their cadence of one harvest per
     /// round.
     pub(crate) fn drained(&mut self, round: u32, answer: &DrainAnswer) -> u64 {
         let rate = self.est.dirty_rate.get().unwrap_or(0.0);
-        let expected = (rate * answer.waited.as_secs_f64()).ceil() as u64;
+        let expected = (rate * answer.vm_ran.as_secs_f64()).ceil() as u64;
         self.emit(Event::Drained {
             round,
             applied: answer.applied,
