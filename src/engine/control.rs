@@ -157,7 +157,8 @@ pub struct Heartbeat {
 /// loop waits for the link back before the drain, and what it dirties then is in
 /// the final set: with 10 ms slices a guest dirtying 400 MB/s added ~1,400 pages
 /// (2-3 ms of downtime) to sets of a few dozen. A 1 ms slice costs ~1,000 short
-/// reads a second on one thread.
+/// reads a second on one thread; round 0's throughput measured the same
+/// (docs/BENCHMARKS.md, 2026-12-06).
 const SLICE: Duration = Duration::from_millis(1);
 
 impl Heartbeat {

@@ -112,10 +112,10 @@ impl PrecopyRun<'_> {
     }
 
     /// Pages the VM is expected to have dirtied during the drain (the model's
-    /// dirty rate × the time the VM ran since the drain began), reported in `Event::Drained`. They are not
-    /// harvested here: the final harvest (or the next round's) collects them, so
-    /// the tracker and the sampled audit keep their cadence of one harvest per
-    /// round.
+    /// dirty rate × the time the VM ran since the drain began), reported in
+    /// `Event::Drained`. They are not harvested here: the final harvest (or the
+    /// next round's) collects them, so the tracker and the sampled audit keep
+    /// their cadence of one harvest per round.
     pub(crate) fn drained(&mut self, round: u32, answer: &DrainAnswer) -> u64 {
         let rate = self.est.dirty_rate.get().unwrap_or(0.0);
         let expected = (rate * answer.vm_ran.as_secs_f64()).ceil() as u64;

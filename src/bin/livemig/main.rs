@@ -1037,9 +1037,9 @@ fn recv(a: RecvArgs) -> Result<(), String> {
         settings.resume_window = a.resume_window;
         settings
     };
+    let identity = a.tls.recv_identity(a.plaintext)?;
     // Sampled from before guest memory exists: with --prealloc (the whole guest
     // resident), peak − guest size is what the receiver costs beyond the guest.
-    let identity = a.tls.recv_identity(a.plaintext)?;
     let rss = livemig::stats::rss::AnonRssSampler::start(Duration::from_millis(5));
     let mut receiver = Receiver::new();
     if let Some(bytes) = a.memory {
