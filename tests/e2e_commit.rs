@@ -551,11 +551,10 @@ fn committed_lost_and_no_answer_leaves_the_source_paused_in_doubt() {
 
 #[test]
 fn released_lost_destination_discards_and_the_source_learns_it() {
-    // Control frames the source writes: Hello, Setup, Brownout, DeviceState,
-    // Commit, Released.
     let fault = FrameFault {
         stream: 0,
-        frame: 5,
+        frame: 0,
+        message: Some("released"),
         section: Section::Header,
         offset: 0,
         action: Action::Cut,

@@ -53,8 +53,9 @@ fn a_panicking_worker_ends_the_migration_cleanly_and_the_source_runs() {
     let cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
     let out = migrate(
         running_migration(&src, &log, cfg),
-        // Connection 1 is page stream 0: its writes panic 2 MB in (round 0).
-        FaultyConnector::new(c, 1, Fault::PanicAfter(2_000_000)),
+        // Connection 1 is page stream 0: its writes panic 256 KiB in, inside its
+        // first batch of round 0 (256 pages, 1 MiB raw).
+        FaultyConnector::new(c, 1, Fault::PanicAfter(256 << 10)),
         Receiver::new().config(receiver_config()),
         a,
     );

@@ -12,15 +12,15 @@ use livemig::receiver::Receiver;
 use livemig::transport::fault::{Fault, FaultyConnector};
 use livemig::transport::{mem, Connector};
 
-/// Control-stream frames in order: Hello, Setup, Drain, Brownout, DeviceState,
-/// Commit (heartbeats are kept out of the way by [`quiet`]; a 16 MiB guest meets
-/// the policy's target at once, so one drain comes before the pause).
-const HELLO: u64 = 0;
-const SETUP: u64 = 1;
-const DRAIN: u64 = 2;
-const BROWNOUT: u64 = 3;
-const DEVICE_STATE: u64 = 4;
-const COMMIT: u64 = 5;
+/// Control-stream messages a fault aims at (the first frame carrying each; how
+/// many `Drain`s come before the pause is the policy's choice, so frame indexes
+/// past `Setup` are not fixed). Heartbeats are kept out of the way by [`quiet`].
+const HELLO: &str = "hello";
+const SETUP: &str = "setup";
+const DRAIN: &str = "drain";
+const BROWNOUT: &str = "brownout";
+const DEVICE_STATE: &str = "device_state";
+const COMMIT: &str = "commit";
 /// Page-stream frames: StreamHello, then batches of round 0.
 const FIRST_BATCH: u64 = 1;
 
@@ -101,6 +101,7 @@ fn assert_failed_cleanly(src: &Source, log: &VmLog, out: Outcome, paused: Paused
 fn frame_fault(
     stream: usize,
     frame: u64,
+    message: Option<&'static str>,
     section: Section,
     offset: u64,
     action: Action,
@@ -113,6 +114,7 @@ fn frame_fault(
     let fault = FrameFault {
         stream,
         frame,
+        message,
         section,
         offset,
         action,
@@ -123,37 +125,103 @@ fn frame_fault(
         fired = Some(fc.fired.clone());
         fc
     });
+    let fired = fired.unwrap().load(std::sync::atomic::Ordering::SeqCst);
+    let may_tear = section == Section::Data && action == Action::Flip;
+    judge(
+        &src,
+        &log,
+        out,
+        &format!("{fault:?}"),
+        stream,
+        fired,
+        may_tear,
+        paused,
+    );
+}
+
+/// What a migration with a fault on stream `stream` must have done: failed
+/// cleanly if the fault `fired`, else (a page stream too short to meet it)
+/// migrated. A flipped payload byte (`may_tear`) may also complete legally.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    src: &Source,
+    log: &VmLog,
+    out: Outcome,
+    fault: &str,
+    stream: usize,
+    fired: bool,
+    may_tear: bool,
+    paused: Paused,
+) {
     let recovered = |o: &Outcome| match (&o.source, &o.dest) {
         (Ok(_), Ok(d)) => d.report.torn_pages > 0,
         _ => false,
     };
-    if fired.unwrap().load(std::sync::atomic::Ordering::SeqCst) {
-        if section == Section::Data && action == Action::Flip && recovered(&out) {
+    if fired {
+        if may_tear && recovered(&out) {
             // A raw batch of a running guest is hashed in place (zero-copy), so a
             // flipped payload byte reads as a torn page, which is legal: the page is
             // dirty and goes again. When it did go again, completing is right; the
             // digest and the full compare prove the final memory.
-            eprintln!("note: fault {fault:?} hit a racy batch whose page was sent again");
-            assert_migrated(&src, out);
+            eprintln!("note: fault {fault} hit a racy batch whose page was sent again");
+            assert_migrated(src, out);
         } else {
-            assert_failed_cleanly(&src, &log, out, paused);
+            assert_failed_cleanly(src, log, out, paused);
         }
     } else {
-        // Page streams share one work queue, so a late frame on a given stream is
-        // not guaranteed to exist. Without the fault the migration must succeed.
-        assert!(
-            stream > 0,
-            "control-stream fault {fault:?} was never reached"
-        );
-        eprintln!("note: fault {fault:?} not reached; checking a clean migration");
-        assert_migrated(&src, out);
+        // Page streams share one work queue, so how many frames and bytes a given
+        // stream carries is not fixed. Without the fault the migration must succeed.
+        assert!(stream > 0, "control-stream fault {fault} was never reached");
+        eprintln!("note: fault {fault} not reached; checking a clean migration");
+        assert_migrated(src, out);
     }
 }
 
+/// A byte-offset fault ([`Fault`]) on stream `stream`, raw pages, multichannel.
+fn offset_fault(stream: usize, fault: Fault, paused: Paused) {
+    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let mut fired = None;
+    let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
+        let fc = FaultyConnector::new(c, stream, fault);
+        fired = Some(fc.fired());
+        fc
+    });
+    let fired = fired.unwrap().load(std::sync::atomic::Ordering::SeqCst);
+    let may_tear = matches!(fault, Fault::FlipByteAt(_)) && stream > 0;
+    judge(
+        &src,
+        &log,
+        out,
+        &format!("{fault:?}"),
+        stream,
+        fired,
+        may_tear,
+        paused,
+    );
+}
+
+/// A fault on page stream `stream`'s `frame`-th frame, raw pages, multichannel.
 fn raw(stream: usize, frame: u64, section: Section, offset: u64, action: Action, p: Paused) {
     frame_fault(
         stream,
         frame,
+        None,
+        section,
+        offset,
+        action,
+        Mode::Multichannel,
+        CodecId::Raw,
+        p,
+    );
+}
+
+/// A fault on the first control frame carrying `message`, raw pages, multichannel.
+fn ctl(message: &'static str, section: Section, offset: u64, action: Action, p: Paused) {
+    frame_fault(
+        0,
+        0,
+        Some(message),
         section,
         offset,
         action,
@@ -167,12 +235,12 @@ fn raw(stream: usize, frame: u64, section: Section, offset: u64, action: Action,
 
 #[test]
 fn flip_in_hello() {
-    raw(0, HELLO, Section::Meta, 3, Action::Flip, Paused::Before);
+    ctl(HELLO, Section::Meta, 3, Action::Flip, Paused::Before);
 }
 
 #[test]
 fn flip_in_setup() {
-    raw(0, SETUP, Section::Meta, 10, Action::Flip, Paused::Before);
+    ctl(SETUP, Section::Meta, 10, Action::Flip, Paused::Before);
 }
 
 /// Byte 5 is inside meta_len: the Setup frame now claims 4 KiB more meta than is
@@ -200,7 +268,8 @@ fn flip_in_control_header_length() {
     rcfg.accept_timeout = Duration::from_secs(2);
     let fault = FrameFault {
         stream: 0,
-        frame: SETUP,
+        frame: 0,
+        message: Some(SETUP),
         section: Section::Header,
         offset: 5,
         action: Action::Flip,
@@ -216,81 +285,57 @@ fn flip_in_control_header_length() {
 
 #[test]
 fn flip_in_brownout() {
-    raw(0, BROWNOUT, Section::Meta, 2, Action::Flip, Paused::After);
+    ctl(BROWNOUT, Section::Meta, 2, Action::Flip, Paused::After);
 }
 
 #[test]
 fn flip_in_device_state() {
-    raw(
-        0,
-        DEVICE_STATE,
-        Section::Meta,
-        2,
-        Action::Flip,
-        Paused::After,
-    );
+    ctl(DEVICE_STATE, Section::Meta, 2, Action::Flip, Paused::After);
 }
 
 #[test]
 fn flip_in_device_state_envelope() {
     // The attachment (device-state envelope) is covered by the control crc.
-    raw(
-        0,
-        DEVICE_STATE,
-        Section::Data,
-        1,
-        Action::Flip,
-        Paused::After,
-    );
+    ctl(DEVICE_STATE, Section::Data, 1, Action::Flip, Paused::After);
 }
 
 #[test]
 fn flip_in_commit() {
-    raw(0, COMMIT, Section::Meta, 12, Action::Flip, Paused::After);
+    ctl(COMMIT, Section::Meta, 12, Action::Flip, Paused::After);
 }
 
 // ---- truncated control stream ---------------------------------------------------
 
 #[test]
 fn cut_control_before_setup() {
-    raw(0, SETUP, Section::Header, 0, Action::Cut, Paused::Before);
+    ctl(SETUP, Section::Header, 0, Action::Cut, Paused::Before);
 }
 
 #[test]
 fn cut_control_at_drain() {
     // Before the pause: the VM never stopped, and the migration fails cleanly.
-    raw(0, DRAIN, Section::Header, 0, Action::Cut, Paused::Before);
+    ctl(DRAIN, Section::Header, 0, Action::Cut, Paused::Before);
 }
 
 #[test]
 fn cut_control_at_brownout() {
-    raw(0, BROWNOUT, Section::Header, 0, Action::Cut, Paused::After);
+    ctl(BROWNOUT, Section::Header, 0, Action::Cut, Paused::After);
 }
 
 #[test]
 fn cut_control_inside_commit() {
-    raw(0, COMMIT, Section::Meta, 5, Action::Cut, Paused::After);
+    ctl(COMMIT, Section::Meta, 5, Action::Cut, Paused::After);
 }
 
 #[test]
 fn cut_control_with_fault_cut_after() {
     // The crate's own fault: 40 bytes in is inside the Hello frame.
-    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
-    let log = VmLog::default();
-    let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
-        FaultyConnector::new(c, 0, Fault::CutAfter(40))
-    });
-    assert_failed_cleanly(&src, &log, out, Paused::Before);
+    offset_fault(0, Fault::CutAfter(40), Paused::Before);
 }
 
 #[test]
 fn flip_control_with_fault_flip_byte_at() {
-    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
-    let log = VmLog::default();
-    let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
-        FaultyConnector::new(c, 0, Fault::FlipByteAt(30))
-    });
-    assert_failed_cleanly(&src, &log, out, Paused::Before);
+    offset_fault(0, Fault::FlipByteAt(30), Paused::Before);
 }
 
 // ---- corrupted page streams -------------------------------------------------------
@@ -366,6 +411,7 @@ fn flip_in_lz4_payload() {
     frame_fault(
         1,
         FIRST_BATCH,
+        None,
         Section::Data,
         50,
         Action::Flip,
@@ -380,6 +426,7 @@ fn flip_in_zstd_payload() {
     frame_fault(
         2,
         FIRST_BATCH + 1,
+        None,
         Section::Data,
         50,
         Action::Flip,
@@ -391,13 +438,9 @@ fn flip_in_zstd_payload() {
 
 #[test]
 fn flip_page_stream_with_fault_flip_byte_at() {
-    // 3 MB into a raw page stream: inside round 0 (16 MiB over 2 streams).
-    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
-    let log = VmLog::default();
-    let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
-        FaultyConnector::new(c, 1, Fault::FlipByteAt(3_000_000))
-    });
-    assert_failed_cleanly(&src, &log, out, Paused::Either);
+    // 3 MB into a raw page stream: inside round 0 (16 MiB over 2 streams) if the
+    // stream carries its share.
+    offset_fault(1, Fault::FlipByteAt(3_000_000), Paused::Either);
 }
 
 // ---- truncated page streams ------------------------------------------------------
@@ -428,12 +471,7 @@ fn cut_page_stream_at_frame_boundary() {
 
 #[test]
 fn cut_page_stream_with_fault_cut_after() {
-    let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
-    let log = VmLog::default();
-    let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
-        FaultyConnector::new(c, 2, Fault::CutAfter(1_500_000))
-    });
-    assert_failed_cleanly(&src, &log, out, Paused::Either);
+    offset_fault(2, Fault::CutAfter(1_500_000), Paused::Either);
 }
 
 /// The last frames of a page stream are sent after the pause (final round and
@@ -454,6 +492,7 @@ fn cut_page_stream_after_pause() {
     let fault = FrameFault {
         stream: 1,
         frame: 1 + batches + 1,
+        message: None,
         section: Section::Header,
         offset: 0,
         action: Action::Cut,
@@ -487,9 +526,17 @@ fn cut_page_stream_after_pause() {
 fn after_a_broken_migration_a_second_one_to_a_fresh_receiver_succeeds() {
     let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
     let log = VmLog::default();
+    // 256 KiB in is inside the stream's first batch (256 pages, 1 MiB raw).
+    let mut fired = None;
     let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
-        FaultyConnector::new(c, 1, Fault::CutAfter(1_500_000))
+        let fc = FaultyConnector::new(c, 1, Fault::CutAfter(256 << 10));
+        fired = Some(fc.fired());
+        fc
     });
+    assert!(
+        fired.unwrap().load(std::sync::atomic::Ordering::SeqCst),
+        "the page stream carried no batch"
+    );
     assert_failed_cleanly(&src, &log, out, Paused::Either);
     let retry = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| c);
     assert_migrated(&src, retry);

@@ -24,9 +24,6 @@ use livemig::transport::{Connector, Stream, TransportError};
 use livemig::wire::control::RefuseCode;
 use livemig::wire::{ControlMsg, CAPABILITIES, PROTOCOL_MAJOR, PROTOCOL_MINOR, SETUP_RESTART};
 
-/// The `Setup` frame's index on the control stream (the `Hello` is 0).
-const SETUP: u64 = 1;
-
 fn restart_receiver() -> ReceiverConfig {
     ReceiverConfig {
         resume_window: Duration::from_secs(10),
@@ -173,7 +170,8 @@ fn a_link_cut_during_the_handshake_starts_the_setup_over_and_completes() {
 fn a_link_cut_inside_the_setup_attachment_starts_the_setup_over_and_completes() {
     let fault = FrameFault {
         stream: 0,
-        frame: SETUP,
+        frame: 0,
+        message: Some("setup"),
         section: Section::Data,
         offset: 8 * 1024,
         action: Action::Cut,
@@ -198,6 +196,7 @@ fn a_link_cut_while_opening_page_streams_starts_the_setup_over_and_completes() {
     let fault = FrameFault {
         stream: 2,
         frame: 0,
+        message: None,
         section: Section::Header,
         offset: 0,
         action: Action::Cut,

@@ -308,12 +308,12 @@ fn a_setup_cut_starts_over_within_the_same_session() {
         .policy(Box::new(test_policy()))
         .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest));
     let report = with_timeout(GUARD, "served migration", move || {
-        // Frame 1 of the control stream is the `Setup`.
         let connector = FrameFaultConnector::new(
             TcpConnector::new(addr),
             FrameFault {
                 stream: 0,
-                frame: 1,
+                frame: 0,
+                message: Some("setup"),
                 section: Section::Meta,
                 offset: 10,
                 action: Action::Cut,

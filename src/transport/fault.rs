@@ -1,7 +1,7 @@
 //! Fault injection for tests: streams that corrupt or cut the byte flow.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{Connector, Stream, TransportError};
@@ -25,6 +25,7 @@ pub struct FaultyConnector<C> {
     nth: usize,
     fault: Fault,
     opened: AtomicUsize,
+    fired: Arc<AtomicBool>,
 }
 
 impl<C: Connector> FaultyConnector<C> {
@@ -35,7 +36,15 @@ impl<C: Connector> FaultyConnector<C> {
             nth,
             fault,
             opened: AtomicUsize::new(0),
+            fired: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Set once the fault happened: a stream shorter than the fault's offset
+    /// never meets it (page streams share one work queue, so how many bytes each
+    /// carries depends on scheduling).
+    pub fn fired(&self) -> Arc<AtomicBool> {
+        self.fired.clone()
     }
 }
 
@@ -47,6 +56,7 @@ impl<C: Connector> Connector for FaultyConnector<C> {
                 inner: s,
                 fault: self.fault,
                 written: Arc::new(AtomicU64::new(0)),
+                fired: self.fired.clone(),
             }))
         } else {
             Ok(s)
@@ -63,6 +73,7 @@ pub struct FaultyStream {
     inner: Box<dyn Stream>,
     fault: Fault,
     written: Arc<AtomicU64>,
+    fired: Arc<AtomicBool>,
 }
 
 impl Read for FaultyStream {
@@ -77,6 +88,7 @@ impl Write for FaultyStream {
         match self.fault {
             Fault::CutAfter(limit) => {
                 if start >= limit {
+                    self.fired.store(true, Ordering::SeqCst);
                     self.inner.shutdown();
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::BrokenPipe,
@@ -90,6 +102,7 @@ impl Write for FaultyStream {
             }
             Fault::PanicAfter(limit) => {
                 if start >= limit {
+                    self.fired.store(true, Ordering::SeqCst);
                     panic!("fault: stream panicked after {limit} bytes");
                 }
                 let n = buf.len().min((limit - start) as usize);
@@ -100,9 +113,20 @@ impl Write for FaultyStream {
             Fault::FlipByteAt(at) => {
                 let end = start + buf.len() as u64;
                 let n = if (start..end).contains(&at) {
-                    let mut copy = buf.to_vec();
-                    copy[(at - start) as usize] ^= 0x10;
-                    self.inner.write(&copy)?
+                    // Up to and including the flipped byte, all of it, so that a
+                    // short write cannot leave the original byte to go next.
+                    let i = (at - start) as usize;
+                    let mut copy = buf[..=i].to_vec();
+                    copy[i] ^= 0x10;
+                    let mut done = 0;
+                    while done < copy.len() {
+                        match self.inner.write(&copy[done..])? {
+                            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                            k => done += k,
+                        }
+                    }
+                    self.fired.store(true, Ordering::SeqCst);
+                    done
                 } else {
                     self.inner.write(buf)?
                 };

@@ -318,10 +318,15 @@ pub enum Action {
 /// counting every frame) of the `stream`-th stream opened (0 = control).
 /// Unlike [`livemig::transport::fault::Fault`], the target does not depend on the
 /// length of earlier frames (the JSON handshake varies with the session id).
+///
+/// With `message` set, `frame` counts only the control frames whose JSON `type`
+/// is that message (0 = its first): the index of, say, the `Brownout` among all
+/// frames depends on how many `Drain`s the policy asked for first.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameFault {
     pub stream: usize,
     pub frame: u64,
+    pub message: Option<&'static str>,
     pub section: Section,
     pub offset: u64,
     pub action: Action,
@@ -360,6 +365,9 @@ impl<C: Connector> Connector for FrameFaultConnector<C> {
                 head: Vec::with_capacity(FRAME_HEADER_LEN),
                 lens: None,
                 cut: false,
+                held: Vec::new(),
+                aimed: None,
+                seen: 0,
             }))
         } else {
             Ok(s)
@@ -384,12 +392,28 @@ struct FrameFaultStream {
     /// (meta_len, data_len) once the header is complete.
     lens: Option<(u64, u64)>,
     cut: bool,
+    /// With a `message` target: the current frame's header and meta, held back
+    /// until the meta says which message the frame carries.
+    held: Vec<u8>,
+    /// With a `message` target: whether the current frame is the one aimed at
+    /// (`None` until its meta is complete).
+    aimed: Option<bool>,
+    /// With a `message` target: frames carrying that message seen so far.
+    seen: u64,
 }
 
 impl FrameFaultStream {
+    /// Whether the current frame is the one aimed at.
+    fn is_target(&self) -> bool {
+        match self.fault.message {
+            None => self.frame == self.fault.frame,
+            Some(_) => self.aimed == Some(true),
+        }
+    }
+
     /// Absolute position (within the frame) of the target, once known.
     fn target(&self) -> Option<u64> {
-        if self.frame != self.fault.frame {
+        if !self.is_target() {
             return None;
         }
         let h = FRAME_HEADER_LEN as u64;
@@ -437,6 +461,7 @@ impl FrameFaultStream {
                 self.pos = 0;
                 self.head.clear();
                 self.lens = None;
+                self.aimed = None;
             }
         }
     }
@@ -448,8 +473,71 @@ impl Read for FrameFaultStream {
     }
 }
 
+impl FrameFaultStream {
+    /// With a `message` target and the current frame not yet identified: take
+    /// `buf`'s bytes up to the end of the frame's meta into `held`; once the meta
+    /// is complete, decide whether this is the frame aimed at and pass the held
+    /// bytes on (faulted if so).
+    fn hold(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let h = FRAME_HEADER_LEN;
+        let want = if self.held.len() < h {
+            h
+        } else {
+            h + u32::from_le_bytes(self.held[4..8].try_into().unwrap()) as usize
+        };
+        let n = (want - self.held.len()).min(buf.len());
+        self.held.extend_from_slice(&buf[..n]);
+        if self.held.len() < h {
+            return Ok(n);
+        }
+        let end = h + u32::from_le_bytes(self.held[4..8].try_into().unwrap()) as usize;
+        if self.held.len() < end {
+            return Ok(n);
+        }
+        let kind: Option<String> = serde_json::from_slice::<serde_json::Value>(&self.held[h..end])
+            .ok()
+            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(String::from));
+        let matches = kind.as_deref() == self.fault.message;
+        self.aimed = Some(matches && self.seen == self.fault.frame);
+        if matches {
+            self.seen += 1;
+        }
+        let held = std::mem::take(&mut self.held);
+        let mut done = 0;
+        while done < held.len() && !self.cut {
+            done += self.pass(&held[done..])?;
+        }
+        if self.cut {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "fault: stream cut",
+            ));
+        }
+        Ok(n)
+    }
+}
+
 impl Write for FrameFaultStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cut {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "fault: stream cut",
+            ));
+        }
+        if self.fault.message.is_some() && self.aimed.is_none() && self.pos == 0 {
+            return self.hold(buf);
+        }
+        self.pass(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl FrameFaultStream {
+    /// Write (part of) `buf` through, applying the fault where it is aimed.
+    fn pass(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.cut {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
@@ -502,9 +590,6 @@ impl Write for FrameFaultStream {
         };
         self.track(&buf[..n]);
         Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
     }
 }
 
