@@ -177,13 +177,25 @@ fn judge(
     }
 }
 
-/// A byte-offset fault ([`Fault`]) on stream `stream`, raw pages, multichannel.
-fn offset_fault(stream: usize, fault: Fault, paused: Paused) {
+/// Where a byte-offset fault goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum On {
+    Control,
+    /// The first of the two page streams to carry that many bytes.
+    PageStream,
+}
+
+/// A byte-offset fault ([`Fault`]), raw pages, multichannel.
+fn offset_fault(on: On, fault: Fault, paused: Paused) {
+    let stream = usize::from(on == On::PageStream);
     let src = Source::default_running(16 * MIB, TrackerKind::Explicit);
     let log = VmLog::default();
     let mut fired = None;
     let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
-        let fc = FaultyConnector::new(c, stream, fault);
+        let fc = match on {
+            On::Control => FaultyConnector::new(c, 0, fault),
+            On::PageStream => FaultyConnector::any_page_stream(c, 2, fault),
+        };
         fired = Some(fc.fired());
         fc
     });
@@ -330,12 +342,12 @@ fn cut_control_inside_commit() {
 #[test]
 fn cut_control_with_fault_cut_after() {
     // The crate's own fault: 40 bytes in is inside the Hello frame.
-    offset_fault(0, Fault::CutAfter(40), Paused::Before);
+    offset_fault(On::Control, Fault::CutAfter(40), Paused::Before);
 }
 
 #[test]
 fn flip_control_with_fault_flip_byte_at() {
-    offset_fault(0, Fault::FlipByteAt(30), Paused::Before);
+    offset_fault(On::Control, Fault::FlipByteAt(30), Paused::Before);
 }
 
 // ---- corrupted page streams -------------------------------------------------------
@@ -438,9 +450,8 @@ fn flip_in_zstd_payload() {
 
 #[test]
 fn flip_page_stream_with_fault_flip_byte_at() {
-    // 3 MB into a raw page stream: inside round 0 (16 MiB over 2 streams) if the
-    // stream carries its share.
-    offset_fault(1, Fault::FlipByteAt(3_000_000), Paused::Either);
+    // 3 MB into a raw page stream: inside round 0 (16 MiB over 2 streams).
+    offset_fault(On::PageStream, Fault::FlipByteAt(3_000_000), Paused::Either);
 }
 
 // ---- truncated page streams ------------------------------------------------------
@@ -471,7 +482,7 @@ fn cut_page_stream_at_frame_boundary() {
 
 #[test]
 fn cut_page_stream_with_fault_cut_after() {
-    offset_fault(2, Fault::CutAfter(1_500_000), Paused::Either);
+    offset_fault(On::PageStream, Fault::CutAfter(1_500_000), Paused::Either);
 }
 
 /// The last frames of a page stream are sent after the pause (final round and
@@ -529,7 +540,7 @@ fn after_a_broken_migration_a_second_one_to_a_fresh_receiver_succeeds() {
     // 256 KiB in is inside the stream's first batch (256 pages, 1 MiB raw).
     let mut fired = None;
     let out = run_faulty(&src, &log, Mode::Multichannel, CodecId::Raw, |c| {
-        let fc = FaultyConnector::new(c, 1, Fault::CutAfter(256 << 10));
+        let fc = FaultyConnector::any_page_stream(c, 2, Fault::CutAfter(256 << 10));
         fired = Some(fc.fired());
         fc
     });

@@ -355,10 +355,10 @@ fn a_served_session_resumes_after_a_page_stream_dies() {
         .policy(Box::new(test_policy()))
         .config(config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest));
     let report = with_timeout(GUARD, "served migration", move || {
-        // Streams: 0 control, 1 and 2 pages; the first page stream dies early.
-        let connector = livemig::transport::fault::FaultyConnector::new(
+        // Streams: 0 control, 1 and 2 pages; a page stream dies early.
+        let connector = livemig::transport::fault::FaultyConnector::any_page_stream(
             TcpConnector::new(addr),
-            1,
+            2,
             livemig::transport::fault::Fault::CutAfter(256 << 10),
         );
         m.run(&connector)

@@ -1,7 +1,7 @@
 //! Fault injection for tests: streams that corrupt or cut the byte flow.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{Connector, Stream, TransportError};
@@ -18,11 +18,13 @@ pub enum Fault {
     PanicAfter(u64),
 }
 
-/// A connector whose `nth` stream (0 = control, 1.. = page streams) gets `fault`.
+/// A connector that injects `fault` into one of the streams it opens.
 #[derive(Debug)]
 pub struct FaultyConnector<C> {
     inner: C,
-    nth: usize,
+    /// Connections (by index in opening order: 0 = control, 1.. = page streams)
+    /// that may get the fault; the first of them to reach it takes it.
+    candidates: std::ops::RangeInclusive<usize>,
     fault: Fault,
     opened: AtomicUsize,
     fired: Arc<AtomicBool>,
@@ -31,9 +33,22 @@ pub struct FaultyConnector<C> {
 impl<C: Connector> FaultyConnector<C> {
     /// Wrap `inner`, injecting `fault` into the `nth` stream opened.
     pub fn new(inner: C, nth: usize, fault: Fault) -> Self {
+        Self::among(inner, nth..=nth, fault)
+    }
+
+    /// Wrap `inner`, injecting `fault` into whichever of the first `streams` page
+    /// streams (connections 1..=streams) reaches it first, and into no other.
+    /// Page streams share one work queue, so how many bytes a given one carries
+    /// depends on scheduling; this aims at "a page stream, N bytes in" whatever
+    /// the share.
+    pub fn any_page_stream(inner: C, streams: usize, fault: Fault) -> Self {
+        Self::among(inner, 1..=streams, fault)
+    }
+
+    fn among(inner: C, candidates: std::ops::RangeInclusive<usize>, fault: Fault) -> Self {
         Self {
             inner,
-            nth,
+            candidates,
             fault,
             opened: AtomicUsize::new(0),
             fired: Arc::new(AtomicBool::new(false)),
@@ -41,8 +56,7 @@ impl<C: Connector> FaultyConnector<C> {
     }
 
     /// Set once the fault happened: a stream shorter than the fault's offset
-    /// never meets it (page streams share one work queue, so how many bytes each
-    /// carries depends on scheduling).
+    /// never meets it.
     pub fn fired(&self) -> Arc<AtomicBool> {
         self.fired.clone()
     }
@@ -51,12 +65,16 @@ impl<C: Connector> FaultyConnector<C> {
 impl<C: Connector> Connector for FaultyConnector<C> {
     fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
         let s = self.inner.connect()?;
-        if self.opened.fetch_add(1, Ordering::SeqCst) == self.nth {
+        if self
+            .candidates
+            .contains(&self.opened.fetch_add(1, Ordering::SeqCst))
+        {
             Ok(Box::new(FaultyStream {
                 inner: s,
-                fault: self.fault,
-                written: Arc::new(AtomicU64::new(0)),
+                fault: Some(self.fault),
+                written: 0,
                 fired: self.fired.clone(),
+                took: false,
             }))
         } else {
             Ok(s)
@@ -71,9 +89,33 @@ impl<C: Connector> Connector for FaultyConnector<C> {
 #[derive(Debug)]
 pub struct FaultyStream {
     inner: Box<dyn Stream>,
-    fault: Fault,
-    written: Arc<AtomicU64>,
+    /// `None` once another stream took the fault (this one passes bytes on).
+    fault: Option<Fault>,
+    written: u64,
+    /// Shared by the connector's candidate streams: the first to set it takes
+    /// the fault.
     fired: Arc<AtomicBool>,
+    /// This stream took the fault (a cut stays cut).
+    took: bool,
+}
+
+impl FaultyStream {
+    /// Whether this stream takes the fault now that it reached it (false if
+    /// another stream already did; this one is then disarmed).
+    fn claim(&mut self) -> bool {
+        if self.took {
+            return true;
+        }
+        let won = self
+            .fired
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if !won {
+            self.fault = None;
+        }
+        self.took = won;
+        won
+    }
 }
 
 impl Read for FaultyStream {
@@ -84,35 +126,38 @@ impl Read for FaultyStream {
 
 impl Write for FaultyStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let start = self.written.load(Ordering::Relaxed);
-        match self.fault {
-            Fault::CutAfter(limit) => {
-                if start >= limit {
-                    self.fired.store(true, Ordering::SeqCst);
+        let start = self.written;
+        let n = match self.fault {
+            None => self.inner.write(buf)?,
+            Some(Fault::CutAfter(limit)) => {
+                if start >= limit && self.claim() {
                     self.inner.shutdown();
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::BrokenPipe,
                         "fault: stream cut",
                     ));
                 }
-                let n = buf.len().min((limit - start) as usize);
-                let n = self.inner.write(&buf[..n])?;
-                self.written.fetch_add(n as u64, Ordering::Relaxed);
-                Ok(n)
+                let n = if self.fault.is_some() {
+                    buf.len().min((limit - start) as usize)
+                } else {
+                    buf.len()
+                };
+                self.inner.write(&buf[..n])?
             }
-            Fault::PanicAfter(limit) => {
-                if start >= limit {
-                    self.fired.store(true, Ordering::SeqCst);
+            Some(Fault::PanicAfter(limit)) => {
+                if start >= limit && self.claim() {
                     panic!("fault: stream panicked after {limit} bytes");
                 }
-                let n = buf.len().min((limit - start) as usize);
-                let n = self.inner.write(&buf[..n])?;
-                self.written.fetch_add(n as u64, Ordering::Relaxed);
-                Ok(n)
+                let n = if self.fault.is_some() {
+                    buf.len().min((limit - start) as usize)
+                } else {
+                    buf.len()
+                };
+                self.inner.write(&buf[..n])?
             }
-            Fault::FlipByteAt(at) => {
+            Some(Fault::FlipByteAt(at)) => {
                 let end = start + buf.len() as u64;
-                let n = if (start..end).contains(&at) {
+                if (start..end).contains(&at) && self.claim() {
                     // Up to and including the flipped byte, all of it, so that a
                     // short write cannot leave the original byte to go next.
                     let i = (at - start) as usize;
@@ -125,15 +170,14 @@ impl Write for FaultyStream {
                             k => done += k,
                         }
                     }
-                    self.fired.store(true, Ordering::SeqCst);
                     done
                 } else {
                     self.inner.write(buf)?
-                };
-                self.written.fetch_add(n as u64, Ordering::Relaxed);
-                Ok(n)
+                }
             }
-        }
+        };
+        self.written += n as u64;
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
@@ -142,4 +186,53 @@ impl Write for FaultyStream {
 
 impl Stream for FaultyStream {
     crate::forward_stream!(inner);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{mem, Acceptor};
+    use std::time::Duration;
+
+    #[test]
+    fn among_page_streams_only_the_first_to_reach_the_cut_takes_it() {
+        let (c, a) = mem::pair();
+        let fc = FaultyConnector::any_page_stream(c, 2, Fault::CutAfter(100));
+        let mut control = fc.connect().unwrap();
+        let mut p1 = fc.connect().unwrap();
+        let mut p2 = fc.connect().unwrap();
+        let _ends: Vec<_> = (0..3)
+            .map(|_| a.accept(Duration::from_secs(5)).unwrap())
+            .collect();
+        // The control stream is not a candidate.
+        control.write_all(&[0; 300]).unwrap();
+        p1.write_all(&[0; 60]).unwrap();
+        // Stream 2 reaches byte 100 first: it is cut there, and stays cut.
+        assert!(p2.write_all(&[0; 150]).is_err());
+        assert!(p2.write_all(&[0; 1]).is_err());
+        assert!(fc.fired().load(Ordering::SeqCst));
+        // Stream 1 passes byte 100 unharmed.
+        p1.write_all(&[0; 200]).unwrap();
+    }
+
+    #[test]
+    fn the_nth_stream_is_the_only_candidate() {
+        let (c, a) = mem::pair();
+        let fc = FaultyConnector::new(c, 1, Fault::FlipByteAt(10));
+        let mut s0 = fc.connect().unwrap();
+        let mut s1 = fc.connect().unwrap();
+        let mut e0 = a.accept(Duration::from_secs(5)).unwrap();
+        let mut e1 = a.accept(Duration::from_secs(5)).unwrap();
+        s0.write_all(&[0; 20]).unwrap();
+        assert!(!fc.fired().load(Ordering::SeqCst));
+        s1.write_all(&[0; 20]).unwrap();
+        assert!(fc.fired().load(Ordering::SeqCst));
+        let (mut b0, mut b1) = ([0u8; 20], [0u8; 20]);
+        e0.read_exact(&mut b0).unwrap();
+        e1.read_exact(&mut b1).unwrap();
+        assert_eq!(b0, [0; 20]);
+        let mut want = [0u8; 20];
+        want[10] = 0x10;
+        assert_eq!(b1, want);
+    }
 }
