@@ -19,7 +19,7 @@ use livemig::stats::Event;
 use livemig::transport::fault::{Fault, FaultyConnector};
 use livemig::transport::framed::FrameReader;
 use livemig::transport::shaped::TokenBucket;
-use livemig::transport::{mem, Acceptor};
+use livemig::transport::{mem, Acceptor, Connector, Stream};
 use livemig::wire::ControlMsg;
 
 fn running_migration(src: &Source, log: &VmLog, cfg: MigrationConfig) -> Migration {
@@ -227,6 +227,132 @@ fn the_brownout_deadline_resumes_the_source() {
         matches!(out.source, Err(MigrationError::BrownoutTimeout { .. })),
         "{:?}",
         out.source.err()
+    );
+    assert_eq!(log.count("pause"), 1, "{:?}", log.calls());
+    assert!(out.dest.is_err(), "the destination discards");
+    assert_source_runs(&src, &log);
+}
+
+/// Page streams whose writes hang once `stall` is set, until the stream is shut
+/// down (a destination that stops reading, behind a transport whose own write
+/// timeout is longer than the brownout deadline).
+struct StallingConnector {
+    inner: mem::MemConnector,
+    opened: std::sync::atomic::AtomicUsize,
+    stall: Arc<AtomicBool>,
+}
+
+impl Connector for StallingConnector {
+    fn connect(&self) -> Result<Box<dyn Stream>, livemig::transport::TransportError> {
+        let s = self.inner.connect()?;
+        if self.opened.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Ok(s); // the control stream
+        }
+        Ok(Box::new(StallingStream {
+            inner: s,
+            stall: self.stall.clone(),
+            cut: Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new())),
+        }))
+    }
+    fn describe(&self) -> String {
+        "stalling(mem)".into()
+    }
+}
+
+#[derive(Debug)]
+struct StallingStream {
+    inner: Box<dyn Stream>,
+    stall: Arc<AtomicBool>,
+    cut: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl std::io::Read for StallingStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for StallingStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.stall.load(Ordering::SeqCst) {
+            let (lock, cv) = &*self.cut;
+            let guard = lock.lock().unwrap();
+            // The test's own guard: a stream nobody cuts fails the test below.
+            let (guard, _) = cv
+                .wait_timeout_while(guard, Duration::from_secs(60), |cut| !*cut)
+                .unwrap();
+            drop(guard);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "stalled stream cut",
+            ));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn cut(c: &(std::sync::Mutex<bool>, std::sync::Condvar)) {
+    *c.0.lock().unwrap() = true;
+    c.1.notify_all();
+}
+
+impl Stream for StallingStream {
+    livemig::forward_stream!(inner: set_read_timeout, set_write_timeout, deadlines);
+    fn shutdown(&self) {
+        cut(&self.cut);
+        self.inner.shutdown();
+    }
+    fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
+        let (c, inner) = (self.cut.clone(), self.inner.shutdown_handle());
+        Box::new(move || {
+            cut(&c);
+            inner();
+        })
+    }
+}
+
+/// After the pause the page streams stop moving: the source cuts them at the
+/// brownout deadline, ends its workers, fails, and runs its VM again.
+#[test]
+fn page_streams_stuck_after_the_pause_are_cut_at_the_brownout_deadline() {
+    let src = Source::default_running(8 * MIB, TrackerKind::Explicit);
+    let log = VmLog::default();
+    let (c, a) = mem::pair();
+    let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
+    cfg.brownout_timeout = Duration::from_millis(500);
+    cfg.reconnect_timeout = Duration::ZERO;
+    let stall = Arc::new(AtomicBool::new(false));
+    let paused_at = Arc::new(std::sync::Mutex::new(None));
+    let failed_at = Arc::new(std::sync::Mutex::new(None));
+    let (st, p2, f2) = (stall.clone(), paused_at.clone(), failed_at.clone());
+    let sink = move |e: &Event| match e {
+        Event::Brownout { .. } => {
+            *p2.lock().unwrap() = Some(Instant::now());
+            st.store(true, Ordering::SeqCst);
+        }
+        Event::Failed { .. } => *f2.lock().unwrap() = Some(Instant::now()),
+        _ => {}
+    };
+    let m = running_migration(&src, &log, cfg).progress(Arc::new(sink));
+    let connector = StallingConnector {
+        inner: c,
+        opened: Default::default(),
+        stall,
+    };
+    let out = migrate(m, connector, Receiver::new().config(receiver_config()), a);
+    assert!(out.source.is_err(), "stuck page streams cannot complete");
+    let paused = paused_at.lock().unwrap().expect("paused");
+    let failed = failed_at.lock().unwrap().expect("failure reported");
+    // The deadline (0.5 s), then the workers end as soon as their streams are cut;
+    // the bound leaves room for a slow host, not for a second deadline.
+    assert!(
+        failed - paused < Duration::from_millis(2000),
+        "failed {:?} after the pause: {:?}",
+        failed - paused,
+        out.source
     );
     assert_eq!(log.count("pause"), 1, "{:?}", log.calls());
     assert!(out.dest.is_err(), "the destination discards");

@@ -117,6 +117,7 @@ pub(crate) fn run(
             tx: Some(workers.tx),
             ctl: workers.ctl,
             handles: workers.handles,
+            exited: workers.exited,
             shutdowns: workers.shutdowns,
             history: Vec::new(),
             est,

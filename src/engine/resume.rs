@@ -159,6 +159,7 @@ impl PrecopyRun<'_> {
         self.tx = Some(workers.tx);
         self.ctl = workers.ctl;
         self.handles = workers.handles;
+        self.exited = workers.exited;
         self.shutdowns = workers.shutdowns;
         let interval = self
             .migration
