@@ -129,25 +129,19 @@ impl Write for FaultyStream {
         let start = self.written;
         let n = match self.fault {
             None => self.inner.write(buf)?,
-            Some(Fault::CutAfter(limit)) => {
+            Some(f @ (Fault::CutAfter(limit) | Fault::PanicAfter(limit))) => {
                 if start >= limit && self.claim() {
+                    if matches!(f, Fault::PanicAfter(_)) {
+                        panic!("fault: stream panicked after {limit} bytes");
+                    }
                     self.inner.shutdown();
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::BrokenPipe,
                         "fault: stream cut",
                     ));
                 }
-                let n = if self.fault.is_some() {
-                    buf.len().min((limit - start) as usize)
-                } else {
-                    buf.len()
-                };
-                self.inner.write(&buf[..n])?
-            }
-            Some(Fault::PanicAfter(limit)) => {
-                if start >= limit && self.claim() {
-                    panic!("fault: stream panicked after {limit} bytes");
-                }
+                // While armed, never past the limit in one write, so the fault
+                // lands exactly there.
                 let n = if self.fault.is_some() {
                     buf.len().min((limit - start) as usize)
                 } else {
