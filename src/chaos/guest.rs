@@ -16,7 +16,7 @@ use super::ledger::Ledger;
 use super::ChaosError;
 use crate::engine::{VmControl, VmControlError};
 use crate::memory::{DirtyBitmap, GuestMemory, MemoryError, PAGE_SIZE};
-use crate::workload::splitmix;
+use crate::rng::splitmix;
 
 /// How long `pause` waits for the dirtier to stop.
 const PAUSE_WAIT: Duration = Duration::from_secs(2);

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::workload::splitmix;
+use crate::rng::splitmix;
 
 /// A small deterministic generator (SplitMix64, the crate's own
 /// [`crate::workload::splitmix`]): plans must be reproducible from a printed seed
