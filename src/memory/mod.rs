@@ -8,6 +8,7 @@
 //!   engine, so that one dirty bitmap and one hash table cover all of memory.
 
 mod bitmap;
+pub(crate) mod pagemap;
 mod region;
 #[cfg(feature = "vm-memory")]
 pub mod vm_memory;

@@ -1,13 +1,14 @@
-//! Raw userfaultfd / PAGEMAP_SCAN interface: `#[repr(C)]` structs and constants
-//! transcribed from the kernel uapi (`linux/userfaultfd.h`, `linux/fs.h`), and small
-//! safe wrappers. Every `unsafe` block of the uffd tracker lives in this file.
+//! Raw userfaultfd interface: `#[repr(C)]` structs and constants
+//! transcribed from the kernel uapi (`linux/userfaultfd.h`), and small
+//! safe wrappers. Every `unsafe` block of the uffd tracker lives in this file, but for
+//! the `PAGEMAP_SCAN` harvest, which lives with the rest of the pagemap interface in
+//! `memory::pagemap`.
 //!
 //! The wrappers take plain addresses. Write-protecting or registering an arbitrary
 //! range of our own address space cannot break memory safety (at worst a writer
 //! blocks until the range is un-protected), so they are safe functions; the callers
 //! only ever pass the ranges of guest-memory regions.
 
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -82,40 +83,9 @@ const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
 
-// ---- linux/fs.h (PAGEMAP_SCAN, Linux 6.7+) --------------------------------------
+// ---- linux/fs.h (PAGEMAP_SCAN) lives in `memory::pagemap`, shared with the sender --
 
-pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-
-/// `struct page_region`: `[start, end)` with `categories`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PageRegion {
-    pub start: u64,
-    pub end: u64,
-    pub categories: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
-const _: () = assert!(std::mem::size_of::<PageRegion>() == 24);
+pub use crate::memory::pagemap::{PageRegion, Pagemap};
 
 // ---- ioctl numbers (asm-generic/ioctl.h) ----------------------------------------
 
@@ -148,17 +118,10 @@ const UFFDIO_WRITEPROTECT: u64 = ioc(
     std::mem::size_of::<UffdioWriteprotect>(),
 );
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
-const PAGEMAP_SCAN: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    b'f' as u64,
-    16,
-    std::mem::size_of::<PmScanArg>(),
-);
 
 const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
 const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
-const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);
 
 /// `ioctl(fd, req, arg)` retried on EINTR.
 fn ioctl_ptr<T>(fd: RawFd, req: u64, arg: &mut T) -> io::Result<libc::c_int> {
@@ -309,81 +272,6 @@ impl Uffd {
                 _ => return Err(e),
             }
         }
-    }
-}
-
-/// `/proc/self/pagemap`, the descriptor `PAGEMAP_SCAN` is issued on.
-#[derive(Debug)]
-pub struct Pagemap {
-    file: File,
-}
-
-/// Outcome of one `PAGEMAP_SCAN` call.
-#[derive(Debug, Clone, Copy)]
-pub struct ScanOut {
-    /// Entries of the output vector filled.
-    pub regions: usize,
-    /// Where the walk stopped (`== end` when it completed).
-    pub walk_end: u64,
-}
-
-impl Pagemap {
-    /// Open `/proc/self/pagemap`.
-    pub fn open() -> io::Result<Self> {
-        Ok(Self {
-            file: File::open("/proc/self/pagemap")?,
-        })
-    }
-
-    /// One `PAGEMAP_SCAN` over `[start, end)` reporting `PAGE_IS_WRITTEN` ranges into
-    /// `vec`; with `rearm` it also write-protects them again (`PM_SCAN_WP_MATCHING`,
-    /// atomically with the report) and insists the range is async-WP registered
-    /// (`PM_SCAN_CHECK_WPASYNC`).
-    pub fn scan_written(
-        &self,
-        start: u64,
-        end: u64,
-        vec: &mut [PageRegion],
-        rearm: bool,
-    ) -> io::Result<ScanOut> {
-        let mut a = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: if rearm {
-                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
-            } else {
-                0
-            },
-            start,
-            end,
-            walk_end: 0,
-            vec: vec.as_mut_ptr() as u64,
-            vec_len: vec.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: PAGE_IS_WRITTEN,
-            category_anyof_mask: 0,
-            return_mask: PAGE_IS_WRITTEN,
-        };
-        // SAFETY: `a` is a correctly sized `pm_scan_arg`; `a.vec` points to
-        // `vec.len()` writable `page_region` entries (exclusively borrowed for the
-        // call), which is all the kernel writes besides `a` itself.
-        let rc = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                PAGEMAP_SCAN as _,
-                &mut a as *mut PmScanArg,
-            )
-        };
-        // No EINTR retry: the kernel only aborts the walk for fatal signals, and a
-        // retry could lose ranges it already re-protected.
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = rc as usize;
-        Ok(ScanOut {
-            regions: n.min(vec.len()),
-            walk_end: a.walk_end,
-        })
     }
 }
 
