@@ -14,7 +14,7 @@
 use std::sync::atomic::Ordering;
 
 use super::pipeline::{Batch, BatchError, SendState};
-use crate::codec::{zero::is_zero_page, CodecId, CodecSet};
+use crate::codec::{CodecId, CodecSet};
 use crate::memory::{page_hash, zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
 use crate::proof::DigestDelta;
 use crate::transport::framed::FrameWriter;
@@ -248,11 +248,7 @@ fn walk_batch<'m, S: PageSink<'m>>(
         let view = region.racy_pages(rp, count as u64)?;
         for (p, &populated) in present.iter().enumerate() {
             let index = start + p as u64;
-            let nonzero = populated && {
-                let slot = sink.slot();
-                view.copy_page(p, slot)?;
-                !is_zero_page(slot)
-            };
+            let nonzero = populated && view.copy_page(p, sink.slot())?;
             let hash = if nonzero {
                 let h = page_hash(sink.slot());
                 sink.keep(&view, p, index);

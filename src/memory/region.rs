@@ -534,22 +534,17 @@ impl<'a> RacyPages<'a> {
         Ok(())
     }
 
-    /// Copy page `p` of the view into `dst`.
+    /// Copy page `p` of the view into `dst`; returns whether the copy holds a
+    /// non-zero byte. One pass over the page: the zero check reads the registers the
+    /// copy loaded, not the copy.
     #[inline]
-    pub fn copy_page(&self, p: usize, dst: &mut [u8; PAGE_SIZE]) -> Result<(), MemoryError> {
+    pub fn copy_page(&self, p: usize, dst: &mut [u8; PAGE_SIZE]) -> Result<bool, MemoryError> {
         self.check(p, 1)?;
         // SAFETY: page `p` lies in the view (checked above), which lies in the region's
         // mapping, mapped for `'a`; `dst` is a Rust buffer, so it cannot overlap guest
         // memory. A concurrent guest write races only on plain bytes (see the type's
         // docs); no reference to guest memory is formed.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(p * PAGE_SIZE),
-                dst.as_mut_ptr(),
-                PAGE_SIZE,
-            );
-        }
-        Ok(())
+        Ok(unsafe { copy_page_nonzero(self.ptr.as_ptr().add(p * PAGE_SIZE), dst) })
     }
 
     /// The `count` pages from page `first` of the view, as an address range for the
@@ -596,6 +591,66 @@ impl GuestRun<'_> {
 /// The `/proc/self/pagemap` entries covering `count` 4 KiB pages at `vaddr`:
 /// (first entry, number of entries). The file has one 8-byte entry per **host**
 /// page of `host_page` bytes.
+/// Copy the page at `src` into `dst` and tell whether it holds a non-zero byte.
+///
+/// Written by hand because neither half alone is fast here: glibc's `memcpy` copies
+/// 4 KiB with `rep movsb`, which runs at about 23 GB/s on this machine's AMD EPYC
+/// (cold source, copy and separate zero check), against 34-36 GB/s for this loop of
+/// 32-byte loads and stores whose loaded registers are OR-ed for the zero check.
+///
+/// # Safety
+/// `src` must be valid for reads of `PAGE_SIZE` bytes and not overlap `dst`. Other
+/// threads (a running guest) may write those bytes meanwhile: the copy is then some
+/// mix of old and new bytes, which the dirty tracker covers (the page is sent again).
+#[inline]
+unsafe fn copy_page_nonzero(src: *const u8, dst: &mut [u8; PAGE_SIZE]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked above); the caller's contract.
+            return unsafe { copy_page_nonzero_avx2(src, dst) };
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
+    !crate::codec::zero::is_zero_page(dst)
+}
+
+/// [`copy_page_nonzero`] with AVX2 loads and stores.
+///
+/// # Safety
+/// As [`copy_page_nonzero`], and the CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_page_nonzero_avx2(src: *const u8, dst: &mut [u8; PAGE_SIZE]) -> bool {
+    use std::arch::x86_64::{
+        __m256i, _mm256_loadu_si256, _mm256_or_si256, _mm256_setzero_si256, _mm256_storeu_si256,
+        _mm256_testz_si256,
+    };
+    let d = dst.as_mut_ptr();
+    let mut acc = _mm256_setzero_si256();
+    for i in (0..PAGE_SIZE).step_by(128) {
+        // SAFETY: `i + 128 <= PAGE_SIZE`, so every 32-byte access stays inside the
+        // source page (the caller's contract) and inside `dst`; unaligned loads and
+        // stores are used, so no alignment is assumed.
+        unsafe {
+            let a = _mm256_loadu_si256(src.add(i) as *const __m256i);
+            let b = _mm256_loadu_si256(src.add(i + 32) as *const __m256i);
+            let c = _mm256_loadu_si256(src.add(i + 64) as *const __m256i);
+            let e = _mm256_loadu_si256(src.add(i + 96) as *const __m256i);
+            _mm256_storeu_si256(d.add(i) as *mut __m256i, a);
+            _mm256_storeu_si256(d.add(i + 32) as *mut __m256i, b);
+            _mm256_storeu_si256(d.add(i + 64) as *mut __m256i, c);
+            _mm256_storeu_si256(d.add(i + 96) as *mut __m256i, e);
+            acc = _mm256_or_si256(
+                acc,
+                _mm256_or_si256(_mm256_or_si256(a, b), _mm256_or_si256(c, e)),
+            );
+        }
+    }
+    _mm256_testz_si256(acc, acc) == 0
+}
+
 fn pagemap_span(vaddr: u64, count: u64, host_page: u64) -> (u64, u64) {
     let first = vaddr / host_page;
     let end = (vaddr + count * PAGE_SIZE as u64).div_ceil(host_page);
@@ -617,6 +672,30 @@ mod tests {
         assert_eq!(pagemap_span(0x20_0000, 17, 65536), (0x20, 2));
     }
 
+    /// The fused copy finds one non-zero byte wherever it is, copies every byte, and
+    /// agrees with the plain copy and zero check it replaces.
+    #[test]
+    fn a_page_copy_finds_any_non_zero_byte() {
+        let mut src = [0u8; PAGE_SIZE];
+        let mut dst = [0xffu8; PAGE_SIZE];
+        // SAFETY: `src` is a whole page, not shared, and does not overlap `dst`.
+        assert!(!unsafe { copy_page_nonzero(src.as_ptr(), &mut dst) });
+        assert_eq!(dst, [0u8; PAGE_SIZE]);
+        for at in [0, 1, 31, 32, 63, 64, 127, 128, 2049, PAGE_SIZE - 1] {
+            src = [0u8; PAGE_SIZE];
+            src[at] = 0x80;
+            // SAFETY: as above.
+            let nonzero = unsafe { copy_page_nonzero(src.as_ptr(), &mut dst) };
+            assert!(nonzero, "byte {at}");
+            assert_eq!(dst, src, "byte {at}");
+            assert!(!crate::codec::zero::is_zero_page(&dst), "byte {at}");
+        }
+        let patterned: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect();
+        // SAFETY: as above.
+        assert!(unsafe { copy_page_nonzero(patterned.as_ptr(), &mut dst) });
+        assert_eq!(&dst[..], &patterned[..]);
+    }
+
     #[test]
     fn racy_pages_copy_pages_and_describe_runs_within_bounds() {
         let r = GuestRegion::anonymous(0, 8 * PAGE_SIZE, false).unwrap();
@@ -624,9 +703,9 @@ mod tests {
         let view = r.racy_pages(2, 4).unwrap();
         assert_eq!(view.pages(), 4);
         let mut page = [0u8; PAGE_SIZE];
-        view.copy_page(1, &mut page).unwrap();
+        assert!(view.copy_page(1, &mut page).unwrap(), "page 3 is not zero");
         assert!(page.iter().all(|&b| b == 7));
-        view.copy_page(0, &mut page).unwrap();
+        assert!(!view.copy_page(0, &mut page).unwrap(), "page 2 is zero");
         assert!(page.iter().all(|&b| b == 0));
         let run = view.run(1, 3).unwrap();
         assert_eq!(
