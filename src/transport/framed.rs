@@ -26,8 +26,8 @@ pub fn write_all_vectored(w: &mut dyn Write, mut bufs: &mut [IoSlice<'_>]) -> st
 }
 
 /// Fill all of `bufs` (vectored), failing on EOF.
-pub fn read_exact_vectored(
-    r: &mut dyn Read,
+pub fn read_exact_vectored<R: Read + ?Sized>(
+    r: &mut R,
     mut bufs: &mut [IoSliceMut<'_>],
 ) -> std::io::Result<()> {
     IoSliceMut::advance_slices(&mut bufs, 0);
@@ -284,7 +284,7 @@ impl FrameReader {
         if total != h.data_len as usize {
             return Err(self.wire(crate::wire::WireError::Invalid("data length")));
         }
-        read_exact_vectored(&mut *self.stream, bufs).map_err(|e| self.io(e))?;
+        self.stream.read_payload(bufs).map_err(|e| self.io(e))?;
         self.bytes += total as u64;
         Ok(())
     }

@@ -192,6 +192,13 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     fn peer_addr(&self) -> Option<String> {
         None
     }
+    /// Fill all of `bufs`, failing on EOF: a frame's payload, whose length the
+    /// header gave. A stream that can wait for a long payload with fewer wake-ups
+    /// than one per arriving segment does so (TCP: the receive low-water mark).
+    /// Wrappers keep this default, which reads through their own `Read`.
+    fn read_payload(&mut self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()> {
+        framed::read_exact_vectored(self, bufs)
+    }
 }
 
 /// Writes, inside an `impl Stream for Wrapper { .. }`, the [`Stream`] methods that a

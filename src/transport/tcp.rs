@@ -20,7 +20,11 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use rustix::net::sockopt;
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::{sockopt, RecvAncillaryBuffer, RecvFlags};
 
 use super::{Acceptor, Connector, Deadlines, Stream, TransportError};
 
@@ -54,6 +58,9 @@ impl Stream for TcpStream {
     fn peer_addr(&self) -> Option<String> {
         TcpStream::peer_addr(self).ok().map(|a| a.to_string())
     }
+    fn read_payload(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<()> {
+        read_payload_low_water(self, bufs)
+    }
     fn shutdown_handle(&self) -> Box<dyn Fn() + Send + Sync> {
         match self.try_clone() {
             Ok(s) => Box::new(move || {
@@ -62,6 +69,102 @@ impl Stream for TcpStream {
             Err(_) => Box::new(|| {}),
         }
     }
+}
+
+/// Payloads shorter than this are read the plain way (a wake-up per segment costs
+/// little next to a few syscalls).
+const LOW_WATER_MIN: usize = 64 << 10;
+/// The highest receive low-water mark asked for (a page batch is at most 1 MiB).
+const LOW_WATER_MAX: usize = 1 << 20;
+
+/// Set the socket's receive low-water mark (`SO_RCVLOWAT`): the kernel wakes a
+/// reader (`poll` included) only once that many bytes are queued, or the receive
+/// buffer or window is nearly full, or the peer closed. rustix has no wrapper.
+fn set_low_water(fd: BorrowedFd<'_>, bytes: usize) -> std::io::Result<()> {
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&v`, a live c_int;
+    // `fd` is a socket borrowed for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Read a long payload into `bufs` with a wake-up per payload, not per segment.
+///
+/// On loopback and fast links a reader blocked in `recv` is woken for every arriving
+/// segment (64 KiB here), and on a virtual machine each wake-up of a thread on the
+/// other CPU is an inter-processor interrupt and a VM exit. This raises the receive
+/// low-water mark to the bytes still missing, waits in `poll` (which honours it),
+/// and then takes what is queued with a non-blocking `recvmsg`.
+///
+/// It never sleeps inside `recvmsg`: there the kernel compares the mark with the
+/// bytes queued *since the call started copying*, so a call that has already copied
+/// part of the payload would wait for more than the peer will ever send. A poll
+/// that times out with nothing queued is the read timeout (`WouldBlock`, as
+/// `SO_RCVTIMEO` gives); with some bytes queued it is progress, and reading goes on.
+/// The mark is set back to 1 before returning, so that headers are read as before.
+fn read_payload_low_water(
+    s: &mut TcpStream,
+    mut bufs: &mut [IoSliceMut<'_>],
+) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    let mut left: usize = bufs.iter().map(|b| b.len()).sum();
+    if left < LOW_WATER_MIN {
+        return super::framed::read_exact_vectored(s, bufs);
+    }
+    let timeout = s.read_timeout()?.map(|t| Timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: t.subsec_nanos().into(),
+    });
+    IoSliceMut::advance_slices(&mut bufs, 0);
+    let fd = s.as_fd();
+    let mut mark = 1usize;
+    let out = (|| {
+        while !bufs.is_empty() {
+            let want = left.min(LOW_WATER_MAX);
+            if want != mark {
+                set_low_water(fd, want)?;
+                mark = want;
+            }
+            let mut p = [PollFd::new(&fd, PollFlags::IN)];
+            match rustix::event::poll(&mut p, timeout.as_ref()) {
+                Ok(0) if rustix::io::ioctl_fionread(fd)? == 0 => {
+                    return Err(ErrorKind::WouldBlock.into());
+                }
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let mut control = RecvAncillaryBuffer::default();
+            match rustix::net::recvmsg(fd, bufs, &mut control, RecvFlags::DONTWAIT) {
+                Ok(m) if m.bytes == 0 => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(m) => {
+                    IoSliceMut::advance_slices(&mut bufs, m.bytes);
+                    left -= m.bytes;
+                }
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })();
+    if mark != 1 {
+        let reset = set_low_water(fd, 1);
+        if out.is_ok() {
+            reset?;
+        }
+    }
+    out
 }
 
 /// Keepalive schedule `(idle, interval, probes)` that declares a silent peer dead
@@ -282,6 +385,7 @@ impl Acceptor for TcpAcceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     #[test]
     fn keepalive_finds_a_dead_peer_within_the_peer_timeout() {
@@ -300,6 +404,94 @@ mod tests {
             keepalive_schedule(Duration::from_millis(500)),
             (Duration::from_secs(1), Duration::from_secs(1), 1)
         );
+    }
+
+    fn low_water(s: &TcpStream) -> usize {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`, a live c_int, and
+        // the length into `len`; the descriptor is the stream's, borrowed.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        v as usize
+    }
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// A payload sent in pieces, with pauses, arrives whole and in order, in two
+    /// buffers, and the low-water mark is back to 1 afterwards.
+    #[test]
+    fn a_long_payload_is_read_whole_under_the_low_water_mark() {
+        let (mut a, mut b) = pair();
+        let payload: Vec<u8> = (0..(300 << 10)).map(|i| (i * 31 % 251) as u8).collect();
+        let sent = payload.clone();
+        let w = std::thread::spawn(move || {
+            for piece in sent.chunks(70_000) {
+                a.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            a
+        });
+        let (mut x, mut y) = (vec![0u8; 100 << 10], vec![0u8; 200 << 10]);
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        b.read_payload(&mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)])
+            .unwrap();
+        assert_eq!(&x[..], &payload[..100 << 10]);
+        assert_eq!(&y[..], &payload[100 << 10..]);
+        assert_eq!(low_water(&b), 1);
+        // The next (short) read is not held back by the mark.
+        let mut a = w.join().unwrap();
+        a.write_all(b"next").unwrap();
+        let mut next = [0u8; 4];
+        b.read_payload(&mut [IoSliceMut::new(&mut next)]).unwrap();
+        assert_eq!(&next, b"next");
+    }
+
+    /// A peer that sends part of a payload and then nothing: the read fails with
+    /// the read timeout once no byte came for that long; a peer that closes: EOF.
+    #[test]
+    fn a_stalled_or_closed_peer_ends_a_payload_read() {
+        let (mut a, mut b) = pair();
+        a.write_all(&[7u8; 100 << 10]).unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = vec![0u8; 200 << 10];
+        let t = std::time::Instant::now();
+        let e = b
+            .read_payload(&mut [IoSliceMut::new(&mut buf)])
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            buf[..100 << 10].iter().all(|&v| v == 7),
+            "the bytes that came were taken"
+        );
+        assert_eq!(low_water(&b), 1);
+        let (mut a2, mut b2) = pair();
+        a2.write_all(&[1u8; 90 << 10]).unwrap();
+        drop(a2);
+        let e = b2
+            .read_payload(&mut [IoSliceMut::new(&mut buf)])
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        drop(a);
     }
 
     #[test]
