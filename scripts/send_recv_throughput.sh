@@ -10,6 +10,7 @@
 #   QEMU=1 also migrates the same image between two QEMU processes in every pair
 #   (scripts/qemu_migrate.py: multifd with 2 channels, the destination prepared or
 #   fresh in the same way) and prints livemig ÷ QEMU for each destination.
+#   SEND_FLAGS="..." adds flags to every `livemig send` (e.g. --tcp-congestion cubic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-2G}
@@ -40,7 +41,8 @@ one() { # label, recv flags...
     kill -0 $RECV_PID 2>/dev/null || break
     sleep 0.1
   done
-  "$BIN" send --plaintext --to 127.0.0.1:$port --image "$IMG" --json >"$OUT/send.out" 2>"$OUT/send.err" || true
+  # shellcheck disable=SC2086 # SEND_FLAGS is a list of flags
+  "$BIN" send --plaintext --to 127.0.0.1:$port --image "$IMG" --json ${SEND_FLAGS:-} >"$OUT/send.out" 2>"$OUT/send.err" || true
   wait $RECV_PID || true
   RECV_PID=
   python3 - "$label" "$OUT/send.out" "$OUT/recv.out" >>"$OUT/all.jsonl" <<'PY'

@@ -28,6 +28,9 @@ pub struct Limits {
     pub mem_tcp_gbit_per_s: f64,
     /// Streams used for the TCP measurements.
     pub streams: u16,
+    /// TCP congestion control of the sending sockets, as the migration's page
+    /// streams use it (the limit must be measured with the same).
+    pub congestion: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -55,15 +58,30 @@ pub fn memcpy_gb_per_s(bytes: usize) -> std::io::Result<f64> {
 }
 
 /// Raw loopback TCP throughput with `streams` streams for `duration`, Gbit/s, median of 3.
-pub fn loopback_tcp_gbit_per_s(streams: u16, duration: Duration) -> std::io::Result<f64> {
+pub fn loopback_tcp_gbit_per_s(
+    streams: u16,
+    duration: Duration,
+    congestion: Option<&str>,
+) -> std::io::Result<f64> {
     let mut samples = Vec::new();
     for _ in 0..3 {
-        samples.push(tcp_once(streams.max(1), duration)?);
+        samples.push(tcp_once(streams.max(1), duration, congestion)?);
     }
     Ok(median(samples))
 }
 
-fn tcp_once(streams: u16, duration: Duration) -> std::io::Result<f64> {
+/// Connect a sending socket as the migration's page streams are: no delay, and the
+/// congestion control asked for.
+fn connect_sender(
+    addr: std::net::SocketAddr,
+    congestion: Option<&str>,
+) -> std::io::Result<TcpStream> {
+    let s = crate::transport::tcp::connect_with(&addr, Duration::from_secs(10), congestion)?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn tcp_once(streams: u16, duration: Duration, congestion: Option<&str>) -> std::io::Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let receivers = std::thread::spawn(move || -> std::io::Result<u64> {
@@ -87,9 +105,9 @@ fn tcp_once(streams: u16, duration: Duration) -> std::io::Result<f64> {
     let start = Instant::now();
     let senders: Vec<_> = (0..streams)
         .map(|_| {
+            let congestion = congestion.map(str::to_string);
             std::thread::spawn(move || -> std::io::Result<()> {
-                let mut s = TcpStream::connect(addr)?;
-                s.set_nodelay(true)?;
+                let mut s = connect_sender(addr, congestion.as_deref())?;
                 let buf = vec![0x5au8; 1 << 20];
                 while start.elapsed() < duration {
                     s.write_all(&buf)?;
@@ -115,7 +133,11 @@ const MEM_TCP_CHUNK: usize = 1 << 20;
 
 /// Raw loopback TCP moving `bytes` of cold, non-zero memory into a fresh anonymous
 /// THP-advised region with `streams` streams, Gbit/s, median of 3.
-pub fn memory_tcp_gbit_per_s(streams: u16, bytes: usize) -> std::io::Result<f64> {
+pub fn memory_tcp_gbit_per_s(
+    streams: u16,
+    bytes: usize,
+    congestion: Option<&str>,
+) -> std::io::Result<f64> {
     let bytes = bytes.max(MEM_TCP_CHUNK).next_multiple_of(MEM_TCP_CHUNK);
     let mut src = memmap2::MmapMut::map_anon(bytes)?;
     let _ = src.advise(memmap2::Advice::HugePage);
@@ -128,12 +150,12 @@ pub fn memory_tcp_gbit_per_s(streams: u16, bytes: usize) -> std::io::Result<f64>
     }
     let mut samples = Vec::new();
     for _ in 0..3 {
-        samples.push(memory_tcp_once(streams.max(1), &src)?);
+        samples.push(memory_tcp_once(streams.max(1), &src, congestion)?);
     }
     Ok(median(samples))
 }
 
-fn memory_tcp_once(streams: u16, src: &[u8]) -> std::io::Result<f64> {
+fn memory_tcp_once(streams: u16, src: &[u8], congestion: Option<&str>) -> std::io::Result<f64> {
     let n = streams as usize;
     let mut dst = memmap2::MmapMut::map_anon(src.len())?;
     let _ = dst.advise(memmap2::Advice::HugePage);
@@ -150,8 +172,7 @@ fn memory_tcp_once(streams: u16, src: &[u8]) -> std::io::Result<f64> {
         let senders: Vec<_> = (0..n)
             .map(|i| {
                 s.spawn(move || -> std::io::Result<()> {
-                    let mut st = TcpStream::connect(addr)?;
-                    st.set_nodelay(true)?;
+                    let mut st = connect_sender(addr, congestion)?;
                     st.write_all(&[i as u8])?;
                     for c in src.chunks(MEM_TCP_CHUNK).skip(i).step_by(n) {
                         st.write_all(c)?;
@@ -196,13 +217,18 @@ fn memory_tcp_once(streams: u16, src: &[u8]) -> std::io::Result<f64> {
     Ok(src.len() as f64 * 8.0 / secs / 1e9)
 }
 
-/// Measure all limits (about 2 s in total).
-pub fn measure(streams: u16) -> std::io::Result<Limits> {
+/// Measure all limits (about 2 s in total), the TCP ones with `congestion` on the
+/// sending sockets (None: the system's default), as the migration will use.
+pub fn measure(streams: u16, congestion: Option<&str>) -> std::io::Result<Limits> {
     Ok(Limits {
         memcpy_gb_per_s: memcpy_gb_per_s(256 << 20)?,
-        tcp_gbit_per_s: loopback_tcp_gbit_per_s(streams, Duration::from_millis(300))?,
-        mem_tcp_gbit_per_s: memory_tcp_gbit_per_s(streams, MEM_TCP_BYTES)?,
+        tcp_gbit_per_s: loopback_tcp_gbit_per_s(streams, Duration::from_millis(300), congestion)?,
+        mem_tcp_gbit_per_s: memory_tcp_gbit_per_s(streams, MEM_TCP_BYTES, congestion)?,
         streams,
+        congestion: congestion
+            .map(str::to_string)
+            .or_else(crate::transport::tcp::default_congestion)
+            .unwrap_or_default(),
     })
 }
 
@@ -215,7 +241,7 @@ mod tests {
     #[test]
     fn memory_tcp_moves_the_region_intact() {
         for streams in [1, 3] {
-            let g = memory_tcp_gbit_per_s(streams, 8 << 20).expect("memory TCP");
+            let g = memory_tcp_gbit_per_s(streams, 8 << 20, Some("reno")).expect("memory TCP");
             assert!(g.is_finite() && g > 0.0, "{streams} streams: {g}");
         }
     }

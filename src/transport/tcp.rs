@@ -207,6 +207,54 @@ pub fn apply_peer_timeout(s: &TcpStream, peer: Duration) -> std::io::Result<()> 
     Ok(())
 }
 
+/// Connect to `addr` within `timeout`, with congestion control `congestion` (None:
+/// the system's default) chosen before the handshake. Chosen after it, the switch
+/// away from BBR would leave BBR's pacing on: the kernel keeps a socket's pacing
+/// status once an algorithm asked for it, and on a VM every pacing timer armed is a
+/// VM exit (docs/TUNING.md).
+pub fn connect_with(
+    addr: &SocketAddr,
+    timeout: Duration,
+    congestion: Option<&str>,
+) -> std::io::Result<TcpStream> {
+    let Some(name) = congestion else {
+        return TcpStream::connect_timeout(addr, timeout);
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(*addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    set_congestion(&s, name)?;
+    s.connect_timeout(&(*addr).into(), timeout)?;
+    Ok(s.into())
+}
+
+/// Set the TCP congestion control of `s` to `name`; the error names the algorithm
+/// and where the kernel lists those it offers.
+pub fn set_congestion(s: impl AsFd, name: &str) -> std::io::Result<()> {
+    sockopt::set_tcp_congestion(s, name).map_err(|e| {
+        std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!(
+                "TCP congestion control {name:?} is not available ({e}; the kernel offers those in /proc/sys/net/ipv4/tcp_allowed_congestion_control)"
+            ),
+        )
+    })
+}
+
+/// The congestion control algorithm in use on `s`.
+pub fn congestion_of(s: &TcpStream) -> Option<String> {
+    sockopt::tcp_congestion(s).ok()
+}
+
+/// The system's default TCP congestion control (`net.ipv4.tcp_congestion_control`).
+pub fn default_congestion() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// Connects TCP streams to one of several addresses, in priority order (one per
 /// migration network).
 ///
@@ -217,6 +265,8 @@ pub fn apply_peer_timeout(s: &TcpStream, peer: Duration) -> std::io::Result<()> 
 pub struct TcpConnector {
     addrs: Vec<String>,
     peer_timeout: Duration,
+    /// TCP congestion control of every stream opened (None: the system's default).
+    congestion: Option<String>,
     /// Index in `addrs` of the address the last stream went to (`usize::MAX`: none yet).
     active: AtomicUsize,
 }
@@ -226,6 +276,7 @@ impl Clone for TcpConnector {
         Self {
             addrs: self.addrs.clone(),
             peer_timeout: self.peer_timeout,
+            congestion: self.congestion.clone(),
             active: AtomicUsize::new(self.active.load(Ordering::Relaxed)),
         }
     }
@@ -243,6 +294,7 @@ impl TcpConnector {
         Self {
             addrs: addrs.into_iter().map(Into::into).collect(),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            congestion: None,
             active: AtomicUsize::new(usize::MAX),
         }
     }
@@ -251,6 +303,16 @@ impl TcpConnector {
     /// also bounds each connection attempt. Zero turns the deadlines off.
     pub fn peer_timeout(mut self, t: Duration) -> Self {
         self.peer_timeout = t;
+        self
+    }
+
+    /// TCP congestion control algorithm of every stream this connector opens
+    /// (`TCP_CONGESTION`, e.g. "cubic"); the default is the system's
+    /// (`net.ipv4.tcp_congestion_control`). The sender's choice is the one that
+    /// governs the page streams. An algorithm the kernel does not offer fails the
+    /// connection, naming it. See docs/TUNING.md for why it matters on a VM host.
+    pub fn congestion(mut self, name: Option<String>) -> Self {
+        self.congestion = name.filter(|n| !n.is_empty());
         self
     }
 
@@ -275,7 +337,7 @@ impl TcpConnector {
         };
         let mut last = None;
         for a in resolved {
-            match TcpStream::connect_timeout(&a, limit) {
+            match connect_with(&a, limit, self.congestion.as_deref()) {
                 Ok(s) => {
                     apply_peer_timeout(&s, self.peer_timeout)?;
                     return Ok(s);
@@ -492,6 +554,22 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
         drop(a);
+    }
+
+    /// A connector's congestion control is on every stream it opens; an algorithm
+    /// the kernel lacks fails the connection with its name in the error.
+    #[test]
+    fn streams_carry_the_congestion_control_asked_for() {
+        let acc = TcpAcceptor::bind("127.0.0.1:0").unwrap();
+        let addr = acc.local_addr().unwrap().to_string();
+        let c = TcpConnector::new(addr.clone()).congestion(Some("reno".into()));
+        let out = c.connect().unwrap();
+        let _in = acc.accept(Duration::from_secs(5)).unwrap();
+        let fd = out.splice_fd().unwrap();
+        assert_eq!(sockopt::tcp_congestion(fd).unwrap(), "reno");
+        let bad = TcpConnector::new(addr).congestion(Some("no-such-algorithm".into()));
+        let e = bad.connect().unwrap_err().to_string();
+        assert!(e.contains("no-such-algorithm"), "{e}");
     }
 
     #[test]

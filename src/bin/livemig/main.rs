@@ -90,6 +90,9 @@ enum Cmd {
         /// TCP streams.
         #[arg(long, default_value_t = 2)]
         streams: u16,
+        /// TCP congestion control of the sending sockets (default: the system's).
+        #[arg(long, value_name = "NAME")]
+        tcp_congestion: Option<String>,
     },
 }
 
@@ -197,6 +200,11 @@ struct MigrateOpts {
     /// migration for this long (the VM runs meanwhile); 0 never resumes.
     #[arg(long, default_value = "30s", value_parser = args::parse_secs)]
     reconnect_timeout: Duration,
+    /// TCP congestion control of the streams this side opens, which carry the
+    /// pages (e.g. cubic; default: the system's). On a VM host, BBR's internal
+    /// pacing timers cost a VM exit each: see docs/TUNING.md.
+    #[arg(long, value_name = "NAME")]
+    tcp_congestion: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -412,7 +420,10 @@ fn main() {
         Cmd::Resolve(a) => resolve(a),
         Cmd::Chaos(a) => chaos::run(a),
         Cmd::Sweep(a) => sweep::run(a).map_err(CliError::from),
-        Cmd::Limits { streams } => livemig::limits::measure(streams)
+        Cmd::Limits {
+            streams,
+            tcp_congestion,
+        } => livemig::limits::measure(streams, tcp_congestion.as_deref())
             .map_err(|e| e.to_string())
             .and_then(|l| {
                 println!("{}", serde_json::to_string(&l).map_err(|e| e.to_string())?);
@@ -743,7 +754,7 @@ fn bench_one(
     );
     let limits = if a.baseline {
         Some(
-            livemig::limits::measure(config.streams)
+            livemig::limits::measure(config.streams, o.tcp_congestion.as_deref())
                 .map_err(|e| format!("measuring limits: {e}"))?,
         )
     } else {
@@ -757,8 +768,14 @@ fn bench_one(
         .map_err(|e| e.to_string())?
         .to_string();
     let (acceptor, connector): tls_opts::BenchEnds = match &tls {
-        Some(t) => t.wrap(acceptor, TcpConnector::new(addr))?,
-        None => (Box::new(acceptor), Box::new(TcpConnector::new(addr))),
+        Some(t) => t.wrap(
+            acceptor,
+            TcpConnector::new(addr).congestion(o.tcp_congestion.clone()),
+        )?,
+        None => (
+            Box::new(acceptor),
+            Box::new(TcpConnector::new(addr).congestion(o.tcp_congestion.clone())),
+        ),
     };
     let (rtx, rrx) = crossbeam_channel::bounded(1);
     let (prefault, prealloc, huge_pages) = (!a.no_prefault, a.prealloc, !a.no_huge_pages);
@@ -875,6 +892,13 @@ fn bench_one(
     obj.insert("skew".into(), json!(format!("{:?}", a.skew)));
     obj.insert("tls".into(), json!(tls.is_some()));
     obj.insert(
+        "tcp_congestion".into(),
+        json!(o
+            .tcp_congestion
+            .clone()
+            .or_else(livemig::transport::tcp::default_congestion)),
+    );
+    obj.insert(
         "receiver".into(),
         serde_json::to_value(&received.report).map_err(|e| e.to_string())?,
     );
@@ -935,8 +959,11 @@ fn send(a: SendArgs) -> Result<(), CliError> {
             .map(|s| s.trim())
             .filter(|s| !s.is_empty())
             .collect();
-    let tcp =
-        Arc::new(TcpConnector::with_addrs(addrs.iter().copied()).peer_timeout(a.opts.peer_timeout));
+    let tcp = Arc::new(
+        TcpConnector::with_addrs(addrs.iter().copied())
+            .peer_timeout(a.opts.peer_timeout)
+            .congestion(a.opts.tcp_congestion.clone()),
+    );
     let (connector, tls) = a.tls.connector(
         tcp.clone(),
         addrs.first().copied().unwrap_or(""),
@@ -980,6 +1007,14 @@ fn send(a: SendArgs) -> Result<(), CliError> {
             obj.insert("outcome".into(), json!("committed"));
             obj.insert("connected_to".into(), json!(connected_to));
             obj.insert("tls".into(), json!(tls));
+            obj.insert(
+                "tcp_congestion".into(),
+                json!(a
+                    .opts
+                    .tcp_congestion
+                    .clone()
+                    .or_else(livemig::transport::tcp::default_congestion)),
+            );
         }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));
