@@ -558,6 +558,29 @@ mod tests {
 
     /// A connector's congestion control is on every stream it opens; an algorithm
     /// the kernel lacks fails the connection with its name in the error.
+    /// A payload read waiting in `poll` ends at once when another thread shuts the
+    /// stream down (cancel, abort), not at the read timeout.
+    #[test]
+    fn a_shutdown_ends_a_waiting_payload_read() {
+        let (mut a, mut b) = pair();
+        a.write_all(&[3u8; 80 << 10]).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let cut = b.shutdown_handle();
+        let t = std::time::Instant::now();
+        let cutter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            cut();
+        });
+        let mut buf = vec![0u8; 1 << 20];
+        let e = b
+            .read_payload(&mut [IoSliceMut::new(&mut buf)])
+            .unwrap_err();
+        cutter.join().unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        drop(a);
+    }
+
     #[test]
     fn streams_carry_the_congestion_control_asked_for() {
         let acc = TcpAcceptor::bind("127.0.0.1:0").unwrap();
