@@ -906,6 +906,7 @@ fn bench_one(
         let ratio = report.wire_gbit_per_s / l.tcp_gbit_per_s;
         obj.insert("limit_wire_gbit_per_s".into(), json!(l.tcp_gbit_per_s));
         obj.insert("limit_memcpy_gb_per_s".into(), json!(l.memcpy_gb_per_s));
+        obj.insert("limit_tcp_congestion".into(), json!(l.congestion));
         obj.insert("wire_vs_limit".into(), json!(ratio));
         let mem_ratio = report.wire_gbit_per_s / l.mem_tcp_gbit_per_s;
         obj.insert(
@@ -919,10 +920,11 @@ fn bench_one(
         );
         if !o.json {
             println!(
-                "limits (same run): memcpy {:.1} GB/s, loopback TCP {:.1} Gbit/s with {} stream(s); this migration's wire rate is {:.0} % of it",
+                "limits (same run): memcpy {:.1} GB/s, loopback TCP {:.1} Gbit/s with {} stream(s) ({}); this migration's wire rate is {:.0} % of it",
                 l.memcpy_gb_per_s,
                 l.tcp_gbit_per_s,
                 l.streams,
+                l.congestion,
                 ratio * 100.0
             );
             println!(
