@@ -594,9 +594,10 @@ impl GuestRun<'_> {
 /// Copy the page at `src` into `dst` and tell whether it holds a non-zero byte.
 ///
 /// Written by hand because neither half alone is fast here: glibc's `memcpy` copies
-/// 4 KiB with `rep movsb`, which runs at about 23 GB/s on this machine's AMD EPYC
-/// (cold source, copy and separate zero check), against 34-36 GB/s for this loop of
-/// 32-byte loads and stores whose loaded registers are OR-ed for the zero check.
+/// 4 KiB with `rep movsb`, slow on this machine's AMD EPYC, and the zero check then
+/// reads the copy again. `cargo bench --bench codecs -- page-copy-out` (256 MiB of
+/// `mix` memory): 37 GiB/s for this loop of 32-byte loads and stores whose loaded
+/// registers are OR-ed for the zero check, 17 GiB/s for `memcpy` then the check.
 ///
 /// # Safety
 /// `src` must be valid for reads of `PAGE_SIZE` bytes and not overlap `dst`. Other
