@@ -243,11 +243,6 @@ pub fn set_congestion(s: impl AsFd, name: &str) -> std::io::Result<()> {
     })
 }
 
-/// The congestion control algorithm in use on `s`.
-pub fn congestion_of(s: &TcpStream) -> Option<String> {
-    sockopt::tcp_congestion(s).ok()
-}
-
 /// The system's default TCP congestion control (`net.ipv4.tcp_congestion_control`).
 pub fn default_congestion() -> Option<String> {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")

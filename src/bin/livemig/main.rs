@@ -492,6 +492,13 @@ fn config_of(o: &MigrateOpts) -> Result<MigrationConfig, String> {
     })
 }
 
+/// The congestion control of the page streams: the one asked for, else the system's.
+fn congestion_in_use(o: &MigrateOpts) -> Option<String> {
+    o.tcp_congestion
+        .clone()
+        .or_else(livemig::transport::tcp::default_congestion)
+}
+
 fn policy_of(o: &MigrateOpts) -> DowntimePolicy {
     let mut p = DowntimePolicy::with_target(o.downtime_target);
     p.max_rounds = o.max_rounds;
@@ -891,13 +898,7 @@ fn bench_one(
     obj.insert("migration".into(), json!(index));
     obj.insert("skew".into(), json!(format!("{:?}", a.skew)));
     obj.insert("tls".into(), json!(tls.is_some()));
-    obj.insert(
-        "tcp_congestion".into(),
-        json!(o
-            .tcp_congestion
-            .clone()
-            .or_else(livemig::transport::tcp::default_congestion)),
-    );
+    obj.insert("tcp_congestion".into(), json!(congestion_in_use(o)));
     obj.insert(
         "receiver".into(),
         serde_json::to_value(&received.report).map_err(|e| e.to_string())?,
@@ -1009,14 +1010,7 @@ fn send(a: SendArgs) -> Result<(), CliError> {
             obj.insert("outcome".into(), json!("committed"));
             obj.insert("connected_to".into(), json!(connected_to));
             obj.insert("tls".into(), json!(tls));
-            obj.insert(
-                "tcp_congestion".into(),
-                json!(a
-                    .opts
-                    .tcp_congestion
-                    .clone()
-                    .or_else(livemig::transport::tcp::default_congestion)),
-            );
+            obj.insert("tcp_congestion".into(), json!(congestion_in_use(&a.opts)));
         }
         if let (Some(r), Some(obj)) = (rss, v.as_object_mut()) {
             obj.insert("sender_anon_rss_start_bytes".into(), json!(r.start_bytes));

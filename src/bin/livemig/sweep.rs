@@ -37,6 +37,10 @@ pub struct SweepArgs {
     /// Output directory.
     #[arg(long, default_value = "bench-out/sweep")]
     out: PathBuf,
+    /// TCP congestion control of every run's page streams and limits (default: the
+    /// system's; see docs/TUNING.md).
+    #[arg(long, value_name = "NAME")]
+    tcp_congestion: Option<String>,
 }
 
 struct Cell {
@@ -121,6 +125,9 @@ pub fn run(a: SweepArgs) -> Result<(), String> {
             ]);
             if c.mode == "compress" {
                 cmd.args(["--codec", &c.codec]);
+            }
+            if let Some(cc) = &a.tcp_congestion {
+                cmd.args(["--tcp-congestion", cc]);
             }
             if c.bandwidth != "none" {
                 cmd.args(["--bandwidth", &c.bandwidth]);
