@@ -218,9 +218,10 @@ impl<'m> PageSink<'m> for GatherSink<'_, 'm> {
 }
 
 /// The batch-encoding loop of both send paths. For each page of `b`, in order: its
-/// extent goes into `meta`; a page known unpopulated is zero without being read;
-/// any other page is copied once out of guest memory into `sink`'s slot, and the zero
-/// check and the hash read that copy. Zero pages are marked in the zero map and
+/// extent goes into `meta`; a page the kernel reports never populated (or mapped to
+/// the shared zero page) is zero without being read; any other page is copied once
+/// out of guest memory into `sink`'s slot, the copy itself telling whether it is zero
+/// ([`RacyPages::copy_page`]), and the hash reads the copy. Zero pages are marked in the zero map and
 /// handed to `sink.skip`, the others to `sink.keep`. Every page's hash goes into
 /// `meta` and is recorded in the sent ledger (merged from `digest` at the end).
 /// Returns the number of zero pages.
@@ -355,7 +356,8 @@ pub(super) fn zero_copy(shared: &SendState, codec: CodecId, out: &FrameWriter) -
 /// Raw batches without a user-space copy of the payload: each page is copied into
 /// an L1-resident scratch page for the zero check and the hash, and the frame is
 /// written with `writev` straight from guest memory (see [`zero_copy`] for when).
-/// Unpopulated anonymous pages are sent as zero pages without being touched.
+/// Unpopulated (or zero-page-mapped) anonymous pages are sent as zero pages without
+/// being touched.
 ///
 /// While the VM runs, a page may change between hashing and the kernel's copy, so
 /// such batches carry `FLAG_RACY`: the receiver stores the hash of what arrived and
