@@ -1,19 +1,64 @@
 //! End to end: delta encoding with a dirtier over a small hot set, several rounds,
 //! two streams, over the in-process transport. The destination must equal the
 //! source byte for byte, and some pages must actually have travelled as deltas.
+//!
+//! The dirtier is a thread and a loaded machine may not schedule it during the
+//! short rounds of a zero-target migration, so each harvest also changes one word
+//! in a fixed set of hot pages itself: every round after the first then re-sends
+//! pages the previous round cached, whatever the scheduler does.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use livemig::codec::CodecId;
-use livemig::dirty::ExplicitTracker;
+use livemig::dirty::{DirtyTracker, ExplicitTracker, TrackError, TrackerCaps};
 use livemig::engine::{DowntimePolicy, Migration, MigrationConfig, Mode, OnLimit};
-use livemig::memory::DirtyBitmap;
+use livemig::memory::{DirtyBitmap, PageSet, PAGE_SIZE};
 use livemig::receiver::Receiver;
 use livemig::stats::MigrationReport;
 use livemig::transport::mem;
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
 use livemig::GuestMemory;
+
+/// Pages the harvest writes to itself, inside the dirtier's hot set.
+const WRITTEN_PAGES: u64 = 32;
+const HOT_SET_OFFSET: u64 = 4 << 20;
+
+/// The explicit tracker, plus one word changed in each of `WRITTEN_PAGES` hot
+/// pages at every harvest (a small change: a delta against the cached copy).
+struct WritingTracker {
+    inner: ExplicitTracker,
+    mem: Arc<GuestMemory>,
+    bitmap: Arc<DirtyBitmap>,
+    harvests: u64,
+}
+
+impl DirtyTracker for WritingTracker {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn caps(&self) -> TrackerCaps {
+        self.inner.caps()
+    }
+    fn start(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
+        self.inner.start(mem)
+    }
+    fn harvest(&mut self, mem: &GuestMemory, into: &mut PageSet) -> Result<(), TrackError> {
+        self.harvests += 1;
+        let first = HOT_SET_OFFSET / PAGE_SIZE as u64;
+        let word = (self.harvests % (PAGE_SIZE as u64 / 8)) as usize;
+        for index in first..first + WRITTEN_PAGES {
+            self.mem.regions()[0]
+                .write_u64(index as usize * PAGE_SIZE + word * 8, self.harvests)
+                .expect("write a hot page");
+            self.bitmap.mark(index);
+        }
+        self.inner.harvest(mem, into)
+    }
+    fn stop(&mut self, mem: &GuestMemory) -> Result<(), TrackError> {
+        self.inner.stop(mem)
+    }
+}
 
 fn migrate(codec: CodecId, mode: Mode, cache_bytes: u64) -> MigrationReport {
     let mem = Arc::new(GuestMemory::anonymous(16 << 20, false).unwrap());
@@ -25,7 +70,7 @@ fn migrate(codec: CodecId, mode: Mode, cache_bytes: u64) -> MigrationReport {
         DirtierConfig {
             rate_bytes_per_s: 200_000_000,
             hot_set_bytes: 1 << 20,
-            hot_set_offset: 4 << 20,
+            hot_set_offset: HOT_SET_OFFSET,
             skew: Skew::Uniform,
             seed: 5,
             ..Default::default()
@@ -34,7 +79,12 @@ fn migrate(codec: CodecId, mode: Mode, cache_bytes: u64) -> MigrationReport {
     let (connector, acceptor) = mem::pair();
     let receiver = std::thread::spawn(move || Receiver::new().run(&acceptor));
     let report = Migration::new(mem.clone())
-        .tracker(Box::new(ExplicitTracker::new(bitmap)))
+        .tracker(Box::new(WritingTracker {
+            inner: ExplicitTracker::new(bitmap.clone()),
+            mem: mem.clone(),
+            bitmap,
+            harvests: 0,
+        }))
         .vm_control(Box::new(dirtier.control()))
         // A zero target never converges: the loop runs to the round limit.
         .policy(Box::new(DowntimePolicy {
