@@ -165,6 +165,15 @@ fn page_hashing(c: &mut Criterion) {
                 .fold(0u64, |a, p| a ^ livemig::memory::page_hash(black_box(p)))
         })
     });
+    // The crate's XXH3 over the same pages: `page_hash` computes the same value in
+    // its own one-pass loop (`memory::page_pass`).
+    g.bench_function("cache-resident-xxh3-crate", |b| {
+        b.iter(|| {
+            hot.chunks_exact(PAGE_SIZE).fold(0u64, |a, p| {
+                a ^ twox_hash::XxHash3_64::oneshot(black_box(p))
+            })
+        })
+    });
     // 256 MiB: above this machine's 105 MiB L3, so each pass reads memory.
     let cold: Vec<u8> = (0..256usize << 20)
         .map(|i| (i * 31 + i / 4096) as u8)
@@ -174,6 +183,13 @@ fn page_hashing(c: &mut Criterion) {
         b.iter(|| {
             cold.chunks_exact(PAGE_SIZE)
                 .fold(0u64, |a, p| a ^ livemig::memory::page_hash(black_box(p)))
+        })
+    });
+    g.bench_function("memory-resident-256MiB-xxh3-crate", |b| {
+        b.iter(|| {
+            cold.chunks_exact(PAGE_SIZE).fold(0u64, |a, p| {
+                a ^ twox_hash::XxHash3_64::oneshot(black_box(p))
+            })
         })
     });
     g.finish();
@@ -200,6 +216,36 @@ fn page_copy_out(c: &mut Criterion) {
         b.iter(|| {
             (0..pages as usize)
                 .filter(|&p| view.copy_page(p, black_box(&mut scratch)).expect("page"))
+                .count()
+        })
+    });
+    // What each send path does per page: the copy path copies, hashes and checks
+    // for zero; the zero-copy path hashes and checks without copying.
+    g.bench_function("copy-path-copy-hash-zero-one-pass", |b| {
+        b.iter(|| {
+            (0..pages as usize)
+                .filter(|&p| {
+                    view.copy_hash_page(p, black_box(&mut scratch))
+                        .expect("page")
+                        .nonzero
+                })
+                .count()
+        })
+    });
+    g.bench_function("copy-path-copy-zero-then-hash", |b| {
+        b.iter(|| {
+            (0..pages as usize)
+                .filter(|&p| {
+                    view.copy_page(p, black_box(&mut scratch)).expect("page")
+                        && twox_hash::XxHash3_64::oneshot(&scratch) != 0
+                })
+                .count()
+        })
+    });
+    g.bench_function("zero-copy-path-hash-zero-one-pass", |b| {
+        b.iter(|| {
+            (0..pages as usize)
+                .filter(|&p| view.hash_page(p).expect("page").nonzero)
                 .count()
         })
     });

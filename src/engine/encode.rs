@@ -1,12 +1,13 @@
 //! The batch encoder of a page stream: one 256-page batch read out of guest memory,
 //! zero-checked, hashed, recorded in the sent ledger, encoded and written as one
-//! frame. Both send paths share one loop ([`walk_batch`]) and differ only in where
-//! each page is copied ([`PageSink`]):
+//! frame. Both send paths share one loop ([`walk_batch`]) and differ only in how
+//! each page is read ([`PageSink`]), always in one pass that also hashes it and
+//! checks it for zero (`memory::page_pass`):
 //! - the copy path ([`send_batch`]) copies the pages into the batch's payload buffer,
 //!   which the delta encoder and the block codecs then read;
-//! - the zero-copy path ([`send_batch_zero_copy`]) copies each page into one
-//!   L1-resident scratch page for the zero check and the hash, and writes the runs of
-//!   non-zero pages with `writev` straight from guest memory.
+//! - the zero-copy path ([`send_batch_zero_copy`]) copies nothing: it hashes each
+//!   page where it lies, and writes the runs of non-zero pages with `writev`
+//!   straight from guest memory.
 //!
 //! Guest memory is read only through [`RacyPages`]: no `&[u8]` is formed over memory
 //! the guest may write, except the ranges handed to the kernel for `writev`.
@@ -15,21 +16,16 @@ use std::sync::atomic::Ordering;
 
 use super::pipeline::{Batch, BatchError, SendState};
 use crate::codec::{CodecId, CodecSet};
-use crate::memory::{page_hash, zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
+use crate::memory::page_pass::PageSummary;
+use crate::memory::{zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
 use crate::proof::DigestDelta;
 use crate::transport::framed::FrameWriter;
 use crate::wire::batch::BatchMeta;
 use crate::wire::{Extent, FrameKind};
 
-/// One page, aligned to a cache line.
-#[repr(align(64))]
-struct PageBuf([u8; PAGE_SIZE]);
-
 /// Reusable buffers of one worker.
 pub(super) struct Scratch {
     pub(super) pages: Vec<u8>,
-    /// The zero-copy path's copy of one page, for its zero check and hash.
-    page: Box<PageBuf>,
     pub(super) encoded: Vec<u8>,
     pub(super) meta: BatchMeta,
     meta_bytes: Vec<u8>,
@@ -45,7 +41,6 @@ impl Scratch {
     pub(super) fn new(zstd_level: i32) -> Self {
         Self {
             pages: vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE],
-            page: Box::new(PageBuf([0; PAGE_SIZE])),
             encoded: Vec::with_capacity(crate::wire::MAX_BATCH_DATA),
             meta: BatchMeta::default(),
             meta_bytes: Vec::with_capacity(crate::wire::MAX_BATCH_META),
@@ -129,8 +124,9 @@ trait PageSink<'m> {
     /// Whether the kept pages go through the delta encoder, which keeps the delta
     /// cache right for them; otherwise every page sent invalidates its cached version.
     const DELTA_ENCODED: bool;
-    /// The buffer the next page is copied into.
-    fn slot(&mut self) -> &mut [u8; PAGE_SIZE];
+    /// Read page `p` of `view` in one pass: its hash and whether it is zero (and,
+    /// on the copy path, the copy into the next payload slot).
+    fn read(&mut self, view: &RacyPages<'m>, p: usize) -> Result<PageSummary, MemoryError>;
     /// The page just copied is not zero: keep page `p` of `view` (page index `index`).
     fn keep(&mut self, view: &RacyPages<'m>, p: usize, index: u64);
     /// Page `p` of `view` is zero: it travels in the zero map only.
@@ -152,10 +148,11 @@ impl<'m> PageSink<'m> for PayloadSink<'_> {
     const DELTA_ENCODED: bool = true;
 
     #[inline]
-    fn slot(&mut self) -> &mut [u8; PAGE_SIZE] {
-        (&mut self.pages[self.len..self.len + PAGE_SIZE])
+    fn read(&mut self, view: &RacyPages<'m>, p: usize) -> Result<PageSummary, MemoryError> {
+        let slot: &mut [u8; PAGE_SIZE] = (&mut self.pages[self.len..self.len + PAGE_SIZE])
             .try_into()
-            .expect("one page")
+            .expect("one page");
+        view.copy_hash_page(p, slot)
     }
 
     #[inline]
@@ -174,17 +171,16 @@ impl<'m> PageSink<'m> for PayloadSink<'_> {
     }
 }
 
-/// Zero-copy path: each page is copied into one page-sized `scratch` buffer, which
-/// stays in L1 cache, for the zero check and the hash only; the payload is the runs
-/// of non-zero pages in guest memory itself, which the kernel reads (`writev`).
-struct GatherSink<'s, 'm> {
-    scratch: &'s mut [u8; PAGE_SIZE],
+/// Zero-copy path: each page is read once where it lies, for the zero check and the
+/// hash only; the payload is the runs of non-zero pages in guest memory itself,
+/// which the kernel reads (`writev`).
+struct GatherSink<'m> {
     runs: Vec<GuestRun<'m>>,
     /// First page (of the current extent's view) of the open run of non-zero pages.
     open: Option<usize>,
 }
 
-impl<'m> GatherSink<'_, 'm> {
+impl<'m> GatherSink<'m> {
     /// Close the open run, if any, before page `end` of `view`.
     fn close(&mut self, view: &RacyPages<'m>, end: usize) -> Result<(), MemoryError> {
         if let Some(first) = self.open.take() {
@@ -194,12 +190,12 @@ impl<'m> GatherSink<'_, 'm> {
     }
 }
 
-impl<'m> PageSink<'m> for GatherSink<'_, 'm> {
+impl<'m> PageSink<'m> for GatherSink<'m> {
     const DELTA_ENCODED: bool = false;
 
     #[inline]
-    fn slot(&mut self) -> &mut [u8; PAGE_SIZE] {
-        self.scratch
+    fn read(&mut self, view: &RacyPages<'m>, p: usize) -> Result<PageSummary, MemoryError> {
+        view.hash_page(p)
     }
 
     #[inline]
@@ -219,10 +215,10 @@ impl<'m> PageSink<'m> for GatherSink<'_, 'm> {
 
 /// The batch-encoding loop of both send paths. For each page of `b`, in order: its
 /// extent goes into `meta`; a page the kernel reports never populated (or mapped to
-/// the shared zero page) is zero without being read; any other page is copied once
-/// out of guest memory into `sink`'s slot, the copy itself telling whether it is zero
-/// ([`RacyPages::copy_page`]), and the hash reads the copy. Zero pages are marked in the zero map and
-/// handed to `sink.skip`, the others to `sink.keep`. Every page's hash goes into
+/// the shared zero page) is zero without being read; any other page is read once
+/// by `sink.read`, which hashes it and tells whether it is zero in the same pass
+/// (copying it into the payload on the copy path). Zero pages are marked in the zero
+/// map and handed to `sink.skip`, the others to `sink.keep`. Every page's hash goes into
 /// `meta` and is recorded in the sent ledger (merged from `digest` at the end).
 /// Returns the number of zero pages.
 fn walk_batch<'m, S: PageSink<'m>>(
@@ -249,11 +245,19 @@ fn walk_batch<'m, S: PageSink<'m>>(
         let view = region.racy_pages(rp, count as u64)?;
         for (p, &populated) in present.iter().enumerate() {
             let index = start + p as u64;
-            let nonzero = populated && view.copy_page(p, sink.slot())?;
+            // A page never populated is zero without being read.
+            let read = if populated {
+                sink.read(&view, p)?
+            } else {
+                PageSummary {
+                    hash: zero_hash,
+                    nonzero: false,
+                }
+            };
+            let nonzero = read.nonzero;
             let hash = if nonzero {
-                let h = page_hash(sink.slot());
                 sink.keep(&view, p, index);
-                h
+                read.hash
             } else {
                 meta.zero_map[i / 8] |= 1 << (i % 8);
                 zeros += 1;
@@ -353,9 +357,8 @@ pub(super) fn zero_copy(shared: &SendState, codec: CodecId, out: &FrameWriter) -
     codec == CodecId::Raw && shared.delta.is_none() && out.stream().splice_fd().is_some()
 }
 
-/// Raw batches without a user-space copy of the payload: each page is copied into
-/// an L1-resident scratch page for the zero check and the hash, and the frame is
-/// written with `writev` straight from guest memory (see [`zero_copy`] for when).
+/// Raw batches without a user-space copy of the payload: each page is read once
+/// where it lies for the zero check and the hash, and the frame is written with `writev` straight from guest memory (see [`zero_copy`] for when).
 /// Unpopulated (or zero-page-mapped) anonymous pages are sent as zero pages without
 /// being touched.
 ///
@@ -379,7 +382,6 @@ pub(super) fn send_batch_zero_copy(
     };
     let npages = b.pages() as usize;
     let mut sink = GatherSink {
-        scratch: &mut s.page.0,
         runs: Vec::with_capacity(b.extents.len() + 4),
         open: None,
     };
@@ -477,9 +479,7 @@ mod tests {
         };
         let (copied, zeros) = walk(&shared, &b, &mut payload);
         let len = payload.len;
-        let mut scratch = PageBuf([0; PAGE_SIZE]);
         let mut gather = GatherSink {
-            scratch: &mut scratch.0,
             runs: Vec::new(),
             open: None,
         };
@@ -493,7 +493,7 @@ mod tests {
         assert_eq!(gathered.hashes, copied.hashes);
         let gfns: Vec<_> = copied.extents.iter().map(|e| (e.gfn, e.count)).collect();
         assert_eq!(gfns, vec![(1, 5), (8, 2)]);
-        let expect = |p: u64| page_hash(&[p as u8 + 1; PAGE_SIZE]);
+        let expect = |p: u64| crate::memory::page_hash(&[p as u8 + 1; PAGE_SIZE]);
         let zero = zero_page_hash();
         let want = [expect(1), expect(2), zero, expect(4), expect(5), zero, zero];
         assert_eq!(copied.hashes, want);
@@ -533,9 +533,7 @@ mod tests {
             quiescent: false,
             extents: vec![(15, 2)],
         };
-        let mut scratch = PageBuf([0; PAGE_SIZE]);
         let mut gather = GatherSink {
-            scratch: &mut scratch.0,
             runs: Vec::new(),
             open: None,
         };

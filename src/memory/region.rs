@@ -547,6 +547,34 @@ impl<'a> RacyPages<'a> {
         Ok(unsafe { copy_page_nonzero(self.ptr.as_ptr().add(p * PAGE_SIZE), dst) })
     }
 
+    /// Copy page `p` of the view into `dst`, hashing it and checking it for zero in
+    /// the same pass ([`super::page_pass::copy_hash_page`]); the summary describes
+    /// the copy.
+    #[inline]
+    pub fn copy_hash_page(
+        &self,
+        p: usize,
+        dst: &mut [u8; PAGE_SIZE],
+    ) -> Result<super::page_pass::PageSummary, MemoryError> {
+        self.check(p, 1)?;
+        // SAFETY: as `copy_page`: page `p` lies in the view, `dst` is a Rust buffer
+        // that cannot overlap guest memory, and a concurrent guest write races only
+        // on plain bytes read through a raw pointer.
+        Ok(unsafe { super::page_pass::copy_hash_page(self.ptr.as_ptr().add(p * PAGE_SIZE), dst) })
+    }
+
+    /// Hash page `p` of the view and check it for zero, reading it once and copying
+    /// nothing ([`super::page_pass::hash_page`]): for the zero-copy path, where the
+    /// kernel reads the page for the socket. A page the guest writes meanwhile is
+    /// described as some mix of its old and new bytes, and is dirty.
+    #[inline]
+    pub fn hash_page(&self, p: usize) -> Result<super::page_pass::PageSummary, MemoryError> {
+        self.check(p, 1)?;
+        // SAFETY: page `p` lies in the view (checked above), inside the region's
+        // mapping for `'a`; it is read through a raw pointer and never referenced.
+        Ok(unsafe { super::page_pass::hash_page(self.ptr.as_ptr().add(p * PAGE_SIZE)) })
+    }
+
     /// The `count` pages from page `first` of the view, as an address range for the
     /// kernel to read.
     pub fn run(&self, first: usize, count: usize) -> Result<GuestRun<'a>, MemoryError> {
@@ -717,6 +745,15 @@ mod tests {
         assert!(page.iter().all(|&b| b == 7));
         assert!(!view.copy_page(0, &mut page).unwrap(), "page 2 is zero");
         assert!(page.iter().all(|&b| b == 0));
+        // The one-pass reads hash what they read, copied or not.
+        let sevens = super::super::page_hash(&[7u8; PAGE_SIZE]);
+        let read = view.hash_page(1).unwrap();
+        assert!(read.nonzero);
+        assert_eq!(read.hash, sevens);
+        assert!(!view.hash_page(0).unwrap().nonzero);
+        let copied = view.copy_hash_page(1, &mut page).unwrap();
+        assert_eq!(copied, read);
+        assert!(page.iter().all(|&b| b == 7));
         let run = view.run(1, 3).unwrap();
         assert_eq!(
             run.as_ptr() as usize,
@@ -725,6 +762,8 @@ mod tests {
         assert_eq!(run.len(), 3 * PAGE_SIZE);
         // Nothing past the view, nor a view past the region.
         assert!(view.copy_page(4, &mut page).is_err());
+        assert!(view.hash_page(4).is_err());
+        assert!(view.copy_hash_page(4, &mut page).is_err());
         assert!(view.run(2, 3).is_err());
         assert!(view.run(usize::MAX, 2).is_err());
         assert!(r.racy_pages(6, 3).is_err());
