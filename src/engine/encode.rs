@@ -1,13 +1,14 @@
 //! The batch encoder of a page stream: one 256-page batch read out of guest memory,
 //! zero-checked, hashed, recorded in the sent ledger, encoded and written as one
 //! frame. Both send paths share one loop ([`walk_batch`]) and differ only in how
-//! each page is read ([`PageSink`]), always in one pass that also hashes it and
-//! checks it for zero (`memory::page_pass`):
-//! - the copy path ([`send_batch`]) copies the pages into the batch's payload buffer,
-//!   which the delta encoder and the block codecs then read;
+//! each page is read ([`PageSink`]), reading it out of memory once for its zero
+//! check and its hash:
+//! - the copy path ([`send_batch`]) copies the pages into the batch's payload buffer
+//!   (the copy tells whether the page is zero) and hashes the copy; the delta
+//!   encoder and the block codecs then read the payload;
 //! - the zero-copy path ([`send_batch_zero_copy`]) copies nothing: it hashes each
-//!   page where it lies, and writes the runs of non-zero pages with `writev`
-//!   straight from guest memory.
+//!   page where it lies (`memory::page_pass`), and writes the runs of non-zero pages
+//!   with `writev` straight from guest memory.
 //!
 //! Guest memory is read only through [`RacyPages`]: no `&[u8]` is formed over memory
 //! the guest may write, except the ranges handed to the kernel for `writev`.
@@ -17,7 +18,7 @@ use std::sync::atomic::Ordering;
 use super::pipeline::{Batch, BatchError, SendState};
 use crate::codec::{CodecId, CodecSet};
 use crate::memory::page_pass::PageSummary;
-use crate::memory::{zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
+use crate::memory::{page_hash, zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
 use crate::proof::DigestDelta;
 use crate::transport::framed::FrameWriter;
 use crate::wire::batch::BatchMeta;
@@ -152,7 +153,12 @@ impl<'m> PageSink<'m> for PayloadSink<'_> {
         let slot: &mut [u8; PAGE_SIZE] = (&mut self.pages[self.len..self.len + PAGE_SIZE])
             .try_into()
             .expect("one page");
-        view.copy_hash_page(p, slot)
+        // The copy tells whether it is zero; the hash reads the copy, in L1.
+        let nonzero = view.copy_page(p, slot)?;
+        Ok(PageSummary {
+            hash: page_hash(slot),
+            nonzero,
+        })
     }
 
     #[inline]
@@ -493,7 +499,7 @@ mod tests {
         assert_eq!(gathered.hashes, copied.hashes);
         let gfns: Vec<_> = copied.extents.iter().map(|e| (e.gfn, e.count)).collect();
         assert_eq!(gfns, vec![(1, 5), (8, 2)]);
-        let expect = |p: u64| crate::memory::page_hash(&[p as u8 + 1; PAGE_SIZE]);
+        let expect = |p: u64| page_hash(&[p as u8 + 1; PAGE_SIZE]);
         let zero = zero_page_hash();
         let want = [expect(1), expect(2), zero, expect(4), expect(5), zero, zero];
         assert_eq!(copied.hashes, want);

@@ -547,22 +547,6 @@ impl<'a> RacyPages<'a> {
         Ok(unsafe { copy_page_nonzero(self.ptr.as_ptr().add(p * PAGE_SIZE), dst) })
     }
 
-    /// Copy page `p` of the view into `dst`, hashing it and checking it for zero in
-    /// the same pass ([`super::page_pass::copy_hash_page`]); the summary describes
-    /// the copy.
-    #[inline]
-    pub fn copy_hash_page(
-        &self,
-        p: usize,
-        dst: &mut [u8; PAGE_SIZE],
-    ) -> Result<super::page_pass::PageSummary, MemoryError> {
-        self.check(p, 1)?;
-        // SAFETY: as `copy_page`: page `p` lies in the view, `dst` is a Rust buffer
-        // that cannot overlap guest memory, and a concurrent guest write races only
-        // on plain bytes read through a raw pointer.
-        Ok(unsafe { super::page_pass::copy_hash_page(self.ptr.as_ptr().add(p * PAGE_SIZE), dst) })
-    }
-
     /// Hash page `p` of the view and check it for zero, reading it once and copying
     /// nothing ([`super::page_pass::hash_page`]): for the zero-copy path, where the
     /// kernel reads the page for the socket. A page the guest writes meanwhile is
@@ -751,9 +735,6 @@ mod tests {
         assert!(read.nonzero);
         assert_eq!(read.hash, sevens);
         assert!(!view.hash_page(0).unwrap().nonzero);
-        let copied = view.copy_hash_page(1, &mut page).unwrap();
-        assert_eq!(copied, read);
-        assert!(page.iter().all(|&b| b == 7));
         let run = view.run(1, 3).unwrap();
         assert_eq!(
             run.as_ptr() as usize,
@@ -763,7 +744,6 @@ mod tests {
         // Nothing past the view, nor a view past the region.
         assert!(view.copy_page(4, &mut page).is_err());
         assert!(view.hash_page(4).is_err());
-        assert!(view.copy_hash_page(4, &mut page).is_err());
         assert!(view.run(2, 3).is_err());
         assert!(view.run(usize::MAX, 2).is_err());
         assert!(r.racy_pages(6, 3).is_err());
