@@ -431,7 +431,7 @@ pub fn host_page_size() -> usize {
 
 /// The per-page hash used for integrity checks and digests (xxh3-64). For bytes
 /// already in cache (the receiver hashes pages it has just written) the crate's
-/// loop is the faster one: 54 against 46 GiB/s for [`page_pass::hash_page`], which
+/// loop is the faster one: 56 against 47 GiB/s for [`page_pass::hash_page`], which
 /// computes the same value and is meant for memory not in cache
 /// (`cargo bench --features bench --bench codecs -- page-hash`).
 #[inline]

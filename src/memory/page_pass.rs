@@ -3,15 +3,18 @@
 //! reads guest memory for the socket).
 //!
 //! A first loop of independent loads brings the page into L1 and tests it for
-//! zero, asking for the lines two pages ahead meanwhile (the next pages of a
-//! batch's extent); the hash then reads the page from L1. The load loop matters:
-//! hashing straight from memory not in cache ran at 15 GiB/s, since the hash's
-//! chain of dependent adds keeps few loads in flight. Over 256 MiB of anonymous
-//! `mix` memory (`cargo bench --features bench --bench codecs -- page-copy-out`):
-//! 41 GiB/s, against 28 GiB/s for the copy path's copy-and-zero-check into an L1
+//! zero; the hash then reads the page from L1. The load loop matters: hashing
+//! straight from memory not in cache ran at 15 GiB/s, since the hash's chain of
+//! dependent adds keeps few loads in flight. Over 256 MiB of anonymous `mix`
+//! memory (`cargo bench --features bench --bench codecs -- page-copy-out`): 32
+//! GiB/s, against 29 GiB/s for the copy path's copy-and-zero-check into an L1
 //! page then the crate's hash of the copy. For pages already in cache the crate is
-//! faster (55 against 46 GiB/s, `-- page-hash`), so [`super::page_hash`] stays
+//! faster (56 against 47 GiB/s, `-- page-hash`), so [`super::page_hash`] stays
 //! the crate's, and the copy path keeps its copy then the crate's hash.
+//!
+//! Tried and dropped: prefetching the lines two pages ahead. It raised the
+//! micro-benchmark to 41 GiB/s but not whole migrations (`bench --baseline`), and
+//! slowed `send` of a file-backed image, whose next pages are often not mapped yet.
 //!
 //! Why written by hand: a hash crate takes a `&[u8]`, which over guest memory a
 //! running guest writes is a data race, and none tests for zero in its loop. This
@@ -91,7 +94,7 @@ unsafe fn pass_avx2(src: *const u8) -> PageSummary {
         __m256i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32, _mm256_or_si256,
         _mm256_set1_epi64x, _mm256_set_epi64x, _mm256_setzero_si256, _mm256_shuffle_epi32,
         _mm256_slli_epi64, _mm256_srli_epi64, _mm256_storeu_si256, _mm256_testz_si256,
-        _mm256_xor_si256, _mm_prefetch, _MM_HINT_T0,
+        _mm256_xor_si256,
     };
     const PRIME32_1: u64 = 0x9E37_79B1;
     const PRIME32_2: u64 = 0x85EB_CA77;
@@ -104,7 +107,6 @@ unsafe fn pass_avx2(src: *const u8) -> PageSummary {
     const PRIME_MX1: u64 = 0x1656_6791_9E37_79F9;
     const STRIPE: usize = 64;
     const BLOCK: usize = 16 * STRIPE;
-    const AHEAD: usize = 2 * PAGE_SIZE;
 
     let secret = SECRET.as_ptr();
     // Lanes low to high: acc[0..4] and acc[4..8] of the reference.
@@ -162,16 +164,11 @@ unsafe fn pass_avx2(src: *const u8) -> PageSummary {
     }
 
     // Bring the page into L1 first with a loop of independent loads (the zero
-    // test's), which keeps many misses in flight, and ask for the lines two pages
-    // ahead (the next pages of a batch's extent). The hash's chain of dependent adds
-    // would otherwise keep few loads in flight: 15 against 28 GiB/s for a copy
-    // then a hash, over memory not in cache.
+    // test's), which keeps many misses in flight. The hash's chain of dependent
+    // adds would otherwise keep few loads in flight (see the module's docs).
     for at in (0..PAGE_SIZE).step_by(128) {
-        // SAFETY: `at + 128 <= PAGE_SIZE`: the loads stay inside the source page; a
-        // prefetch is a hint that never faults, whatever its address.
+        // SAFETY: `at + 128 <= PAGE_SIZE`: the loads stay inside the source page.
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(at + AHEAD) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(at + AHEAD + 64) as *const i8);
             let a = _mm256_loadu_si256(src.add(at) as *const __m256i);
             let b = _mm256_loadu_si256(src.add(at + 32) as *const __m256i);
             let c = _mm256_loadu_si256(src.add(at + 64) as *const __m256i);
