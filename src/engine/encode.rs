@@ -125,8 +125,8 @@ trait PageSink<'m> {
     /// Whether the kept pages go through the delta encoder, which keeps the delta
     /// cache right for them; otherwise every page sent invalidates its cached version.
     const DELTA_ENCODED: bool;
-    /// Read page `p` of `view` in one pass: its hash and whether it is zero (and,
-    /// on the copy path, the copy into the next payload slot).
+    /// Read page `p` of `view` out of guest memory once: its hash and whether it is
+    /// zero (and, on the copy path, the copy into the next payload slot).
     fn read(&mut self, view: &RacyPages<'m>, p: usize) -> Result<PageSummary, MemoryError>;
     /// The page just copied is not zero: keep page `p` of `view` (page index `index`).
     fn keep(&mut self, view: &RacyPages<'m>, p: usize, index: u64);
@@ -221,11 +221,12 @@ impl<'m> PageSink<'m> for GatherSink<'m> {
 
 /// The batch-encoding loop of both send paths. For each page of `b`, in order: its
 /// extent goes into `meta`; a page the kernel reports never populated (or mapped to
-/// the shared zero page) is zero without being read; any other page is read once
-/// by `sink.read`, which hashes it and tells whether it is zero in the same pass
-/// (copying it into the payload on the copy path). Zero pages are marked in the zero
-/// map and handed to `sink.skip`, the others to `sink.keep`. Every page's hash goes into
-/// `meta` and is recorded in the sent ledger (merged from `digest` at the end).
+/// the shared zero page) is zero without being read; any other page is read out of
+/// guest memory once by `sink.read`, which hashes it and tells whether it is zero
+/// (copying it into the payload on the copy path). Zero pages are marked in the
+/// zero map and handed to `sink.skip`, the others to `sink.keep`. Every page's hash
+/// goes into `meta` and is recorded in the sent ledger (merged from `digest` at the
+/// end).
 /// Returns the number of zero pages.
 fn walk_batch<'m, S: PageSink<'m>>(
     shared: &'m SendState,
@@ -364,7 +365,8 @@ pub(super) fn zero_copy(shared: &SendState, codec: CodecId, out: &FrameWriter) -
 }
 
 /// Raw batches without a user-space copy of the payload: each page is read once
-/// where it lies for the zero check and the hash, and the frame is written with `writev` straight from guest memory (see [`zero_copy`] for when).
+/// where it lies for the zero check and the hash, and the frame is written with
+/// `writev` straight from guest memory (see [`zero_copy`] for when).
 /// Unpopulated (or zero-page-mapped) anonymous pages are sent as zero pages without
 /// being touched.
 ///

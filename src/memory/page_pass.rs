@@ -44,7 +44,7 @@ const SECRET: [u8; 192] = [
     0x45, 0xcb, 0x3a, 0x8f, 0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
 ];
 
-/// What one pass over a page found.
+/// What reading a page found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageSummary {
     /// XXH3-64 of the page (equal to [`super::page_hash`] of the same bytes).
