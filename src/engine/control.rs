@@ -8,10 +8,13 @@
 //! no message) for the peer timeout. It hands the link back at brownout.
 
 use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::transport::framed::write_frame;
 use crate::transport::{Stream, TransportError};
@@ -111,6 +114,12 @@ impl ControlLink {
             self.stream.set_read_timeout(Some(wait)).map_err(io)?;
             self.timeout = Some(wait);
         }
+        self.read_some()
+    }
+
+    /// One read into the buffer, then a complete frame if there is one now. A
+    /// read timeout (the wait ran out) is not an error.
+    fn read_some(&mut self) -> Result<Option<(ControlMsg, Vec<u8>)>, TransportError> {
         match self.stream.read(&mut self.scratch) {
             Ok(0) => Err(TransportError::Closed("control")),
             Ok(n) => {
@@ -130,6 +139,45 @@ impl ControlLink {
             Err(e) => Err(io(e)),
         }
     }
+
+    /// Like [`poll`](Self::poll), but also returns (`Ok(None)`) as soon as `wake`
+    /// turns readable. On a stream with a wait descriptor both are watched with
+    /// one `poll(2)`, which sleeps exactly `wait` or until either is ready; on any
+    /// other stream it is `poll` in slices of `slice` (the kernel's tick bounds how
+    /// fast those notice `wake`).
+    pub fn poll_or_wake(
+        &mut self,
+        wait: Duration,
+        wake: BorrowedFd<'_>,
+        slice: Duration,
+    ) -> Result<Option<(ControlMsg, Vec<u8>)>, TransportError> {
+        if let Some(f) = self.take_frame()? {
+            return Ok(Some(f));
+        }
+        let readable = match self.stream.wait_fd() {
+            None => return self.poll(wait.min(slice)),
+            Some(fd) => {
+                let ts = Timespec {
+                    tv_sec: wait.as_secs().min(i64::MAX as u64) as i64,
+                    tv_nsec: wait.subsec_nanos().into(),
+                };
+                let mut p = [
+                    PollFd::new(&fd, PollFlags::IN),
+                    PollFd::new(&wake, PollFlags::IN),
+                ];
+                match rustix::event::poll(&mut p, Some(&ts)) {
+                    Ok(_) => !p[0].revents().is_empty(),
+                    Err(rustix::io::Errno::INTR) => false,
+                    Err(e) => return Err(io(e.into())),
+                }
+            }
+        };
+        if !readable {
+            return Ok(None);
+        }
+        // Data, end of stream or an error is waiting: this read does not block.
+        self.read_some()
+    }
 }
 
 /// Why the heartbeat stopped the migration.
@@ -148,17 +196,21 @@ pub enum LinkFailure {
 #[derive(Debug)]
 pub struct Heartbeat {
     stop: Arc<AtomicBool>,
+    /// An eventfd that `stop` writes to wake the thread out of its wait at once
+    /// (`None` if the system gave none: the thread then reads in slices).
+    wake: Option<Arc<OwnedFd>>,
     failed: Arc<Mutex<Option<LinkFailure>>>,
     handle: JoinHandle<ControlLink>,
 }
 
-/// How long one read waits while the heartbeat thread runs: also its reaction
-/// time to `stop`. Not inside the downtime, but the VM runs on while the round
-/// loop waits for the link back before the drain, and what it dirties then is in
-/// the final set: with 10 ms slices a guest dirtying 400 MB/s added ~1,400 pages
-/// (2-3 ms of downtime) to sets of a few dozen. A 1 ms slice costs ~1,000 short
-/// reads a second on one thread; round 0's throughput measured the same
-/// (docs/BENCHMARKS.md, 2026-12-06).
+/// How long one read waits while the heartbeat thread runs on a stream without a
+/// wait descriptor (TLS): also its reaction time to `stop`, which the kernel rounds
+/// up to its tick (up to 4 ms at `HZ=250`). Not inside the downtime, but the VM runs
+/// on while the round loop waits for the link back before the drain, and what it
+/// dirties then is in the final set: with 10 ms slices a guest dirtying 400 MB/s
+/// added ~1,400 pages (2-3 ms of downtime) to sets of a few dozen. Streams with a
+/// wait descriptor (TCP, Unix) do not poll in slices: `stop` wakes the thread
+/// through an eventfd, and it sleeps until the next heartbeat or a frame.
 const SLICE: Duration = Duration::from_millis(1);
 
 impl Heartbeat {
@@ -167,7 +219,10 @@ impl Heartbeat {
     pub fn start(mut link: ControlLink, interval: Duration, silence: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
-        let (s2, f2) = (stop.clone(), failed.clone());
+        let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .ok()
+            .map(Arc::new);
+        let (s2, f2, w2) = (stop.clone(), failed.clone(), wake.clone());
         let handle = std::thread::Builder::new()
             .name("livemig-heartbeat".into())
             .spawn(move || {
@@ -187,7 +242,15 @@ impl Heartbeat {
                         }
                         next = now + interval;
                     }
-                    match link.poll(SLICE) {
+                    // Until the next heartbeat is due, a frame arrives or `stop`.
+                    let until_next = next
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_micros(100));
+                    let got = match &w2 {
+                        Some(w) => link.poll_or_wake(until_next, w.as_fd(), SLICE),
+                        None => link.poll(SLICE),
+                    };
+                    match got {
                         Ok(None) => {}
                         Ok(Some((ControlMsg::Heartbeat { .. }, _))) => heard = Instant::now(),
                         Ok(Some((other, _))) => {
@@ -211,6 +274,7 @@ impl Heartbeat {
             .expect("spawn heartbeat thread");
         Self {
             stop,
+            wake,
             failed,
             handle,
         }
@@ -227,6 +291,11 @@ impl Heartbeat {
     /// Stop the thread and take the link back, with the failure if there was one.
     pub fn stop(self) -> (Option<ControlLink>, Option<LinkFailure>) {
         self.stop.store(true, Ordering::Release);
+        // A full counter (it never is: one write per heartbeat) only means the
+        // thread is already awake.
+        if let Some(w) = &self.wake {
+            let _ = rustix::io::write(&**w, &1u64.to_ne_bytes());
+        }
         let link = self.handle.join().ok();
         let f = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take();
         (link, f)
@@ -284,5 +353,47 @@ mod tests {
         let (link, f) = hb.stop();
         assert!(link.is_some());
         assert!(matches!(f, Some(LinkFailure::Silent(_))), "{f:?}");
+    }
+
+    /// On a TCP link the heartbeat thread sleeps until the next heartbeat, a frame
+    /// or `stop`: stopping it hands the link back without waiting for the interval,
+    /// and answers that arrive meanwhile keep it alive.
+    #[test]
+    fn stop_wakes_a_heartbeat_sleeping_on_a_tcp_link() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        let link = ControlLink::new(Box::new(ours));
+        assert!(link.stream().wait_fd().is_some());
+        let interval = Duration::from_secs(30);
+        let hb = Heartbeat::start(link, interval, Duration::from_secs(60));
+        // A heartbeat from the peer wakes the thread, which takes it as a sign of life.
+        let mut frame = Vec::new();
+        let beat = ControlMsg::Heartbeat { seq: 1 };
+        write_frame(&mut frame, FrameKind::Control, 0, &beat.encode(), &[b""]).unwrap();
+        use std::io::Write;
+        (&peer).write_all(&frame).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!hb.has_failed());
+        let t = Instant::now();
+        let (link, failure) = hb.stop();
+        let took = t.elapsed();
+        assert!(failure.is_none(), "{failure:?}");
+        assert!(
+            took < interval / 10,
+            "stop waited {took:?}, as if for the {interval:?} interval"
+        );
+        // The link still works after the hand-back: a frame sent now arrives whole.
+        let mut link = link.expect("link handed back");
+        let msg = ControlMsg::Heartbeat { seq: 2 };
+        let mut frame = Vec::new();
+        write_frame(&mut frame, FrameKind::Control, 0, &msg.encode(), &[b"ok"]).unwrap();
+        (&peer).write_all(&frame).unwrap();
+        let (got, att) = link
+            .poll(Duration::from_secs(5))
+            .unwrap()
+            .expect("frame after the hand-back");
+        assert_eq!(got, msg);
+        assert_eq!(att, b"ok");
     }
 }

@@ -16,6 +16,7 @@ use super::{brownout, setup, Migration, MigrationError};
 use crate::memory::PageSet;
 use crate::proof::SampledAudit;
 use crate::stats::estimator::{Estimator, FixedCosts, Prediction};
+use crate::stats::host_load;
 use crate::stats::progress::ProgressMeter;
 use crate::stats::{Event, MigrationReport, RoundStats};
 use crate::transport::Connector;
@@ -383,6 +384,11 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
                     run.est
                         .fixed
                         .observe_round_trip(answer.round_trip.as_secs_f64());
+                    // Our workers and the destination are idle now: what else runs
+                    // competes with the brownout's hand-offs.
+                    let busy = host_load::others_runnable_median(5, Duration::from_micros(50))
+                        .is_some_and(|n| host_load::is_busy(n, host_load::cpus()));
+                    run.est.fixed.observe_host_load(busy);
                     // Still behind: its backlog is at least what it waited.
                     let behind = if answer.applied {
                         0.0
@@ -400,9 +406,14 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
                     predicted = p;
                     decision = match again {
                         Decision::Brownout(r) => Decision::Brownout(format!(
-                            "{r}; after {:.1} ms for the destination to apply round {} (~{dirtied} pages dirtied meanwhile)",
+                            "{r}; after {:.1} ms for the destination to apply round {} (~{dirtied} pages dirtied meanwhile){}",
                             answer.waited.as_secs_f64() * 1e3,
-                            round - 1
+                            round - 1,
+                            if busy {
+                                "; other processes keep the CPUs busy: one stalled wake-up budgeted"
+                            } else {
+                                ""
+                            }
                         )),
                         other => {
                             run.restart_heartbeat()?;

@@ -67,6 +67,12 @@ impl Calibration {
     pub const FINAL_ROUND_OVERHEAD_S: f64 = 0.0005;
     /// Slack for the destination draining its last frames and joining its workers.
     pub const DRAIN_S: f64 = 0.001;
+    /// One wake-up that waits for the scheduler's tick or for the hypervisor,
+    /// budgeted when other processes keep the host's CPUs busy
+    /// ([`crate::stats::host_load`]): the longest wake-up of a 300 µs sleep with
+    /// both CPUs busy was 2.9-3.7 ms (1,500 sleeps, three times), and a busy-host
+    /// commit round trip took 4.3 ms. One tick at this kernel's `HZ=250`.
+    pub const BUSY_STALL_S: f64 = 0.004;
     /// Margin before the model has measured its own error: a final round on this
     /// shared machine has taken up to 1.47x its prediction (2 GiB, 1600 MB/s
     /// dirtying), so a prediction is trusted only with half again on top.
@@ -134,6 +140,11 @@ pub struct FixedCosts {
     /// to be scheduled as that round trip did: on a host with a core taken by
     /// another process, 2.5-3.9 ms for the pause alone, against 0.1 ms idle.
     pub handoff_s: f64,
+    /// One stalled wake-up ([`Calibration::BUSY_STALL_S`]) when, just before the
+    /// pause, other processes left our threads fewer than two CPUs; else 0. A
+    /// single round trip rarely meets such a stall, a brownout's dozen hand-offs
+    /// sometimes do.
+    pub stall_s: f64,
 }
 
 impl Default for FixedCosts {
@@ -147,6 +158,7 @@ impl Default for FixedCosts {
             rescan_s: 0.0,
             drain_s: Calibration::DRAIN_S,
             handoff_s: 0.0,
+            stall_s: 0.0,
         }
     }
 }
@@ -181,10 +193,18 @@ impl FixedCosts {
         }
     }
 
+    /// Take in whether other processes keep the host busy just before the pause
+    /// ([`crate::stats::host_load::is_busy`]): a busy host budgets one stalled
+    /// wake-up.
+    pub fn observe_host_load(&mut self, busy: bool) {
+        self.stall_s = if busy { Calibration::BUSY_STALL_S } else { 0.0 };
+    }
+
     /// Sum of the fixed terms.
     pub fn total(&self) -> f64 {
         self.pause_s
             + 2.0 * self.handoff_s
+            + self.stall_s
             + self.rtt_s
             + self.digest_s
             + self.dest_verify_s
@@ -493,6 +513,19 @@ mod tests {
         assert_eq!(f.handoff_s, Calibration::MAX_RTT_S, "a stall is capped");
         f.observe_round_trip(f64::NAN);
         assert_eq!(f.handoff_s, Calibration::MAX_RTT_S, "nonsense is ignored");
+    }
+
+    #[test]
+    fn a_busy_host_budgets_one_stalled_wake_up() {
+        let mut f = FixedCosts::default();
+        let idle = f.total();
+        f.observe_host_load(true);
+        assert!((f.total() - idle - Calibration::BUSY_STALL_S).abs() < 1e-12);
+        // Not cumulative: the latest observation decides.
+        f.observe_host_load(true);
+        assert!((f.total() - idle - Calibration::BUSY_STALL_S).abs() < 1e-12);
+        f.observe_host_load(false);
+        assert_eq!(f.total(), idle);
     }
 
     #[test]

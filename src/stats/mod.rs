@@ -1,6 +1,7 @@
 //! Progress events, per-round statistics and the final report.
 
 pub mod estimator;
+pub mod host_load;
 pub mod progress;
 pub mod rss;
 pub mod sink;

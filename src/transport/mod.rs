@@ -188,6 +188,16 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+    /// A kernel descriptor that is readable exactly when a read of this stream
+    /// would not block: the stream buffers nothing of its own above it. A reader
+    /// that must also react to something other than data (a stop request) waits
+    /// on it with `poll`, whose timeout is as precise as the kernel's timers, rather
+    /// than on the read timeout, which the kernel rounds up to its tick (4 ms at
+    /// `HZ=250`). `None` for streams that buffer or transform what they read (TLS,
+    /// replayed prefixes, fault injection, in-memory pipes).
+    fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// The peer's address, for messages (`None` where the stream has none).
     fn peer_addr(&self) -> Option<String> {
         None
@@ -258,6 +268,11 @@ macro_rules! forward_stream {
             self.$inner.splice_fd()
         }
     };
+    (@one $inner:ident wait_fd) => {
+        fn wait_fd(&self) -> ::std::option::Option<::std::os::fd::BorrowedFd<'_>> {
+            self.$inner.wait_fd()
+        }
+    };
     (@one $inner:ident peer_addr) => {
         fn peer_addr(&self) -> ::std::option::Option<::std::string::String> {
             self.$inner.peer_addr()
@@ -294,21 +309,38 @@ pub trait Acceptor: Send + Sync {
 /// (shared by the TCP and Unix acceptors).
 pub(crate) fn accept_until<T>(
     timeout: Duration,
+    listener: std::os::fd::BorrowedFd<'_>,
     mut try_accept: impl FnMut() -> std::io::Result<T>,
 ) -> Result<T, TransportError> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match try_accept() {
             Ok(s) => return Ok(s),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() >= deadline {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
                     return Err(TransportError::Accept(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("no connection within {timeout:?}"),
                     )));
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                // Wait for the next connection (the listener turns readable), not
+                // for a fixed sleep: a connection is taken as soon as it is queued.
+                // Readable yet nothing to accept (the peer already left) just
+                // loops; the deadline still bounds the wait.
+                let wait = left.min(Duration::from_millis(100));
+                let ts = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: wait.as_nanos().max(1) as i64,
+                };
+                let mut p = [PollFd::new(&listener, PollFlags::IN)];
+                match rustix::event::poll(&mut p, Some(&ts)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(TransportError::Accept(e.into())),
+                }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(TransportError::Accept(e)),
         }
     }

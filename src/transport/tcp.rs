@@ -55,6 +55,9 @@ impl Stream for TcpStream {
     fn splice_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         Some(std::os::fd::AsFd::as_fd(self))
     }
+    fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
     fn peer_addr(&self) -> Option<String> {
         TcpStream::peer_addr(self).ok().map(|a| a.to_string())
     }
@@ -431,7 +434,8 @@ impl Acceptor for TcpAcceptor {
         self.listener
             .set_nonblocking(true)
             .map_err(TransportError::Accept)?;
-        let (s, peer) = super::accept_until(timeout, || self.listener.accept())?;
+        let (s, peer) =
+            super::accept_until(timeout, self.listener.as_fd(), || self.listener.accept())?;
         tracing::debug!(%peer, "accepted");
         s.set_nonblocking(false).map_err(TransportError::Accept)?;
         apply_peer_timeout(&s, self.peer_timeout).map_err(TransportError::Accept)?;

@@ -1,5 +1,6 @@
 //! Unix-domain socket streams (same host).
 
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +31,9 @@ impl Stream for UnixStream {
             }),
             Err(_) => Box::new(|| {}),
         }
+    }
+    fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.as_fd())
     }
 }
 
@@ -81,7 +85,8 @@ impl Acceptor for UnixAcceptor {
         self.listener
             .set_nonblocking(true)
             .map_err(TransportError::Accept)?;
-        let (s, _) = super::accept_until(timeout, || self.listener.accept())?;
+        let (s, _) =
+            super::accept_until(timeout, self.listener.as_fd(), || self.listener.accept())?;
         s.set_nonblocking(false).map_err(TransportError::Accept)?;
         Ok(Box::new(s))
     }
