@@ -350,3 +350,39 @@ fn a_write_takes_all_it_is_given() {
         assert!(got == data, "bytes changed in transit");
     });
 }
+
+/// A TLS stream offers its socket to wait on only while nothing is buffered above
+/// it: decrypted plaintext not yet read must be read first, or a waiter on the
+/// socket would sleep on bytes it already has.
+#[test]
+fn wait_descriptor_only_while_no_plaintext_is_buffered() {
+    use std::io::{Read, Write};
+    let (mut client, mut server) = connected_pair();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(client.wait_fd().is_some(), "idle after the handshake");
+    server.write_all(&[7u8; 100]).unwrap();
+    server.flush().unwrap();
+    let fd = client.wait_fd().expect("nothing read yet");
+    let mut p = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let five = rustix::event::Timespec {
+        tv_sec: 5,
+        tv_nsec: 0,
+    };
+    assert_eq!(rustix::event::poll(&mut p, Some(&five)).unwrap(), 1);
+    let mut part = [0u8; 10];
+    client.read_exact(&mut part).unwrap();
+    assert_eq!(part, [7u8; 10]);
+    assert!(
+        client.wait_fd().is_none(),
+        "90 decrypted bytes are buffered: the socket must not be waited on"
+    );
+    let mut rest = [0u8; 90];
+    client.read_exact(&mut rest).unwrap();
+    assert_eq!(rest, [7u8; 90]);
+    assert!(client.wait_fd().is_some(), "everything read");
+}

@@ -141,10 +141,10 @@ impl ControlLink {
     }
 
     /// Like [`poll`](Self::poll), but also returns (`Ok(None)`) as soon as `wake`
-    /// turns readable. On a stream with a wait descriptor both are watched with
-    /// one `poll(2)`, which sleeps exactly `wait` or until either is ready; on any
-    /// other stream it is `poll` in slices of `slice` (the kernel's tick bounds how
-    /// fast those notice `wake`).
+    /// turns readable. While the stream has a wait descriptor (nothing buffered
+    /// above the socket) both are watched with one `poll(2)`, which sleeps exactly
+    /// `wait` or until either is ready; otherwise it is `poll` in slices of
+    /// `slice` (the kernel's tick bounds how fast those notice `wake`).
     pub fn poll_or_wake(
         &mut self,
         wait: Duration,
@@ -175,7 +175,14 @@ impl ControlLink {
         if !readable {
             return Ok(None);
         }
-        // Data, end of stream or an error is waiting: this read does not block.
+        // Data, end of stream or an error is waiting, so the read returns at once,
+        // unless a stream that decodes records (TLS) got only part of one: then it
+        // waits for the rest, at most one slice, and the bytes stay buffered.
+        let slice = slice.max(Duration::from_millis(1));
+        if self.timeout != Some(slice) {
+            self.stream.set_read_timeout(Some(slice)).map_err(io)?;
+            self.timeout = Some(slice);
+        }
         self.read_some()
     }
 }

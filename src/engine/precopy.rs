@@ -379,16 +379,19 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
             && run.migration.tracker.is_some()
         {
             match run.drain(round - 1) {
-                Ok(answer) => {
+                Ok(mut answer) => {
+                    // Our workers and the destination are idle now: what else runs
+                    // competes with the brownout's hand-offs. The VM runs on while
+                    // this is looked at.
+                    let looked = Instant::now();
+                    let busy = host_load::others_runnable_median(3, Duration::from_micros(50))
+                        .is_some_and(|n| host_load::is_busy(n, host_load::cpus()));
+                    run.est.fixed.observe_host_load(busy);
+                    answer.vm_ran += looked.elapsed();
                     let dirtied = run.drained(round - 1, &answer);
                     run.est
                         .fixed
                         .observe_round_trip(answer.round_trip.as_secs_f64());
-                    // Our workers and the destination are idle now: what else runs
-                    // competes with the brownout's hand-offs.
-                    let busy = host_load::others_runnable_median(5, Duration::from_micros(50))
-                        .is_some_and(|n| host_load::is_busy(n, host_load::cpus()));
-                    run.est.fixed.observe_host_load(busy);
                     // Still behind: its backlog is at least what it waited.
                     let behind = if answer.applied {
                         0.0

@@ -648,6 +648,16 @@ where
     fn peer_addr(&self) -> Option<String> {
         self.sock.stream().peer_addr()
     }
+    /// The socket's, while nothing is buffered above it: no plaintext rustls has
+    /// decrypted and not handed out, no socket bytes read ahead into our buffer.
+    /// A partial record rustls holds needs more socket bytes, so it does not count.
+    fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        if self.conn.wants_read() && self.sock.0.buffer().is_empty() {
+            self.sock.stream().wait_fd()
+        } else {
+            None
+        }
+    }
     // `splice_fd` stays `None`: every byte must pass through the cipher.
 }
 
