@@ -336,3 +336,42 @@ fn the_destination_drains_what_is_in_flight_before_the_pause() {
         .brownout_reason
         .contains("for the destination to apply round"));
 }
+
+/// With every CPU but one taken by another process, both ends find their host
+/// busy after the drain, and the prediction budgets a stalled wake-up (the
+/// reason says so). The receiver runs in this process, so both hosts are this one.
+#[test]
+fn other_processes_on_every_cpu_add_a_stall_to_the_prediction() {
+    let cpus = livemig::stats::host_load::cpus();
+    let spinners: Vec<std::process::Child> = (0..cpus.saturating_sub(1).max(1))
+        .map(|_| {
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("spawn a spinning shell")
+        })
+        .collect();
+    struct Reap(Vec<std::process::Child>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let _reap = Reap(spinners);
+    std::thread::sleep(Duration::from_millis(50));
+    let g = guest(32, 100, 4, Skew::Uniform);
+    let (r, recv) = migrate(&g, DowntimePolicy::default(), CancelToken::new(), None);
+    let report = r.expect("migration");
+    let received = recv.join().unwrap().expect("receiver");
+    assert_same_memory(&g, &received);
+    assert!(
+        report
+            .brownout_reason
+            .contains("keep both hosts' CPUs busy: one stalled wake-up budgeted"),
+        "{}",
+        report.brownout_reason
+    );
+}

@@ -172,7 +172,32 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
         Just(ControlMsg::DeviceState),
         Just(ControlMsg::SetupOk),
         Just(ControlMsg::Released),
+        any::<u32>().prop_map(|round| ControlMsg::Drain { round }),
+        (any::<u32>(), any::<bool>(), any::<u64>(), any::<bool>()).prop_map(
+            |(round, applied, waited_us, host_busy)| ControlMsg::Drained {
+                round,
+                applied,
+                waited_us,
+                host_busy,
+            }
+        ),
     ]
+}
+
+/// A destination that does not look at its host's load sends `Drained` without
+/// `host_busy`: it reads as not busy, and the rest of the answer is kept.
+#[test]
+fn drained_without_host_busy_reads_as_not_busy() {
+    let old = br#"{"type":"drained","round":3,"applied":true,"waited_us":120}"#;
+    assert_eq!(
+        ControlMsg::decode(old),
+        Ok(ControlMsg::Drained {
+            round: 3,
+            applied: true,
+            waited_us: 120,
+            host_busy: false
+        })
+    );
 }
 
 proptest! {

@@ -33,6 +33,8 @@ pub(crate) struct DrainAnswer {
     /// back from the heartbeat thread included) to the answer: what it dirtied
     /// meanwhile joins the final set.
     pub vm_ran: Duration,
+    /// The destination found its host's CPUs busy with other processes.
+    pub host_busy: bool,
 }
 
 /// How long one read waits before the cancel flag is looked at again.
@@ -78,6 +80,7 @@ impl PrecopyRun<'_> {
                         round: r,
                         applied,
                         waited_us,
+                        host_busy,
                     },
                     _,
                 ))) if r == round => {
@@ -87,6 +90,7 @@ impl PrecopyRun<'_> {
                         waited,
                         round_trip: waited.saturating_sub(Duration::from_micros(waited_us)),
                         vm_ran: started.elapsed(),
+                        host_busy,
                     });
                 }
                 Ok(Some((ControlMsg::Error { message }, _))) => {

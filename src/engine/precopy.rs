@@ -383,9 +383,10 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
                     // Our workers and the destination are idle now: what else runs
                     // competes with the brownout's hand-offs. The VM runs on while
                     // this is looked at.
+                    // The destination looked at its own host before answering.
                     let looked = Instant::now();
-                    let busy = host_load::others_runnable_median(3, Duration::from_micros(50))
-                        .is_some_and(|n| host_load::is_busy(n, host_load::cpus()));
+                    let busy_here = host_load::host_is_busy();
+                    let busy = busy_here || answer.host_busy;
                     run.est.fixed.observe_host_load(busy);
                     answer.vm_ran += looked.elapsed();
                     let dirtied = run.drained(round - 1, &answer);
@@ -412,10 +413,11 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
                             "{r}; after {:.1} ms for the destination to apply round {} (~{dirtied} pages dirtied meanwhile){}",
                             answer.waited.as_secs_f64() * 1e3,
                             round - 1,
-                            if busy {
-                                "; other processes keep the CPUs busy: one stalled wake-up budgeted"
-                            } else {
-                                ""
+                            match (busy_here, answer.host_busy) {
+                                (true, true) => "; other processes keep both hosts' CPUs busy: one stalled wake-up budgeted",
+                                (true, false) => "; other processes keep the source host's CPUs busy: one stalled wake-up budgeted",
+                                (false, true) => "; other processes keep the destination host's CPUs busy: one stalled wake-up budgeted",
+                                (false, false) => "",
                             }
                         )),
                         other => {

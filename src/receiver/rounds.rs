@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::accept::PageStream;
 use super::apply::{apply_stream, ApplyShared, PageError, PageErrorKind, PageFault};
 use super::{read_error, ReceiveError, Receiver};
+use crate::stats::host_load;
 use crate::transport::framed::FrameReader;
 use crate::wire::ControlMsg;
 use crate::wire::ProtocolViolation;
@@ -111,10 +112,14 @@ impl Receiver {
                     let t = Instant::now();
                     let wait = DRAIN_WAIT.min(self.config.control_timeout / 2);
                     let applied = shared.gate.wait_completed(round, t + wait);
+                    // The appliers are idle now (if applied): what else runs on this
+                    // host competes with the brownout's hand-offs here.
+                    let host_busy = applied && host_load::host_is_busy();
                     let answer = ControlMsg::Drained {
                         round,
                         applied,
                         waited_us: t.elapsed().as_micros() as u64,
+                        host_busy,
                     };
                     if let Err(e) = control.send_control(&answer, &[]) {
                         return Err(appliers.control_write_failed(PHASE, e));

@@ -53,6 +53,13 @@ pub fn is_busy(others: u64, cpus: u64) -> bool {
     others + 2 > cpus
 }
 
+/// Whether other processes keep this host busy now: the median of three clean
+/// samples, 50 µs apart, judged by [`is_busy`] against this process's CPUs (false
+/// where `/proc` does not say).
+pub fn host_is_busy() -> bool {
+    others_runnable_median(3, Duration::from_micros(50)).is_some_and(|n| is_busy(n, cpus()))
+}
+
 /// CPUs this process may run on.
 pub fn cpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64)

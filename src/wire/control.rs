@@ -213,8 +213,14 @@ pub enum ControlMsg {
         /// Whether every page of rounds `..=round` is applied (false: the wait
         /// ended first, and the destination is still behind).
         applied: bool,
-        /// How long the destination waited, in microseconds.
+        /// How long the destination waited, in microseconds (looking at its host's
+        /// load included).
         waited_us: u64,
+        /// Whether other processes keep the destination host's CPUs busy, looked
+        /// at once the round is applied ([`crate::stats::host_load`]). Absent
+        /// (false) from a destination that does not look.
+        #[serde(default)]
+        host_busy: bool,
     },
     /// Source → destination, first (and only) message of a new control connection:
     /// what became of `session`? Sent by a source that released its VM and lost the
