@@ -366,10 +366,13 @@ impl GuestMemory {
         })
     }
 
-    /// xxh3-64 of one page's current contents (a copy is hashed, never a live slice).
-    pub fn page_hash(&self, index: u64, scratch: &mut [u8; PAGE_SIZE]) -> Result<u64, MemoryError> {
-        self.read_pages(index, scratch)?;
-        Ok(page_hash(scratch))
+    /// xxh3-64 of one page's current contents, read where it lies through raw
+    /// pointers and never referenced (`page_pass`: a load loop that keeps many
+    /// misses in flight, then the hash from L1; no copy). The guest may be writing
+    /// the page: the hash then describes some mix of old and new bytes.
+    pub fn page_hash(&self, index: u64) -> Result<u64, MemoryError> {
+        let (r, p) = self.locate(index)?;
+        Ok(self.regions[r].racy_pages(p, 1)?.hash_page(0)?.hash)
     }
 
     /// Hash every page (xxh3 per page, then xxh3 of the table) using `threads` threads.
@@ -392,10 +395,9 @@ impl GuestMemory {
                 .enumerate()
                 .map(|(t, part)| {
                     s.spawn(move || {
-                        let mut buf = Box::new([0u8; PAGE_SIZE]);
                         let base = (t * chunk) as u64;
                         for (i, slot) in part.iter_mut().enumerate() {
-                            *slot = self.page_hash(base + i as u64, &mut buf)?;
+                            *slot = self.page_hash(base + i as u64)?;
                         }
                         Ok(())
                     })

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use crate::dirty::{DirtyTracker, HashScanTracker, TrackError, UnionTracker};
-use crate::memory::{page_hash, GuestMemory, MemoryError, PageSet, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PageSet};
 use crate::proof::PageLedger;
 
 /// How many clean pages the sampled audit checks after each harvest (policy).
@@ -72,7 +72,6 @@ pub struct SampledAudit {
     candidates: PageSet,
     suspects: Vec<u64>,
     picks: Vec<u64>,
-    buf: Box<[u8; PAGE_SIZE]>,
     /// Pages re-hashed so far.
     pub checked: u64,
     /// Tracker misses confirmed so far.
@@ -100,7 +99,6 @@ impl SampledAudit {
             candidates: PageSet::new(pages),
             suspects: Vec::new(),
             picks: Vec::new(),
-            buf: Box::new([0u8; PAGE_SIZE]),
             checked: 0,
             misses: 0,
             elapsed: std::time::Duration::ZERO,
@@ -168,8 +166,7 @@ impl SampledAudit {
         self.picks.sort_unstable();
         self.picks.dedup();
         for &p in &self.picks {
-            mem.read_pages(p, &mut self.buf[..])?;
-            if page_hash(&self.buf[..]) != sent.hash(p) {
+            if mem.page_hash(p)? != sent.hash(p) {
                 self.suspects.push(p);
             }
         }
@@ -229,10 +226,9 @@ pub fn stale_pages(
         let hs: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
-                    let mut buf = Box::new([0u8; PAGE_SIZE]);
                     let mut stale = Vec::new();
                     for p in t * chunk..((t + 1) * chunk).min(n) {
-                        if mem.page_hash(p, &mut buf)? != sent.hash(p) {
+                        if mem.page_hash(p)? != sent.hash(p) {
                             stale.push(p);
                         }
                     }
@@ -270,6 +266,7 @@ pub fn safe_tracker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::PAGE_SIZE;
 
     #[test]
     fn pick_returns_members_only_and_all_when_few() {
@@ -311,9 +308,8 @@ mod tests {
         let mem = GuestMemory::anonymous(64 * PAGE_SIZE, false).unwrap();
         let sent = PageLedger::new(64);
         let mut d = crate::proof::DigestDelta::default();
-        let mut buf = [0u8; PAGE_SIZE];
         for p in 0..64 {
-            sent.record(p, mem.page_hash(p, &mut buf).unwrap(), &mut d);
+            sent.record(p, mem.page_hash(p).unwrap(), &mut d);
         }
         // Two pages written after they were sent: 5 (the tracker lost the write)
         // and 9 (written after the harvest: the next harvest reports it).
