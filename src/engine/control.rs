@@ -210,14 +210,16 @@ pub struct Heartbeat {
     handle: JoinHandle<ControlLink>,
 }
 
-/// How long one read waits while the heartbeat thread runs on a stream without a
-/// wait descriptor (TLS): also its reaction time to `stop`, which the kernel rounds
-/// up to its tick (up to 4 ms at `HZ=250`). Not inside the downtime, but the VM runs
+/// How long one read waits while the heartbeat thread runs on a stream that has no
+/// wait descriptor right now ([`Stream::wait_fd`]: a TLS stream holding decrypted
+/// bytes, a wrapper): also its reaction time to `stop`, which the kernel rounds up
+/// to its tick (up to 4 ms at `HZ=250`). Not inside the downtime, but the VM runs
 /// on while the round loop waits for the link back before the drain, and what it
 /// dirties then is in the final set: with 10 ms slices a guest dirtying 400 MB/s
-/// added ~1,400 pages (2-3 ms of downtime) to sets of a few dozen. Streams with a
-/// wait descriptor (TCP, Unix) do not poll in slices: `stop` wakes the thread
-/// through an eventfd, and it sleeps until the next heartbeat or a frame.
+/// added ~1,400 pages (2-3 ms of downtime) to sets of a few dozen. With a wait
+/// descriptor (TCP, Unix, TLS with nothing buffered) the thread does not poll in
+/// slices: it sleeps until the next heartbeat or a frame, and `stop` wakes it
+/// through an eventfd.
 const SLICE: Duration = Duration::from_millis(1);
 
 impl Heartbeat {

@@ -381,9 +381,9 @@ fn precopy(run: &mut PrecopyRun<'_>) -> Result<MigrationReport, MigrationError> 
             match run.drain(round - 1) {
                 Ok(mut answer) => {
                     // Our workers and the destination are idle now: what else runs
-                    // competes with the brownout's hand-offs. The VM runs on while
-                    // this is looked at.
-                    // The destination looked at its own host before answering.
+                    // on this host competes with the brownout's hand-offs (the
+                    // destination looked at its own before answering). The VM runs
+                    // on while this is looked at.
                     let looked = Instant::now();
                     let busy_here = host_load::host_is_busy();
                     let busy = busy_here || answer.host_busy;

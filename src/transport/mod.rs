@@ -193,8 +193,10 @@ pub trait Stream: Read + Write + Send + std::fmt::Debug {
     /// that must also react to something other than data (a stop request) waits
     /// on it with `poll`, whose timeout is as precise as the kernel's timers, rather
     /// than on the read timeout, which the kernel rounds up to its tick (4 ms at
-    /// `HZ=250`). `None` for streams that buffer or transform what they read (TLS,
-    /// replayed prefixes, fault injection, in-memory pipes).
+    /// `HZ=250`). `None` while the stream holds bytes of its own above the socket
+    /// (a TLS stream with decrypted bytes not yet read), and for streams that
+    /// transform what they read or have no socket (replayed prefixes, fault
+    /// injection, in-memory pipes).
     fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
