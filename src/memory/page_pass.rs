@@ -1,6 +1,8 @@
-//! The zero-copy send path's read of a page: its XXH3-64 hash and whether it is
-//! all zero, reading the page out of memory once and copying nothing (the kernel
-//! reads guest memory for the socket).
+//! Reading a page where it lies: its XXH3-64 hash and whether it is all zero,
+//! reading the page out of memory once and copying nothing. The zero-copy send
+//! path uses it (the kernel then reads guest memory for the socket), and so does
+//! every hash of source memory in place (`GuestMemory::page_hash`: the audits, the
+//! hash-scan tracker).
 //!
 //! A first loop of independent loads brings the page into L1 and tests it for
 //! zero; the hash then reads the page from L1. The load loop matters: hashing
