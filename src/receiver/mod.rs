@@ -71,7 +71,10 @@ pub use setup_check::{
 pub struct ReceiverConfig {
     /// Ask for transparent huge pages when allocating the skeleton VM's memory.
     pub huge_pages: bool,
-    /// Pre-fault destination memory in the background during round 0.
+    /// Pre-fault destination memory in the background during round 0, on a host
+    /// with a CPU to spare for it: more CPUs than page streams plus one (see
+    /// [`prefault_pays`]). Without one, the appliers fault pages in as they write
+    /// them, which measured faster on two shared cores.
     pub prefault: bool,
     /// Commit (fault in) all of the skeleton VM's memory during setup, before
     /// answering the source: no page is sent until the destination holds the whole
@@ -124,6 +127,19 @@ pub struct ReceiverConfig {
     /// How long `livemig recv` keeps answering outcome queries after a migration
     /// whose source may not know the outcome (see [`OutcomeLog::serve`]).
     pub outcome_linger: Duration,
+}
+
+/// Whether a background pre-fault thread can run beside `streams` appliers
+/// without taking a CPU from them (or from the control thread): only a CPU no one
+/// else needs makes zeroing memory ahead of the appliers a gain. On two shared
+/// cores (`bench --memory 2G --dirty-rate 0 --baseline`, 6 interleaved pairs, host
+/// memory kept backed) the thread made migrations slower: 5.16 against 5.58 GiB/s
+/// without it, `wire_vs_mem_limit` 0.72 against 0.79; at lowest priority
+/// (`SCHED_IDLE`) it still gave 5.19. Zeroing a huge page ahead writes it to memory
+/// twice (zeros, then the pages), a fault right before the copy writes it once,
+/// in cache (docs/BENCHMARKS.md, 2026-12-06).
+pub fn prefault_pays(streams: usize, cpus: usize) -> bool {
+    cpus > streams + 1
 }
 
 impl Default for ReceiverConfig {
@@ -573,4 +589,18 @@ fn send_veto(control: &mut FrameReader, v: &Veto) {
         },
         &[],
     );
+}
+
+#[cfg(test)]
+mod prefault_rule_tests {
+    use super::prefault_pays;
+
+    #[test]
+    fn the_background_prefault_needs_a_cpu_beyond_the_appliers_and_control() {
+        assert!(!prefault_pays(2, 2));
+        assert!(!prefault_pays(2, 3));
+        assert!(prefault_pays(2, 4));
+        assert!(prefault_pays(1, 3));
+        assert!(!prefault_pays(8, 8));
+    }
 }

@@ -73,6 +73,10 @@ impl Receiver {
         let _ = control
             .stream()
             .set_read_timeout(Some(self.config.control_timeout));
+        // Whether a background pre-fault would have a CPU of its own (counted
+        // before the streams move into the appliers).
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let spare_cpu = super::prefault_pays(page_streams.len(), cpus);
         // A page stream that loses its link ends the control stream's wait too, so
         // the session moves on to resumption at once.
         let appliers = Appliers::start(
@@ -87,13 +91,15 @@ impl Receiver {
         // `Brownout`): faulting in memory no page will land on would compete with
         // the final pages and hold the memory-map lock inside the downtime.
         let stop_prefault = Arc::new(AtomicBool::new(false));
-        let prefault = if prefault && self.config.prefault && !self.config.prealloc && own_memory {
-            let m = shared.memory.clone();
-            let stop = stop_prefault.clone();
-            Some(std::thread::spawn(move || m.prefault_until(1, &stop)))
-        } else {
-            None
-        };
+        let prefault =
+            if prefault && self.config.prefault && spare_cpu && !self.config.prealloc && own_memory
+            {
+                let m = shared.memory.clone();
+                let stop = stop_prefault.clone();
+                Some(std::thread::spawn(move || m.prefault_until(1, &stop)))
+            } else {
+                None
+            };
         let mut device_state = None;
         let commit = loop {
             match control.control_capped(&self.config.rounds_caps()) {

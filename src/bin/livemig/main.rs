@@ -209,7 +209,8 @@ struct MigrateOpts {
 
 #[derive(Args, Debug)]
 struct BenchArgs {
-    /// Do not pre-fault the destination's memory during round 0.
+    /// Do not pre-fault the destination's memory during round 0 (it is only done on
+    /// a host with more CPUs than page streams plus one).
     #[arg(long)]
     no_prefault: bool,
     /// Commit all destination memory during setup, before any page is sent (the
