@@ -15,10 +15,15 @@ for r in rows:
     key = (r["host"], r["build"])
     if key not in groups:
         groups.append(key)
-# Idle first, then busy; within each, the baseline build (main) before the new one.
-groups.sort(key=lambda k: (k[0] != "idle", not k[1].startswith("main"), k[1]))
+# Idle first, then busy; within each, the baseline build (main) first, then the
+# others in the order the file first names them.
+builds = []
+for r in rows:
+    if r["build"] not in builds:
+        builds.append(r["build"])
+groups.sort(key=lambda k: (k[0] != "idle", not k[1].startswith("main"), builds.index(k[1])))
 
-W, H, LEFT, TOP, BOTTOM = 900, 480, 70, 40, 400
+W, H, LEFT, TOP, BOTTOM = 960, 490, 70, 40, 400
 top = max(2.0, max((r["ratio"] for r in rows if r.get("converged")), default=1.0) * 1.05)
 y = lambda v: BOTTOM - (BOTTOM - TOP) * v / top
 col = (W - LEFT - 40) / max(1, len(groups))
@@ -52,6 +57,7 @@ for gi, (host, build) in enumerate(groups):
     out.append(f'<text x="{cx:.1f}" y="{BOTTOM + 18}" text-anchor="middle">{host}</text>')
     out.append(f'<text x="{cx:.1f}" y="{BOTTOM + 34}" text-anchor="middle">{build}</text>')
     out.append(f'<text x="{cx:.1f}" y="{BOTTOM + 50}" text-anchor="middle" fill="#555">'
-               f'{matrices} {"matrix" if matrices == 1 else "matrices"}, {len(ok)} runs, max {worst:.2f}</text>')
+               f'{matrices} {"matrix" if matrices == 1 else "matrices"}, {len(ok)} runs</text>')
+    out.append(f'<text x="{cx:.1f}" y="{BOTTOM + 66}" text-anchor="middle" fill="#555">max {worst:.2f}</text>')
 out.append("</svg>")
 open(sys.argv[2], "w").write("\n".join(out) + "\n")

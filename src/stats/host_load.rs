@@ -14,22 +14,26 @@
 //! What counts is other processes' threads that are runnable while our own VM is
 //! about to stop: the kernel's count of runnable threads (`/proc/loadavg`) less
 //! those of this process in state `R`, which include the VMM's vCPU threads (they
-//! stop at the pause) and, in `bench`, the destination. The kernel's count is read
-//! before and after ours, and a sample in which it changed is dropped; of a few
-//! samples the median is kept, so that a thread passing through neither makes an
-//! idle host look busy nor hides a busy one. A sample costs about 0.2 ms (a
-//! `/proc` read per thread of ours).
+//! stop at the pause) and, in `bench`, the destination. The kernel's count and ours
+//! are read alternately, twice each, and a sample in which either changed is
+//! dropped; of a few samples the median is kept, so that a thread passing through
+//! neither makes an idle host look busy nor hides a busy one. A sample costs about
+//! 0.4 ms (a `/proc` read per thread of ours, twice).
 
 use std::time::Duration;
 
 /// Threads of other processes runnable right now, or `None` where `/proc` does
-/// not say (not Linux, hidden), or the host's count changed while our own threads
-/// were counted (the two counts are not taken at one instant).
+/// not say (not Linux, hidden), or either count changed while the other was taken
+/// (they are not taken at one instant: the host's count is read around our own,
+/// twice, and all must agree; a VMM's vCPU threads that run in bursts would
+/// otherwise make an idle host look busy).
 pub fn others_runnable() -> Option<u64> {
-    let before = runnable()?;
+    let all = runnable()?;
     let ours = own_running()?;
-    let after = runnable()?;
-    (before == after).then(|| after.saturating_sub(ours))
+    let all_again = runnable()?;
+    let ours_again = own_running()?;
+    (all == all_again && ours == ours_again && all == runnable()?)
+        .then(|| all.saturating_sub(ours))
 }
 
 /// The median of up to `samples` counts of [`others_runnable`], `gap` apart
