@@ -32,8 +32,7 @@ pub fn others_runnable() -> Option<u64> {
     let ours = own_running()?;
     let all_again = runnable()?;
     let ours_again = own_running()?;
-    (all == all_again && ours == ours_again && all == runnable()?)
-        .then(|| all.saturating_sub(ours))
+    (all == all_again && ours == ours_again && all == runnable()?).then(|| all.saturating_sub(ours))
 }
 
 /// The median of up to `samples` counts of [`others_runnable`], `gap` apart
