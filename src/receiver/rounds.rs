@@ -75,8 +75,7 @@ impl Receiver {
             .set_read_timeout(Some(self.config.control_timeout));
         // Whether a background pre-fault would have a CPU of its own (counted
         // before the streams move into the appliers).
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spare_cpu = super::prefault_pays(page_streams.len(), cpus);
+        let spare_cpu = super::prefault_pays(page_streams.len(), host_load::cpus() as usize);
         // A page stream that loses its link ends the control stream's wait too, so
         // the session moves on to resumption at once.
         let appliers = Appliers::start(

@@ -35,11 +35,16 @@ pub fn others_runnable() -> Option<u64> {
     (all == all_again && ours == ours_again && all == runnable()?).then(|| all.saturating_sub(ours))
 }
 
-/// The median of up to `samples` counts of [`others_runnable`], `gap` apart
-/// (samples our own threads disturbed are left out); `None` if none was clean.
+/// The median of `samples` clean counts of [`others_runnable`], `gap` apart, out
+/// of at most three times as many tries (samples in which the counts moved are
+/// dropped, and on a loaded host many are); `None` if none was clean.
 pub fn others_runnable_median(samples: u32, gap: Duration) -> Option<u64> {
-    let mut counts = Vec::with_capacity(samples as usize);
-    for i in 0..samples.max(1) {
+    let samples = samples.max(1) as usize;
+    let mut counts = Vec::with_capacity(samples);
+    for i in 0..samples * 3 {
+        if counts.len() == samples {
+            break;
+        }
         if i > 0 {
             std::thread::sleep(gap);
         }
