@@ -23,7 +23,9 @@ for r in rows:
         builds.append(r["build"])
 groups.sort(key=lambda k: (k[0] != "idle", not k[1].startswith("main"), builds.index(k[1])))
 
-W, H, LEFT, TOP, BOTTOM = 960, 490, 70, 40, 400
+H, LEFT, TOP, BOTTOM = 490, 70, 40, 400
+# Room for each column's three lines of labels.
+W = max(960, LEFT + 40 + 130 * len(groups))
 top = max(2.0, max((r["ratio"] for r in rows if r.get("converged")), default=1.0) * 1.05)
 y = lambda v: BOTTOM - (BOTTOM - TOP) * v / top
 col = (W - LEFT - 40) / max(1, len(groups))
