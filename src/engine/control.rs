@@ -317,13 +317,26 @@ mod tests {
     use crate::transport::framed::FrameReader;
     use crate::transport::mem;
 
+    /// One control frame carrying `msg` and `attachment`, as bytes.
+    fn control_frame(msg: &ControlMsg, attachment: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        write_frame(
+            &mut frame,
+            FrameKind::Control,
+            0,
+            &msg.encode(),
+            &[attachment],
+        )
+        .unwrap();
+        frame
+    }
+
     #[test]
     fn a_read_timeout_never_loses_part_of_a_frame() {
         let (a, b) = mem::duplex();
         let mut link = ControlLink::new(Box::new(a));
-        let mut frame = Vec::new();
         let msg = ControlMsg::Heartbeat { seq: 7 };
-        write_frame(&mut frame, FrameKind::Control, 0, &msg.encode(), &[b"xyz"]).unwrap();
+        let frame = control_frame(&msg, b"xyz");
         let mut peer = b;
         use std::io::Write;
         peer.write_all(&frame[..5]).unwrap();
@@ -377,11 +390,10 @@ mod tests {
         let interval = Duration::from_secs(30);
         let hb = Heartbeat::start(link, interval, Duration::from_secs(60));
         // A heartbeat from the peer wakes the thread, which takes it as a sign of life.
-        let mut frame = Vec::new();
-        let beat = ControlMsg::Heartbeat { seq: 1 };
-        write_frame(&mut frame, FrameKind::Control, 0, &beat.encode(), &[b""]).unwrap();
         use std::io::Write;
-        (&peer).write_all(&frame).unwrap();
+        (&peer)
+            .write_all(&control_frame(&ControlMsg::Heartbeat { seq: 1 }, b""))
+            .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(!hb.has_failed());
         let t = Instant::now();
@@ -395,9 +407,7 @@ mod tests {
         // The link still works after the hand-back: a frame sent now arrives whole.
         let mut link = link.expect("link handed back");
         let msg = ControlMsg::Heartbeat { seq: 2 };
-        let mut frame = Vec::new();
-        write_frame(&mut frame, FrameKind::Control, 0, &msg.encode(), &[b"ok"]).unwrap();
-        (&peer).write_all(&frame).unwrap();
+        (&peer).write_all(&control_frame(&msg, b"ok")).unwrap();
         let (got, att) = link
             .poll(Duration::from_secs(5))
             .unwrap()
