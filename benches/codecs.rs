@@ -165,6 +165,14 @@ fn page_hashing(c: &mut Criterion) {
                 .fold(0u64, |a, p| a ^ livemig::memory::page_hash(black_box(p)))
         })
     });
+    // The crate's loop alone (what `page_hash` uses without AVX-512).
+    g.bench_function("cache-resident-crate", |b| {
+        b.iter(|| {
+            hot.chunks_exact(PAGE_SIZE).fold(0u64, |a, p| {
+                a ^ twox_hash::XxHash3_64::oneshot(black_box(p))
+            })
+        })
+    });
     // The same value from the sender's loop (`memory::page_pass`), which first
     // loads the page into L1 with independent loads, then hashes it.
     g.bench_function("cache-resident-page-pass", |b| {

@@ -219,7 +219,7 @@ fn concurrent_writer(name: &str, make: &impl Backend) {
                 write(&mem, p);
                 log.lock().unwrap().insert(p);
                 writes += 1;
-                if writes % 64 == 0 {
+                if writes.is_multiple_of(64) {
                     std::thread::yield_now();
                 }
             }

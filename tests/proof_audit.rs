@@ -120,8 +120,11 @@ impl DirtyTracker for LossyGuest {
             let p = splitmix(&mut self.rng) % pages;
             let stamp = splitmix(&mut self.rng);
             let (lose, restore) = match self.loss {
-                Loss::OneIn(n) => (self.count % n == 0, false),
-                Loss::AbaOneIn(n) => (self.count % n == 0 && self.before.contains_key(&p), true),
+                Loss::OneIn(n) => (self.count.is_multiple_of(n), false),
+                Loss::AbaOneIn(n) => (
+                    self.count.is_multiple_of(n) && self.before.contains_key(&p),
+                    true,
+                ),
             };
             if lose && restore {
                 // Back to A; the destination holds B.

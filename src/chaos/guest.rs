@@ -26,7 +26,7 @@ const PAUSE_WAIT: Duration = Duration::from_secs(2);
 /// drawn from (seed, page, version).
 pub fn page_content(seed: u64, page: u64, version: u64, out: &mut [u8]) {
     debug_assert_eq!(out.len(), PAGE_SIZE);
-    if version == 0 && page % 4 == 0 {
+    if version == 0 && page.is_multiple_of(4) {
         out.fill(0);
         return;
     }

@@ -227,10 +227,10 @@ impl AutoTuner {
             _ => {}
         }
         let every = self.probe_every.load(Ordering::Relaxed).max(1);
-        if n % every != 0 {
+        if !n.is_multiple_of(every) {
             return None;
         }
-        Some(if (n / every) % 2 == 0 {
+        Some(if (n / every).is_multiple_of(2) {
             CodecId::Lz4
         } else {
             CodecId::Zstd

@@ -74,7 +74,7 @@ unsafe impl Send for GuestRegion {}
 unsafe impl Sync for GuestRegion {}
 
 fn check_len(gpa: u64, len: usize) -> Result<(), MemoryError> {
-    if len == 0 || len % PAGE_SIZE != 0 || gpa % PAGE_SIZE as u64 != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !gpa.is_multiple_of(PAGE_SIZE as u64) {
         return Err(MemoryError::Unaligned { gpa, len });
     }
     if gpa.checked_add(len as u64).is_none() {
@@ -427,7 +427,7 @@ impl GuestRegion {
         if self.read_only {
             return Err(MemoryError::ReadOnly);
         }
-        if offset % 8 != 0 || offset + 8 > self.len {
+        if !offset.is_multiple_of(8) || offset + 8 > self.len {
             return Err(MemoryError::OutOfRange {
                 page: (offset / PAGE_SIZE) as u64,
                 pages: self.pages(),

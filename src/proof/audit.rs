@@ -155,7 +155,7 @@ impl SampledAudit {
         let words = self.candidates.words_mut();
         words.iter_mut().for_each(|w| *w = !0);
         let pages = owed.capacity();
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last = (1u64 << (pages % 64)) - 1;
             }

@@ -188,7 +188,7 @@ impl BatchMeta {
         }
         self.zero_map.extend_from_slice(&b[off..off + zlen]);
         // Bits past npages in the last byte must be clear.
-        if npages % 8 != 0 && self.zero_map[zlen - 1] >> (npages % 8) != 0 {
+        if !npages.is_multiple_of(8) && self.zero_map[zlen - 1] >> (npages % 8) != 0 {
             return Err(WireError::Invalid("zero map padding"));
         }
         off += zlen;

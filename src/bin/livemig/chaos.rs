@@ -117,7 +117,7 @@ pub fn run(a: ChaosArgs) -> Result<(), CliError> {
         if broken || a.every_run {
             print_run(r, true);
         }
-        if n % 100 == 0 {
+        if n.is_multiple_of(100) {
             eprintln!("livemig chaos: {n}/{} runs", a.runs);
         }
     })
