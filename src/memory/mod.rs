@@ -11,6 +11,7 @@ mod bitmap;
 pub mod page_pass;
 pub(crate) mod pagemap;
 mod region;
+pub mod zeroed;
 #[cfg(feature = "vm-memory")]
 pub mod vm_memory;
 

@@ -23,6 +23,7 @@
 //! replaced, so the result does not depend on which thread recorded which page, or in
 //! which order.
 
+use crate::memory::zeroed::ZeroedAtomics;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -131,7 +132,7 @@ impl DigestDelta {
 /// the running digest over them.
 #[derive(Debug)]
 pub struct PageLedger {
-    hashes: Vec<AtomicU64>,
+    hashes: ZeroedAtomics<AtomicU64>,
     lanes: [AtomicU64; 2],
 }
 
@@ -139,7 +140,7 @@ impl PageLedger {
     /// A ledger of `pages` pages, every entry 0 (nothing recorded), digest 0.
     pub fn new(pages: u64) -> Self {
         Self {
-            hashes: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            hashes: ZeroedAtomics::new(pages as usize),
             lanes: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }

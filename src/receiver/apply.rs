@@ -13,6 +13,7 @@ use super::gate::RoundGate;
 use crate::codec::cache::RecordError;
 use crate::codec::delta::DeltaError;
 use crate::codec::{CodecError, CodecId, CodecSet};
+use crate::memory::zeroed::ZeroedAtomics;
 use crate::memory::{page_hash, zero_page_hash, DirtyBitmap, GuestMemory, MemoryError, PAGE_SIZE};
 use crate::proof::{DigestDelta, PageLedger};
 use crate::transport::framed::FrameReader;
@@ -252,7 +253,7 @@ pub struct ApplyShared {
     /// Per page: the round in which a batch last claimed it, plus one (0: never).
     /// A batch claims all its pages before writing any, so a page arrives at most
     /// once per round across all streams (see [`claim_pages`]).
-    pub stamps: Vec<AtomicU32>,
+    pub stamps: ZeroedAtomics<AtomicU32>,
     /// The memory was provided by the caller and may hold anything: an untouched
     /// page is not known to be zero (see [`ApplyShared::caller_memory`]).
     pub unknown_contents: bool,
@@ -280,7 +281,7 @@ impl ApplyShared {
         Self {
             applied: PageLedger::new(n),
             touched: DirtyBitmap::new(n),
-            stamps: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            stamps: ZeroedAtomics::new(n as usize),
             unknown_contents: false,
             gate: RoundGate::new(streams, max_rounds),
             memory,
