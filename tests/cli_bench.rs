@@ -43,6 +43,31 @@ fn bench_default_json() {
     assert_eq!(v["converged"], true, "{v}");
     assert_eq!(v["tracker"], "explicit");
     assert_eq!(v["mode"], "multichannel");
+    assert_eq!(v["guest_pages"], "huge", "{v}");
+}
+
+/// The source guest's page size is a choice the report states: huge by default,
+/// small on request, and small by default under userfaultfd tracking (which would
+/// report a whole huge page for one write).
+#[test]
+fn bench_guest_pages_are_chosen_and_reported() {
+    let v = bench(&["--guest-pages", "small", "--dirty-rate", "10"]);
+    assert_eq!(v["guest_pages"], "small", "{v}");
+    let v = bench(&["--tracker", "hash", "--dirty-rate", "10"]);
+    assert_eq!(v["guest_pages"], "huge", "{v}");
+    if cfg!(feature = "uffd") {
+        let v = bench(&["--tracker", "uffd", "--dirty-rate", "10"]);
+        assert_eq!(v["guest_pages"], "small", "{v}");
+        let v = bench(&[
+            "--tracker",
+            "uffd",
+            "--guest-pages",
+            "huge",
+            "--dirty-rate",
+            "10",
+        ]);
+        assert_eq!(v["guest_pages"], "huge", "{v}");
+    }
 }
 
 #[test]
