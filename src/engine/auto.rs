@@ -30,7 +30,10 @@
 //! every worker), speed `S_c` and ratio `r_c`. The controller switches to the best
 //! prediction when it beats the current one by 10 % (hysteresis).
 //!
-//! **Stream count**: the migration opens `max` streams; the controller activates 1,
+//! **Stream count**: the migration opens `max` streams. A destination on this host
+//! (loopback peer) shares its CPUs, one receiving thread per stream, so raw sending
+//! uses at most half the CPUs in streams (`codec_policy::raw_stream_cap`; one on
+//! two CPUs, with no exploration). Otherwise the controller activates 1,
 //! then 2, … for one 60 ms window each during round 0, measuring guest bytes per
 //! second. It keeps all `max` streams unless fewer were at least 30 % faster: one
 //! 60 ms window on a shared machine is noisy (a 9 % dip of the 2-stream window once
@@ -110,6 +113,8 @@ struct Controller {
     raw_sent: (f64, f64),
     /// Streams chosen by exploration (used while sending raw).
     raw_streams: usize,
+    /// Most streams raw sending may use (`cap_raw_streams`).
+    raw_cap: usize,
     decisions: Vec<String>,
 }
 
@@ -176,9 +181,30 @@ impl AutoTuner {
                 saturated_streak: 0,
                 raw_sent: (0.0, 0.0),
                 raw_streams: max_workers,
+                raw_cap: max_workers,
                 decisions: Vec::new(),
             }),
             settled: AtomicBool::new(!enabled || max_workers <= 1),
+        }
+    }
+
+    /// The destination shares this host's `cpus` CPUs: send raw over at most
+    /// [`policy::raw_stream_cap`] streams. Call before the first batch. Exploration
+    /// then measures 1 to that many streams, and a cap of one ends it; the cap goes
+    /// into the decisions.
+    pub fn peer_on_this_host(&mut self, cpus: usize) {
+        let cap = policy::raw_stream_cap(self.max_workers, true, cpus);
+        if !self.enabled || cap >= self.max_workers {
+            return;
+        }
+        let why = format!("destination on this host: {cpus} CPUs shared by both ends");
+        let c = self.ctl.get_mut().expect("ctl lock");
+        c.raw_cap = cap;
+        c.raw_streams = cap;
+        c.decisions.push(format!("streams: at most {cap} ({why})"));
+        if cap == 1 {
+            c.phase = Phase::Settled;
+            *self.settled.get_mut() = true;
         }
     }
 
@@ -323,14 +349,15 @@ impl AutoTuner {
             0
         };
         // Stream-count exploration (raw, during the first windows).
+        let raw_cap = c.raw_cap;
         if let Phase::Exploring { count, results } = &mut c.phase {
             results.push((*count, guest_rate));
-            if *count < self.max_workers && !saturated {
+            let max = raw_cap;
+            if *count < max && !saturated {
                 *count += 1;
                 self.active.store(*count, Ordering::Relaxed);
                 return;
             }
-            let max = self.max_workers;
             let pick = policy::streams_after_exploring(results, max);
             let msg = format!(
                 "streams: measured {}{} → using {pick}",
@@ -537,6 +564,38 @@ mod tests {
             output: 2.5e8,
             secs: 1.5,
         };
+    }
+
+    #[test]
+    fn a_destination_on_this_host_caps_raw_streams_but_not_compression() {
+        // Two CPUs shared by both ends: one raw stream, no exploration.
+        let mut t = AutoTuner::new(true, 2, CodecId::Raw);
+        t.peer_on_this_host(2);
+        assert_eq!(t.active(), 1);
+        assert!(
+            t.decisions()[0].contains("at most 1"),
+            "{:?}",
+            t.decisions()
+        );
+        // A slow link, confirmed by two blocked windows, makes compressing win:
+        // every worker compresses.
+        compressible(&t);
+        window(&t, 125_000_000, 125_000_000, 900);
+        assert_eq!(t.active(), 1, "exploration is over: {:?}", t.decisions());
+        assert_eq!(t.codec(), CodecId::Raw, "one blocked window is not proof");
+        window(&t, 125_000_000, 125_000_000, 900);
+        assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
+        assert_eq!(t.active(), 2);
+        // Eight CPUs: up to four streams, so a two-stream migration is not capped.
+        let mut t = AutoTuner::new(true, 2, CodecId::Raw);
+        t.peer_on_this_host(8);
+        assert!(t.decisions().is_empty());
+        window(&t, 600_000_000, 600_000_000, 100);
+        assert_eq!(t.active(), 2, "second window tries 2 streams");
+        // A fixed mode is never capped.
+        let mut t = AutoTuner::new(false, 2, CodecId::Raw);
+        t.peer_on_this_host(2);
+        assert_eq!(t.active(), 2);
     }
 
     #[test]

@@ -140,6 +140,17 @@ impl SendState {
         }
     }
 
+    /// The destination runs on this host (its page streams' peer is a loopback
+    /// address): `auto` sends raw over at most half the CPUs in streams, since each
+    /// stream's receiving thread shares them (`codec_policy::raw_stream_cap`).
+    pub fn with_peer_on_this_host(mut self, on_this_host: bool) -> Self {
+        if on_this_host {
+            let cpus = crate::stats::host_load::cpus() as usize;
+            self.tuner.peer_on_this_host(cpus);
+        }
+        self
+    }
+
     /// Record how many page streams splice raw guest pages (for the report).
     pub fn with_spliced_streams(mut self, n: u16) -> Self {
         self.spliced_streams = n;

@@ -68,6 +68,12 @@ pub(crate) fn run(
         }
         let streams = page_writers.len();
         let spliced = page_writers.iter().filter(|w| w.splices()).count() as u16;
+        // A loopback peer is a destination on this host, sharing its CPUs.
+        let peer_on_this_host = page_writers
+            .first()
+            .and_then(|w| w.stream().peer_addr())
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .is_some_and(|a| a.ip().is_loopback());
         let shared = Arc::new(
             SendState::new(
                 m.memory.clone(),
@@ -77,7 +83,8 @@ pub(crate) fn run(
                 m.config.mode == super::Mode::Auto,
             )
             .with_delta(m.config.delta, m.config.delta_cache_bytes)
-            .with_spliced_streams(spliced),
+            .with_spliced_streams(spliced)
+            .with_peer_on_this_host(peer_on_this_host),
         );
         let workers = Workers::spawn(&shared, page_writers);
         // The brownout's fixed costs from the model's calibration; the handshake

@@ -11,9 +11,9 @@ mod bitmap;
 pub mod page_pass;
 pub(crate) mod pagemap;
 mod region;
-pub mod zeroed;
 #[cfg(feature = "vm-memory")]
 pub mod vm_memory;
+pub mod zeroed;
 
 pub use bitmap::{DirtyBitmap, PageSet, SetBits};
 pub use region::{GuestRegion, GuestRun, RacyPages, RegionKind};

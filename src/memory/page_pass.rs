@@ -10,9 +10,10 @@
 //! dependent adds keeps few loads in flight. Over 256 MiB of anonymous `mix`
 //! memory (`cargo bench --features bench --bench codecs -- page-copy-out`): 32
 //! GiB/s, against 29 GiB/s for the copy path's copy-and-zero-check into an L1
-//! page then the crate's hash of the copy. For pages already in cache the crate is
-//! faster (56 against 47 GiB/s, `-- page-hash`), so [`super::page_hash`] stays
-//! the crate's, and the copy path keeps its copy then the crate's hash.
+//! page then the crate's hash of the copy. For pages already in cache the load
+//! loop is wasted: there [`hash_cached`] (AVX-512, no zero check) is the fastest,
+//! 90 GiB/s against 54 for the crate and 45 for this pass (`-- page-hash`), and
+//! [`super::page_hash`] uses it, else the crate's hash.
 //!
 //! Tried and dropped: prefetching the lines two pages ahead. It raised the
 //! micro-benchmark to 41 GiB/s but not whole migrations (`bench --baseline`), and
