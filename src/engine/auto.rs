@@ -30,10 +30,7 @@
 //! every worker), speed `S_c` and ratio `r_c`. The controller switches to the best
 //! prediction when it beats the current one by 10 % (hysteresis).
 //!
-//! **Stream count**: the migration opens `max` streams. A destination on this host
-//! (loopback peer) shares its CPUs, one receiving thread per stream, so raw sending
-//! uses at most half the CPUs in streams (`codec_policy::raw_stream_cap`; one on
-//! two CPUs, with no exploration). Otherwise the controller activates 1,
+//! **Stream count**: the migration opens `max` streams; the controller activates 1,
 //! then 2, … for one 60 ms window each during round 0, measuring guest bytes per
 //! second. It keeps all `max` streams unless fewer were at least 30 % faster: one
 //! 60 ms window on a shared machine is noisy (a 9 % dip of the 2-stream window once
@@ -42,7 +39,11 @@
 //! exploration ends at once with all streams: a link-bound transfer gains nothing by
 //! measuring further (on a long-latency link more streams help), and over loopback
 //! one stream blocks because its single receiver thread is the bottleneck, which
-//! more streams fix.
+//! more streams fix. Except with the destination on this host (a loopback peer):
+//! both ends then share the CPUs, so once writes block at half the CPUs in streams
+//! (`codec_policy::local_stream_cap`: one stream on two CPUs) exploration stops
+//! there, since the receiving end is the bottleneck and more streams would only
+//! time-share its CPUs.
 //!
 //! **Leaving raw** needs the link confirmed: writes blocked in two consecutive
 //! windows. One blocked window proves little (the one-stream window above, a
@@ -113,8 +114,11 @@ struct Controller {
     raw_sent: (f64, f64),
     /// Streams chosen by exploration (used while sending raw).
     raw_streams: usize,
-    /// Most streams raw sending may use (`cap_raw_streams`).
-    raw_cap: usize,
+    /// With the destination on this host: streams beyond this only time-share the
+    /// CPUs when the receiving end is the bottleneck (`peer_on_this_host`).
+    local_cap: Option<usize>,
+    /// This host's CPUs (for the decision's message).
+    cpus: usize,
     decisions: Vec<String>,
 }
 
@@ -181,30 +185,23 @@ impl AutoTuner {
                 saturated_streak: 0,
                 raw_sent: (0.0, 0.0),
                 raw_streams: max_workers,
-                raw_cap: max_workers,
+                local_cap: None,
+                cpus: 0,
                 decisions: Vec::new(),
             }),
             settled: AtomicBool::new(!enabled || max_workers <= 1),
         }
     }
 
-    /// The destination shares this host's `cpus` CPUs: send raw over at most
-    /// [`policy::raw_stream_cap`] streams. Call before the first batch. Exploration
-    /// then measures 1 to that many streams, and a cap of one ends it; the cap goes
-    /// into the decisions.
+    /// The destination shares this host's `cpus` CPUs (a loopback peer). Call
+    /// before the first batch. Then a window in which one more stream's writes
+    /// blocked stops exploring at [`policy::local_stream_cap`] streams (see the
+    /// module docs).
     pub fn peer_on_this_host(&mut self, cpus: usize) {
-        let cap = policy::raw_stream_cap(self.max_workers, true, cpus);
-        if !self.enabled || cap >= self.max_workers {
-            return;
-        }
-        let why = format!("destination on this host: {cpus} CPUs shared by both ends");
-        let c = self.ctl.get_mut().expect("ctl lock");
-        c.raw_cap = cap;
-        c.raw_streams = cap;
-        c.decisions.push(format!("streams: at most {cap} ({why})"));
-        if cap == 1 {
-            c.phase = Phase::Settled;
-            *self.settled.get_mut() = true;
+        if self.enabled {
+            let c = self.ctl.get_mut().expect("ctl lock");
+            c.local_cap = Some(policy::local_stream_cap(self.max_workers, cpus));
+            c.cpus = cpus;
         }
     }
 
@@ -349,28 +346,44 @@ impl AutoTuner {
             0
         };
         // Stream-count exploration (raw, during the first windows).
-        let raw_cap = c.raw_cap;
+        let (local_cap, cpus) = (c.local_cap, c.cpus);
         if let Phase::Exploring { count, results } = &mut c.phase {
             results.push((*count, guest_rate));
-            let max = raw_cap;
-            if *count < max && !saturated {
+            let max = self.max_workers;
+            // Writes blocked with the destination on this host: its receiving end is
+            // the bottleneck, and a stream past the cap would only share its CPUs.
+            let receiver_bound = saturated && local_cap.is_some_and(|cap| *count >= cap);
+            let more = *count < max && (!saturated || local_cap.is_some()) && !receiver_bound;
+            if more {
                 *count += 1;
                 self.active.store(*count, Ordering::Relaxed);
                 return;
             }
-            let pick = policy::streams_after_exploring(results, max);
+            let (pick, note) = if receiver_bound {
+                (
+                    *count,
+                    format!(
+                        " (writes blocked, destination on this host: {cpus} CPUs shared by both ends)"
+                    ),
+                )
+            } else {
+                let note = if saturated && !results.iter().any(|r| r.0 == max) {
+                    " (link saturated)"
+                } else {
+                    ""
+                };
+                (
+                    policy::streams_after_exploring(results, max),
+                    note.to_string(),
+                )
+            };
             let msg = format!(
-                "streams: measured {}{} → using {pick}",
+                "streams: measured {}{note} → using {pick}",
                 results
                     .iter()
                     .map(|(n, r)| format!("{n}:{:.2} GB/s", r / 1e9))
                     .collect::<Vec<_>>()
                     .join(", "),
-                if saturated && !results.iter().any(|r| r.0 == max) {
-                    " (link saturated)"
-                } else {
-                    ""
-                }
             );
             c.decisions.push(msg);
             self.active.store(pick, Ordering::Relaxed);
@@ -567,32 +580,37 @@ mod tests {
     }
 
     #[test]
-    fn a_destination_on_this_host_caps_raw_streams_but_not_compression() {
-        // Two CPUs shared by both ends: one raw stream, no exploration.
+    fn a_destination_on_this_host_keeps_one_stream_when_its_writes_block() {
+        // Two CPUs shared by both ends, one stream's writes blocked 90 %: the
+        // receiving end is the bottleneck; a second stream would share its CPUs.
         let mut t = AutoTuner::new(true, 2, CodecId::Raw);
         t.peer_on_this_host(2);
-        assert_eq!(t.active(), 1);
+        compressible(&t);
+        window(&t, 125_000_000, 125_000_000, 900);
+        assert_eq!(t.active(), 1, "{:?}", t.decisions());
         assert!(
-            t.decisions()[0].contains("at most 1"),
+            t.decisions()[0].contains("destination on this host"),
             "{:?}",
             t.decisions()
         );
-        // A slow link, confirmed by two blocked windows, makes compressing win:
-        // every worker compresses.
-        compressible(&t);
-        window(&t, 125_000_000, 125_000_000, 900);
-        assert_eq!(t.active(), 1, "exploration is over: {:?}", t.decisions());
-        assert_eq!(t.codec(), CodecId::Raw, "one blocked window is not proof");
+        // A slow link (shaped here), confirmed by a second blocked window, makes
+        // compressing win, and compressing still runs on every worker.
         window(&t, 125_000_000, 125_000_000, 900);
         assert_ne!(t.codec(), CodecId::Raw, "{:?}", t.decisions());
         assert_eq!(t.active(), 2);
-        // Eight CPUs: up to four streams, so a two-stream migration is not capped.
+        // Writes not blocked (the sending end is the bottleneck): explore on.
+        let mut t = AutoTuner::new(true, 2, CodecId::Raw);
+        t.peer_on_this_host(2);
+        window(&t, 600_000_000, 600_000_000, 50);
+        assert_eq!(t.active(), 2, "second window tries 2 streams");
+        window(&t, 700_000_000, 700_000_000, 50);
+        assert_eq!(t.active(), 2, "{:?}", t.decisions());
+        // Eight CPUs: a blocked first window goes on to a second stream.
         let mut t = AutoTuner::new(true, 2, CodecId::Raw);
         t.peer_on_this_host(8);
-        assert!(t.decisions().is_empty());
-        window(&t, 600_000_000, 600_000_000, 100);
-        assert_eq!(t.active(), 2, "second window tries 2 streams");
-        // A fixed mode is never capped.
+        window(&t, 600_000_000, 600_000_000, 900);
+        assert_eq!(t.active(), 2, "{:?}", t.decisions());
+        // A fixed mode is never changed.
         let mut t = AutoTuner::new(false, 2, CodecId::Raw);
         t.peer_on_this_host(2);
         assert_eq!(t.active(), 2);

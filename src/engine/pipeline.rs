@@ -141,8 +141,9 @@ impl SendState {
     }
 
     /// The destination runs on this host (its page streams' peer is a loopback
-    /// address): `auto` sends raw over at most half the CPUs in streams, since each
-    /// stream's receiving thread shares them (`codec_policy::raw_stream_cap`).
+    /// address): `auto` stops adding raw streams at half the CPUs once writes block,
+    /// since each stream's receiving thread shares them
+    /// (`codec_policy::local_stream_cap`).
     pub fn with_peer_on_this_host(mut self, on_this_host: bool) -> Self {
         if on_this_host {
             let cpus = crate::stats::host_load::cpus() as usize;
