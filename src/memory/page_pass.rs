@@ -47,6 +47,25 @@ const SECRET: [u8; 192] = [
     0x45, 0xcb, 0x3a, 0x8f, 0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
 ];
 
+/// XXH3's primes, and its stripe and block sizes (the reference's `XXH_PRIME*`,
+/// `XXH_STRIPE_LEN`, and 16 stripes a block with the default secret).
+#[cfg(target_arch = "x86_64")]
+mod xxh3 {
+    pub const PRIME32_1: u64 = 0x9E37_79B1;
+    pub const PRIME32_2: u64 = 0x85EB_CA77;
+    pub const PRIME32_3: u64 = 0xC2B2_AE3D;
+    pub const PRIME64_1: u64 = 0x9E37_79B1_85EB_CA87;
+    pub const PRIME64_2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    pub const PRIME64_3: u64 = 0x1656_67B1_9E37_79F9;
+    pub const PRIME64_4: u64 = 0x85EB_CA77_C2B2_AE63;
+    pub const PRIME64_5: u64 = 0x27D4_EB2F_1656_67C5;
+    pub const PRIME_MX1: u64 = 0x1656_6791_9E37_79F9;
+    pub const STRIPE: usize = 64;
+    pub const BLOCK: usize = 16 * STRIPE;
+}
+#[cfg(target_arch = "x86_64")]
+use xxh3::*;
+
 /// What reading a page found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageSummary {
@@ -101,16 +120,6 @@ unsafe fn pass_avx2(src: *const u8) -> PageSummary {
         _mm256_slli_epi64, _mm256_srli_epi64, _mm256_storeu_si256, _mm256_testz_si256,
         _mm256_xor_si256,
     };
-    const PRIME32_1: u64 = 0x9E37_79B1;
-    const PRIME32_2: u64 = 0x85EB_CA77;
-    const PRIME32_3: u64 = 0xC2B2_AE3D;
-    const PRIME64_1: u64 = 0x9E37_79B1_85EB_CA87;
-    const PRIME64_2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-    const PRIME64_3: u64 = 0x1656_67B1_9E37_79F9;
-    const PRIME64_4: u64 = 0x85EB_CA77_C2B2_AE63;
-    const PRIME64_5: u64 = 0x27D4_EB2F_1656_67C5;
-    const STRIPE: usize = 64;
-    const BLOCK: usize = 16 * STRIPE;
 
     let secret = SECRET.as_ptr();
     // Lanes low to high: acc[0..4] and acc[4..8] of the reference.
@@ -243,16 +252,6 @@ unsafe fn hash_avx512(src: *const u8) -> u64 {
         _mm512_set_epi64, _mm512_shuffle_epi32, _mm512_slli_epi64, _mm512_srli_epi64,
         _mm512_storeu_si512, _mm512_xor_si512, _MM_PERM_BADC,
     };
-    const PRIME32_1: u64 = 0x9E37_79B1;
-    const PRIME32_2: u64 = 0x85EB_CA77;
-    const PRIME32_3: u64 = 0xC2B2_AE3D;
-    const PRIME64_1: u64 = 0x9E37_79B1_85EB_CA87;
-    const PRIME64_2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-    const PRIME64_3: u64 = 0x1656_67B1_9E37_79F9;
-    const PRIME64_4: u64 = 0x85EB_CA77_C2B2_AE63;
-    const PRIME64_5: u64 = 0x27D4_EB2F_1656_67C5;
-    const STRIPE: usize = 64;
-    const BLOCK: usize = 16 * STRIPE;
 
     let secret = SECRET.as_ptr();
     // Lanes low to high: acc[0..8] of the reference.
@@ -309,9 +308,8 @@ unsafe fn hash_avx512(src: *const u8) -> u64 {
 
 /// XXH3's merge of the eight accumulators (keyed at 11) and its avalanche, for a
 /// 4096-byte input.
+#[cfg(target_arch = "x86_64")]
 fn merge(acc: &[u64; 8]) -> u64 {
-    const PRIME64_1: u64 = 0x9E37_79B1_85EB_CA87;
-    const PRIME_MX1: u64 = 0x1656_6791_9E37_79F9;
     let key = |at: usize| u64::from_le_bytes(SECRET[at..at + 8].try_into().expect("8 bytes"));
     let mut h = (PAGE_SIZE as u64).wrapping_mul(PRIME64_1);
     for i in 0..4 {
