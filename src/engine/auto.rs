@@ -350,16 +350,13 @@ impl AutoTuner {
         if let Phase::Exploring { count, results } = &mut c.phase {
             results.push((*count, guest_rate));
             let max = self.max_workers;
-            // Writes blocked with the destination on this host: its receiving end is
-            // the bottleneck, and a stream past the cap would only share its CPUs.
-            let receiver_bound = saturated && local_cap.is_some_and(|cap| *count >= cap);
-            let more = *count < max && (!saturated || local_cap.is_some()) && !receiver_bound;
-            if more {
+            let step = policy::explore_step(*count, max, saturated, local_cap);
+            if step == policy::ExploreStep::MoreStreams {
                 *count += 1;
                 self.active.store(*count, Ordering::Relaxed);
                 return;
             }
-            let (pick, note) = if receiver_bound {
+            let (pick, note) = if step == policy::ExploreStep::ReceiverBound {
                 (
                     *count,
                     format!(

@@ -70,6 +70,39 @@ pub fn local_stream_cap(max: usize, cpus: usize) -> usize {
     (cpus / 2).clamp(1, max.max(1))
 }
 
+/// What stream-count exploration does after a window measured with `count`
+/// streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExploreStep {
+    /// Measure the next window with one more stream.
+    MoreStreams,
+    /// Stop and keep `count` streams: writes blocked with the destination on this
+    /// host at [`local_stream_cap`] streams (its receiving end is the bottleneck).
+    ReceiverBound,
+    /// Stop and keep what [`streams_after_exploring`] picks.
+    Done,
+}
+
+/// The next exploration step. `saturated`: the window's writes blocked;
+/// `local_cap`: [`local_stream_cap`] when the destination is on this host. A
+/// blocked window ends exploring with a remote destination (the link is the
+/// limit), but not with a local one below its cap (another receiving thread may
+/// use an idle CPU).
+pub fn explore_step(
+    count: usize,
+    max: usize,
+    saturated: bool,
+    local_cap: Option<usize>,
+) -> ExploreStep {
+    if saturated && local_cap.is_some_and(|cap| count >= cap) {
+        ExploreStep::ReceiverBound
+    } else if count < max && (!saturated || local_cap.is_some()) {
+        ExploreStep::MoreStreams
+    } else {
+        ExploreStep::Done
+    }
+}
+
 /// The stream count to keep after exploring: `results` holds (streams, guest
 /// bytes/s) per window. All `max` streams unless fewer were clearly faster; `max`
 /// too when exploration stopped early (saturated) before measuring `max`.
@@ -250,6 +283,22 @@ mod tests {
         assert_eq!(local_stream_cap(8, 8), 4);
         assert_eq!(local_stream_cap(2, 1), 1);
         assert_eq!(local_stream_cap(1, 64), 1);
+    }
+
+    #[test]
+    fn exploring_steps() {
+        use ExploreStep::*;
+        // Remote destination: a blocked window ends it; otherwise on to `max`.
+        assert_eq!(explore_step(1, 2, true, None), Done);
+        assert_eq!(explore_step(1, 2, false, None), MoreStreams);
+        assert_eq!(explore_step(2, 2, false, None), Done);
+        // On this host with two CPUs (cap 1): blocked at one stream keeps one.
+        assert_eq!(explore_step(1, 2, true, Some(1)), ReceiverBound);
+        assert_eq!(explore_step(1, 2, false, Some(1)), MoreStreams);
+        // Eight CPUs (cap 4): blocked below the cap goes on, at the cap stops.
+        assert_eq!(explore_step(1, 8, true, Some(4)), MoreStreams);
+        assert_eq!(explore_step(4, 8, true, Some(4)), ReceiverBound);
+        assert_eq!(explore_step(8, 8, false, Some(4)), Done);
     }
 
     #[test]
