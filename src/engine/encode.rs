@@ -1,14 +1,18 @@
 //! The batch encoder of a page stream: one 256-page batch read out of guest memory,
 //! zero-checked, hashed, recorded in the sent ledger, encoded and written as one
-//! frame. Both send paths share one loop ([`walk_batch`]) and differ only in how
-//! each page is read ([`PageSink`]), reading it out of memory once for its zero
+//! frame. The three send paths share one loop ([`walk_batch`]) and differ only in
+//! how each page is read ([`PageSink`]), reading it out of memory once for its zero
 //! check and its hash:
 //! - the copy path ([`send_batch`]) copies the pages into the batch's payload buffer
 //!   (the copy tells whether the page is zero) and hashes the copy; the delta
 //!   encoder and the block codecs then read the payload;
 //! - the zero-copy path ([`send_batch_zero_copy`]) copies nothing: it hashes each
 //!   page where it lies (`memory::page_pass`), and writes the runs of non-zero pages
-//!   with `writev` straight from guest memory.
+//!   with `writev` straight from guest memory;
+//! - the file path ([`send_batch_from_file`]), for raw batches of memory that is an
+//!   image file: the pages are read out of the file with `pread` into the batch's
+//!   buffer, which costs less than faulting the image's mapping in, then hashed and
+//!   written from there.
 //!
 //! Guest memory is read only through [`RacyPages`]: no `&[u8]` is formed over memory
 //! the guest may write, except the ranges handed to the kernel for `writev`.
@@ -18,7 +22,9 @@ use std::sync::atomic::Ordering;
 use super::pipeline::{Batch, BatchError, SendState};
 use crate::codec::{CodecId, CodecSet};
 use crate::memory::page_pass::PageSummary;
-use crate::memory::{page_hash, zero_page_hash, GuestRun, MemoryError, RacyPages, PAGE_SIZE};
+use crate::memory::{
+    page_hash, zero_page_hash, GuestRegion, GuestRun, MemoryError, RacyPages, PAGE_SIZE,
+};
 use crate::proof::DigestDelta;
 use crate::transport::framed::FrameWriter;
 use crate::wire::batch::BatchMeta;
@@ -106,7 +112,9 @@ impl BatchBench {
         };
         let before = self.out.bytes();
         let codec = self.shared.tuner.codec();
-        let r = if zero_copy(&self.shared, codec, &self.out) {
+        let r = if from_file(&self.shared, codec, &self.out) {
+            send_batch_from_file(&self.shared, &b, &mut self.scratch, &mut self.out)
+        } else if zero_copy(&self.shared, codec, &self.out) {
             send_batch_zero_copy(&self.shared, &b, &mut self.scratch, &mut self.out)
         } else {
             send_batch(&self.shared, &b, codec, &mut self.scratch, &mut self.out)
@@ -125,6 +133,16 @@ trait PageSink<'m> {
     /// Whether the kept pages go through the delta encoder, which keeps the delta
     /// cache right for them; otherwise every page sent invalidates its cached version.
     const DELTA_ENCODED: bool;
+    /// The `count` pages at region-relative `page` of `region` (the extent `view`
+    /// covers) come next.
+    fn begin_extent(
+        &mut self,
+        _region: &'m GuestRegion,
+        _page: u64,
+        _count: u64,
+    ) -> Result<(), MemoryError> {
+        Ok(())
+    }
     /// Read page `p` of `view` out of guest memory once: its hash and whether it is
     /// zero (and, on the copy path, the copy into the next payload slot).
     fn read(&mut self, view: &RacyPages<'m>, p: usize) -> Result<PageSummary, MemoryError>;
@@ -219,7 +237,123 @@ impl<'m> PageSink<'m> for GatherSink<'m> {
     }
 }
 
-/// The batch-encoding loop of both send paths. For each page of `b`, in order: its
+/// Read path: the pages of an image-file region are copied out of the file with
+/// `pread` ([`GuestRegion::read_from_file`]: no page faults on the image's mapping)
+/// into `buf`, 64 pages at a time as the walk reaches them, so that each page is
+/// zero-checked and hashed from cache; the runs of non-zero pages are then written
+/// from `buf`. (Reading each extent whole, up to 1 MiB, before walking it was no
+/// faster: `send` of a 2 GiB image into fresh memory, 6 interleaved runs, 6.18
+/// against 6.25 GiB/s, medians.)
+struct FileReadSink<'m, 's> {
+    buf: &'s mut [u8],
+    /// The current extent: its region, its first page there, where it starts in
+    /// `buf` and how many of its bytes have been read into `buf`.
+    extent: Option<(&'m GuestRegion, u64)>,
+    base: usize,
+    filled: usize,
+    /// End of the extents begun so far in `buf` (bytes).
+    len: usize,
+    /// Byte ranges of `buf` to send, in page order.
+    runs: Vec<std::ops::Range<usize>>,
+    /// Start (in `buf`) of the open run of non-zero pages.
+    open: Option<usize>,
+}
+
+impl<'m, 's> FileReadSink<'m, 's> {
+    /// Bytes read from the file at a time.
+    const CHUNK: usize = 64 * PAGE_SIZE;
+
+    fn new(buf: &'s mut [u8], extents: usize) -> Self {
+        Self {
+            buf,
+            extent: None,
+            base: 0,
+            filled: 0,
+            len: 0,
+            runs: Vec::with_capacity(extents + 4),
+            open: None,
+        }
+    }
+
+    fn close(&mut self, end: usize) {
+        if let Some(first) = self.open.take() {
+            self.runs.push(first..end);
+        }
+    }
+}
+
+impl<'m> PageSink<'m> for FileReadSink<'m, '_> {
+    const DELTA_ENCODED: bool = false;
+
+    fn begin_extent(
+        &mut self,
+        region: &'m GuestRegion,
+        page: u64,
+        count: u64,
+    ) -> Result<(), MemoryError> {
+        let end = self.len + count as usize * PAGE_SIZE;
+        if end > self.buf.len() {
+            return Err(MemoryError::OutOfRange {
+                page: (end / PAGE_SIZE) as u64,
+                pages: (self.buf.len() / PAGE_SIZE) as u64,
+            });
+        }
+        self.extent = Some((region, page));
+        self.base = self.len;
+        self.filled = 0;
+        self.len = end;
+        Ok(())
+    }
+
+    #[inline]
+    fn read(&mut self, _: &RacyPages<'m>, p: usize) -> Result<PageSummary, MemoryError> {
+        let at = p * PAGE_SIZE;
+        if at >= self.filled {
+            let Some((region, first)) = self.extent else {
+                return Err(MemoryError::OutOfRange {
+                    page: p as u64,
+                    pages: 0,
+                });
+            };
+            let end = (self.filled + Self::CHUNK).min(self.len - self.base);
+            region.read_from_file(
+                first + (self.filled / PAGE_SIZE) as u64,
+                &mut self.buf[self.base + self.filled..self.base + end],
+            )?;
+            self.filled = end;
+        }
+        let page: &[u8; PAGE_SIZE] = (&self.buf[self.base + at..self.base + at + PAGE_SIZE])
+            .try_into()
+            .expect("one page");
+        let nonzero = !crate::codec::zero::is_zero_page(page);
+        Ok(PageSummary {
+            hash: if nonzero {
+                page_hash(page)
+            } else {
+                zero_page_hash()
+            },
+            nonzero,
+        })
+    }
+
+    #[inline]
+    fn keep(&mut self, _: &RacyPages<'m>, p: usize, _: u64) {
+        self.open.get_or_insert(self.base + p * PAGE_SIZE);
+    }
+
+    #[inline]
+    fn skip(&mut self, _: &RacyPages<'m>, p: usize) -> Result<(), MemoryError> {
+        self.close(self.base + p * PAGE_SIZE);
+        Ok(())
+    }
+
+    fn end_extent(&mut self, _: &RacyPages<'m>) -> Result<(), MemoryError> {
+        self.close(self.len);
+        Ok(())
+    }
+}
+
+/// The batch-encoding loop of the send paths. For each page of `b`, in order: its
 /// extent goes into `meta`; a page the kernel reports never populated (or mapped to
 /// the shared zero page) is zero without being read; any other page is read out of
 /// guest memory once by `sink.read`, which hashes it and tells whether it is zero
@@ -250,6 +384,7 @@ fn walk_batch<'m, S: PageSink<'m>>(
         let region = &mem.regions()[r];
         region.populated(rp, count as u64, present)?;
         let view = region.racy_pages(rp, count as u64)?;
+        sink.begin_extent(region, rp, count as u64)?;
         for (p, &populated) in present.iter().enumerate() {
             let index = start + p as u64;
             // A page never populated is zero without being read.
@@ -352,6 +487,49 @@ pub(super) fn send_batch(
     };
     let t_write = std::time::Instant::now();
     out.send(FrameKind::Batch, 0, &s.meta_bytes, &[data])
+        .map_err(BatchError::Stream)?;
+    Ok(count_batch(shared, t_write, npages, zeros))
+}
+
+/// Whether a raw batch is read out of image files by copy ([`send_batch_from_file`]):
+/// no delta encoding (which keeps its own copies of the pages it reads), a stream
+/// not asked to splice guest pages (`--splice` splices them from the mapping), and
+/// every region of guest memory an image file that can be read with `pread`.
+pub(super) fn from_file(shared: &SendState, codec: CodecId, out: &FrameWriter) -> bool {
+    codec == CodecId::Raw
+        && shared.delta.is_none()
+        && !out.splices()
+        && shared.memory.regions().iter().all(|r| r.reads_from_file())
+}
+
+/// Raw batches of an image file: each extent is read out of the file with `pread`
+/// into the worker's page buffer, hashed there and written from it (see
+/// [`FileReadSink`]). The hashes describe exactly the bytes sent, so no batch is
+/// `FLAG_RACY`, and any stream can carry it.
+pub(super) fn send_batch_from_file(
+    shared: &SendState,
+    b: &Batch,
+    s: &mut Scratch,
+    out: &mut FrameWriter,
+) -> Result<std::time::Duration, BatchError> {
+    s.meta.clear();
+    s.meta.round = b.round;
+    s.meta.codec = Some(CodecId::Raw);
+    let npages = b.pages() as usize;
+    let mut sink = FileReadSink::new(&mut s.pages, b.extents.len());
+    let zeros = walk_batch(
+        shared,
+        b,
+        &mut s.meta,
+        &mut s.present,
+        &mut s.digest,
+        &mut sink,
+    )?;
+    s.meta.payload_len = ((npages - zeros as usize) * PAGE_SIZE) as u32;
+    s.meta.encode_into(&mut s.meta_bytes);
+    let data: Vec<&[u8]> = sink.runs.iter().map(|r| &sink.buf[r.clone()]).collect();
+    let t_write = std::time::Instant::now();
+    out.send(FrameKind::Batch, 0, &s.meta_bytes, &data)
         .map_err(BatchError::Stream)?;
     Ok(count_batch(shared, t_write, npages, zeros))
 }
@@ -531,6 +709,146 @@ mod tests {
             })
             .collect();
         assert_eq!(runs, vec![(1, 2), (4, 2)]);
+    }
+
+    /// The 16 pages of `setup` as an image file named after `test`, mapped
+    /// read-only (the file is unlinked at once; the region keeps it open).
+    fn image_setup(test: &str) -> (SendState, std::fs::File) {
+        let path =
+            std::env::temp_dir().join(format!("livemig-encode-{test}-{}.img", std::process::id()));
+        let mut bytes = vec![0u8; 16 * PAGE_SIZE];
+        for p in [0usize, 1, 2, 4, 5] {
+            bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(p as u8 + 1);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let region = GuestRegion::image_file(0, &path).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mem = GuestMemory::new(vec![region]).unwrap();
+        (
+            SendState::new(Arc::new(mem), 1, CodecId::Raw, 1, false),
+            file,
+        )
+    }
+
+    #[test]
+    fn the_file_read_path_walks_a_batch_like_the_copy_path() {
+        let (image, _file) = image_setup("walk");
+        let (anon, b) = setup();
+        let mut pages = vec![0u8; 7 * PAGE_SIZE];
+        let mut indexes = Vec::new();
+        let mut payload = PayloadSink {
+            pages: &mut pages,
+            indexes: &mut indexes,
+            len: 0,
+        };
+        let (copied, zeros) = walk(&anon, &b, &mut payload);
+        let mut buf = vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE];
+        let mut read = FileReadSink::new(&mut buf, b.extents.len());
+        let (from_file_meta, file_zeros) = walk(&image, &b, &mut read);
+
+        assert_eq!(file_zeros, zeros);
+        assert_eq!(from_file_meta.zero_map, copied.zero_map);
+        assert_eq!(from_file_meta.hashes, copied.hashes);
+        for p in [1u64, 2, 3, 4, 5, 8, 9] {
+            assert_eq!(image.sent.hash(p), anon.sent.hash(p), "page {p}");
+        }
+        // The runs to send are pages 1-2 and 4-5 of the image, in order, as read
+        // into the buffer (the batch's extents (1, 5) and (8, 2) sit at 0 and 5).
+        let runs = read.runs.clone();
+        assert_eq!(
+            runs,
+            vec![0..2 * PAGE_SIZE, 3 * PAGE_SIZE..5 * PAGE_SIZE],
+            "buffer ranges"
+        );
+        let sent: Vec<u8> = runs.iter().flat_map(|r| buf[r.clone()].to_vec()).collect();
+        assert_eq!(sent, pages[..4 * PAGE_SIZE]);
+    }
+
+    #[test]
+    fn raw_batches_of_an_image_are_read_from_the_file_and_arrive_whole() {
+        use crate::transport::{framed::FrameReader, Connector as _};
+        let (image, _file) = image_setup("frame");
+        let (anon, b) = setup();
+        let (conn, acc) = crate::transport::mem::pair();
+        let mut out = FrameWriter::new(conn.connect().unwrap(), "page");
+        let mut inp = FrameReader::new(
+            crate::transport::Acceptor::accept(&acc, std::time::Duration::from_secs(5)).unwrap(),
+            "page",
+        );
+        // Only raw batches, without delta encoding, of memory that is all image files.
+        assert!(from_file(&image, CodecId::Raw, &out));
+        assert!(!from_file(&image, CodecId::Lz4, &out));
+        assert!(!from_file(&anon, CodecId::Raw, &out), "anonymous memory");
+
+        let mut s = Scratch::new(1);
+        send_batch_from_file(&image, &b, &mut s, &mut out).unwrap();
+        let h = inp.header().unwrap();
+        assert_eq!(h.kind, FrameKind::Batch);
+        let mut meta = BatchMeta::default();
+        meta.decode_from(inp.meta(&h).unwrap()).unwrap();
+        let mut data = Vec::new();
+        inp.data_into(&h, &mut data).unwrap();
+        // Exact hashes: the pages sent are the bytes hashed, never racy.
+        assert_eq!(meta.flags & crate::wire::batch::FLAG_RACY, 0);
+        assert_eq!(meta.payload_len as usize, 4 * PAGE_SIZE);
+        let mut want = Vec::new();
+        for p in [1u8, 2, 4, 5] {
+            want.extend_from_slice(&[p + 1; PAGE_SIZE]);
+        }
+        assert_eq!(data, want);
+        let zero = zero_page_hash();
+        let h = |p: u8| page_hash(&[p + 1; PAGE_SIZE]);
+        assert_eq!(meta.hashes, [h(1), h(2), zero, h(4), h(5), zero, zero]);
+    }
+
+    #[test]
+    fn asking_to_splice_keeps_the_image_on_the_zero_copy_path() {
+        let (image, _file) = image_setup("splice");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _peer = listener.accept().unwrap();
+        let mut out = FrameWriter::new(Box::new(tcp), "page");
+        assert!(from_file(&image, CodecId::Raw, &out));
+        if out.enable_splice() {
+            assert!(!from_file(&image, CodecId::Raw, &out));
+            assert!(zero_copy(&image, CodecId::Raw, &out));
+        }
+    }
+
+    #[test]
+    fn an_image_that_shrank_is_an_error_naming_it() {
+        let (image, file) = image_setup("shrank");
+        file.set_len(4 * PAGE_SIZE as u64).unwrap();
+        let b = Batch {
+            round: 0,
+            quiescent: true,
+            extents: vec![(2, 4)],
+        };
+        let mut buf = vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE];
+        let mut read = FileReadSink::new(&mut buf, 1);
+        let mut meta = BatchMeta::default();
+        let err = walk_batch(
+            &image,
+            &b,
+            &mut meta,
+            &mut Vec::new(),
+            &mut DigestDelta::default(),
+            &mut read,
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("reading memory image") && msg.contains("livemig-encode-shrank"),
+            "{msg}"
+        );
+        assert!(matches!(
+            err,
+            MemoryError::ImageRead { ref source, offset, .. }
+                if source.kind() == std::io::ErrorKind::UnexpectedEof
+                    && offset == 2 * PAGE_SIZE as u64
+        ));
+        assert!(read.runs.is_empty());
     }
 
     #[test]

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Receiver;
 
-use super::encode::{send_batch, send_batch_zero_copy, zero_copy, Scratch};
+use super::encode::{
+    from_file, send_batch, send_batch_from_file, send_batch_zero_copy, zero_copy, Scratch,
+};
 use super::gate::SendGate;
 use crate::codec::cache::DeltaCache;
 use crate::codec::CodecId;
@@ -399,7 +401,9 @@ fn handle_batch(
     let before = out.bytes();
     let codec = shared.tuner.codec();
     let t = std::time::Instant::now();
-    let sent = if zero_copy(shared, codec, out) {
+    let sent = if from_file(shared, codec, out) {
+        send_batch_from_file(shared, b, s, out)
+    } else if zero_copy(shared, codec, out) {
         send_batch_zero_copy(shared, b, s, out)
     } else {
         send_batch(shared, b, codec, s, out)

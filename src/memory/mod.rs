@@ -68,6 +68,19 @@ pub enum MemoryError {
         /// Why.
         source: std::io::Error,
     },
+    /// Reading pages out of a memory image failed (the file shrank, or an I/O error).
+    #[error("reading memory image {path} at byte {offset}: {source}")]
+    ImageRead {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// Byte offset of the read in the file.
+        offset: u64,
+        /// Why (`UnexpectedEof` if the file is now shorter).
+        source: std::io::Error,
+    },
+    /// A read by copy out of a region that is not an image file.
+    #[error("region is not backed by an image file")]
+    NotAFile,
     /// memfd name contains NUL.
     #[error("memfd name contains a NUL byte")]
     BadName,

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::IoSliceMut;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +60,9 @@ pub struct GuestRegion {
     pagemap: std::sync::OnceLock<Option<Pagemap>>,
     /// Set once `PAGEMAP_SCAN` failed: the pagemap file is read instead.
     no_pagemap_scan: AtomicBool,
+    /// The image file of a [`RegionKind::File`] region, kept open so that pages can
+    /// be read from it by copy ([`GuestRegion::read_from_file`]).
+    image: Option<(File, std::path::PathBuf)>,
     _backing: Backing,
 }
 
@@ -137,8 +140,9 @@ impl GuestRegion {
             .len(len)
             .map_raw_read_only(&file)
             .map_err(MemoryError::Map)?;
-        let _ = file.as_raw_fd();
-        Ok(Self::owned(gpa, len, map, true, RegionKind::File))
+        let mut region = Self::owned(gpa, len, map, true, RegionKind::File);
+        region.image = Some((file, path.to_path_buf()));
+        Ok(region)
     }
 
     /// A region over memory owned elsewhere (e.g. a VMM's guest RAM).
@@ -217,6 +221,7 @@ impl GuestRegion {
             kind,
             pagemap: std::sync::OnceLock::new(),
             no_pagemap_scan: AtomicBool::new(false),
+            image: None,
             _backing: backing,
         }
     }
@@ -224,6 +229,42 @@ impl GuestRegion {
     /// What backs the region.
     pub fn kind(&self) -> RegionKind {
         self.kind
+    }
+
+    /// Whether the region is an image file whose pages can be read by copy
+    /// ([`GuestRegion::read_from_file`]).
+    pub fn reads_from_file(&self) -> bool {
+        self.image.is_some()
+    }
+
+    /// Copy the `dst.len() / PAGE_SIZE` pages at region-relative `page` out of the
+    /// region's image file with `pread`, without touching the mapping.
+    ///
+    /// Why: reading an image through its mapping faults every 4 KiB page of it into
+    /// this process's page tables (page-cache pages of a tmpfs or disk file; the
+    /// kernel maps 16 a fault), and on this project's machine the faults cost more
+    /// than the copy: a pass over a 2 GiB image on tmpfs took 207–222 ms through the
+    /// mapping and 162–171 ms as `pread`s of 256 KiB into one buffer, which the pass
+    /// then reads from cache. A file that shrank after mapping is an error here,
+    /// where the mapping would raise `SIGBUS`.
+    pub fn read_from_file(&self, page: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        use std::os::unix::fs::FileExt as _;
+        let Some((file, path)) = &self.image else {
+            return Err(MemoryError::NotAFile);
+        };
+        if !dst.len().is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::Unaligned {
+                gpa: self.gpa + page * PAGE_SIZE as u64,
+                len: dst.len(),
+            });
+        }
+        let off = self.check_range(page, dst.len())? as u64;
+        file.read_exact_at(dst, off)
+            .map_err(|source| MemoryError::ImageRead {
+                path: path.clone(),
+                offset: off,
+                source,
+            })
     }
 
     /// For `count` pages at region-relative `page`, set `out[i]` to false when the
