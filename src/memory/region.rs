@@ -254,7 +254,9 @@ impl GuestRegion {
         };
         if !dst.len().is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::Unaligned {
-                gpa: self.gpa + page * PAGE_SIZE as u64,
+                gpa: self
+                    .gpa
+                    .saturating_add(page.saturating_mul(PAGE_SIZE as u64)),
                 len: dst.len(),
             });
         }
@@ -722,6 +724,43 @@ mod tests {
             panic!("LIVEMIG_CI=1 but {why}");
         }
         eprintln!("skipped: {why}");
+    }
+
+    #[test]
+    fn pages_read_from_an_image_file_equal_its_mapping() {
+        let path =
+            std::env::temp_dir().join(format!("livemig-region-read-{}.img", std::process::id()));
+        let bytes: Vec<u8> = (0..8 * PAGE_SIZE)
+            .map(|i| (i * 7 + i / PAGE_SIZE) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let region = GuestRegion::image_file(0x10_0000, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(region.reads_from_file());
+        let mut dst = vec![0u8; 3 * PAGE_SIZE];
+        region.read_from_file(4, &mut dst).unwrap();
+        assert_eq!(dst, bytes[4 * PAGE_SIZE..7 * PAGE_SIZE]);
+        let mut mapped = vec![0u8; 3 * PAGE_SIZE];
+        region.read_pages(4, &mut mapped).unwrap();
+        assert_eq!(dst, mapped);
+        // Past the region, a part of a page, and memory that is not a file.
+        assert!(matches!(
+            region.read_from_file(6, &mut dst),
+            Err(MemoryError::OutOfRange { page: 6, pages: 8 })
+        ));
+        assert!(matches!(
+            region.read_from_file(0, &mut dst[..100]),
+            Err(MemoryError::Unaligned {
+                gpa: 0x10_0000,
+                len: 100
+            })
+        ));
+        let anon = GuestRegion::anonymous(0, 4 * PAGE_SIZE, false).unwrap();
+        assert!(!anon.reads_from_file());
+        assert!(matches!(
+            anon.read_from_file(0, &mut dst[..PAGE_SIZE]),
+            Err(MemoryError::NotAFile)
+        ));
     }
 
     #[test]
