@@ -22,13 +22,29 @@ fn last_json_line(stdout: &str) -> serde_json::Value {
 
 /// Write a 32 MiB image of mixed content (as a guest would have it).
 fn make_image() -> (std::path::PathBuf, Vec<u8>) {
+    make_image_in(&std::env::temp_dir())
+}
+
+/// The same, in `dir`.
+fn make_image_in(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     let mem = GuestMemory::anonymous(32 * MIB, false).unwrap();
     workload::fill(&mem, Content::Mix, 77, 2).unwrap();
     let mut bytes = vec![0u8; 32 * MIB];
     mem.read_pages(0, &mut bytes).unwrap();
-    let path = temp_path("image.bin");
+    let name = temp_path("image.bin");
+    let path = dir.join(name.file_name().unwrap());
     std::fs::write(&path, &bytes).unwrap();
     (path, bytes)
+}
+
+/// The file system type of `dir` (`stat -f -c %T`), e.g. "tmpfs" or "ext2/ext3".
+fn fs_type(dir: &std::path::Path) -> String {
+    Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(dir)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn run(args: &[&str], limit: Duration, what: &str) -> (i32, String, String) {
@@ -128,17 +144,35 @@ impl Drop for CertFiles {
 
 #[test]
 fn send_recv_two_processes() {
-    let (send, recv) = send_recv(&["--plaintext".into()], &["--plaintext".into()]);
+    let tmp = std::env::temp_dir();
+    let (send, recv) = send_recv(&tmp, &["--plaintext".into()], &["--plaintext".into()]);
     assert_eq!(send["tls"], false);
     assert_eq!(recv["tls"], false);
+    // An image outside tmpfs is read through its mapping.
+    if fs_type(&tmp) != "tmpfs" {
+        assert_eq!(send["image_read"], "mapping", "{send}");
+    }
 }
 
+/// An image on tmpfs in 4 KiB pages (`/dev/shm` here) is copied out of the file
+/// with `pread` (the file path of the sender), here over TLS, a stream that reads
+/// every byte in user space.
 #[test]
 fn send_recv_two_processes_over_mutual_tls() {
     let certs = CertFiles::new();
-    let (send, recv) = send_recv(&certs.send_flags(), &certs.recv_flags());
+    let shm = std::path::Path::new("/dev/shm");
+    let (send, recv) = send_recv(shm, &certs.send_flags(), &certs.recv_flags());
     assert_eq!(send["tls"], true);
     assert_eq!(recv["tls"], true);
+    if fs_type(shm) == "tmpfs" {
+        assert_eq!(send["image_read"], "copy", "{send}");
+    } else {
+        assert!(
+            std::env::var("LIVEMIG_CI").as_deref() != Ok("1"),
+            "LIVEMIG_CI=1 but /dev/shm is not a tmpfs"
+        );
+        eprintln!("skipped the read-path check: /dev/shm is not a tmpfs");
+    }
 }
 
 #[test]
@@ -167,10 +201,11 @@ fn send_and_recv_refuse_to_run_without_tls_or_plaintext() {
 /// Send a 32 MiB image from one process to another; check the received image and
 /// both JSON reports; return them.
 fn send_recv(
+    image_dir: &std::path::Path,
     send_extra: &[String],
     recv_extra: &[String],
 ) -> (serde_json::Value, serde_json::Value) {
-    let (image, bytes) = make_image();
+    let (image, bytes) = make_image_in(image_dir);
     let out = temp_path("received.bin");
     let image_s = image.to_str().unwrap().to_string();
     let out_s = out.to_str().unwrap().to_string();

@@ -602,6 +602,7 @@ fn finish(
             .map_or("none".into(), |t| t.name().into()),
         codec: cfg.codec.name().into(),
         spliced_streams: run.shared.spliced_streams,
+        image_read: run.shared.image_read,
         rounds: final_round + 1,
         total_ms: ms(total),
         downtime_ms: ms(downtime),

@@ -42,6 +42,7 @@ pub use commit::SourceState;
 #[cfg(feature = "bench")]
 #[doc(hidden)]
 pub use encode::BatchBench;
+pub use encode::ImageRead;
 pub use error::{DoubtReason, OutcomeUnknown, PanicMessage, SendError, StreamFailure};
 pub use pipeline::batches_of;
 pub use policy::{AbortReason, ConvergencePolicy, Decision, DowntimePolicy, OnLimit};

@@ -116,6 +116,9 @@ pub struct SendState {
     pub delta: Option<DeltaCache>,
     /// Page streams that send raw guest pages with vmsplice + splice.
     pub spliced_streams: u16,
+    /// How raw pages of guest memory that is all image files are read (`None` for
+    /// other memory).
+    pub image_read: Option<super::encode::ImageRead>,
 }
 
 impl SendState {
@@ -128,6 +131,7 @@ impl SendState {
         auto: bool,
     ) -> Self {
         let pages = memory.total_pages() as usize;
+        let image_read = super::encode::ImageRead::of(&memory);
         Self {
             memory,
             sent: Arc::new(PageLedger::new(pages as u64)),
@@ -139,6 +143,7 @@ impl SendState {
             tuner: super::auto::AutoTuner::new(auto, workers, codec),
             delta: None,
             spliced_streams: 0,
+            image_read,
         }
     }
 

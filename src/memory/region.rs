@@ -63,6 +63,9 @@ pub struct GuestRegion {
     /// The image file of a [`RegionKind::File`] region, kept open so that pages can
     /// be read from it by copy ([`GuestRegion::read_from_file`]).
     image: Option<(File, std::path::PathBuf)>,
+    /// Whether that file is a tmpfs file kept in 4 KiB pages
+    /// ([`GuestRegion::image_in_small_pages`]).
+    image_small_pages: bool,
     _backing: Backing,
 }
 
@@ -141,6 +144,7 @@ impl GuestRegion {
             .map_raw_read_only(&file)
             .map_err(MemoryError::Map)?;
         let mut region = Self::owned(gpa, len, map, true, RegionKind::File);
+        region.image_small_pages = tmpfs_in_small_pages(&file);
         region.image = Some((file, path.to_path_buf()));
         Ok(region)
     }
@@ -222,6 +226,7 @@ impl GuestRegion {
             pagemap: std::sync::OnceLock::new(),
             no_pagemap_scan: AtomicBool::new(false),
             image: None,
+            image_small_pages: false,
             _backing: backing,
         }
     }
@@ -235,6 +240,15 @@ impl GuestRegion {
     /// ([`GuestRegion::read_from_file`]).
     pub fn reads_from_file(&self) -> bool {
         self.image.is_some()
+    }
+
+    /// Whether the region is an image file on tmpfs that the page cache holds in
+    /// 4 KiB pages (a tmpfs without huge pages: `st_blksize` is then the page
+    /// size; with `huge=` it is 2 MiB). Mapping such a file costs a fault for every
+    /// 16 pages and a page-table entry, a reference and a mapping count for every
+    /// page; a file in large folios (ext4, a huge tmpfs) is mapped in batches.
+    pub fn image_in_small_pages(&self) -> bool {
+        self.image.is_some() && self.image_small_pages
     }
 
     /// Copy the `dst.len() / PAGE_SIZE` pages at region-relative `page` out of the
@@ -545,6 +559,19 @@ impl GuestRegion {
         // SAFETY: bounds checked; absence of writers is the caller's contract.
         Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
     }
+}
+
+/// Whether `file` is on tmpfs and held in pages of [`PAGE_SIZE`]: its file
+/// system's magic is tmpfs's and its preferred I/O size (`st_blksize`, which tmpfs
+/// sets to the huge page size when huge pages are on for the file) is one page.
+fn tmpfs_in_small_pages(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    /// tmpfs's `f_type` (`TMPFS_MAGIC` in linux/magic.h).
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::fstatfs(file).is_ok_and(|fs| fs.f_type as u64 == TMPFS_MAGIC)
+        && file
+            .metadata()
+            .is_ok_and(|m| m.blksize() <= PAGE_SIZE as u64)
 }
 
 /// Pages of a [`GuestRegion`] that a running guest may be writing

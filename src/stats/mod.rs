@@ -98,6 +98,10 @@ pub struct MigrationReport {
     pub codec: String,
     /// Page streams that sent raw guest pages with vmsplice + splice (no sender copy).
     pub spliced_streams: u16,
+    /// For guest memory that is all image files: whether raw pages are copied out
+    /// of the files with `pread` (`"copy"`) or read through the mapping
+    /// (`"mapping"`); `null` for other memory.
+    pub image_read: Option<crate::engine::ImageRead>,
     /// Rounds including the final one.
     pub rounds: u32,
     /// From start to commit (ms).

@@ -666,6 +666,7 @@ pub const REPORT_KEYS: &[&str] = &[
     "memory_bytes",
     "mode",
     "streams",
+    "image_read",
     "tracker",
     "rounds",
     "total_ms",
