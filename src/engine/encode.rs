@@ -308,14 +308,16 @@ impl<'m> PageSink<'m> for FileReadSink<'m, '_> {
     #[inline]
     fn read(&mut self, _: &RacyPages<'m>, p: usize) -> Result<PageSummary, MemoryError> {
         let at = p * PAGE_SIZE;
-        if at >= self.filled {
-            let Some((region, first)) = self.extent else {
+        // Pages come in order; `while` keeps this right should the walk skip some.
+        while at >= self.filled {
+            let extent_bytes = self.len - self.base;
+            let (Some((region, first)), true) = (self.extent, self.filled < extent_bytes) else {
                 return Err(MemoryError::OutOfRange {
                     page: p as u64,
-                    pages: 0,
+                    pages: (extent_bytes / PAGE_SIZE) as u64,
                 });
             };
-            let end = (self.filled + Self::CHUNK).min(self.len - self.base);
+            let end = (self.filled + Self::CHUNK).min(extent_bytes);
             region.read_from_file(
                 first + (self.filled / PAGE_SIZE) as u64,
                 &mut self.buf[self.base + self.filled..self.base + end],
@@ -894,6 +896,42 @@ mod tests {
             assert!(!from_file(&image, CodecId::Raw, &out));
             assert!(zero_copy(&image, CodecId::Raw, &out));
         }
+    }
+
+    #[test]
+    fn the_file_sink_reads_the_page_asked_for_and_refuses_pages_past_its_extent() {
+        let path =
+            std::env::temp_dir().join(format!("livemig-encode-skip-{}.img", std::process::id()));
+        let bytes: Vec<u8> = (0..200 * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let region = GuestRegion::image_file(0, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let view = region.racy_pages(0, 200).unwrap();
+        let mut buf = vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE];
+        let mut sink = FileReadSink::new(&mut buf, 1);
+        sink.begin_extent(&region, 0, 200).unwrap();
+        // Page 150 lies two chunks past the start: both are read first.
+        let got = sink.read(&view, 150).unwrap();
+        assert!(got.nonzero);
+        assert_eq!(
+            got.hash,
+            page_hash(&bytes[150 * PAGE_SIZE..151 * PAGE_SIZE])
+        );
+        let got = sink.read(&view, 3).unwrap();
+        assert_eq!(got.hash, page_hash(&bytes[3 * PAGE_SIZE..4 * PAGE_SIZE]));
+        assert!(matches!(
+            sink.read(&view, 200),
+            Err(MemoryError::OutOfRange {
+                page: 200,
+                pages: 200
+            })
+        ));
+        // An extent larger than the buffer is refused before anything is read.
+        let mut small = vec![0u8; 8 * PAGE_SIZE];
+        let mut sink = FileReadSink::new(&mut small, 1);
+        assert!(sink.begin_extent(&region, 0, 9).is_err());
     }
 
     #[test]
