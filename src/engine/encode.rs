@@ -549,26 +549,43 @@ pub(super) fn send_batch_from_file(
     s: &mut Scratch,
     out: &mut FrameWriter,
 ) -> Result<std::time::Duration, BatchError> {
+    // The page buffer is lent to the sink while the walk fills the rest of `s`.
+    let mut pages = std::mem::take(&mut s.pages);
+    let mut sink = FileReadSink::new(&mut pages, b.extents.len());
+    let walked = walk_raw_batch(shared, b, 0, s, &mut sink);
+    let runs = std::mem::take(&mut sink.runs);
+    let sent = walked
+        .map_err(BatchError::from)
+        .and_then(|(npages, zeros)| {
+            let data: Vec<&[u8]> = runs.iter().map(|r| &pages[r.clone()]).collect();
+            let t_write = std::time::Instant::now();
+            out.send(FrameKind::Batch, 0, &s.meta_bytes, &data)
+                .map_err(BatchError::Stream)?;
+            Ok(count_batch(shared, t_write, npages, zeros))
+        });
+    s.pages = pages;
+    sent
+}
+
+/// The walk of a raw batch, whose payload is its non-zero pages in order: fills
+/// `s.meta` (with `flags`) and encodes it into `s.meta_bytes`; returns the batch's
+/// pages and zero pages.
+fn walk_raw_batch<'m, S: PageSink<'m>>(
+    shared: &'m SendState,
+    b: &Batch,
+    flags: u8,
+    s: &mut Scratch,
+    sink: &mut S,
+) -> Result<(usize, u64), MemoryError> {
     s.meta.clear();
     s.meta.round = b.round;
     s.meta.codec = Some(CodecId::Raw);
+    s.meta.flags = flags;
     let npages = b.pages() as usize;
-    let mut sink = FileReadSink::new(&mut s.pages, b.extents.len());
-    let zeros = walk_batch(
-        shared,
-        b,
-        &mut s.meta,
-        &mut s.present,
-        &mut s.digest,
-        &mut sink,
-    )?;
+    let zeros = walk_batch(shared, b, &mut s.meta, &mut s.present, &mut s.digest, sink)?;
     s.meta.payload_len = ((npages - zeros as usize) * PAGE_SIZE) as u32;
     s.meta.encode_into(&mut s.meta_bytes);
-    let data: Vec<&[u8]> = sink.runs.iter().map(|r| &sink.buf[r.clone()]).collect();
-    let t_write = std::time::Instant::now();
-    out.send(FrameKind::Batch, 0, &s.meta_bytes, &data)
-        .map_err(BatchError::Stream)?;
-    Ok(count_batch(shared, t_write, npages, zeros))
+    Ok((npages, zeros))
 }
 
 /// Whether a raw batch goes out on `out` without a user-space copy: no delta
@@ -595,29 +612,16 @@ pub(super) fn send_batch_zero_copy(
     s: &mut Scratch,
     out: &mut FrameWriter,
 ) -> Result<std::time::Duration, BatchError> {
-    s.meta.clear();
-    s.meta.round = b.round;
-    s.meta.codec = Some(CodecId::Raw);
-    s.meta.flags = if b.quiescent {
+    let flags = if b.quiescent {
         0
     } else {
         crate::wire::batch::FLAG_RACY
     };
-    let npages = b.pages() as usize;
     let mut sink = GatherSink {
         runs: Vec::with_capacity(b.extents.len() + 4),
         open: None,
     };
-    let zeros = walk_batch(
-        shared,
-        b,
-        &mut s.meta,
-        &mut s.present,
-        &mut s.digest,
-        &mut sink,
-    )?;
-    s.meta.payload_len = ((npages - zeros as usize) * PAGE_SIZE) as u32;
-    s.meta.encode_into(&mut s.meta_bytes);
+    let (npages, zeros) = walk_raw_batch(shared, b, flags, s, &mut sink)?;
     // SAFETY: each slice covers a run of guest pages that stays mapped while
     // `shared.memory` lives (the runs borrow it), and is only handed to the kernel:
     // the stream writes straight to a socket (`zero_copy`), so no Rust code reads
@@ -690,9 +694,9 @@ mod tests {
         (meta, zeros)
     }
 
-    #[test]
-    fn both_sinks_walk_a_batch_alike() {
-        let (shared, b) = setup();
+    /// The copy path's walk of `b`: its meta, its zero pages, the payload (the
+    /// sent pages packed in order) and their page indexes.
+    fn copy_walk(shared: &SendState, b: &Batch) -> (BatchMeta, u64, Vec<u8>, Vec<u64>) {
         let mut pages = vec![0u8; 7 * PAGE_SIZE];
         let mut indexes = Vec::new();
         let mut payload = PayloadSink {
@@ -700,8 +704,16 @@ mod tests {
             indexes: &mut indexes,
             len: 0,
         };
-        let (copied, zeros) = walk(&shared, &b, &mut payload);
+        let (meta, zeros) = walk(shared, b, &mut payload);
         let len = payload.len;
+        pages.truncate(len);
+        (meta, zeros, pages, indexes)
+    }
+
+    #[test]
+    fn both_sinks_walk_a_batch_alike() {
+        let (shared, b) = setup();
+        let (copied, zeros, pages, indexes) = copy_walk(&shared, &b);
         let mut gather = GatherSink {
             runs: Vec::new(),
             open: None,
@@ -727,7 +739,7 @@ mod tests {
 
         // The copy path packs the sent pages in order...
         assert_eq!(indexes, vec![1, 2, 4, 5]);
-        assert_eq!(len, 4 * PAGE_SIZE);
+        assert_eq!(pages.len(), 4 * PAGE_SIZE);
         for (k, p) in [1u64, 2, 4, 5].into_iter().enumerate() {
             assert!(pages[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]
                 .iter()
@@ -813,14 +825,7 @@ mod tests {
     fn the_file_read_path_walks_a_batch_like_the_copy_path() {
         let (image, _file) = image_setup("walk");
         let (anon, b) = setup();
-        let mut pages = vec![0u8; 7 * PAGE_SIZE];
-        let mut indexes = Vec::new();
-        let mut payload = PayloadSink {
-            pages: &mut pages,
-            indexes: &mut indexes,
-            len: 0,
-        };
-        let (copied, zeros) = walk(&anon, &b, &mut payload);
+        let (copied, zeros, pages, _) = copy_walk(&anon, &b);
         let mut buf = vec![0u8; crate::wire::MAX_BATCH_PAGES * PAGE_SIZE];
         let mut read = FileReadSink::new(&mut buf, b.extents.len());
         let (from_file_meta, file_zeros) = walk(&image, &b, &mut read);
@@ -840,7 +845,7 @@ mod tests {
             "buffer ranges"
         );
         let sent: Vec<u8> = runs.iter().flat_map(|r| buf[r.clone()].to_vec()).collect();
-        assert_eq!(sent, pages[..4 * PAGE_SIZE]);
+        assert_eq!(sent, pages);
     }
 
     #[test]
