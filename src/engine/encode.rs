@@ -803,6 +803,17 @@ mod tests {
             return;
         };
         assert_eq!(shm.image_read, Some(ImageRead::Copy));
+        // Settings that keep every batch off the file path say so in the report.
+        let mem = shm.memory.clone();
+        let lz4 = SendState::new(mem.clone(), 1, CodecId::Lz4, 1, false);
+        let auto = SendState::new(mem.clone(), 1, CodecId::Lz4, 1, true);
+        let delta = SendState::new(mem.clone(), 1, CodecId::Raw, 1, false).with_delta(true, 0);
+        let spliced =
+            SendState::new(mem.clone(), 1, CodecId::Raw, 1, false).with_spliced_streams(1);
+        assert_eq!(lz4.image_read, Some(ImageRead::Mapping), "compress");
+        assert_eq!(auto.image_read, Some(ImageRead::Copy), "auto sends raw");
+        assert_eq!(delta.image_read, Some(ImageRead::Mapping), "delta");
+        assert_eq!(spliced.image_read, Some(ImageRead::Mapping), "splice");
         let (anon, _) = setup();
         assert_eq!(anon.image_read, None, "anonymous memory is no image");
         // An image on another file system (the temporary directory, unless that

@@ -131,7 +131,10 @@ impl SendState {
         auto: bool,
     ) -> Self {
         let pages = memory.total_pages() as usize;
-        let image_read = super::encode::ImageRead::of(&memory);
+        let mut image_read = super::encode::ImageRead::of(&memory);
+        if !auto && codec != CodecId::Raw {
+            image_read = image_read.map(|_| super::encode::ImageRead::Mapping); // no raw batches
+        }
         Self {
             memory,
             sent: Arc::new(PageLedger::new(pages as u64)),
@@ -162,7 +165,15 @@ impl SendState {
     /// Record how many page streams splice raw guest pages (for the report).
     pub fn with_spliced_streams(mut self, n: u16) -> Self {
         self.spliced_streams = n;
+        if n > 0 {
+            self.image_read_through_mapping(); // spliced from the mapping
+        }
         self
+    }
+
+    /// Raw batches will not take the file path: say so in the report.
+    fn image_read_through_mapping(&mut self) {
+        self.image_read = self.image_read.map(|_| super::encode::ImageRead::Mapping);
     }
 
     /// Turn delta encoding on with a cache of `budget_bytes` (0: the default for
@@ -175,6 +186,9 @@ impl SendState {
             };
             DeltaCache::new(budget)
         });
+        if enabled {
+            self.image_read_through_mapping(); // the delta encoder reads the mapping
+        }
         self
     }
 

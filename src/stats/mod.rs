@@ -99,8 +99,10 @@ pub struct MigrationReport {
     /// Page streams that sent raw guest pages with vmsplice + splice (no sender copy).
     pub spliced_streams: u16,
     /// For guest memory that is all image files: whether raw pages are copied out
-    /// of the files with `pread` (`"copy"`) or read through the mapping
-    /// (`"mapping"`); `null` for other memory.
+    /// of the files with `pread` (`"copy"`: tmpfs in 4 KiB pages) or read through
+    /// the mapping (`"mapping"`: other files, and with `--splice`, `--delta` or a
+    /// fixed compressing mode); `null` for other memory. Under `auto`, compressed
+    /// batches read the mapping either way.
     pub image_read: Option<crate::engine::ImageRead>,
     /// Rounds including the final one.
     pub rounds: u32,
