@@ -62,10 +62,7 @@ pub struct GuestRegion {
     no_pagemap_scan: AtomicBool,
     /// The image file of a [`RegionKind::File`] region, kept open so that pages can
     /// be read from it by copy ([`GuestRegion::read_from_file`]).
-    image: Option<(File, std::path::PathBuf)>,
-    /// Whether that file is a tmpfs file kept in 4 KiB pages
-    /// ([`GuestRegion::image_in_small_pages`]).
-    image_small_pages: bool,
+    image: Option<ImageFile>,
     _backing: Backing,
 }
 
@@ -144,8 +141,11 @@ impl GuestRegion {
             .map_raw_read_only(&file)
             .map_err(MemoryError::Map)?;
         let mut region = Self::owned(gpa, len, map, true, RegionKind::File);
-        region.image_small_pages = tmpfs_in_small_pages(&file);
-        region.image = Some((file, path.to_path_buf()));
+        region.image = Some(ImageFile {
+            small_pages: tmpfs_in_small_pages(&file),
+            file,
+            path: path.to_path_buf(),
+        });
         Ok(region)
     }
 
@@ -226,7 +226,6 @@ impl GuestRegion {
             pagemap: std::sync::OnceLock::new(),
             no_pagemap_scan: AtomicBool::new(false),
             image: None,
-            image_small_pages: false,
             _backing: backing,
         }
     }
@@ -248,7 +247,7 @@ impl GuestRegion {
     /// 16 pages and a page-table entry, a reference and a mapping count for every
     /// page; a file in large folios (ext4, a huge tmpfs) is mapped in batches.
     pub fn image_in_small_pages(&self) -> bool {
-        self.image.is_some() && self.image_small_pages
+        self.image.as_ref().is_some_and(|i| i.small_pages)
     }
 
     /// Copy the `dst.len() / PAGE_SIZE` pages at region-relative `page` out of the
@@ -263,7 +262,7 @@ impl GuestRegion {
     /// where the mapping would raise `SIGBUS`.
     pub fn read_from_file(&self, page: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
         use std::os::unix::fs::FileExt as _;
-        let Some((file, path)) = &self.image else {
+        let Some(ImageFile { file, path, .. }) = &self.image else {
             return Err(MemoryError::NotAFile);
         };
         if !dst.len().is_multiple_of(PAGE_SIZE) {
@@ -559,6 +558,15 @@ impl GuestRegion {
         // SAFETY: bounds checked; absence of writers is the caller's contract.
         Ok(unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(off), bytes) })
     }
+}
+
+/// The open image file behind a [`RegionKind::File`] region.
+#[derive(Debug)]
+struct ImageFile {
+    file: File,
+    path: std::path::PathBuf,
+    /// On tmpfs in 4 KiB pages ([`GuestRegion::image_in_small_pages`]).
+    small_pages: bool,
 }
 
 /// Whether `file` is on tmpfs and held in pages of [`PAGE_SIZE`]: its file
