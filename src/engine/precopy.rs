@@ -142,6 +142,7 @@ pub(crate) fn run(
             drains,
             sent_round,
             unqueued: 0,
+            unwritten: 0,
             reconnects: setup_restarts,
             setup_restarts,
             resent_pages: 0,

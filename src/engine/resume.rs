@@ -14,6 +14,7 @@
 //!
 //! [`MigrationConfig::reconnect_timeout`]: super::MigrationConfig::reconnect_timeout
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::control::{ControlLink, Heartbeat};
@@ -151,9 +152,21 @@ impl PrecopyRun<'_> {
         };
         let attempts = retry.attempts;
         let held = self.resend_set(back.complete_rounds, &back.held, to_send);
-        // The broken round's pages that were never queued go now for the first
-        // time: they are not sent again.
-        let resent = to_send.count().saturating_sub(self.unqueued);
+        // Only pages written whole before the break go again: the broken round's
+        // pages never queued, and those queued but left in the queue or cut
+        // mid-write, go now for the first time. Every round before the broken one
+        // was written whole (its gate passed), so what was queued and not written
+        // since the last break is this break's.
+        let written = self.shared.counters.pages.load(Ordering::Relaxed);
+        let unwritten = self
+            .sent_total
+            .saturating_sub(written)
+            .saturating_sub(self.unwritten);
+        self.unwritten += unwritten;
+        let resent = to_send
+            .count()
+            .saturating_sub(self.unqueued)
+            .saturating_sub(unwritten);
         self.shared.reopen(to_send.iter());
         let workers = Workers::spawn(&self.shared, back.pages);
         self.tx = Some(workers.tx);

@@ -80,12 +80,16 @@ pub(crate) struct PrecopyRun<'a> {
     pub sent_round: Vec<u32>,
     /// Pages of the last round that were never queued (its sending stopped early).
     pub unqueued: u64,
+    /// Pages queued but never written whole to a stream, over every broken
+    /// connection so far: batches left in the queue or cut mid-write.
+    pub unwritten: u64,
     /// Successful reconnections after a broken connection (setup restarts
     /// included).
     pub reconnects: u32,
     /// Of `reconnects`, the setups started over before round 0.
     pub setup_restarts: u32,
-    /// Pages sent again after resumptions.
+    /// Pages written again after resumptions: written whole before the break
+    /// but not held by the destination.
     pub resent_pages: u64,
 }
 

@@ -185,9 +185,10 @@ pub struct MigrationReport {
     /// Of `reconnects`, those that started the setup over because the
     /// connection broke before round 0 (see docs/PROTOCOL.md, "Setup restart").
     pub setup_restarts: u32,
-    /// Pages sent again because a broken connection lost them: pages of the
-    /// rounds in flight that had been queued but that the destination did not hold
-    /// when the session resumed.
+    /// Pages sent again because a broken connection lost them: pages written
+    /// whole to a stream before the break that the destination did not hold when
+    /// the session resumed (pages still queued, or in a batch cut mid-write, are
+    /// sent for the first time, not again).
     pub resent_pages: u64,
 }
 
