@@ -88,7 +88,10 @@ fn check_len(gpa: u64, len: usize) -> Result<(), MemoryError> {
 
 impl GuestRegion {
     /// Private anonymous memory (zero-filled). `huge_pages` asks the kernel for
-    /// transparent huge pages (`MADV_HUGEPAGE`), which cuts first-touch faults by 512×.
+    /// transparent huge pages (`MADV_HUGEPAGE`), which cuts first-touch faults by
+    /// 512×; without it the region is kept in 4 KiB pages (`MADV_NOHUGEPAGE`), even
+    /// on a host whose THP setting is `always`, so that residency and write
+    /// tracking see single pages.
     pub fn anonymous(gpa: u64, len: usize, huge_pages: bool) -> Result<Self, MemoryError> {
         check_len(gpa, len)?;
         let map = MmapOptions::new()
@@ -96,10 +99,12 @@ impl GuestRegion {
             .map_anon()
             .map_err(MemoryError::Map)?;
         let map = MmapRaw::from(map);
-        if huge_pages {
-            // Advisory only: failing to get THP is not an error.
-            let _ = map.advise(memmap2::Advice::HugePage);
-        }
+        // Advisory only: a kernel without THP refuses both, which is not an error.
+        let _ = map.advise(if huge_pages {
+            memmap2::Advice::HugePage
+        } else {
+            memmap2::Advice::NoHugePage
+        });
         Ok(Self::owned(gpa, len, map, false, RegionKind::Anonymous))
     }
 
