@@ -274,7 +274,9 @@ pub fn receiver_setup(bytes: &[u8]) -> Result<(), String> {
             huge_pages: false,
             prefault: false,
             prealloc: false,
-            accept_timeout: Duration::from_millis(10),
+            // The scripted acceptor never waits; a short overall accept deadline
+            // would only make a loaded machine fail complete sessions.
+            accept_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(2),
             max_streams: 4,
             max_memory: Some(SETUP_MAX_MEMORY),

@@ -17,12 +17,15 @@ use livemig::stats::Event;
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
 
 /// A source that will not converge on its own (200 MB/s over 16 MiB against a
-/// 1 µs downtime target, up to 200 rounds): it is still in pre-copy when a test
-/// cancels it.
+/// 1 µs downtime target, no throttling and no local-minimum rule, up to 200
+/// rounds): it is still in pre-copy when a test cancels it, however late a
+/// loaded machine wakes the cancelling task.
 fn endless_policy() -> DowntimePolicy {
     let mut p = DowntimePolicy::with_target(Duration::from_micros(1));
     p.max_rounds = 200;
     p.max_time = Duration::from_secs(60);
+    p.auto_converge = false;
+    p.stall_rounds = u32::MAX;
     p
 }
 

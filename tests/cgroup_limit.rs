@@ -77,6 +77,30 @@ fn memory_hierarchy() -> Option<(PathBuf, String, bool)> {
     None
 }
 
+/// A cgroup v2 directory whose children get the memory controller: this
+/// process's own cgroup or the nearest ancestor (the hierarchy's root last) that
+/// has it enabled for its children or lets it be enabled. A cgroup holding
+/// processes cannot enable it (the "no internal processes" rule, EBUSY), which is
+/// why this process's own cgroup often will not do under systemd.
+fn v2_parent(base: &Path, own: &Path) -> Result<PathBuf, String> {
+    let mut tried = Vec::new();
+    for dir in own.ancestors().take_while(|d| d.starts_with(base)) {
+        let control = dir.join("cgroup.subtree_control");
+        let enabled = |c: &str| c.split_whitespace().any(|c| c == "memory");
+        if std::fs::read_to_string(&control).is_ok_and(|c| enabled(&c)) {
+            return Ok(dir.to_path_buf());
+        }
+        match std::fs::write(&control, "+memory") {
+            Ok(()) => return Ok(dir.to_path_buf()),
+            Err(e) => tried.push(format!("{}: {e}", control.display())),
+        }
+    }
+    Err(format!(
+        "no cgroup from this process's up to the root enables the memory controller for its children ({})",
+        tried.join("; ")
+    ))
+}
+
 fn make_cgroup(limit: u64) -> Result<Cgroup, Unavailable> {
     let root = std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -88,8 +112,16 @@ fn make_cgroup(limit: u64) -> Result<Cgroup, Unavailable> {
             "no memory controller governs this process (/proc/self/cgroup, /sys/fs/cgroup)",
         ));
     };
-    let parent = base.join(path.trim_start_matches('/'));
-    let parent = if parent.is_dir() { parent } else { base };
+    let own = base.join(path.trim_start_matches('/'));
+    let own = if own.is_dir() { own } else { base.clone() };
+    let parent = if v2 {
+        match v2_parent(&base, &own) {
+            Ok(p) => p,
+            Err(reason) => return Err(unavailable(root, reason)),
+        }
+    } else {
+        own
+    };
     let dir = parent.join(format!("livemig-test-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir(&dir) {
         return Err(unavailable(
@@ -98,8 +130,6 @@ fn make_cgroup(limit: u64) -> Result<Cgroup, Unavailable> {
         ));
     }
     let (limit_file, procs) = if v2 {
-        // The controller must be enabled for the parent's children.
-        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
         ("memory.max", "cgroup.procs")
     } else {
         ("memory.limit_in_bytes", "cgroup.procs")

@@ -3,7 +3,7 @@
 //! in-memory transport: its read timeout fires after 50 ms of silence whatever the
 //! configured timeout, which multi-round pre-copy easily exceeds.)
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,21 @@ use livemig::stats::sink::Collect;
 use livemig::stats::{Event, MigrationReport, ProgressSink};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
 use livemig::workload::{self, Content, Dirtier, DirtierConfig, Skew};
+
+/// Tests run in parallel in this binary, except the one that judges the host's
+/// load: the others' dirtiers and page workers change the counts of runnable
+/// threads it samples, so it runs alone.
+static HOST: RwLock<()> = RwLock::new(());
+
+/// A turn alongside the other tests.
+fn shared_turn() -> RwLockReadGuard<'static, ()> {
+    HOST.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A turn with no other test of this binary running.
+fn turn_alone() -> RwLockWriteGuard<'static, ()> {
+    HOST.write().unwrap_or_else(|e| e.into_inner())
+}
 
 struct Guest {
     mem: Arc<GuestMemory>,
@@ -108,6 +123,7 @@ fn breakdown_sum(r: &MigrationReport) -> f64 {
 
 #[test]
 fn hot_set_converges_and_verifies() {
+    let _turn = shared_turn();
     let g = guest(32, 200, 4, Skew::Hot80_20);
     let (r, recv) = migrate(&g, DowntimePolicy::default(), CancelToken::new(), None);
     let report = r.expect("migration");
@@ -116,10 +132,13 @@ fn hot_set_converges_and_verifies() {
     assert!(received.report.verified);
     assert_same_memory(&g, &received);
     assert!(report.predicted_downtime_ms > 0.0);
-    // The breakdown accounts for the downtime (parts are measured back to back).
+    // The breakdown accounts for the downtime (parts are measured back to back):
+    // what it leaves out is at most half the downtime, or a preemption of the
+    // source's thread between two parts on a loaded host (20 ms).
     let sum = breakdown_sum(&report);
+    let unaccounted = report.downtime_ms - sum;
     assert!(
-        sum <= report.downtime_ms + 0.5 && sum >= 0.5 * report.downtime_ms,
+        sum <= report.downtime_ms + 0.5 && unaccounted <= (0.5 * report.downtime_ms).max(20.0),
         "breakdown {sum} ms vs downtime {} ms",
         report.downtime_ms
     );
@@ -129,6 +148,7 @@ fn hot_set_converges_and_verifies() {
 
 #[test]
 fn unreachable_target_throttles_then_switches_at_local_minimum() {
+    let _turn = shared_turn();
     let g = guest(32, 400, 16, Skew::Uniform);
     let mut policy = DowntimePolicy::with_target(Duration::from_micros(1));
     policy.max_rounds = 200;
@@ -160,6 +180,7 @@ fn unreachable_target_throttles_then_switches_at_local_minimum() {
 
 #[test]
 fn no_auto_converge_with_cancel_on_limit_aborts_and_source_runs() {
+    let _turn = shared_turn();
     let g = guest(32, 400, 16, Skew::Uniform);
     let mut policy = DowntimePolicy::with_target(Duration::from_micros(1));
     policy.auto_converge = false;
@@ -198,6 +219,7 @@ fn no_auto_converge_with_cancel_on_limit_aborts_and_source_runs() {
 
 #[test]
 fn cancel_mid_migration_keeps_the_source_running() {
+    let _turn = shared_turn();
     let g = guest(32, 200, 16, Skew::Uniform);
     let cancel = CancelToken::new();
     let c2 = cancel.clone();
@@ -218,6 +240,7 @@ fn cancel_mid_migration_keeps_the_source_running() {
 
 #[test]
 fn cancel_at_brownout_resumes_the_source() {
+    let _turn = shared_turn();
     let g = guest(16, 800, 8, Skew::Uniform);
     let cancel = CancelToken::new();
     let c2 = cancel.clone();
@@ -244,6 +267,7 @@ fn cancel_at_brownout_resumes_the_source() {
 
 #[test]
 fn progress_events_are_monotone() {
+    let _turn = shared_turn();
     let g = guest(64, 300, 32, Skew::Hot80_20);
     let sink = Arc::new(Collect::default());
     let (r, recv) = migrate(
@@ -274,6 +298,7 @@ fn progress_events_are_monotone() {
 
 #[test]
 fn concurrent_migrations_queue_for_host_slots() {
+    let _turn = shared_turn();
     let slots = Arc::new(HostSlots::new(1));
     let runs: Vec<_> = (0..3)
         .map(|i| {
@@ -303,6 +328,7 @@ fn concurrent_migrations_queue_for_host_slots() {
 
 #[test]
 fn the_destination_drains_what_is_in_flight_before_the_pause() {
+    let _turn = shared_turn();
     let g = guest(32, 200, 4, Skew::Hot80_20);
     let sink = Arc::new(Collect::default());
     let s: Arc<dyn ProgressSink> = sink.clone();
@@ -343,6 +369,7 @@ fn the_destination_drains_what_is_in_flight_before_the_pause() {
 /// gets a clean look first under the test run's own load may vary.
 #[test]
 fn other_processes_on_every_cpu_add_a_stall_to_the_prediction() {
+    let _turn = turn_alone();
     let cpus = livemig::stats::host_load::cpus();
     let spinners: Vec<std::process::Child> = (0..cpus.saturating_sub(1).max(1))
         .map(|_| {

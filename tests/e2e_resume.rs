@@ -16,6 +16,7 @@ use livemig::stats::Event;
 use livemig::transport::fault::{Fault, FaultyConnector};
 use livemig::transport::tcp::{TcpAcceptor, TcpConnector};
 use livemig::transport::{Connector, Stream, TransportError};
+use livemig::wire::MAX_BATCH_PAGES;
 
 /// Shuts one stream down.
 type Cut = Box<dyn Fn() + Send + Sync>;
@@ -112,17 +113,21 @@ fn a_page_stream_cut_in_round_zero_resumes_and_sends_little_twice() {
         dest.memory.full_digest(2).unwrap(),
         "destination memory equals the source's"
     );
-    assert!(
-        report.pages_sent <= pages + pages / 10,
-        "sent {} pages for a guest of {pages}: a resumption must not start over",
-        report.pages_sent
-    );
     // A stopped guest's pages are written once, and those the cut lost once
     // more, which the report counts.
     assert_eq!(
         report.pages_sent,
         pages + report.resent_pages,
         "pages sent again are counted"
+    );
+    // What a cut loses is what was in flight: the batches in the streams'
+    // socket buffers and those the destination had not applied yet (0 to 2
+    // measured over loopback). At most 4 a stream, against the whole guest for a
+    // migration that starts over.
+    assert!(
+        report.resent_pages <= report.streams as u64 * 4 * MAX_BATCH_PAGES as u64,
+        "sent {} pages again for a guest of {pages}: a resumption must not start over",
+        report.resent_pages
     );
     assert_eq!(
         events.len(),

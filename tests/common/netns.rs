@@ -140,6 +140,21 @@ impl TwoHosts {
             run(Command::new("ip").args(["-n", ns, "addr", "add", &cidr, "dev", VETH]))?;
             run(Command::new("ip").args(["-n", ns, "link", "set", VETH, "up"]))?;
             run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
+            // A new namespace copies these from the host's: pin the kernel's
+            // defaults, so that what the tests measure (buffers in flight at a
+            // break, a transfer's pace) does not depend on the machine's tuning.
+            // (Written to /proc/sys from inside the namespace: `sysctl` is not on
+            // every machine.)
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                ns,
+                "sh",
+                "-c",
+                "echo 4096 16384 4194304 > /proc/sys/net/ipv4/tcp_wmem && \
+                 echo 4096 131072 6291456 > /proc/sys/net/ipv4/tcp_rmem && \
+                 echo cubic > /proc/sys/net/ipv4/tcp_congestion_control",
+            ]))?;
             if let Some(rate) = rate {
                 run(Command::new("ip").args([
                     "netns", "exec", ns, "tc", "qdisc", "add", "dev", VETH, "root", "tbf", "rate",
