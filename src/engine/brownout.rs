@@ -144,7 +144,10 @@ pub(crate) fn run(
         });
     }
     state = state.on(SourceEvent::Paused);
-    bd.pause_ms = ms(t_pause.elapsed());
+    // Each later part of the breakdown runs from the end of the one before, so
+    // that every instant of the downtime is counted in one of them.
+    let mark = Instant::now();
+    bd.pause_ms = ms(mark - t_pause);
     let deadline = t_pause + run.migration.config.brownout_timeout;
     run.deadline = Some(deadline);
     let mut cut: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
@@ -160,7 +163,7 @@ pub(crate) fn run(
         tracker_misses: 0,
         final_pages: 0,
         digest: MemoryDigest::default(),
-        t_commit: Instant::now(),
+        mark,
         resolved_by_query: false,
     };
     let r = paused(
@@ -263,8 +266,20 @@ struct Switchover {
     tracker_misses: u64,
     final_pages: u64,
     digest: MemoryDigest,
-    t_commit: Instant,
+    /// Where the breakdown's current part started (the previous one's end).
+    mark: Instant,
     resolved_by_query: bool,
+}
+
+impl Switchover {
+    /// Milliseconds since the current part of the breakdown started; the next
+    /// part starts now.
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let part = ms(now - self.mark);
+        self.mark = now;
+        part
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -279,9 +294,7 @@ fn paused(
     state: &mut SourceState,
     watchdog: &mut Watchdog,
 ) -> Result<(), MigrationError> {
-    let bd = &mut sw.bd;
     let mem = run.migration.memory.clone();
-    let t_harvest = Instant::now();
     if let Some(t) = run.migration.tracker.as_mut() {
         // Harvest apart from the owed pages: the audit's suspects (owed already)
         // are confirmed against what this harvest reports.
@@ -312,7 +325,7 @@ fn paused(
         }
     }
     sw.tracker_misses = tracker_misses;
-    bd.final_harvest_ms = ms(t_harvest.elapsed());
+    sw.bd.final_harvest_ms = sw.lap();
     let final_pages = set.count();
     sw.final_pages = final_pages;
     run.emit(Event::Brownout {
@@ -346,7 +359,7 @@ fn paused(
     if run.migration.cancel.is_cancelled() {
         return Err(MigrationError::Cancelled);
     }
-    sw.bd.final_pages_ms = ms(t_pages.elapsed());
+    sw.bd.final_pages_ms = sw.lap();
     let wire_final = run
         .shared
         .counters
@@ -370,7 +383,6 @@ fn paused(
     });
 
     // Device state, in participant order.
-    let t_dev = Instant::now();
     let mut entries = Vec::with_capacity(run.migration.participants.len());
     for p in run.migration.participants.iter_mut() {
         let t = Instant::now();
@@ -391,18 +403,16 @@ fn paused(
     run.control()?
         .send(&ControlMsg::DeviceState, &env)
         .map_err(to_dest("device state"))?;
-    sw.bd.device_state_ms = ms(t_dev.elapsed());
     run.emit(Event::DeviceState {
         participants: entries.len(),
         bytes: env.len() as u64,
     });
+    sw.bd.device_state_ms = sw.lap();
 
     // The running digest of everything sent (the workers have stopped), then commit.
-    let t_digest = Instant::now();
     let digest = run.shared.sent.digest();
     sw.digest = digest;
-    sw.bd.digest_ms = ms(t_digest.elapsed());
-    sw.t_commit = Instant::now();
+    sw.bd.digest_ms = sw.lap();
     let commit = ControlMsg::Commit {
         digest,
         pages: mem.total_pages(),
@@ -477,7 +487,7 @@ fn paused(
             let _ = run
                 .control()?
                 .send(&ControlMsg::OutcomeKnown { session }, &[]);
-            sw.bd.commit_ms = ms(sw.t_commit.elapsed());
+            sw.bd.commit_ms = sw.lap();
             sw.bd.dest_verify_ms = verify_us as f64 / 1e3;
             sw.bd.dest_restore_ms = restore_us as f64 / 1e3;
             sw.bd.dest_participants = participants_us
@@ -547,6 +557,13 @@ fn finish(
     t_pause: Instant,
 ) -> MigrationReport {
     let mem = run.migration.memory.clone();
+    let mut sw = sw;
+    if sw.resolved_by_query {
+        // The commit ended with the outcome learned by query, now.
+        sw.bd.commit_ms = sw.lap();
+    }
+    // The downtime ends where its last part did: with the destination's word.
+    let downtime = sw.mark - t_pause;
     let Switchover {
         bd,
         tracker_misses,
@@ -555,7 +572,6 @@ fn finish(
         resolved_by_query,
         ..
     } = sw;
-    let downtime = t_pause.elapsed();
     // Committed: the VM now runs on the destination.
     for p in run.migration.participants.iter_mut() {
         p.committed();

@@ -52,21 +52,25 @@ pub struct RoundStats {
     pub prediction_error: f64,
 }
 
-/// Where the downtime went.
+/// Where the downtime went. The parts from `pause_ms` to `commit_ms` run back to
+/// back, each from the end of the one before: their sum is the downtime.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DowntimeBreakdown {
     /// Pausing the VM (the `VmControl::pause` call).
     pub pause_ms: f64,
-    /// Final harvest, and with `verify=full` the rescan of memory.
+    /// Final harvest, and with `verify=full` the rescan of memory (with the
+    /// brownout's deadline armed).
     pub final_harvest_ms: f64,
-    /// Sending the final dirty pages.
+    /// Telling the destination the brownout began, sending the final dirty pages
+    /// and closing the page streams.
     pub final_pages_ms: f64,
     /// Saving and sending device state.
     pub device_state_ms: f64,
     /// Reading the source's running digest (µs-scale: it is kept up to date as
     /// pages are sent).
     pub digest_ms: f64,
-    /// Commit round trip: destination verify + restore + reply.
+    /// Commit round trip: destination verify + restore + reply (or, when the reply
+    /// was lost, until the outcome was learned by query).
     pub commit_ms: f64,
     /// Of `commit_ms`, the destination's digest verification.
     pub dest_verify_ms: f64,
