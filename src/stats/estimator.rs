@@ -64,6 +64,8 @@ impl Calibration {
     /// rate-0 brownouts (`bench --memory 2G --dirty-rate 0`): median 0.30 ms
     /// (0.20-0.43) on an idle host and with one core kept busy alike; 2 of 10
     /// busy-host runs stalled there (1.9 and 3.8 ms), which the margin covers.
+    /// Since that part also counts the `Brownout` message and event before the
+    /// pages: 0.32-0.42 ms in 3 idle-host runs.
     pub const FINAL_ROUND_OVERHEAD_S: f64 = 0.0005;
     /// Slack for the destination draining its last frames and joining its workers.
     pub const DRAIN_S: f64 = 0.001;
