@@ -227,6 +227,7 @@ fn demo(opts: &Opts) -> Res<Value> {
     let bd = &e["downtime_breakdown"];
     Ok(json!({
         "guest_continued": d["guest_continued"],
+        "guest_failure": d["failure"],
         "stale_pages": d["stale_pages"],
         "passes_after": d["passes_after"],
         "first_pass_dst": d["first_pass"],
