@@ -320,7 +320,9 @@ struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Self {
-            reply_timeout: Duration::from_millis(400),
+            // Long enough for every reply a fault does not delay on a loaded
+            // host; the late-reply tests wait three times as long.
+            reply_timeout: Duration::from_millis(1000),
             outcome_timeout: Duration::from_secs(10),
             restore_delay: Duration::ZERO,
             serve: Duration::from_secs(10),
@@ -505,8 +507,8 @@ fn committed_corrupted_source_learns_committed() {
 #[test]
 fn restore_slower_than_reply_timeout_source_never_resumes() {
     let s = Setup {
-        reply_timeout: Duration::from_millis(300),
-        restore_delay: Duration::from_millis(1200),
+        reply_timeout: Duration::from_millis(1000),
+        restore_delay: Duration::from_millis(3000),
         ..Default::default()
     };
     let run = run_with(s, |c| c);
