@@ -262,9 +262,11 @@ fn current_and_previous_minor_accepted_newer_minor_refused() {
 fn host_busy_refusal() -> String {
     let limiter = Arc::new(HostLimiter::new(1));
     let (m1, _vm1, _c1) = source(guest(4));
+    // Its release takes a second: the second migration's setup, on a loaded
+    // host too, comes well within it.
     let m1 = m1.participant(Box::new(SlowDiskSource::new(
         "disk0",
-        Duration::from_millis(400),
+        Duration::from_millis(1000),
     )));
     let r1 = receiver(dest_host())
         .host_limiter(limiter.clone())

@@ -135,7 +135,7 @@ fn strays(addr: &str) -> Vec<TcpStream> {
 #[test]
 fn three_at_once_two_run_one_queues_strays_change_nothing() {
     let (addr, rec, stop, service) = start(2);
-    // Bandwidth-capped sources (200 Mbit/s each: ~1.3 s for 32 MiB), so that all
+    // Bandwidth-capped sources (100 Mbit/s each: about 2 s for 32 MiB), so that all
     // three hellos arrive while the first two sessions still hold their slots.
     let sources: Vec<Source> = (0..3)
         .map(|i| {
@@ -151,7 +151,7 @@ fn three_at_once_two_run_one_queues_strays_change_nothing() {
         .iter()
         .map(|src| {
             let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
-            cfg.bandwidth = Some(TokenBucket::new(200_000_000));
+            cfg.bandwidth = Some(TokenBucket::new(100_000_000));
             let m = Migration::new(src.mem.clone())
                 .tracker(src.tracker())
                 .vm_control(Box::new(src.dirtier.control()))
@@ -713,7 +713,7 @@ fn three_at_once_over_tls_refuse_plaintext_and_foreign_certificates() {
         .iter()
         .map(|src| {
             let mut cfg = config(Mode::Multichannel, 2, CodecId::Raw, Verify::Digest);
-            cfg.bandwidth = Some(TokenBucket::new(200_000_000));
+            cfg.bandwidth = Some(TokenBucket::new(100_000_000));
             let m = Migration::new(src.mem.clone())
                 .tracker(src.tracker())
                 .vm_control(Box::new(src.dirtier.control()))
