@@ -550,14 +550,13 @@ fn refusal(m: ControlMsg) -> MigrationError {
 /// The destination runs the VM: finish the source's side and report.
 fn finish(
     run: &mut PrecopyRun<'_>,
-    sw: Switchover,
+    mut sw: Switchover,
     final_round: u32,
     predicted_s: f64,
     reason: String,
     t_pause: Instant,
 ) -> MigrationReport {
     let mem = run.migration.memory.clone();
-    let mut sw = sw;
     if sw.resolved_by_query {
         // The commit ended with the outcome learned by query, now.
         sw.bd.commit_ms = sw.lap();
